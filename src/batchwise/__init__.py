@@ -1,0 +1,56 @@
+"""batchwise: a batch job scheduler for deferrable LLM workloads.
+
+Importing the package builds nothing and imports little; names are loaded on first use so
+that `batchwise submit` does not pay for Celery, httpx or the ORM when it does not need them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchwiseError",
+    "Client",
+    "Handle",
+    "IntakeError",
+    "RequestFailed",
+    "ResultTimeout",
+    "Settings",
+    "ToleranceError",
+    "__version__",
+]
+
+_LAZY = {
+    "Client": "batchwise.api",
+    "Handle": "batchwise.api",
+    "Settings": "batchwise.config",
+    "BatchwiseError": "batchwise.errors",
+    "IntakeError": "batchwise.errors",
+    "RequestFailed": "batchwise.errors",
+    "ResultTimeout": "batchwise.errors",
+    "ToleranceError": "batchwise.errors",
+}
+
+if TYPE_CHECKING:
+    from batchwise.api import Client, Handle
+    from batchwise.config import Settings
+    from batchwise.errors import (
+        BatchwiseError,
+        IntakeError,
+        RequestFailed,
+        ResultTimeout,
+        ToleranceError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchwise' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

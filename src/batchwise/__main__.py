@@ -1,0 +1,3 @@
+from batchwise.cli import main
+
+main()

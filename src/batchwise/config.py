@@ -1,0 +1,201 @@
+"""Settings: read once from the environment and an optional TOML file, then passed around.
+
+Precedence is explicit argument > environment > settings file > default. The environment is read
+here and in the CLI only. API keys are kept out of `repr` so they never reach a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from batchwise.errors import ConfigError
+
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+
+
+def _secret_repr(value: str | None) -> str:
+    return "None" if value is None else "'***'"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of batchwise, with defaults that work offline on one laptop."""
+
+    home: Path = field(default_factory=lambda: Path.home() / ".batchwise")
+    #: SQLAlchemy URL; None means a SQLite file `batchwise.db` in `home`
+    database_url: str | None = None
+    #: Celery broker URL; None means embedded mode (no Redis, in-process runner)
+    broker_url: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
+    #: IANA zone for `by HH:MM` tolerances; None means the machine's local zone
+    timezone: str | None = None
+
+    # --- classification -------------------------------------------------------------------
+    #: expected batch turnaround per provider before the store has history (seconds)
+    turnaround_prior_s: Mapping[str, float] = field(
+        default_factory=lambda: {"openai": 7200.0, "anthropic": 7200.0}
+    )
+    #: percentile of observed turnarounds used once there is history
+    turnaround_percentile: float = 0.95
+    #: observed batches needed before history replaces the prior
+    turnaround_min_history: int = 5
+    #: time kept in reserve to rescue a late batch through the realtime lane (seconds)
+    rescue_margin_s: float = 900.0
+    #: assume the provider's full 24 h window instead of observed turnaround
+    strict: bool = False
+    #: the provider's guaranteed completion window (seconds)
+    completion_window_s: float = 86400.0
+
+    # --- packing and the scheduler ------------------------------------------------------------
+    #: a group is flushed once its oldest request has waited this long (seconds)
+    max_wait_s: float = 600.0
+    #: period of the scheduler tick (seconds)
+    tick_interval_s: float = 30.0
+    #: tries per request (batch lines and realtime calls) before it fails with its last error
+    max_attempts: int = 3
+    #: enqueued-token budget per model for in-flight batches; models not listed use the default
+    inflight_token_budget: Mapping[str, int] = field(default_factory=dict)
+    default_inflight_token_budget: int = 2_000_000_000
+    #: realtime calls in flight at once, per process
+    realtime_concurrency: int = 8
+    #: how long a worker's claim on a row lasts before another may take it over (seconds)
+    lease_s: float = 300.0
+
+    # --- pricing ---------------------------------------------------------------------------
+    #: batch price as a fraction of realtime, where the price table has no batch variant
+    batch_discount: Mapping[str, float] = field(
+        default_factory=lambda: {"openai": 0.5, "anthropic": 0.5}
+    )
+    #: negotiated rates: "provider:model" -> {"input_mtok": ..., "output_mtok": ..., ...}
+    price_overrides: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    #: the raw settings-file tables, for modules that own their own sections (guards, jobs)
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
+        )
+        return (
+            f"Settings({shown}, openai_api_key={_secret_repr(self.openai_api_key)}, "
+            f"anthropic_api_key={_secret_repr(self.anthropic_api_key)})"
+        )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'batchwise.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields changed; `None` values are ignored."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None
+    ) -> Settings:
+        """Build settings from the environment and the settings file it points to.
+
+        The file is `BATCHWISE_CONFIG` if set, else `$BATCHWISE_HOME/config.toml` if present.
+        """
+        env = os.environ if env is None else env
+        home = Path(env.get("BATCHWISE_HOME") or Path.home() / ".batchwise").expanduser()
+        path = config_file or (
+            Path(env["BATCHWISE_CONFIG"]).expanduser()
+            if env.get("BATCHWISE_CONFIG")
+            else home / "config.toml"
+        )
+        values: dict[str, Any] = {"home": home}
+        if path.exists():
+            values.update(_load_file(path))
+        elif config_file is not None or env.get("BATCHWISE_CONFIG"):
+            raise ConfigError(f"settings file {path} does not exist (set by BATCHWISE_CONFIG)")
+        for key, name in (
+            ("database_url", "BATCHWISE_DATABASE_URL"),
+            ("broker_url", "BATCHWISE_BROKER_URL"),
+            ("timezone", "BATCHWISE_TIMEZONE"),
+            ("openai_api_key", "OPENAI_API_KEY"),
+            ("openai_base_url", "OPENAI_BASE_URL"),
+            ("anthropic_api_key", "ANTHROPIC_API_KEY"),
+            ("anthropic_base_url", "ANTHROPIC_BASE_URL"),
+        ):
+            if env.get(name):
+                values[key] = env[name]
+        if env.get("BATCHWISE_STRICT"):
+            values["strict"] = env["BATCHWISE_STRICT"].lower() in {"1", "true", "yes", "on"}
+        return cls(**values)
+
+
+_SECTIONS = {
+    "classifier": {
+        "turnaround_prior_s",
+        "turnaround_percentile",
+        "turnaround_min_history",
+        "rescue_margin_s",
+        "strict",
+        "completion_window_s",
+    },
+    "scheduler": {
+        "max_wait_s",
+        "tick_interval_s",
+        "max_attempts",
+        "inflight_token_budget",
+        "default_inflight_token_budget",
+        "realtime_concurrency",
+        "lease_s",
+    },
+    "pricing": {"batch_discount"},
+}
+_TOP = {"database_url", "broker_url", "timezone", "openai_base_url", "anthropic_base_url"}
+_OWN_SECTIONS = {"guards", "jobs", "routing", "alerts"}
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    """Read a settings file; unknown keys are errors so a typo never silently does nothing."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TOP:
+            values[key] = value
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [{key}] must be a table")
+            for sub, sub_value in value.items():
+                if sub not in _SECTIONS[key]:
+                    allowed = ", ".join(sorted(_SECTIONS[key]))
+                    raise ConfigError(f"{path}: unknown key {key}.{sub} (expected one of {allowed})")
+                values[sub] = sub_value
+        elif key == "prices":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [prices] must be a table of 'provider:model' tables")
+            values["price_overrides"] = value
+        elif key in _OWN_SECTIONS:
+            extra[key] = value
+        elif key in {"openai_api_key", "anthropic_api_key"}:
+            raise ConfigError(
+                f"{path}: API keys are read from the environment only "
+                f"(set {key.upper()}), never from a file"
+            )
+        else:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+    if extra:
+        values["extra"] = extra
+    return values

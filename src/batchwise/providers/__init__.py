@@ -1,0 +1,1 @@
+"""Provider adapters behind one `Provider` protocol, and the local emulator."""

@@ -1,0 +1,116 @@
+"""Latency tolerances: how long a caller can wait for an answer, turned into a UTC deadline.
+
+Accepted forms: `realtime` or `0`; durations `90s`, `15m`, `4h`, `24h`, `2d`, `1h30m`;
+ISO-8601 datetimes with an offset; `by HH:MM` (the next such time in a configured zone).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from batchwise.errors import ToleranceError
+
+ACCEPTED_FORMS = (
+    "'realtime' (or 0), a duration like 90s, 15m, 4h, 24h, 2d or 1h30m, "
+    "an ISO-8601 datetime with offset like 2026-11-30T07:00:00+01:00, or 'by HH:MM'"
+)
+
+_DURATION = re.compile(
+    r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$", re.IGNORECASE
+)
+_BY = re.compile(r"^by\s+(?P<h>\d{1,2}):(?P<m>\d{2})$", re.IGNORECASE)
+_REALTIME = frozenset({"realtime", "0", "now"})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A parsed tolerance: the text as given and the absolute deadline it means."""
+
+    text: str
+    #: UTC deadline; equal to `now` for realtime
+    deadline: datetime
+    realtime: bool
+
+    def remaining_s(self, now: datetime) -> float:
+        return (self.deadline - now).total_seconds()
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse `90s`, `15m`, `1h30m`, `2d` (units in descending order, at least one)."""
+    match = _DURATION.match(text.strip())
+    if not match or not any(match.groupdict().values()):
+        raise ValueError(
+            f"invalid duration {text!r}: expected a number with a unit, "
+            "like 90s, 15m, 4h, 2d or 1h30m"
+        )
+    parts = {k: int(v) for k, v in match.groupdict().items() if v}
+    return timedelta(
+        days=parts.get("d", 0), hours=parts.get("h", 0),
+        minutes=parts.get("m", 0), seconds=parts.get("s", 0),
+    )
+
+
+def resolve_zone(name: str | None) -> tzinfo:
+    """The zone for `by HH:MM`: an IANA name, or the machine's local zone when None."""
+    if name is None:
+        local = datetime.now().astimezone().tzinfo
+        return local if local is not None else UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ToleranceError(f"unknown time zone {name!r}: expected an IANA name like Europe/Paris") from exc
+
+
+def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Tolerance:
+    """Turn a tolerance into a deadline relative to `now` (UTC-aware).
+
+    Raises `ToleranceError` naming the value and the accepted forms, or saying the deadline is
+    already past: a past deadline is never silently turned into a realtime call.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if not isinstance(text, str):
+        raise ToleranceError(f"invalid tolerance {text!r}: expected a string, one of {ACCEPTED_FORMS}")
+    value = text.strip()
+    lowered = value.lower()
+    now = now.astimezone(UTC)
+    if lowered in _REALTIME:
+        return Tolerance(value, now, True)
+    duration = _DURATION.match(value)
+    if duration and any(duration.groupdict().values()):
+        delta = parse_duration(value)
+        return Tolerance(value, now + delta, delta == timedelta(0))
+    by = _BY.match(value)
+    if by:
+        hour, minute = int(by["h"]), int(by["m"])
+        if hour > 23 or minute > 59:
+            raise ToleranceError(f"invalid tolerance {text!r}: {hour:02d}:{minute:02d} is not a time of day")
+        local_now = now.astimezone(zone)
+        target = local_now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if target <= local_now:
+            target = (local_now + timedelta(days=1)).replace(
+                hour=hour, minute=minute, second=0, microsecond=0
+            )
+        # Re-attach the zone so a DST change between today and tomorrow is honoured.
+        target = target.replace(tzinfo=None).replace(tzinfo=zone)
+        return Tolerance(value, target.astimezone(UTC), False)
+    if len(value) >= 10 and value[:4].isdigit() and value[4] == "-":
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ToleranceError(f"invalid tolerance {text!r}: {exc}; expected {ACCEPTED_FORMS}") from exc
+        if moment.tzinfo is None:
+            raise ToleranceError(
+                f"invalid tolerance {text!r}: a datetime needs a UTC offset "
+                "(like +01:00 or Z) so the deadline is unambiguous"
+            )
+        deadline = moment.astimezone(UTC)
+        if deadline <= now:
+            raise ToleranceError(
+                f"deadline {text!r} is already past (now {now.isoformat(timespec='seconds')})"
+            )
+        return Tolerance(value, deadline, False)
+    raise ToleranceError(f"invalid tolerance {text!r}: expected {ACCEPTED_FORMS}")
