@@ -50,24 +50,233 @@ def _parse_duration_option(value: str, option: str) -> float:
         raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
+def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected NAME=VALUE, got {value!r}", param_hint="--tag")
+        tags[key] = text
+    return tags
+
+
+def _client(obj: Context) -> Any:
+    from batchwise.api import Client
+
+    return Client(settings=obj.settings())
+
+
+def _fail(exc: Exception, hint: str | None = None) -> click.ClickException:
+    message = str(exc) + (f"\nhint: {hint}" if hint else "")
+    return click.ClickException(message)
+
+
+@cli.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "--tolerance",
+    "-t",
+    default=None,
+    metavar="T",
+    help="Default latency tolerance: realtime, 15m, 4h, 24h, 2d, by 07:00, or an "
+    "ISO datetime. Lines may carry their own. [default: 24h]",
+)
+@click.option(
+    "--provider",
+    "-p",
+    type=click.Choice(["openai", "anthropic"]),
+    default=None,
+    help="Default provider (else inferred from the line's shape or model).",
+)
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Tag every request (use_case, step, business_unit, task_id, or any name).",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Store the valid lines and list the rest (default: refuse the whole file).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--model", "-m", default=None, help="Submit one request for this model.")
+@click.option("--prompt", default=None, help="The prompt of the single request.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Output cap of the single request.",
+)
+@pass_ctx
+def submit(
+    obj: Context,
+    file: str | None,
+    tolerance: str | None,
+    provider: str | None,
+    tags: tuple[str, ...],
+    skip_invalid: bool,
+    as_json: bool,
+    model: str | None,
+    prompt: str | None,
+    max_tokens: int | None,
+) -> None:
+    """Submit requests from a JSONL FILE (or - for stdin), or one prompt with --model/--prompt.
+
+    Lines may be OpenAI batch lines, Anthropic batch lines, or simple lines
+    {"model", "messages" | "prompt", ...}. A file with any invalid line is refused whole
+    (exit code 2) unless --skip-invalid.
+    """
+    from batchwise.errors import BatchwiseError, IntakeError
+
+    tag_map = _parse_tags(tags)
+    if (model is None) != (prompt is None):
+        raise click.UsageError("--model and --prompt go together")
+    if model is not None:
+        if file is not None:
+            raise click.UsageError("give either FILE or --model/--prompt, not both")
+        with _client(obj) as client:
+            try:
+                handle = client.enqueue(
+                    model=model,
+                    prompt=prompt,
+                    provider=provider,
+                    tolerance=tolerance,
+                    tags=tag_map,
+                    max_tokens=max_tokens,
+                )
+            except IntakeError as exc:
+                raise click.ClickException("; ".join(str(e) for e in exc.errors)) from exc
+            except BatchwiseError as exc:
+                raise _fail(exc) from exc
+        if as_json:
+            click.echo(_dumps({"id": handle.id, "lane": handle.lane, "state": handle.state}))
+        else:
+            click.echo(handle.id)
+        return
+    if file is None:
+        raise click.UsageError("give a FILE (or - for stdin), or --model and --prompt")
+    from batchwise import progress
+
+    with _client(obj) as client, progress.file_reader(file, show=not as_json) as stream:
+        try:
+            result = client.submit_file(
+                stream,
+                tolerance=tolerance,
+                provider=provider,
+                tags=tag_map,
+                skip_invalid=skip_invalid,
+            )
+        except IntakeError as exc:
+            if as_json:
+                rejected = [
+                    {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
+                    for e in exc.errors
+                ]
+                click.echo(
+                    _dumps({"accepted": 0, "realtime": 0, "deferred": 0, "rejected": rejected})
+                )
+            else:
+                click.echo(f"refused: {exc}", err=True)
+            sys.exit(2)
+        except BatchwiseError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        click.echo(_dumps(result.as_dict()))
+        return
+    click.echo(
+        f"accepted {result.accepted} (realtime {result.realtime}, deferred {result.deferred})"
+    )
+    if result.rejected:
+        click.echo(f"skipped {len(result.rejected)} invalid line(s):", err=True)
+        for error in result.rejected:
+            click.echo(f"  {error}", err=True)
+
+
+@cli.command()
+@click.argument("ids", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status(obj: Context, ids: tuple[str, ...], as_json: bool) -> None:
+    """Counts by lane and state, or the detail of requests by id or custom_id."""
+    from batchwise import report
+    from batchwise.errors import NotFoundError
+
+    with _client(obj) as client:
+        if not ids:
+            counts = client.status()
+            if as_json:
+                click.echo(_dumps(counts))
+            else:
+                report.print_status(counts)
+            return
+        try:
+            views = [client.get(i) for i in ids]
+        except NotFoundError as exc:
+            raise _fail(
+                exc, "ids are numbers shown by `batchwise submit`; custom_ids work too"
+            ) from exc
+    if as_json:
+        click.echo(_dumps([v.as_dict() for v in views]))
+    else:
+        for view in views:
+            report.print_request(view)
+
+
+def _dumps(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8900, show_default=True, type=int, help="Port (0 = any free).")
-@click.option("--turnaround", default="2s", show_default=True, help="Batch turnaround (e.g. 2s, 1m).")
-@click.option("--error-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of batch lines and calls that fail with a provider error.")
-@click.option("--expire-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of batches that expire with partial output.")
-@click.option("--rate-limit-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of HTTP calls answered 429 with retry-after.")
-@click.option("--server-error-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of HTTP calls answered 500.")
+@click.option(
+    "--turnaround", default="2s", show_default=True, help="Batch turnaround (e.g. 2s, 1m)."
+)
+@click.option(
+    "--error-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of batch lines and calls that fail with a provider error.",
+)
+@click.option(
+    "--expire-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of batches that expire with partial output.",
+)
+@click.option(
+    "--rate-limit-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of HTTP calls answered 429 with retry-after.",
+)
+@click.option(
+    "--server-error-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of HTTP calls answered 500.",
+)
 @click.option("--latency", default="0s", show_default=True, help="Added latency per realtime call.")
-@click.option("--enqueued-token-limit", type=int, default=None,
-              help="Per-model enqueued-token limit; OpenAI batches over it fail "
-                   "with token_limit_exceeded.")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep state on disk here so a restart continues (default: in memory).")
+@click.option(
+    "--enqueued-token-limit",
+    type=int,
+    default=None,
+    help="Per-model enqueued-token limit; OpenAI batches over it fail with token_limit_exceeded.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep state on disk here so a restart continues (default: in memory).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for fault injection.")
 def emulator(
     host: str,
@@ -111,4 +320,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -82,9 +82,7 @@ class Settings:
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
-        )
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
         return (
             f"Settings({shown}, openai_api_key={_secret_repr(self.openai_api_key)}, "
             f"anthropic_api_key={_secret_repr(self.anthropic_api_key)})"
@@ -181,7 +179,9 @@ def _load_file(path: Path) -> dict[str, Any]:
             for sub, sub_value in value.items():
                 if sub not in _SECTIONS[key]:
                     allowed = ", ".join(sorted(_SECTIONS[key]))
-                    raise ConfigError(f"{path}: unknown key {key}.{sub} (expected one of {allowed})")
+                    raise ConfigError(
+                        f"{path}: unknown key {key}.{sub} (expected one of {allowed})"
+                    )
                 values[sub] = sub_value
         elif key == "prices":
             if not isinstance(value, dict):

@@ -1,19 +1,19 @@
 """The exception tree. Every error batchwise raises on purpose derives from `BatchwiseError`.
 
-    BatchwiseError
-    ├── ConfigError            settings or a settings file are wrong
-    ├── ToleranceError         a latency tolerance or deadline cannot be parsed, or is past
-    ├── IntakeError            a submission has invalid lines (carries every `LineError`)
-    ├── StoreError             the store refused a change
-    │   ├── SchemaError        the database schema is missing or newer than this code
-    │   └── TransitionError    a state change found the row in an unexpected state
-    ├── NotFoundError          no request, batch or job with that id
-    ├── RequestFailed          `Handle.result()` on a request that ended without an answer
-    ├── ResultTimeout          `Handle.result()` waited longer than its timeout
-    ├── GuardRefused           a cost guard refused a request (limit, budget, context size)
-    └── ProviderError          a provider call failed (carries provider, status, retryability)
-        ├── RateLimited        429 / overloaded; retryable unless the quota is exhausted
-        └── ProviderDataError  the provider answered something we cannot read (garbage JSONL, HTML…)
+BatchwiseError
+├── ConfigError            settings or a settings file are wrong
+├── ToleranceError         a latency tolerance or deadline cannot be parsed, or is past
+├── IntakeError            a submission has invalid lines (carries every `LineError`)
+├── StoreError             the store refused a change
+│   ├── SchemaError        the database schema is missing or newer than this code
+│   └── TransitionError    a state change found the row in an unexpected state
+├── NotFoundError          no request, batch or job with that id
+├── RequestFailed          `Handle.result()` on a request that ended without an answer
+├── ResultTimeout          `Handle.result()` waited longer than its timeout
+├── GuardRefused           a cost guard refused a request (limit, budget, context size)
+└── ProviderError          a provider call failed (carries provider, status, retryability)
+    ├── RateLimited        429 / overloaded; retryable unless the quota is exhausted
+    └── ProviderDataError  the provider answered something we cannot read (garbage JSONL, HTML…)
 """
 
 from __future__ import annotations
@@ -56,9 +56,7 @@ class IntakeError(BatchwiseError):
         self.total_lines = total_lines
         shown = "\n".join(f"  {e}" for e in errors[:20])
         more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
-        super().__init__(
-            f"{len(errors)} invalid line(s); nothing was stored:\n{shown}{more}"
-        )
+        super().__init__(f"{len(errors)} invalid line(s); nothing was stored:\n{shown}{more}")
 
 
 class StoreError(BatchwiseError):

@@ -48,8 +48,10 @@ def parse_duration(text: str) -> timedelta:
         )
     parts = {k: int(v) for k, v in match.groupdict().items() if v}
     return timedelta(
-        days=parts.get("d", 0), hours=parts.get("h", 0),
-        minutes=parts.get("m", 0), seconds=parts.get("s", 0),
+        days=parts.get("d", 0),
+        hours=parts.get("h", 0),
+        minutes=parts.get("m", 0),
+        seconds=parts.get("s", 0),
     )
 
 
@@ -61,7 +63,9 @@ def resolve_zone(name: str | None) -> tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ToleranceError(f"unknown time zone {name!r}: expected an IANA name like Europe/Paris") from exc
+        raise ToleranceError(
+            f"unknown time zone {name!r}: expected an IANA name like Europe/Paris"
+        ) from exc
 
 
 def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Tolerance:
@@ -73,7 +77,9 @@ def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Toleranc
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     if not isinstance(text, str):
-        raise ToleranceError(f"invalid tolerance {text!r}: expected a string, one of {ACCEPTED_FORMS}")
+        raise ToleranceError(
+            f"invalid tolerance {text!r}: expected a string, one of {ACCEPTED_FORMS}"
+        )
     value = text.strip()
     lowered = value.lower()
     now = now.astimezone(UTC)
@@ -87,7 +93,9 @@ def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Toleranc
     if by:
         hour, minute = int(by["h"]), int(by["m"])
         if hour > 23 or minute > 59:
-            raise ToleranceError(f"invalid tolerance {text!r}: {hour:02d}:{minute:02d} is not a time of day")
+            raise ToleranceError(
+                f"invalid tolerance {text!r}: {hour:02d}:{minute:02d} is not a time of day"
+            )
         local_now = now.astimezone(zone)
         target = local_now.replace(hour=hour, minute=minute, second=0, microsecond=0)
         if target <= local_now:
@@ -101,7 +109,9 @@ def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Toleranc
         try:
             moment = datetime.fromisoformat(value)
         except ValueError as exc:
-            raise ToleranceError(f"invalid tolerance {text!r}: {exc}; expected {ACCEPTED_FORMS}") from exc
+            raise ToleranceError(
+                f"invalid tolerance {text!r}: {exc}; expected {ACCEPTED_FORMS}"
+            ) from exc
         if moment.tzinfo is None:
             raise ToleranceError(
                 f"invalid tolerance {text!r}: a datetime needs a UTC offset "

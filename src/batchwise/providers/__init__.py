@@ -1,1 +1,68 @@
-"""Provider adapters behind one `Provider` protocol, and the local emulator."""
+"""Provider adapters behind one `Provider` protocol, and the local emulator.
+
+Importing this package loads no adapter and no HTTP library: `make_provider` imports the one
+it builds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from batchwise.config import DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_OPENAI_BASE_URL
+from batchwise.errors import ConfigError
+
+if TYPE_CHECKING:
+    import httpx
+
+    from batchwise.config import Settings
+    from batchwise.providers.base import Provider
+
+__all__ = ["PROVIDERS", "make_provider"]
+
+#: names `make_provider` accepts
+PROVIDERS = ("openai", "anthropic")
+
+
+def make_provider(name: str, settings: Settings, *, client: httpx.Client | None = None) -> Provider:
+    """The adapter for `name`, with its key and base URL from `settings`.
+
+    A missing key is an error against the provider's own API; against another base URL (the
+    emulator, a proxy) the adapter sends no key, since such servers need none or add their own.
+    """
+    if name == "openai":
+        from batchwise.providers.openai import OpenAIProvider
+
+        _require_key(
+            name,
+            settings.openai_api_key,
+            settings.openai_base_url,
+            DEFAULT_OPENAI_BASE_URL,
+            example_url="http://127.0.0.1:8900/v1",
+        )
+        return OpenAIProvider(settings.openai_api_key, settings.openai_base_url, client=client)
+    if name == "anthropic":
+        from batchwise.providers.anthropic import AnthropicProvider
+
+        _require_key(
+            name,
+            settings.anthropic_api_key,
+            settings.anthropic_base_url,
+            DEFAULT_ANTHROPIC_BASE_URL,
+            example_url="http://127.0.0.1:8900",
+        )
+        return AnthropicProvider(
+            settings.anthropic_api_key, settings.anthropic_base_url, client=client
+        )
+    raise ConfigError(f"unknown provider {name!r} (expected one of {', '.join(PROVIDERS)})")
+
+
+def _require_key(
+    name: str, key: str | None, base_url: str, default_url: str, *, example_url: str
+) -> None:
+    if key or base_url.rstrip("/") != default_url.rstrip("/"):
+        return
+    env = name.upper()
+    raise ConfigError(
+        f"No API key for {name}: set {env}_API_KEY, or run `batchwise emulator` and set "
+        f"{env}_BASE_URL={example_url} to work offline"
+    )

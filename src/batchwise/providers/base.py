@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 
-class BatchStatus(str, Enum):
+class BatchStatus(StrEnum):
     """A provider batch's state, normalised across providers."""
 
     #: accepted by the provider, input still being checked (OpenAI `validating`)
@@ -90,7 +90,7 @@ class BatchInfo:
     model: str | None = None
 
 
-class OutcomeKind(str, Enum):
+class OutcomeKind(StrEnum):
     """What happened to one line of a batch (or one realtime call)."""
 
     #: the provider answered 2xx; `body` is the endpoint's normal response

@@ -1,0 +1,69 @@
+"""Helpers shared by the benchmarks: sample files, timing whole processes, peak memory."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+WORDS = ["the", "quarterly", "revenue", "portfolio", "risk", "summary", "analysis", "customer", "churn", "forecast", "margin", "growth", "region", "product", "pipeline", "exposure", "liquidity", "hedge", "volatility", "allocation", "review"]
+TOLERANCES = ("15m", "4h", "24h", "2d", "realtime", "1h30m", "by 07:00", "12h")
+
+
+def openai_line(i: int, rnd: random.Random, model: str = "gpt-4o-mini") -> bytes:
+    """An OpenAI batch input line of about 575 bytes."""
+    text = " ".join(rnd.choice(WORDS) for _ in range(52))
+    line = {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are a concise financial analyst."},
+                {"role": "user", "content": text},
+            ],
+            "max_tokens": 200,
+        },
+        "tolerance": TOLERANCES[i % len(TOLERANCES)],
+    }
+    return orjson.dumps(line)
+
+
+def write_openai_file(path: Path, n: int, *, seed: int = 7) -> Path:
+    if path.exists() and path.stat().st_size > 0 and path.name.endswith(f"{n}.jsonl"):
+        return path
+    rnd = random.Random(seed)
+    with open(path, "wb") as out:
+        for i in range(n):
+            out.write(openai_line(i, rnd) + b"\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    peak_rss_mb: float
+
+
+def run_process(args: list[str], *, env: dict[str, str] | None = None) -> Run:
+    """Run a command to completion; wall time and the child's peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{err}")
+    return Run(seconds, usage.ru_maxrss / 1024)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,300 @@
+"""The Python API: `Client` to enqueue requests and read them back, `Handle` to follow one.
+
+from batchwise import Client
+
+client = Client("sqlite:///work.db")
+handle = client.enqueue(model="gpt-4o-mini", prompt="Summarise …", tolerance="4h",
+                        tags={"use_case": "summaries"})
+handle.lane, handle.state          # 'deferred', 'queued'
+answer = handle.result(timeout=3600)   # once a runner or worker has done the work
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from batchwise.clock import Clock, system_clock
+from batchwise.config import Settings
+from batchwise.errors import NotFoundError, RequestFailed, ResultTimeout
+from batchwise.intake import Defaults, SubmitResult, submit_lines
+from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
+from batchwise.tolerance import resolve_zone
+
+if TYPE_CHECKING:
+    from batchwise.store import Store
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A request as stored: what `Client.get` and `batchwise status ID` show."""
+
+    id: int
+    custom_id: str
+    provider: str
+    endpoint: str
+    model: str
+    lane: str
+    state: str
+    reason: str
+    tolerance: str
+    deadline: datetime
+    attempts: int
+    tags: dict[str, str]
+    created_at: datetime
+    finished_at: datetime | None
+    batch_id: int | None
+    error: str | None
+    result: dict[str, Any] | None
+
+    @property
+    def terminal(self) -> bool:
+        return RequestState(self.state) in TERMINAL_REQUEST_STATES
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "custom_id": self.custom_id,
+            "provider": self.provider,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "lane": self.lane,
+            "state": self.state,
+            "reason": self.reason,
+            "tolerance": self.tolerance,
+            "deadline": self.deadline.isoformat(),
+            "attempts": self.attempts,
+            "tags": self.tags,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "batch_id": self.batch_id,
+        }
+        if self.result is not None:
+            data["result"] = self.result
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+
+class Handle:
+    """A submitted request. Reads go to the store, so a handle works from any process."""
+
+    def __init__(self, client: Client, request_id: int, *, lane: str, state: str) -> None:
+        self.client = client
+        self.id = request_id
+        self.lane = lane
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<Handle {self.id} {self.lane} {self.state}>"
+
+    def refresh(self) -> RequestView:
+        view = self.client.get(self.id)
+        self.lane, self.state = view.lane, view.state
+        return view
+
+    def result(self, timeout: float | None = None, *, poll_s: float = 0.5) -> dict[str, Any]:
+        """Wait until the request is terminal; return the provider's response body.
+
+        Raises `RequestFailed` if it ended without an answer and `ResultTimeout` if it is not
+        done within `timeout` seconds. Something must be doing the work meanwhile: a
+        `batchwise run` process, Celery workers, or `Client.run()` in this process.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.refresh()
+            if view.terminal:
+                if view.result is not None:
+                    return view.result
+                raise RequestFailed(view.id, view.state, view.error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(
+                    f"request {self.id} is still {view.state} after {timeout}s "
+                    f"(deadline {view.deadline.isoformat(timespec='seconds')}); is a runner "
+                    "or worker running? (`batchwise run` or `batchwise worker`)"
+                )
+            time.sleep(
+                poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
+            )
+
+
+class Client:
+    """Enqueue requests and read them back. Thread-safe for reads; one writer per call."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        base = settings or Settings.from_env()
+        self.settings = base.with_overrides(database_url=database_url)
+        self.clock = clock
+        self._store: Store | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from batchwise.store import Store
+
+            self._store = Store(self.database_url)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writing ------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        model: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        prompt: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        provider: str | None = None,
+        endpoint: str | None = None,
+        tolerance: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        custom_id: str | None = None,
+        max_tokens: int | None = None,
+        **params: Any,
+    ) -> Handle:
+        """Store one request and classify it. `body` is a complete request body; otherwise
+        `model` plus `messages` or `prompt` (and any other body parameters as keywords)."""
+        item = request_item(
+            model=model,
+            messages=messages,
+            prompt=prompt,
+            body=body,
+            provider=provider,
+            endpoint=endpoint,
+            tolerance=tolerance,
+            tags=tags,
+            custom_id=custom_id,
+            max_tokens=max_tokens,
+            **params,
+        )
+        return self.enqueue_many([item])[0]
+
+    def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[Handle]:
+        """Store many requests in one transaction: all or none (`IntakeError` lists every bad
+        item by its 1-based position). Items use the same shapes as `batchwise submit` lines."""
+        result = self._submit(items, Defaults(), skip_invalid=False, collect_ids=True)
+        assert result.ids is not None and result.lanes is not None
+        return [
+            Handle(self, rid, lane=lane, state=_initial_state(lane))
+            for rid, lane in zip(result.ids, result.lanes, strict=True)
+        ]
+
+    def submit_file(
+        self,
+        source: str | Path | IO[bytes],
+        *,
+        tolerance: str | None = None,
+        provider: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        skip_invalid: bool = False,
+        on_line: Callable[[int], None] | None = None,
+    ) -> SubmitResult:
+        """Stream a JSONL file (a path or a binary stream) into the store."""
+        defaults = Defaults(tolerance=tolerance or "24h", provider=provider, tags=dict(tags or {}))
+        if isinstance(source, str | Path):
+            with open(source, "rb") as stream:
+                return self._submit(stream, defaults, skip_invalid=skip_invalid, on_line=on_line)
+        return self._submit(source, defaults, skip_invalid=skip_invalid, on_line=on_line)
+
+    def _submit(
+        self,
+        lines: Iterable[Any],
+        defaults: Defaults,
+        *,
+        skip_invalid: bool,
+        collect_ids: bool = False,
+        on_line: Callable[[int], None] | None = None,
+    ) -> SubmitResult:
+        from batchwise.bulk import EngineSink, open_sink
+
+        sink = EngineSink(self._store) if self._store is not None else open_sink(self.database_url)
+        return submit_lines(
+            lines,
+            sink,
+            settings=self.settings,
+            now=self.clock(),
+            zone=resolve_zone(self.settings.timezone),
+            defaults=defaults,
+            skip_invalid=skip_invalid,
+            collect_ids=collect_ids,
+            on_line=on_line,
+        )
+
+    # --- reading ------------------------------------------------------------------------
+
+    def get(self, request: int | str) -> RequestView:
+        """A request by id, or by custom_id (the live one, else the most recent)."""
+        from batchwise import queries
+
+        view = queries.request_view(self.store, request)
+        if view is None:
+            raise NotFoundError(f"no request with id or custom_id {request!r}")
+        return view
+
+    def status(self) -> dict[str, Any]:
+        """Counts by lane and by state: {"total", "by_lane", "by_state"}."""
+        from batchwise import queries
+
+        return queries.status_counts(self.store)
+
+
+def request_item(
+    *,
+    model: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    prompt: str | None = None,
+    body: Mapping[str, Any] | None = None,
+    provider: str | None = None,
+    endpoint: str | None = None,
+    tolerance: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    custom_id: str | None = None,
+    max_tokens: int | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """The intake line (simple shape) for `Client.enqueue`'s keyword arguments."""
+    item: dict[str, Any] = dict(body or {})
+    item.update(params)
+    for key, value in (
+        ("model", model),
+        ("messages", messages),
+        ("prompt", prompt),
+        ("provider", provider),
+        ("endpoint", endpoint),
+        ("tolerance", tolerance),
+        ("tags", dict(tags) if tags else None),
+        ("custom_id", custom_id),
+        ("max_tokens", max_tokens),
+    ):
+        if value is not None:
+            item[key] = value
+    return item
+
+
+def _initial_state(lane: str) -> str:
+    return (RequestState.QUEUED if lane == "deferred" else RequestState.DISPATCHING).value

@@ -1,0 +1,208 @@
+"""Bulk request writers ("sinks") for intake: one open write transaction each.
+
+Two interchangeable backends pass the same tests: `SQLiteSink` on the plain `sqlite3` module
+(the embedded default; no SQLAlchemy import, so `batchwise submit` starts fast) and
+`EngineSink` on a SQLAlchemy connection (PostgreSQL, or SQLite in tests).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from batchwise import dbapi
+from batchwise.intake import REQUEST_COLUMNS, RequestSink
+from batchwise.states import LIVE_REQUEST_STATES
+
+if TYPE_CHECKING:
+    from batchwise.store import Store
+
+_LIVE = tuple(sorted(s.value for s in LIVE_REQUEST_STATES))
+_LIVE_SQL = ", ".join(f"'{s}'" for s in _LIVE)
+_TURNAROUND_HISTORY = 500
+_INSERT_SQL = (
+    f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in REQUEST_COLUMNS)})"
+)
+
+
+def open_sink(url: str) -> RequestSink:
+    """The fastest sink for this database URL."""
+    if dbapi.is_sqlite(url) and dbapi.sqlite_path(url) != ":memory:":
+        return SQLiteSink(url)
+    from batchwise.store import Store
+
+    return EngineSink(Store(url), owns_store=True)
+
+
+def _is_custom_id_conflict(exc: BaseException) -> bool:
+    text = str(exc)
+    return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
+
+
+class SQLiteSink:
+    """Writes to a SQLite file through `sqlite3`, inside one BEGIN IMMEDIATE transaction."""
+
+    def __init__(self, url: str) -> None:
+        path = dbapi.sqlite_path(url)
+        conn = dbapi.connect_sqlite(path)
+        if dbapi.schema_revision(conn.cursor()) != dbapi.SCHEMA_REVISION:
+            conn.close()
+            from batchwise.store import Store
+
+            Store(url).close()  # creates or upgrades the schema, once
+            conn = dbapi.connect_sqlite(path)
+        self.conn = conn
+        conn.execute("BEGIN IMMEDIATE")
+        self._next_id = (
+            int(conn.execute("SELECT coalesce(max(id), 0) FROM requests").fetchone()[0]) + 1
+        )
+        self._open = True
+
+    def time_value(self, moment: datetime) -> Any:
+        return dbapi.sqlite_time(moment)
+
+    def reserve_ids(self, count: int) -> Sequence[int]:
+        first = self._next_id
+        self._next_id += count
+        return range(first, first + count)
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> bool:
+        conn = self.conn
+        conn.execute("SAVEPOINT chunk")
+        try:
+            conn.executemany(_INSERT_SQL, rows)
+        except sqlite3.IntegrityError as exc:
+            conn.execute("ROLLBACK TO chunk")
+            conn.execute("RELEASE chunk")
+            if _is_custom_id_conflict(exc):
+                return False
+            raise
+        conn.execute("RELEASE chunk")
+        return True
+
+    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(custom_ids), 500):
+            part = custom_ids[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            for cid, rid in self.conn.execute(
+                f"SELECT custom_id, id FROM requests WHERE custom_id IN ({marks}) "
+                f"AND state IN ({_LIVE_SQL})",
+                part,
+            ):
+                found[cid] = rid
+        return found
+
+    def turnarounds(self, provider: str, model: str) -> list[float]:
+        rows = self.conn.execute(
+            "SELECT turnaround_s FROM batches WHERE provider = ? AND model = ? "
+            "AND turnaround_s IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (provider, model, _TURNAROUND_HISTORY),
+        )
+        return [float(r[0]) for r in rows]
+
+    def commit(self) -> None:
+        if self._open:
+            self._open = False
+            self.conn.execute("COMMIT")
+            self.conn.close()
+
+    def rollback(self) -> None:
+        if self._open:
+            self._open = False
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            self.conn.close()
+
+
+class EngineSink:
+    """Writes through a SQLAlchemy connection (PostgreSQL's path; SQLite works too)."""
+
+    def __init__(self, store: Store, *, owns_store: bool = False) -> None:
+        import sqlalchemy as sa
+
+        from batchwise.store import requests_t
+
+        self._sa = sa
+        self._table = requests_t
+        self.store = store
+        self._owns_store = owns_store
+        self.conn = store.engine.connect()
+        self.trans = self.conn.begin()
+        self._next_id: int | None = None
+        self._open = True
+
+    def time_value(self, moment: datetime) -> Any:
+        return moment
+
+    def reserve_ids(self, count: int) -> Sequence[int]:
+        sa = self._sa
+        if self.store.is_postgres:
+            rows = self.conn.execute(
+                sa.text(
+                    "SELECT nextval(pg_get_serial_sequence('requests', 'id')) "
+                    "FROM generate_series(1, :n)"
+                ),
+                {"n": count},
+            )
+            return sorted(int(r[0]) for r in rows)
+        if self._next_id is None:
+            top = self.conn.execute(sa.text("SELECT coalesce(max(id), 0) FROM requests")).scalar()
+            self._next_id = int(top or 0) + 1
+        first = self._next_id
+        self._next_id += count
+        return range(first, first + count)
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> bool:
+        sa = self._sa
+        try:
+            with self.conn.begin_nested():
+                self.conn.execute(
+                    sa.insert(self._table),
+                    [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in rows],
+                )
+        except sa.exc.IntegrityError as exc:
+            if _is_custom_id_conflict(exc):
+                return False
+            raise
+        return True
+
+    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        t = self._table
+        found: dict[str, int] = {}
+        for start in range(0, len(custom_ids), 1000):
+            part = list(custom_ids[start : start + 1000])
+            query = self._sa.select(t.c.custom_id, t.c.id).where(
+                t.c.custom_id.in_(part), t.c.state.in_(_LIVE)
+            )
+            found.update({cid: rid for cid, rid in self.conn.execute(query)})
+        return found
+
+    def turnarounds(self, provider: str, model: str) -> list[float]:
+        rows = self.conn.execute(
+            self._sa.text(
+                "SELECT turnaround_s FROM batches WHERE provider = :p AND model = :m "
+                "AND turnaround_s IS NOT NULL ORDER BY id DESC LIMIT :n"
+            ),
+            {"p": provider, "m": model, "n": _TURNAROUND_HISTORY},
+        )
+        return [float(r[0]) for r in rows]
+
+    def _close(self) -> None:
+        self._open = False
+        self.conn.close()
+        if self._owns_store:
+            self.store.close()
+
+    def commit(self) -> None:
+        if self._open:
+            self.trans.commit()
+            self._close()
+
+    def rollback(self) -> None:
+        if self._open:
+            self.trans.rollback()
+            self._close()

@@ -1,0 +1,77 @@
+"""Raw DBAPI connections, shared by the SQLAlchemy engine and the bulk paths.
+
+The bulk intake path talks to SQLite through `sqlite3` directly so that `batchwise submit`
+does not pay SQLAlchemy's import time; the engine is built on the same `connect_sqlite`, so
+both see identical pragmas. Nothing here imports SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote
+
+#: the schema revision this code expects (the Alembic head); a test keeps them equal
+SCHEMA_REVISION = "0001"
+#: how SQLite stores datetimes: UTC, fixed width, so text comparison is time comparison
+SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+#: long enough to ride out another producer's whole-file transaction
+SQLITE_BUSY_TIMEOUT_MS = 120_000
+
+
+def sqlite_time(value: datetime) -> str:
+    """The text SQLite stores for an aware datetime."""
+    return value.astimezone(UTC).strftime(SQLITE_TIME_FORMAT)
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a `sqlite:///relative`, `sqlite:////absolute` or `sqlite://` (memory) URL."""
+    if not url.startswith("sqlite://"):
+        raise ValueError(f"not a SQLite URL: {url!r}")
+    rest = url[len("sqlite://") :]
+    if rest in ("", "/", "/:memory:"):
+        return ":memory:"
+    if not rest.startswith("/"):
+        raise ValueError(f"invalid SQLite URL {url!r}: expected sqlite:///path/to/file.db")
+    path = unquote(rest[1:].split("?", 1)[0])
+    return path
+
+
+def connect_sqlite(path: str) -> sqlite3.Connection:
+    """A SQLite connection set up for several processes at once.
+
+    WAL lets readers run beside one writer; the busy timeout makes writers queue instead of
+    failing; autocommit mode (isolation_level None) leaves BEGIN to us, so write transactions
+    can start with BEGIN IMMEDIATE and never hit a lock upgrade deadlock.
+    """
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    if path != ":memory:":
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":  # pragma: no cover - only on filesystems without WAL
+            raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
+    # NORMAL is durable against process crashes in WAL mode; only an OS crash can lose
+    # the last transactions, and the store recovers from that like from any crash.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def schema_revision(cursor: object) -> str | None:
+    """The Alembic revision stamped in the database, or None when there is no schema yet."""
+    execute = cursor.execute  # type: ignore[attr-defined]
+    try:
+        execute("SELECT version_num FROM alembic_version")
+    except Exception:
+        return None
+    row = cursor.fetchone()  # type: ignore[attr-defined]
+    return str(row[0]) if row else None

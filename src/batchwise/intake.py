@@ -1,0 +1,572 @@
+"""Intake: validate submitted lines, give each a deadline and a lane, store them in bulk.
+
+Three line shapes are accepted, each optionally carrying `tolerance`, `provider` and `tags`:
+OpenAI batch lines `{custom_id, method, url, body}`, Anthropic batch lines `{custom_id, params}`,
+and simple lines `{model, messages | prompt | input, max_tokens?, ...}` whose other keys are
+passed through as body parameters.
+
+This is the hot path of `batchwise submit`: lines are streamed, validated and inserted in
+chunks inside one transaction, so a file with a bad line is refused whole (nothing stored)
+and memory stays flat however long the file is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+from typing import Any, Protocol, cast
+
+import orjson
+
+from batchwise.classify import Turnaround, classify, expected_turnaround
+from batchwise.config import Settings
+from batchwise.errors import IntakeError, LineError, StoreError, ToleranceError
+from batchwise.states import Lane, RequestState
+from batchwise.tolerance import parse_tolerance
+
+CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_custom_id_ok = CUSTOM_ID.fullmatch
+#: endpoints each provider serves (batch and realtime), as URL paths
+ENDPOINTS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"/v1/chat/completions", "/v1/responses", "/v1/embeddings"}),
+    "anthropic": frozenset({"/v1/messages"}),
+}
+NAMED_TAGS = ("use_case", "step", "business_unit", "task_id")
+#: Anthropic requires max_tokens; simple lines that omit it get this
+DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
+CHUNK_ROWS = 2000
+
+_OPENAI_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-embedding-", "omni-moderation")
+_LINE_KEYS = frozenset({"tolerance", "provider", "tags"})
+_OPENAI_KEYS = frozenset({"custom_id", "method", "url", "body"}) | _LINE_KEYS
+_ANTHROPIC_KEYS = frozenset({"custom_id", "params"}) | _LINE_KEYS
+_SIMPLE_META = frozenset({"custom_id", "provider", "tolerance", "tags", "endpoint", "prompt"})
+_SORT = orjson.OPT_SORT_KEYS
+_ID, _CUSTOM_ID, _LANE = 0, 1, 9  # positions in a row tuple (see REQUEST_COLUMNS)
+
+#: the columns intake writes, in the order of the row tuples it builds
+REQUEST_COLUMNS = (
+    "id",
+    "custom_id",
+    "provider",
+    "endpoint",
+    "model",
+    "body",
+    "body_hash",
+    "tolerance",
+    "deadline",
+    "lane",
+    "reason",
+    "state",
+    "attempts",
+    "use_case",
+    "step",
+    "business_unit",
+    "task_id",
+    "tags",
+    "est_input_tokens",
+    "created_at",
+    "updated_at",
+)
+
+
+class Invalid(Exception):
+    """One line's validation failure (internal; collected into `LineError`s)."""
+
+    def __init__(self, error: str, field: str | None = None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Command-level defaults; a line's own `tolerance`, `provider` and `tags` override them."""
+
+    tolerance: str = "24h"
+    provider: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SubmitResult:
+    accepted: int = 0
+    realtime: int = 0
+    deferred: int = 0
+    rejected: list[LineError] = field(default_factory=list)
+    #: ids of stored requests, in input order (only collected when asked for)
+    ids: list[int] | None = None
+    lanes: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "realtime": self.realtime,
+            "deferred": self.deferred,
+            "rejected": [
+                {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
+                for e in self.rejected
+            ],
+        }
+
+
+class RequestSink(Protocol):
+    """Where intake writes: one open write transaction (see `bulk`)."""
+
+    def time_value(self, moment: datetime) -> Any:
+        """The value this database stores for an aware datetime."""
+        ...
+
+    def reserve_ids(self, count: int) -> Sequence[int]: ...
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> bool:
+        """Insert rows atomically; False (and nothing inserted) on a custom_id conflict."""
+        ...
+
+    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Live requests already holding any of these custom_ids: custom_id -> request id."""
+        ...
+
+    def turnarounds(self, provider: str, model: str) -> list[float]: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+def infer_provider(model: str) -> str | None:
+    if model.startswith("claude"):
+        return "anthropic"
+    if model.startswith(_OPENAI_PREFIXES):
+        return "openai"
+    return None
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a non-empty string, got {_describe(value)}", name)
+    return value
+
+
+def _json_error(exc: orjson.JSONDecodeError) -> str:
+    """orjson's message without its "line 1" (each input line is one JSON document)."""
+    return f"{exc.msg} at column {exc.colno}"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, str):
+        return "an empty string" if not value else f"string {value[:40]!r}"
+    try:
+        shown = orjson.dumps(value)[:40].decode(errors="replace")
+    except TypeError:
+        shown = repr(value)[:40]
+    return f"{type(value).__name__} {shown}"
+
+
+_OPENAI_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_OPENAI_ENDPOINTS = ENDPOINTS["openai"]
+
+
+def _check_body(provider: str, endpoint: str, body: Any, prefix: str) -> str:
+    """Validate the request body for its endpoint; return the model. (Hot path: exact type
+    checks, since decoded JSON holds exact dicts, lists and ints.)"""
+    if type(body) is not dict:
+        raise Invalid(f"expected a JSON object, got {_describe(body)}", prefix)
+    model = body.get("model")
+    if type(model) is not str or not model:
+        raise Invalid(
+            f"expected the model name as a non-empty string, got {_describe(model)}",
+            f"{prefix}.model",
+        )
+    if body.get("stream"):
+        raise Invalid(
+            "streaming responses cannot be batched; remove stream or set it to false",
+            f"{prefix}.stream",
+        )
+    if endpoint == "/v1/chat/completions" or endpoint == "/v1/messages":
+        messages = body.get("messages")
+        if type(messages) is not list or not messages:
+            raise Invalid(
+                f"expected a non-empty list of messages, got {_describe(messages)}",
+                f"{prefix}.messages",
+            )
+    elif "input" not in body:
+        raise Invalid(f"{endpoint} needs an 'input'", f"{prefix}.input")
+    if provider == "anthropic":
+        cap = body.get("max_tokens")
+        if type(cap) is not int or cap < 1:
+            raise Invalid(f"expected an integer ≥ 1, got {_describe(cap)}", f"{prefix}.max_tokens")
+    else:
+        for key in _OPENAI_CAPS:
+            if key in body:
+                cap = body[key]
+                if type(cap) is not int or cap < 1:
+                    raise Invalid(
+                        f"expected an integer ≥ 1, got {_describe(cap)}", f"{prefix}.{key}"
+                    )
+    return model
+
+
+def _check_provider(given: Any, shape: str | None, model: str) -> str:
+    if given is not None:
+        provider = _text(given, "provider")
+        if provider not in ENDPOINTS:
+            raise Invalid(
+                f"unknown provider {provider!r}: expected one of {', '.join(ENDPOINTS)}", "provider"
+            )
+        if shape is not None and provider != shape:
+            raise Invalid(
+                f"this is a {shape}-format line but the provider is {provider!r} "
+                "(from the line or --provider)",
+                "provider",
+            )
+        return provider
+    if shape is not None:
+        return shape
+    inferred = infer_provider(model)
+    if inferred is None:
+        raise Invalid(
+            f'cannot tell the provider of model {model!r}: add "provider": "openai" or '
+            '"anthropic" to the line, or pass --provider',
+            "provider",
+        )
+    return inferred
+
+
+def _unexpected(obj: dict[str, Any], allowed: frozenset[str], shape: str) -> Invalid:
+    extra = sorted(k for k in obj if k not in allowed)
+    return Invalid(
+        f"unexpected field in {shape} (expected only {', '.join(sorted(allowed))})", extra[0]
+    )
+
+
+def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, str, dict[str, Any]]:
+    """Validate one decoded line; return (custom_id, provider, endpoint, model, body)."""
+    if type(obj) is not dict:
+        raise Invalid(f"expected a JSON object, got {_describe(obj)}")
+    if "body" in obj or "url" in obj:
+        if not _OPENAI_KEYS.issuperset(obj):
+            raise _unexpected(obj, _OPENAI_KEYS, "an OpenAI batch line")
+        method = obj.get("method")
+        if method is not None and method != "POST":
+            raise Invalid(f'expected "POST", got {_describe(method)}', "method")
+        endpoint = obj.get("url")
+        if type(endpoint) is not str or endpoint not in _OPENAI_ENDPOINTS:
+            raise Invalid(
+                f"unknown endpoint {_describe(endpoint)}: "
+                f"expected one of {sorted(_OPENAI_ENDPOINTS)}",
+                "url",
+            )
+        body = obj.get("body")
+        model = _check_body("openai", endpoint, body, "body")
+        given = obj.get("provider", default_provider)
+        provider = (
+            "openai"
+            if given is None or given == "openai"
+            else _check_provider(given, "openai", model)
+        )
+        return obj.get("custom_id"), provider, endpoint, model, cast(dict[str, Any], body)
+    if "params" in obj:
+        if not _ANTHROPIC_KEYS.issuperset(obj):
+            raise _unexpected(obj, _ANTHROPIC_KEYS, "an Anthropic batch line")
+        body = obj.get("params")
+        model = _check_body("anthropic", "/v1/messages", body, "params")
+        provider = _check_provider(obj.get("provider", default_provider), "anthropic", model)
+        return obj.get("custom_id"), provider, "/v1/messages", model, cast(dict[str, Any], body)
+    return _parse_simple(obj, default_provider)
+
+
+def _parse_simple(
+    obj: dict[str, Any], default_provider: str | None
+) -> tuple[str | None, str, str, str, dict[str, Any]]:
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise Invalid(
+            f"expected the model name as a non-empty string, got {_describe(model)} (a line is an "
+            "OpenAI batch line {custom_id, method, url, body}, an Anthropic batch line "
+            "{custom_id, params}, or a simple line {model, messages | prompt | input, ...})",
+            "model",
+        )
+    provider = _check_provider(obj.get("provider", default_provider), None, model)
+    body = {k: v for k, v in obj.items() if k not in _SIMPLE_META}
+    if "prompt" in obj:
+        if "messages" in obj:
+            raise Invalid("give either prompt or messages, not both", "prompt")
+        body["messages"] = [{"role": "user", "content": _text(obj["prompt"], "prompt")}]
+    endpoint = obj.get("endpoint")
+    if endpoint is None:
+        if provider == "anthropic":
+            endpoint = "/v1/messages"
+        elif "messages" in body:
+            endpoint = "/v1/chat/completions"
+        elif "input" in body:
+            endpoint = "/v1/embeddings" if model.startswith("text-embedding") else "/v1/responses"
+        else:
+            raise Invalid("expected messages, prompt or input", "messages")
+    elif not isinstance(endpoint, str) or endpoint not in ENDPOINTS[provider]:
+        raise Invalid(
+            f"unknown endpoint {endpoint!r} for {provider}: "
+            f"expected one of {sorted(ENDPOINTS[provider])}",
+            "endpoint",
+        )
+    if provider == "anthropic" and "max_tokens" not in body:
+        body["max_tokens"] = DEFAULT_ANTHROPIC_MAX_TOKENS
+    _check_body(provider, endpoint, body, "body")
+    return obj.get("custom_id"), provider, endpoint, model, body
+
+
+def split_tags(
+    tags: Mapping[str, Any], field_name: str = "tags"
+) -> tuple[tuple[str | None, ...], str]:
+    """Named tags (use_case, step, business_unit, task_id) and the rest as canonical JSON."""
+    named: list[str | None] = [None, None, None, None]
+    free: dict[str, str] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key:
+            raise Invalid("tag names must be non-empty strings", field_name)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise Invalid(f"expected a string value, got {_describe(value)}", f"{field_name}.{key}")
+        text = str(value)
+        if key in NAMED_TAGS:
+            named[NAMED_TAGS.index(key)] = text
+        else:
+            free[key] = text
+    return tuple(named), orjson.dumps(free, option=_SORT).decode()
+
+
+class Intake:
+    """One submission in progress: validates lines and writes them to a sink in chunks."""
+
+    def __init__(
+        self,
+        sink: RequestSink,
+        *,
+        settings: Settings,
+        now: datetime,
+        zone: tzinfo,
+        defaults: Defaults = Defaults(),
+        skip_invalid: bool = False,
+        collect_ids: bool = False,
+    ) -> None:
+        self.sink = sink
+        self.settings = settings
+        self.now = now
+        self.zone = zone
+        self.defaults = defaults
+        self.skip_invalid = skip_invalid
+        self.result = SubmitResult(
+            ids=[] if collect_ids else None, lanes=[] if collect_ids else None
+        )
+        self._now_value = sink.time_value(now)
+        self._default_tags = split_tags(defaults.tags, "--tag")
+        self._lanes: dict[tuple[str, str, str], tuple[Any, str, str, str]] = {}
+        self._turnarounds: dict[tuple[str, str], Turnaround] = {}
+        self._chunk: list[tuple[Any, ...]] = []
+        self._lines: list[int] = []
+        self._ids: Iterator[int] = iter(())
+        self._first_id: int | None = None
+
+    def _lane(self, tolerance: str, provider: str, model: str) -> tuple[Any, str, str, str]:
+        key = (tolerance, provider, model)
+        hit = self._lanes.get(key)
+        if hit is None:
+            try:
+                parsed = parse_tolerance(tolerance, now=self.now, zone=self.zone)
+            except ToleranceError as exc:
+                raise Invalid(str(exc), "tolerance") from None
+            turnaround = self._turnarounds.get((provider, model))
+            if turnaround is None:
+                history = self.sink.turnarounds(provider, model)
+                turnaround = expected_turnaround(provider, self.settings, history)
+                self._turnarounds[(provider, model)] = turnaround
+            decision = classify(parsed, now=self.now, turnaround=turnaround, settings=self.settings)
+            state = (
+                RequestState.QUEUED if decision.lane is Lane.DEFERRED else RequestState.DISPATCHING
+            )
+            hit = (
+                self.sink.time_value(parsed.deadline),
+                decision.lane.value,
+                decision.reason,
+                state.value,
+            )
+            self._lanes[key] = hit
+        return hit
+
+    def add(self, lineno: int, raw: bytes | str | Mapping[str, Any]) -> None:
+        """Validate one line and queue it for insertion; an invalid line is recorded."""
+        if type(raw) is bytes or type(raw) is str:
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                self.result.rejected.append(LineError(lineno, f"invalid JSON: {_json_error(exc)}"))
+                return
+        else:
+            obj = dict(raw)  # type: ignore[arg-type]
+        try:
+            custom_id, provider, endpoint, model, body = parse_line(obj, self.defaults.provider)
+            if custom_id is not None and (
+                type(custom_id) is not str or not _custom_id_ok(custom_id)
+            ):
+                raise Invalid(
+                    f"expected 1-64 letters, digits, '_' or '-', got {_describe(custom_id)}",
+                    "custom_id",
+                )
+            tolerance = obj.get("tolerance") or self.defaults.tolerance
+            if type(tolerance) is not str:
+                raise Invalid(
+                    f"expected a string like '4h', got {_describe(tolerance)}", "tolerance"
+                )
+            deadline, lane, reason, state = self._lane(tolerance, provider, model)
+            tags = obj.get("tags")
+            if tags is None:
+                named, free = self._default_tags
+            elif type(tags) is not dict:
+                raise Invalid(f"expected an object of name: value, got {_describe(tags)}", "tags")
+            else:
+                named, free = split_tags({**self.defaults.tags, **tags})
+        except Invalid as exc:
+            self.result.rejected.append(LineError(lineno, exc.error, exc.field))
+            return
+        rid = self._next_id()
+        canonical = orjson.dumps(body, option=_SORT)
+        now = self._now_value
+        self._chunk.append(
+            (
+                rid,
+                custom_id or f"bw-{rid}",
+                provider,
+                endpoint,
+                model,
+                canonical.decode(),
+                hashlib.sha256(canonical).hexdigest(),
+                tolerance,
+                deadline,
+                lane,
+                reason,
+                state,
+                0,
+                *named,
+                free,
+                len(canonical) >> 2,
+                now,
+                now,
+            )
+        )
+        self._lines.append(lineno)
+        if len(self._chunk) >= CHUNK_ROWS:
+            self.flush()
+
+    def _next_id(self) -> int:
+        try:
+            return next(self._ids)
+        except StopIteration:
+            ids = self.sink.reserve_ids(CHUNK_ROWS)
+            if self._first_id is None:
+                self._first_id = ids[0]
+            self._ids = iter(ids)
+            return next(self._ids)
+
+    def flush(self) -> None:
+        rows, lines = self._chunk, self._lines
+        self._chunk, self._lines = [], []
+        while rows:
+            if self.sink.insert(rows):
+                self._count(rows)
+                return
+            keep = self._drop_conflicts(rows, lines)
+            if len(keep) == len(rows):
+                raise StoreError("custom_id conflict that no line of the chunk explains")
+            rows = [rows[i] for i in keep]
+            lines = [lines[i] for i in keep]
+
+    def _drop_conflicts(self, rows: list[tuple[Any, ...]], lines: list[int]) -> list[int]:
+        """After a custom_id conflict: reject the offending lines; return the positions kept."""
+        custom_ids = [row[_CUSTOM_ID] for row in rows]
+        taken = self.sink.live_custom_ids(custom_ids)
+        first_line: dict[str, int] = {}
+        keep = []
+        for i, (cid, lineno) in enumerate(zip(custom_ids, lines, strict=True)):
+            if cid in taken:
+                owner = taken[cid]
+                if self._first_id is not None and owner >= self._first_id:
+                    error = (
+                        f"custom_id {cid!r} is used twice in this submission "
+                        f"(earlier as request {owner})"
+                    )
+                else:
+                    error = f"custom_id {cid!r} is already used by live request {owner}"
+                self.result.rejected.append(LineError(lineno, error, "custom_id"))
+            elif cid in first_line:
+                error = (
+                    f"custom_id {cid!r} is used twice in this submission "
+                    f"(first on line {first_line[cid]})"
+                )
+                self.result.rejected.append(LineError(lineno, error, "custom_id"))
+            else:
+                first_line[cid] = lineno
+                keep.append(i)
+        return keep
+
+    def _count(self, rows: list[tuple[Any, ...]]) -> None:
+        result = self.result
+        realtime = sum(1 for r in rows if r[_LANE] == "realtime")
+        result.accepted += len(rows)
+        result.realtime += realtime
+        result.deferred += len(rows) - realtime
+        if result.ids is not None and result.lanes is not None:
+            result.ids.extend(r[_ID] for r in rows)
+            result.lanes.extend(r[_LANE] for r in rows)
+
+    def finish(self) -> SubmitResult:
+        """Commit, or roll everything back if any line was invalid and skipping is off."""
+        self.flush()
+        self.result.rejected.sort(key=lambda e: e.line)
+        if self.result.rejected and not self.skip_invalid:
+            self.sink.rollback()
+            raise IntakeError(self.result.rejected)
+        self.sink.commit()
+        return self.result
+
+
+def submit_lines(
+    lines: Iterable[bytes | str | Mapping[str, Any]],
+    sink: RequestSink,
+    *,
+    settings: Settings,
+    now: datetime,
+    zone: tzinfo,
+    defaults: Defaults = Defaults(),
+    skip_invalid: bool = False,
+    collect_ids: bool = False,
+    on_line: Callable[[int], None] | None = None,
+) -> SubmitResult:
+    """Validate and store a stream of lines in one transaction.
+
+    Blank lines are skipped. Raises `IntakeError` listing every bad line (nothing stored) unless
+    `skip_invalid`, in which case the good lines are stored and the bad ones reported.
+    """
+    intake = Intake(
+        sink,
+        settings=settings,
+        now=now,
+        zone=zone,
+        defaults=defaults,
+        skip_invalid=skip_invalid,
+        collect_ids=collect_ids,
+    )
+    try:
+        for lineno, raw in enumerate(lines, 1):
+            if not raw or ((type(raw) is bytes or type(raw) is str) and raw.isspace()):
+                continue
+            intake.add(lineno, raw)
+            if on_line is not None:
+                on_line(lineno)
+        return intake.finish()
+    except BaseException:
+        sink.rollback()
+        raise

@@ -1,0 +1,237 @@
+"""The SQL tables. The store is the single source of truth and the queue of deferred work;
+the states rows move through are in `states`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from batchwise.dbapi import SQLITE_TIME_FORMAT
+from batchwise.states import LIVE_REQUEST_STATES
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes everywhere: TIMESTAMPTZ on PostgreSQL, fixed-width text on SQLite.
+
+    SQLite has no time zones; storing UTC in one fixed format keeps comparisons in SQL correct
+    and lets the bulk paths write the same text without going through SQLAlchemy.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(26))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: batchwise stores aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.strftime(SQLITE_TIME_FORMAT)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return datetime.strptime(value, SQLITE_TIME_FORMAT).replace(tzinfo=UTC)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _live_states_sql() -> Any:
+    states = ", ".join(f"'{s.value}'" for s in sorted(LIVE_REQUEST_STATES, key=lambda s: s.value))
+    return text(f"state IN ({states})")
+
+
+def _time(**kwargs: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kwargs)
+
+
+class Request(SQLModel, table=True):
+    """One LLM call a producer asked for, and everything that happened to it."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        # A caller's custom_id names one live request at a time; finished ones may be reused.
+        Index(
+            "uq_requests_live_custom_id",
+            "custom_id",
+            unique=True,
+            sqlite_where=_live_states_sql(),
+            postgresql_where=_live_states_sql(),
+        ),
+        # The work queues: the packer, the realtime dispatcher and the rescuer read live rows only.
+        Index(
+            "ix_requests_live",
+            "state",
+            "provider",
+            "endpoint",
+            "model",
+            sqlite_where=_live_states_sql(),
+            postgresql_where=_live_states_sql(),
+        ),
+        Index(
+            "ix_requests_batch",
+            "batch_id",
+            sqlite_where=text("batch_id IS NOT NULL"),
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_requests_task",
+            "task_id",
+            sqlite_where=text("task_id IS NOT NULL"),
+            postgresql_where=text("task_id IS NOT NULL"),
+        ),
+        # Dedupe looks up answered requests by content.
+        Index(
+            "ix_requests_answered_hash",
+            "provider",
+            "endpoint",
+            "body_hash",
+            sqlite_where=text("state = 'succeeded'"),
+            postgresql_where=text("state = 'succeeded'"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    custom_id: str = Field(sa_type=String(64))
+    provider: str = Field(sa_type=String(32))
+    endpoint: str = Field(sa_type=String(64))
+    model: str = Field(sa_type=String(128))
+    #: the model asked for, when a routing rule changed it
+    original_model: str | None = Field(default=None, sa_type=String(128))
+    #: the request body as canonical JSON (sorted keys)
+    body: str | None = Field(default=None, sa_type=Text)
+    #: sha256 of the canonical body, for dedupe and repetition detection
+    body_hash: str = Field(sa_type=String(64))
+    tolerance: str = Field(sa_type=String(64))
+    deadline: datetime = _time()
+    lane: str = Field(sa_type=String(16))
+    #: why the classifier chose the lane
+    reason: str = Field(sa_type=Text)
+    state: str = Field(sa_type=String(16))
+    attempts: int = Field(default=0, sa_type=Integer)
+    #: the batch holding it now (or that answered it)
+    batch_id: int | None = Field(default=None)
+    use_case: str | None = Field(default=None, sa_type=String(128))
+    step: str | None = Field(default=None, sa_type=String(128))
+    business_unit: str | None = Field(default=None, sa_type=String(128))
+    task_id: str | None = Field(default=None, sa_type=String(128))
+    #: free key/value tags as a JSON object
+    tags: str = Field(default="{}", sa_type=Text)
+    #: estimated prompt tokens, for in-flight token budgets
+    est_input_tokens: int = Field(default=0, sa_type=Integer)
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+    finished_at: datetime | None = _time(default=None)
+    #: the stored answer (a row of `responses`)
+    response_id: int | None = Field(default=None)
+    error: str | None = Field(default=None, sa_type=Text)
+    error_code: str | None = Field(default=None, sa_type=String(64))
+    rescued_at: datetime | None = _time(default=None)
+    #: set when the deadline was missed; says why
+    deadline_miss: str | None = Field(default=None, sa_type=Text)
+    lease_owner: str | None = Field(default=None, sa_type=String(64))
+    lease_expires_at: datetime | None = _time(default=None)
+
+
+class Batch(SQLModel, table=True):
+    """One provider batch submission, written before any provider call is made."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("provider", "provider_batch_id", name="uq_batches_provider_batch_id"),
+        Index("ix_batches_state", "state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(sa_type=String(32))
+    endpoint: str = Field(sa_type=String(64))
+    model: str = Field(sa_type=String(128))
+    state: str = Field(sa_type=String(16))
+    provider_batch_id: str | None = Field(default=None, sa_type=String(128))
+    provider_status: str | None = Field(default=None, sa_type=String(32))
+    request_count: int = Field(default=0, sa_type=Integer)
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    est_input_tokens: int = Field(default=0, sa_type=BigInteger)
+    #: provider request counts as JSON
+    counts: str = Field(default="{}", sa_type=Text)
+    #: where results live (file ids, results URL) as JSON
+    result_refs: str = Field(default="{}", sa_type=Text)
+    #: why it flushed: full, max_wait, deadline, explicit
+    flush_reason: str | None = Field(default=None, sa_type=String(32))
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+    upload_started_at: datetime | None = _time(default=None)
+    submitted_at: datetime | None = _time(default=None)
+    ended_at: datetime | None = _time(default=None)
+    reconciled_at: datetime | None = _time(default=None)
+    next_poll_at: datetime | None = _time(default=None)
+    poll_count: int = Field(default=0, sa_type=Integer)
+    #: seconds from submission to the provider ending it, once ended
+    turnaround_s: float | None = Field(default=None)
+    submit_attempts: int = Field(default=0, sa_type=Integer)
+    last_error: str | None = Field(default=None, sa_type=Text)
+    lease_owner: str | None = Field(default=None, sa_type=String(64))
+    lease_expires_at: datetime | None = _time(default=None)
+
+
+class Response(SQLModel, table=True):
+    """One answer (or per-line error) a provider gave for a request, kept even when superseded.
+
+    A batch line is stored once per (request, batch): reconciling twice inserts nothing new.
+    """
+
+    __tablename__ = "responses"
+    __table_args__ = (
+        UniqueConstraint("request_id", "batch_id", name="uq_responses_request_batch"),
+        Index("ix_responses_request", "request_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: int
+    #: the batch it came from; None for realtime calls
+    batch_id: int | None = Field(default=None)
+    #: batch | realtime | rescue
+    kind: str = Field(sa_type=String(16))
+    #: succeeded | errored | expired | cancelled
+    outcome: str = Field(sa_type=String(16))
+    status_code: int | None = Field(default=None)
+    body: str | None = Field(default=None, sa_type=Text)
+    error_code: str | None = Field(default=None, sa_type=String(64))
+    error_message: str | None = Field(default=None, sa_type=Text)
+    retryable: bool = Field(default=False)
+    provider_request_id: str | None = Field(default=None, sa_type=String(128))
+    input_tokens: int = Field(default=0, sa_type=Integer)
+    output_tokens: int = Field(default=0, sa_type=Integer)
+    created_at: datetime = _time()
+
+
+class Event(SQLModel, table=True):
+    """Something worth telling a person: a rescue, a missed deadline, an unknown result line,
+    a guard refusal, an anomaly."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_at", "at"), Index("ix_events_kind", "kind"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _time()
+    kind: str = Field(sa_type=String(32))
+    #: info | warning | alert
+    severity: str = Field(default="info", sa_type=String(16))
+    message: str = Field(sa_type=Text)
+    request_id: int | None = Field(default=None)
+    batch_id: int | None = Field(default=None)
+    task_id: str | None = Field(default=None, sa_type=String(128))
+    data: str = Field(default="{}", sa_type=Text)

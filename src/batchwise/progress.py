@@ -1,0 +1,55 @@
+"""Progress display for long CLI work, shown only on a terminal (rich is imported lazily)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def file_reader(path: str, *, show: bool = True) -> Iterator[IO[bytes]]:
+    """Open `path` (or `-` for stdin) for binary line reading, with a progress bar by bytes
+    when stderr is a terminal and the size is known."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    if not (show and interactive()):
+        with open(path, "rb") as stream:
+            yield stream
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]submitting[/]"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with (
+        Progress(*columns, transient=True, console=_stderr_console()) as bar,
+        bar.open(path, "rb") as stream,
+    ):
+        yield stream
+
+
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)

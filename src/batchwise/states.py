@@ -1,0 +1,115 @@
+"""The states requests and batches move through, and the allowed moves.
+
+States are plain strings in the database (no DB enums), so adding one needs no migration. The
+allowed moves live in one `TRANSITIONS` table that the store and the tests both read. This
+module imports nothing heavy: the intake fast path uses it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RequestState(StrEnum):
+    """Where a request is in its life (DESIGN.md, "Request life")."""
+
+    #: deferred lane: waiting to be packed into a batch
+    QUEUED = "queued"
+    #: assigned to a batch that the provider has not accepted yet
+    PACKED = "packed"
+    #: in a provider batch that is running
+    SUBMITTED = "submitted"
+    #: realtime lane: waiting for, or in, a realtime call
+    DISPATCHING = "dispatching"
+    #: deadline at risk: sent through the realtime lane while its batch may still answer
+    RESCUED = "rescued"
+    #: answered; the answer is stored
+    SUCCEEDED = "succeeded"
+    #: ended without an answer; `error` says why
+    FAILED = "failed"
+    #: answered from an identical request's stored answer, at no cost
+    DEDUPLICATED = "deduplicated"
+    #: refused by a cost guard; `error` says which and why
+    REJECTED = "rejected"
+    #: cancelled by the user before it finished
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_REQUEST_STATES
+
+
+TERMINAL_REQUEST_STATES = frozenset(
+    {
+        RequestState.SUCCEEDED,
+        RequestState.FAILED,
+        RequestState.DEDUPLICATED,
+        RequestState.REJECTED,
+        RequestState.CANCELLED,
+    }
+)
+LIVE_REQUEST_STATES = frozenset(RequestState) - TERMINAL_REQUEST_STATES
+
+S = RequestState
+#: every allowed state change of a request; anything else is a bug
+TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    S.QUEUED: frozenset({S.PACKED, S.RESCUED, S.FAILED, S.DEDUPLICATED, S.REJECTED, S.CANCELLED}),
+    S.PACKED: frozenset({S.SUBMITTED, S.QUEUED, S.RESCUED, S.FAILED, S.CANCELLED}),
+    S.SUBMITTED: frozenset(
+        {S.SUCCEEDED, S.QUEUED, S.FAILED, S.RESCUED, S.DEDUPLICATED, S.CANCELLED}
+    ),
+    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
+    S.RESCUED: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.DEDUPLICATED: frozenset(),
+    S.REJECTED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+del S
+
+
+class Lane(StrEnum):
+    """Which path a request takes to the provider."""
+
+    #: call the provider's realtime API now
+    REALTIME = "realtime"
+    #: wait for a provider batch (about half price)
+    DEFERRED = "deferred"
+
+
+class BatchState(StrEnum):
+    """Where a batch is in its life (DESIGN.md, "Batch life")."""
+
+    #: row written, requests assigned; nothing sent to the provider yet
+    BUILDING = "building"
+    #: the submitter is uploading / creating it at the provider
+    UPLOADING = "uploading"
+    #: the provider accepted it (OpenAI `validating`)
+    SUBMITTED = "submitted"
+    #: the provider is running it
+    IN_PROGRESS = "in_progress"
+    #: the provider is writing its output
+    FINALIZING = "finalizing"
+    #: a cancel was requested
+    CANCELLING = "cancelling"
+    #: ended normally, results waiting to be reconciled
+    COMPLETED = "completed"
+    #: the window passed; partial results waiting to be reconciled
+    EXPIRED = "expired"
+    #: cancelled; partial results waiting to be reconciled
+    CANCELLED = "cancelled"
+    #: failed as a whole at the provider (or could not be created); requests re-queued
+    FAILED = "failed"
+    #: results applied to every request of the batch; nothing left to do
+    RECONCILED = "reconciled"
+
+
+#: batch states in which the provider holds the batch and we poll it
+LIVE_BATCH_STATES = frozenset(
+    {BatchState.SUBMITTED, BatchState.IN_PROGRESS, BatchState.FINALIZING, BatchState.CANCELLING}
+)
+#: batch states whose results (or failure) still have to be applied
+ENDED_BATCH_STATES = frozenset(
+    {BatchState.COMPLETED, BatchState.EXPIRED, BatchState.CANCELLED, BatchState.FAILED}
+)

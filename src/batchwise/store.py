@@ -1,0 +1,192 @@
+"""The SQL store: engine set-up, schema, transactions, compare-and-set transitions and claims.
+
+SQLite (embedded default) and PostgreSQL run through the same code. Write transactions on
+SQLite start with BEGIN IMMEDIATE, so concurrent writers queue on the busy timeout instead of
+failing on a lock upgrade; on PostgreSQL work is claimed with FOR UPDATE SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from batchwise import dbapi
+from batchwise.errors import SchemaError, TransitionError
+from batchwise.models import Batch, Event, Request, Response
+from batchwise.states import TRANSITIONS, RequestState
+
+_READONLY = "batchwise_readonly"
+#: PostgreSQL advisory lock key that serialises schema creation across processes
+_SCHEMA_LOCK_KEY = 0x62617463  # "batc"
+
+requests_t: sa.Table = Request.__table__  # type: ignore[attr-defined]
+batches_t: sa.Table = Batch.__table__  # type: ignore[attr-defined]
+responses_t: sa.Table = Response.__table__  # type: ignore[attr-defined]
+events_t: sa.Table = Event.__table__  # type: ignore[attr-defined]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`, with SQLite set up for several processes (see `dbapi`)."""
+    if dbapi.is_sqlite(url):
+        path = dbapi.sqlite_path(url)
+        memory = path == ":memory:"
+        engine = sa.create_engine(
+            "sqlite://",
+            creator=lambda: dbapi.connect_sqlite(path),
+            poolclass=StaticPool if memory else None,
+        )
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            readonly = conn.get_execution_options().get(_READONLY, False)
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def worker_id() -> str:
+    """A name for this process in leases: host, pid and a random suffix."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Store:
+    """The database batchwise keeps everything in. Cheap to create; call `close()` when done."""
+
+    def __init__(self, url: str, *, create_schema: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        if create_schema:
+            ensure_schema(self.engine)
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, committed on success and rolled back on any error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (on SQLite, one that takes no write lock)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(**{_READONLY: True})
+            with conn.begin():
+                yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create or upgrade the schema to this code's revision, once, whoever races for it."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{_READONLY: True})
+        with conn.begin():
+            if _current_revision(conn) == dbapi.SCHEMA_REVISION:
+                return
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+        revision = _current_revision(conn)
+        if revision == dbapi.SCHEMA_REVISION:
+            return
+        _upgrade(conn, revision)
+
+
+def _current_revision(conn: Connection) -> str | None:
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    value = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    return None if value is None else str(value)
+
+
+def _upgrade(conn: Connection, revision: str | None) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = conn
+    known = {rev.revision for rev in ScriptDirectory.from_config(config).walk_revisions()}
+    if revision is not None and revision not in known:
+        raise SchemaError(
+            f"the database is at schema revision {revision!r}, which this version of batchwise "
+            f"does not know (it expects {dbapi.SCHEMA_REVISION!r}); upgrade batchwise"
+        )
+    command.upgrade(config, "head")
+
+
+# --- transitions --------------------------------------------------------------------------
+
+
+def check_transition(src: RequestState, dst: RequestState) -> None:
+    if dst not in TRANSITIONS[src]:
+        raise TransitionError(f"a request cannot move from {src.value} to {dst.value}")
+
+
+def transition_requests(
+    conn: Connection,
+    ids: Sequence[int],
+    *,
+    src: RequestState | Iterable[RequestState],
+    dst: RequestState,
+    now: datetime,
+    values: dict[str, Any] | None = None,
+    extra_where: Any = None,
+) -> list[int]:
+    """Move requests from `src` to `dst`, compare-and-set: only rows still in `src` move.
+
+    Returns the ids that moved, so a caller racing another worker knows exactly what it won.
+    """
+    sources = [src] if isinstance(src, RequestState) else list(src)
+    for s in sources:
+        check_transition(s, dst)
+    moved: list[int] = []
+    changes: dict[str, Any] = {"state": dst.value, "updated_at": now, **(values or {})}
+    if dst.terminal and "finished_at" not in changes:
+        changes["finished_at"] = now
+    for chunk in chunked(ids, 5000):
+        stmt = (
+            sa.update(requests_t)
+            .where(requests_t.c.id.in_(chunk))
+            .where(requests_t.c.state.in_([s.value for s in sources]))
+        )
+        if extra_where is not None:
+            stmt = stmt.where(extra_where)
+        stmt = stmt.values(**changes).returning(requests_t.c.id)
+        moved.extend(row[0] for row in conn.execute(stmt))
+    return moved
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def lease_until(now: datetime, lease_s: float) -> datetime:
+    return now + timedelta(seconds=lease_s)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from batchwise.classify import Turnaround, classify, expected_turnaround, human_s, percentile
+from batchwise.config import Settings
+from batchwise.states import Lane
+from batchwise.tolerance import parse_tolerance
+
+NOW = datetime(2026, 11, 29, 1, 0, tzinfo=UTC)
+
+
+def decide(text: str, settings: Settings, history: list[float] | None = None) -> Lane:
+    tol = parse_tolerance(text, now=NOW)
+    turnaround = expected_turnaround("openai", settings, history or [])
+    return classify(tol, now=NOW, turnaround=turnaround, settings=settings).lane
+
+
+def test_issue_examples_default_mode() -> None:
+    s = Settings()
+    assert decide("30m", s) is Lane.REALTIME
+    assert decide("by 07:00", s) is Lane.DEFERRED  # submitted at 01:00 UTC
+    assert decide("2d", s) is Lane.DEFERRED
+    assert decide("realtime", s) is Lane.REALTIME
+
+
+def test_boundary_is_wait_plus_turnaround_plus_margin() -> None:
+    s = Settings(max_wait_s=600, rescue_margin_s=900, turnaround_prior_s={"openai": 3600})
+    # 600 + 3600 + 900 = 5100 s = 1h25m
+    assert decide("1h25m", s) is Lane.DEFERRED
+    assert decide("1h24m59s", s) is Lane.REALTIME
+
+
+def test_strict_mode_assumes_the_full_window() -> None:
+    s = Settings(strict=True)
+    assert decide("by 07:00", s) is Lane.REALTIME
+    assert decide("24h", s) is Lane.REALTIME
+    assert decide("2d", s) is Lane.DEFERRED
+    assert "strict" in expected_turnaround("openai", s).source
+
+
+def test_history_replaces_the_prior_once_there_is_enough() -> None:
+    s = Settings(turnaround_min_history=5, turnaround_percentile=0.95)
+    fast = [300.0, 320.0, 310.0, 290.0, 600.0]
+    assert expected_turnaround("openai", s, fast[:4]).source == "prior for openai"
+    observed = expected_turnaround("openai", s, fast)
+    assert observed.seconds == 600.0 and "observed" in observed.source
+    # With batches observed to finish in minutes, a 45m deadline can be deferred.
+    assert decide("45m", s, fast) is Lane.DEFERRED
+    assert decide("45m", s) is Lane.REALTIME
+
+
+def test_reason_names_the_figures() -> None:
+    tol = parse_tolerance("4h", now=NOW)
+    d = classify(tol, now=NOW, turnaround=Turnaround(7200, "prior for openai"), settings=Settings())
+    assert d.reason == (
+        "deadline in 4h leaves room for flush wait 10m + turnaround 2h (prior for openai) "
+        "+ rescue margin 15m = 2h25m"
+    )
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.95) == 10
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.5) == 5
+    assert percentile([7.0], 0.95) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+@pytest.mark.parametrize(
+    ("s", "text"),
+    [
+        (0, "0s"),
+        (59, "59s"),
+        (90, "1m30s"),
+        (600, "10m"),
+        (5400, "1h30m"),
+        (86400 * 2 + 3600, "2d1h"),
+    ],
+)
+def test_human_durations(s: float, text: str) -> None:
+    assert human_s(s) == text

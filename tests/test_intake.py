@@ -1,0 +1,383 @@
+"""Intake: line shapes, validation errors, all-or-nothing, custom_id rules; on both sinks and
+both databases."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from batchwise.api import Client
+from batchwise.bulk import EngineSink, SQLiteSink, open_sink
+from batchwise.clock import ManualClock
+from batchwise.config import Settings
+from batchwise.errors import IntakeError
+from batchwise.intake import REQUEST_COLUMNS, Defaults, Invalid, parse_line, submit_lines
+from batchwise.store import Store, requests_t
+from batchwise.tolerance import resolve_zone
+
+
+def openai_line(i: int, **over: Any) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "custom_id": f"req-{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hi {i}"}]},
+    }
+    line.update(over)
+    return line
+
+
+def jsonl(*objs: Any) -> list[bytes]:
+    return [orjson.dumps(o) if not isinstance(o, bytes) else o for o in objs]
+
+
+@pytest.fixture
+def client(db_url: str, settings: Settings, clock: ManualClock) -> Iterator[Client]:
+    with Client(db_url, settings=settings, clock=clock) as c:
+        yield c
+
+
+def rows(client: Client) -> list[dict[str, Any]]:
+    with client.store.read() as conn:
+        return [
+            dict(r)
+            for r in conn.execute(sa.select(requests_t).order_by(requests_t.c.id)).mappings()
+        ]
+
+
+def test_three_shapes_are_accepted(client: Client) -> None:
+    lines = jsonl(
+        openai_line(1, tolerance="4h"),
+        {
+            "custom_id": "a-2",
+            "params": {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": "hello"}],
+            },
+        },
+        {"model": "gpt-4o-mini", "prompt": "simple", "temperature": 0.2},
+        {"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "x"}]},
+        {"model": "text-embedding-3-small", "input": "embed me"},
+    )
+    result = client._submit(lines, Defaults(tolerance="24h"), skip_invalid=False)
+    assert (result.accepted, result.rejected) == (5, [])
+    stored = rows(client)
+    assert [(r["provider"], r["endpoint"], r["model"]) for r in stored] == [
+        ("openai", "/v1/chat/completions", "gpt-4o-mini"),
+        ("anthropic", "/v1/messages", "claude-haiku-4-5"),
+        ("openai", "/v1/chat/completions", "gpt-4o-mini"),
+        ("anthropic", "/v1/messages", "claude-haiku-4-5"),
+        ("openai", "/v1/embeddings", "text-embedding-3-small"),
+    ]
+    simple = orjson.loads(stored[2]["body"])
+    assert simple == {
+        "model": "gpt-4o-mini",
+        "temperature": 0.2,
+        "messages": [{"role": "user", "content": "simple"}],
+    }
+    assert orjson.loads(stored[3]["body"])["max_tokens"] == 1024  # Anthropic requires one
+    assert stored[0]["custom_id"] == "req-1"
+    assert stored[2]["custom_id"] == f"bw-{stored[2]['id']}"  # generated when absent
+
+
+def test_stored_fields_hash_deadline_lane_tags(client: Client, clock: ManualClock) -> None:
+    line = openai_line(
+        1, tolerance="2d", tags={"use_case": "summaries", "task_id": "t1", "team": "risk"}
+    )
+    client._submit(
+        jsonl(line), Defaults(tags={"business_unit": "wealth", "team": "ops"}), skip_invalid=False
+    )
+    (row,) = rows(client)
+    canonical = orjson.dumps(line["body"], option=orjson.OPT_SORT_KEYS)
+    assert row["body"] == canonical.decode()
+    assert row["body_hash"] == hashlib.sha256(canonical).hexdigest()
+    assert row["deadline"] == clock.now.replace() + __import__("datetime").timedelta(days=2)
+    assert (row["lane"], row["state"], row["attempts"]) == ("deferred", "queued", 0)
+    assert "leaves room" in row["reason"]
+    assert (row["use_case"], row["task_id"], row["business_unit"]) == ("summaries", "t1", "wealth")
+    assert orjson.loads(row["tags"]) == {"team": "risk"}  # the line's tag overrides the default
+
+
+def test_line_overrides_command_defaults(client: Client) -> None:
+    lines = jsonl(openai_line(1), openai_line(2, tolerance="realtime"))
+    client._submit(lines, Defaults(tolerance="2d"), skip_invalid=False)
+    assert [(r["tolerance"], r["lane"], r["state"]) for r in rows(client)] == [
+        ("2d", "deferred", "queued"),
+        ("realtime", "realtime", "dispatching"),
+    ]
+
+
+BAD_LINES: list[tuple[Any, str | None, str]] = [
+    (b"{not json", None, "invalid JSON"),
+    (b"[1, 2]", None, "expected a JSON object"),
+    (openai_line(1, url="/v1/images"), "url", "unknown endpoint"),
+    (openai_line(1, method="GET"), "method", 'expected "POST"'),
+    ({**openai_line(1), "extra": 1}, "extra", "unexpected field"),
+    (
+        openai_line(1, body={"messages": [{"role": "user", "content": "x"}]}),
+        "body.model",
+        "model name",
+    ),
+    (
+        openai_line(1, body={"model": "gpt-4o-mini", "messages": []}),
+        "body.messages",
+        "non-empty list",
+    ),
+    (
+        openai_line(1, body={"model": "gpt-4o-mini", "messages": [{}], "stream": True}),
+        "body.stream",
+        "cannot be batched",
+    ),
+    (
+        openai_line(1, body={"model": "gpt-4o-mini", "messages": [{}], "max_tokens": 0}),
+        "body.max_tokens",
+        "integer ≥ 1",
+    ),
+    (openai_line(1, custom_id="has space"), "custom_id", "letters, digits"),
+    (openai_line(1, custom_id="x" * 65), "custom_id", "letters, digits"),
+    (openai_line(1, custom_id=7), "custom_id", "letters, digits"),
+    (openai_line(1, tolerance="soonish"), "tolerance", "invalid tolerance"),
+    (openai_line(1, tolerance="2020-01-01T00:00:00Z"), "tolerance", "already past"),
+    (openai_line(1, tags=["a"]), "tags", "object of name"),
+    (openai_line(1, tags={"use_case": {"nested": 1}}), "tags.use_case", "string value"),
+    (openai_line(1, provider="anthropic"), "provider", "openai-format line"),
+    (openai_line(1, provider="mistral"), "provider", "unknown provider"),
+    (
+        {"custom_id": "x", "params": {"model": "claude-haiku-4-5", "messages": [{}]}},
+        "params.max_tokens",
+        "integer ≥ 1",
+    ),
+    ({"model": "llama-3", "prompt": "x"}, "provider", "cannot tell the provider"),
+    ({"prompt": "x"}, "model", "model name"),
+    (
+        {"model": "gpt-4o-mini", "prompt": "x", "messages": []},
+        "prompt",
+        "either prompt or messages",
+    ),
+    (
+        {"model": "gpt-4o-mini", "prompt": "x", "endpoint": "/v1/messages"},
+        "endpoint",
+        "unknown endpoint",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "field", "message"), BAD_LINES)
+def test_each_bad_line_gets_a_precise_error(line: Any, field: str | None, message: str) -> None:
+    lines = jsonl(openai_line(100), line)
+    sink = _MemorySink()
+    with pytest.raises(IntakeError) as info:
+        submit_lines(
+            lines, sink, settings=Settings(), now=ManualClock()(), zone=resolve_zone("UTC")
+        )
+    (error,) = info.value.errors
+    assert error.line == 2
+    assert error.field == field
+    assert message in error.error
+    assert sink.committed is False and sink.rolled_back
+
+
+def test_bad_file_is_refused_whole_and_every_bad_line_listed(client: Client) -> None:
+    lines = jsonl(
+        openai_line(1), b"{oops", openai_line(3), openai_line(4, url="/v1/x"), openai_line(5)
+    )
+    with pytest.raises(IntakeError) as info:
+        client._submit(lines, Defaults(), skip_invalid=False)
+    assert [e.line for e in info.value.errors] == [2, 4]
+    assert rows(client) == []  # nothing half-stored
+
+
+def test_skip_invalid_stores_the_good_lines(client: Client) -> None:
+    lines = jsonl(openai_line(1), b"{oops", openai_line(3))
+    result = client._submit(lines, Defaults(), skip_invalid=True)
+    assert result.accepted == 2 and [e.line for e in result.rejected] == [2]
+    assert [r["custom_id"] for r in rows(client)] == ["req-1", "req-3"]
+
+
+def test_duplicate_custom_id_within_a_submission(client: Client) -> None:
+    lines = jsonl(openai_line(1), openai_line(2), openai_line(1))
+    with pytest.raises(IntakeError) as info:
+        client._submit(lines, Defaults(), skip_invalid=False)
+    (error,) = info.value.errors
+    assert (error.line, error.field) == (3, "custom_id")
+    assert "used twice in this submission" in error.error and "line 1" in error.error
+    assert rows(client) == []
+
+
+def test_duplicate_custom_id_across_chunks(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("batchwise.intake.CHUNK_ROWS", 3)
+    lines = jsonl(*(openai_line(i) for i in range(7)), openai_line(2))
+    result = client._submit(lines, Defaults(), skip_invalid=True)
+    assert result.accepted == 7
+    (error,) = result.rejected
+    assert error.line == 8 and "used twice in this submission" in error.error
+
+
+def test_custom_id_colliding_with_a_live_request(client: Client) -> None:
+    client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
+    with pytest.raises(IntakeError) as info:
+        client._submit(jsonl(openai_line(2), openai_line(1)), Defaults(), skip_invalid=False)
+    (error,) = info.value.errors
+    assert error.line == 2 and "already used by live request 1" in error.error
+    assert len(rows(client)) == 1
+
+
+def test_custom_id_of_a_finished_request_may_be_reused(client: Client) -> None:
+    client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
+    with client.store.write() as conn:
+        conn.execute(sa.update(requests_t).values(state="succeeded"))
+    result = client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
+    assert result.accepted == 1 and len(rows(client)) == 2
+
+
+def test_blank_lines_are_skipped_but_counted(client: Client) -> None:
+    lines = [orjson.dumps(openai_line(1)), b"\n", b"   ", b"{bad"]
+    with pytest.raises(IntakeError) as info:
+        client._submit(lines, Defaults(), skip_invalid=False)
+    assert info.value.errors[0].line == 4
+
+
+def test_sinks_write_identical_rows(tmp_path: Path, clock: ManualClock) -> None:
+    """The sqlite3 fast path and the SQLAlchemy path store the same thing."""
+    lines = jsonl(
+        *(openai_line(i, tolerance=t) for i, t in enumerate(["4h", "realtime", "by 07:00"]))
+    )
+    stored = []
+    for name, make in (
+        ("fast", SQLiteSink),
+        ("engine", lambda url: EngineSink(Store(url), owns_store=True)),
+    ):
+        url = f"sqlite:///{tmp_path / name}.db"
+        submit_lines(lines, make(url), settings=Settings(), now=clock(), zone=resolve_zone("UTC"))
+        with Store(url).read() as conn:
+            stored.append([dict(r) for r in conn.execute(sa.select(requests_t)).mappings()])
+    assert stored[0] == stored[1]
+    assert stored[0][0]["deadline"].tzinfo is not None
+
+
+def test_open_sink_uses_the_fast_path_for_sqlite_files(tmp_path: Path) -> None:
+    sink = open_sink(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        assert isinstance(sink, SQLiteSink)
+    finally:
+        sink.rollback()
+
+
+def test_request_columns_exist_in_the_model() -> None:
+    assert set(REQUEST_COLUMNS) <= set(requests_t.c.keys())
+    required = {c.name for c in requests_t.c if not c.nullable and not c.primary_key}
+    assert required <= set(REQUEST_COLUMNS), "intake must write every NOT NULL column"
+
+
+class _MemorySink:
+    """An in-process sink for pure validation tests (the real sinks are tested above)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.committed: bool | None = None
+        self.rolled_back = False
+        self._next = 1
+
+    def time_value(self, moment: Any) -> Any:
+        return moment
+
+    def reserve_ids(self, count: int) -> range:
+        first, self._next = self._next, self._next + count
+        return range(first, first + count)
+
+    def insert(self, rows: Any) -> bool:
+        self.rows.extend(rows)
+        return True
+
+    def live_custom_ids(self, custom_ids: Any) -> dict[str, int]:
+        return {}
+
+    def turnarounds(self, provider: str, model: str) -> list[float]:
+        return []
+
+    def commit(self) -> None:
+        self.committed = True
+
+    def rollback(self) -> None:
+        self.committed = False
+        self.rolled_back = True
+
+
+# --- property tests on the validator ----------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@hsettings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_validator_never_crashes_on_arbitrary_json(value: Any) -> None:
+    try:
+        parse_line(value, None)
+    except Invalid as exc:
+        assert exc.error
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "custom_id",
+                "method",
+                "url",
+                "body",
+                "params",
+                "model",
+                "messages",
+                "prompt",
+                "provider",
+                "tags",
+                "tolerance",
+            ]
+        ),
+        json_values,
+        max_size=6,
+    )
+)
+def test_validator_on_near_valid_lines(value: dict[str, Any]) -> None:
+    try:
+        _, provider, _, model, body = parse_line(value, None)
+    except Invalid as exc:
+        assert exc.error
+    else:
+        assert provider in ("openai", "anthropic") and isinstance(model, str) and model
+        assert isinstance(body, dict) and body.get("model") == model
+
+
+@given(st.text(min_size=1, max_size=70))
+def test_custom_id_rule(custom_id: str) -> None:
+    import re
+
+    sink = _MemorySink()
+    line = orjson.dumps(openai_line(1, custom_id=custom_id))
+    valid = re.fullmatch(r"[A-Za-z0-9_-]{1,64}", custom_id) is not None
+    if valid:
+        submit_lines(
+            [line], sink, settings=Settings(), now=ManualClock()(), zone=resolve_zone("UTC")
+        )
+        assert sink.rows[0][1] == custom_id
+    else:
+        with pytest.raises(IntakeError):
+            submit_lines(
+                [line], sink, settings=Settings(), now=ManualClock()(), zone=resolve_zone("UTC")
+            )

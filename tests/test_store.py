@@ -1,0 +1,196 @@
+"""The store on SQLite and on the real PostgreSQL: schema, migrations, transitions, and several
+producer processes writing at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlmodel import SQLModel
+
+import batchwise.models
+from batchwise import dbapi
+from batchwise.api import Client
+from batchwise.config import Settings
+from batchwise.errors import SchemaError, TransitionError
+from batchwise.states import TERMINAL_REQUEST_STATES, TRANSITIONS, RequestState
+from batchwise.store import Store, ensure_schema, requests_t, transition_requests
+
+
+def test_schema_is_created_on_first_use(db_url: str) -> None:
+    store = Store(db_url)
+    with store.read() as conn:
+        names = set(sa.inspect(conn).get_table_names())
+        revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    assert {"requests", "batches", "responses", "events"} <= names
+    assert revision == dbapi.SCHEMA_REVISION
+    ensure_schema(store.engine)  # a second time is a no-op
+    store.close()
+
+
+def test_migrations_produce_exactly_the_models(db_url: str) -> None:
+    store = Store(db_url)
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    store.close()
+    assert diff == []
+
+
+def test_schema_revision_constant_is_the_alembic_head() -> None:
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(batchwise.models.__file__).parent / "migrations")
+    )
+    assert ScriptDirectory.from_config(config).get_current_head() == dbapi.SCHEMA_REVISION
+
+
+def test_unknown_newer_schema_is_refused(sqlite_url: str) -> None:
+    Store(sqlite_url).close()
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(SchemaError, match="upgrade batchwise"):
+        Store(sqlite_url)
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    with store.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == dbapi.SQLITE_BUSY_TIMEOUT_MS
+    store.close()
+
+
+def test_datetimes_come_back_aware_utc(db_url: str) -> None:
+    client = Client(db_url, settings=Settings(timezone="UTC"))
+    handle = client.enqueue(model="gpt-4o-mini", prompt="x", tolerance="2030-01-01T09:00:00+02:00")
+    view = client.get(handle.id)
+    assert view.deadline == datetime(2030, 1, 1, 7, 0, tzinfo=UTC)
+    assert view.created_at.tzinfo is not None
+    client.close()
+
+
+def test_transition_is_compare_and_set(db_url: str) -> None:
+    client = Client(db_url, settings=Settings(timezone="UTC"))
+    ids = [
+        h.id
+        for h in client.enqueue_many(
+            [{"model": "gpt-4o-mini", "prompt": str(i), "tolerance": "2d"} for i in range(3)]
+        )
+    ]
+    now = datetime.now(UTC)
+    with client.store.write() as conn:
+        moved = transition_requests(
+            conn, ids, src=RequestState.QUEUED, dst=RequestState.PACKED, now=now
+        )
+    assert sorted(moved) == sorted(ids)
+    with client.store.write() as conn:  # a second, racing worker wins nothing
+        assert (
+            transition_requests(
+                conn, ids, src=RequestState.QUEUED, dst=RequestState.PACKED, now=now
+            )
+            == []
+        )
+    with pytest.raises(TransitionError):
+        transition_requests_illegal(client)
+    client.close()
+
+
+def transition_requests_illegal(client: Client) -> None:
+    with client.store.write() as conn:
+        transition_requests(
+            conn, [1], src=RequestState.SUCCEEDED, dst=RequestState.QUEUED, now=datetime.now(UTC)
+        )
+
+
+def test_transition_table_is_consistent() -> None:
+    for state in RequestState:
+        assert state in TRANSITIONS
+        if state in TERMINAL_REQUEST_STATES:
+            assert TRANSITIONS[state] == frozenset(), f"{state} is terminal"
+        else:
+            assert TRANSITIONS[state] & TERMINAL_REQUEST_STATES, f"{state} can never finish"
+
+
+def _produce(url: str, worker: int, count: int) -> None:
+    client = Client(url, settings=Settings(timezone="UTC"))
+    for start in range(0, count, 50):
+        client.enqueue_many(
+            [
+                {
+                    "model": "gpt-4o-mini",
+                    "prompt": f"{worker}-{i}",
+                    "custom_id": f"w{worker}-{i}",
+                    "tolerance": "4h" if i % 2 else "realtime",
+                }
+                for i in range(start, start + 50)
+            ]
+        )
+    client.close()
+
+
+@pytest.mark.slow
+def test_several_producer_processes_lose_nothing(db_url: str) -> None:
+    Store(db_url).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_produce, args=(db_url, w, 300)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = Store(db_url)
+    with store.read() as conn:
+        ids = conn.execute(sa.select(requests_t.c.custom_id)).scalars().all()
+        distinct_ids = conn.execute(sa.select(sa.func.count(sa.distinct(requests_t.c.id)))).scalar()
+    store.close()
+    assert len(ids) == 1200 == distinct_ids
+    assert set(ids) == {f"w{w}-{i}" for w in range(4) for i in range(300)}
+
+
+@pytest.mark.slow
+def test_producer_processes_submitting_files_at_once(tmp_path: Path) -> None:
+    """The sqlite3 fast path under contention: four whole-file transactions queue, none fails."""
+    import subprocess
+    import sys
+
+    import orjson
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    Store(url).close()
+    files = []
+    for w in range(4):
+        path = tmp_path / f"in{w}.jsonl"
+        path.write_bytes(
+            b"".join(
+                orjson.dumps(
+                    {"model": "gpt-4o-mini", "prompt": f"{w}:{i}", "custom_id": f"f{w}-{i}"}
+                )
+                + b"\n"
+                for i in range(2000)
+            )
+        )
+        files.append(path)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "batchwise", "--db", url, "submit", str(f), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for f in files
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1] for o in outputs]
+    assert all(orjson.loads(o[0])["accepted"] == 2000 for o in outputs)
+    store = Store(url)
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(requests_t)).scalar() == 8000
+    store.close()
