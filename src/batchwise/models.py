@@ -140,6 +140,8 @@ class Request(SQLModel, table=True):
     error: str | None = Field(default=None, sa_type=Text)
     error_code: str | None = Field(default=None, sa_type=String(64))
     rescued_at: datetime | None = _time(default=None)
+    #: why it was sent through the realtime lane after all
+    rescue_reason: str | None = Field(default=None, sa_type=Text)
     #: set when the deadline was missed; says why
     deadline_miss: str | None = Field(default=None, sa_type=Text)
     lease_owner: str | None = Field(default=None, sa_type=String(64))
@@ -182,6 +184,8 @@ class Batch(SQLModel, table=True):
     #: seconds from submission to the provider ending it, once ended
     turnaround_s: float | None = Field(default=None)
     submit_attempts: int = Field(default=0, sa_type=Integer)
+    #: the batch-level error, e.g. token_limit_exceeded (see `last_error` for the message)
+    error_code: str | None = Field(default=None, sa_type=String(64))
     last_error: str | None = Field(default=None, sa_type=Text)
     lease_owner: str | None = Field(default=None, sa_type=String(64))
     lease_expires_at: datetime | None = _time(default=None)
@@ -235,3 +239,47 @@ class Event(SQLModel, table=True):
     batch_id: int | None = Field(default=None)
     task_id: str | None = Field(default=None, sa_type=String(128))
     data: str = Field(default="{}", sa_type=Text)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """What one billed provider response cost, next to what it would have cost in realtime.
+
+    Written in the same transaction as the response it prices, at most once per response
+    (invariant 5). Tags are copied in so reports still add up after bodies are purged.
+    """
+
+    __tablename__ = "ledger"
+    __table_args__ = (
+        UniqueConstraint("response_id", name="uq_ledger_response"),
+        Index("ix_ledger_at", "at"),
+        Index("ix_ledger_task", "task_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    #: the priced response; None for entries that price no response (a dedupe hit)
+    response_id: int | None = Field(default=None)
+    request_id: int
+    batch_id: int | None = Field(default=None)
+    at: datetime = _time()
+    #: batch | realtime | rescue | late_batch | retry | dedupe (see ledger.Kind)
+    kind: str = Field(sa_type=String(16))
+    #: the lane of the request this entry belongs to
+    lane: str = Field(sa_type=String(16))
+    provider: str = Field(sa_type=String(32))
+    model: str = Field(sa_type=String(128))
+    endpoint: str = Field(sa_type=String(64))
+    use_case: str | None = Field(default=None, sa_type=String(128))
+    step: str | None = Field(default=None, sa_type=String(128))
+    business_unit: str | None = Field(default=None, sa_type=String(128))
+    task_id: str | None = Field(default=None, sa_type=String(128))
+    input_tokens: int = Field(default=0, sa_type=BigInteger)
+    cache_read_tokens: int = Field(default=0, sa_type=BigInteger)
+    cache_write_tokens: int = Field(default=0, sa_type=BigInteger)
+    output_tokens: int = Field(default=0, sa_type=BigInteger)
+    reasoning_tokens: int = Field(default=0, sa_type=BigInteger)
+    #: what was (or would have been) paid, nano-USD; None when the model has no price
+    actual_nusd: int | None = Field(default=None, sa_type=BigInteger)
+    #: the same usage at realtime prices, or 0 when the call replaced no realtime call
+    realtime_nusd: int | None = Field(default=None, sa_type=BigInteger)
+    #: which price source priced it (genai-prices:batch, discount:0.5, override, unpriced…)
+    price_source: str = Field(sa_type=String(48))

@@ -19,11 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from batchwise import dbapi
 from batchwise.errors import SchemaError, TransitionError
-from batchwise.models import Batch, Event, Request, Response
+from batchwise.models import Batch, Event, LedgerEntry, Request, Response
 from batchwise.states import TRANSITIONS, RequestState
 
 _READONLY = "batchwise_readonly"
@@ -34,6 +34,7 @@ requests_t: sa.Table = Request.__table__  # type: ignore[attr-defined]
 batches_t: sa.Table = Batch.__table__  # type: ignore[attr-defined]
 responses_t: sa.Table = Response.__table__  # type: ignore[attr-defined]
 events_t: sa.Table = Event.__table__  # type: ignore[attr-defined]
+ledger_t: sa.Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 
 
 def make_engine(url: str) -> Engine:
@@ -41,10 +42,13 @@ def make_engine(url: str) -> Engine:
     if dbapi.is_sqlite(url):
         path = dbapi.sqlite_path(url)
         memory = path == ":memory:"
+        # The URL given to SQLAlchemy is a stand-in (the creator opens the real file); name
+        # the pool explicitly, since for "sqlite://" it would pick a per-thread pool.
         engine = sa.create_engine(
             "sqlite://",
             creator=lambda: dbapi.connect_sqlite(path),
-            poolclass=StaticPool if memory else None,
+            poolclass=StaticPool if memory else QueuePool,
+            **({} if memory else {"pool_size": 10, "max_overflow": 30}),
         )
 
         @event.listens_for(engine, "begin")
@@ -190,3 +194,52 @@ def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def lease_until(now: datetime, lease_s: float) -> datetime:
     return now + timedelta(seconds=lease_s)
+
+
+def reserve_ids(conn: Connection, table: sa.Table, count: int) -> list[int]:
+    """Ids for `count` new rows of `table`, so a bulk insert knows them without RETURNING.
+
+    On SQLite the caller holds the write lock (BEGIN IMMEDIATE), so max(id) + 1 … is ours;
+    on PostgreSQL the table's sequence hands them out.
+    """
+    if count <= 0:
+        return []
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            sa.text(
+                f"SELECT nextval(pg_get_serial_sequence('{table.name}', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": count},
+        )
+        return sorted(int(r[0]) for r in rows)
+    top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0))).scalar_one()
+    return list(range(int(top) + 1, int(top) + 1 + count))
+
+
+def record_event(
+    conn: Connection,
+    *,
+    at: datetime,
+    kind: str,
+    message: str,
+    severity: str = "info",
+    request_id: int | None = None,
+    batch_id: int | None = None,
+    task_id: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    import orjson
+
+    conn.execute(
+        sa.insert(events_t).values(
+            at=at,
+            kind=kind,
+            severity=severity,
+            message=message,
+            request_id=request_id,
+            batch_id=batch_id,
+            task_id=task_id,
+            data=orjson.dumps(data or {}).decode(),
+        )
+    )

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 14:28:21.945580
+Create Date: 2026-11-29 14:42:40.824256
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import batchwise.models
+
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -47,6 +48,7 @@ def upgrade() -> None:
         sa.Column("poll_count", sa.Integer(), nullable=False),
         sa.Column("turnaround_s", sa.Float(), nullable=True),
         sa.Column("submit_attempts", sa.Integer(), nullable=False),
+        sa.Column("error_code", sa.String(length=64), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_expires_at", batchwise.models.UTCDateTime(timezone=True), nullable=True),
@@ -72,6 +74,37 @@ def upgrade() -> None:
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index("ix_events_at", ["at"], unique=False)
         batch_op.create_index("ix_events_kind", ["kind"], unique=False)
+
+    op.create_table(
+        "ledger",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("response_id", sa.Integer(), nullable=True),
+        sa.Column("request_id", sa.Integer(), nullable=False),
+        sa.Column("batch_id", sa.Integer(), nullable=True),
+        sa.Column("at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("lane", sa.String(length=16), nullable=False),
+        sa.Column("provider", sa.String(length=32), nullable=False),
+        sa.Column("model", sa.String(length=128), nullable=False),
+        sa.Column("endpoint", sa.String(length=64), nullable=False),
+        sa.Column("use_case", sa.String(length=128), nullable=True),
+        sa.Column("step", sa.String(length=128), nullable=True),
+        sa.Column("business_unit", sa.String(length=128), nullable=True),
+        sa.Column("task_id", sa.String(length=128), nullable=True),
+        sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cache_read_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cache_write_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("actual_nusd", sa.BigInteger(), nullable=True),
+        sa.Column("realtime_nusd", sa.BigInteger(), nullable=True),
+        sa.Column("price_source", sa.String(length=48), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("response_id", name="uq_ledger_response"),
+    )
+    with op.batch_alter_table("ledger", schema=None) as batch_op:
+        batch_op.create_index("ix_ledger_at", ["at"], unique=False)
+        batch_op.create_index("ix_ledger_task", ["task_id"], unique=False)
 
     op.create_table(
         "requests",
@@ -103,6 +136,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("error_code", sa.String(length=64), nullable=True),
         sa.Column("rescued_at", batchwise.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("rescue_reason", sa.Text(), nullable=True),
         sa.Column("deadline_miss", sa.Text(), nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_expires_at", batchwise.models.UTCDateTime(timezone=True), nullable=True),
@@ -220,6 +254,11 @@ def downgrade() -> None:
         )
 
     op.drop_table("requests")
+    with op.batch_alter_table("ledger", schema=None) as batch_op:
+        batch_op.drop_index("ix_ledger_task")
+        batch_op.drop_index("ix_ledger_at")
+
+    op.drop_table("ledger")
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.drop_index("ix_events_kind")
         batch_op.drop_index("ix_events_at")

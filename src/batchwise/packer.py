@@ -1,0 +1,299 @@
+"""The packer: queued deferred requests become batch rows, per (provider, endpoint, model),
+within each provider's limits and each model's in-flight token budget.
+
+A group is flushed when it is full, when its oldest request has waited `max_wait_s`, when a
+request's deadline leaves no more room to wait, or on an explicit flush (drain). Deciding is a
+pure function (`plan`); `pack` applies a plan in one transaction per batch: the batch row is
+written and its requests moved `queued → packed` by compare-and-set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from batchwise.config import Settings
+from batchwise.providers.base import BatchLimits, Provider
+from batchwise.states import BatchState, RequestState
+from batchwise.store import Store, batches_t, requests_t, transition_requests
+
+#: bytes a provider's line wrapper adds around a body (custom_id, url, keys), conservatively
+LINE_OVERHEAD_BYTES = 160
+_CUSTOM_ID = re.compile(r"b(\d+)-r(\d+)")
+#: batch states that hold provider capacity (enqueued tokens) for their model
+CAPACITY_STATES = (
+    BatchState.BUILDING,
+    BatchState.UPLOADING,
+    BatchState.SUBMITTED,
+    BatchState.IN_PROGRESS,
+    BatchState.FINALIZING,
+    BatchState.CANCELLING,
+)
+
+
+def line_custom_id(batch_id: int, request_id: int) -> str:
+    """The custom_id a request carries inside one batch: unique, and names both rows."""
+    return f"b{batch_id}-r{request_id}"
+
+
+def parse_custom_id(custom_id: str) -> tuple[int, int] | None:
+    """(batch id, request id) from a line custom_id, or None if it is not one of ours."""
+    match = _CUSTOM_ID.fullmatch(custom_id)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@dataclass(frozen=True)
+class Group:
+    """The queued requests of one (provider, endpoint, model)."""
+
+    provider: str
+    endpoint: str
+    model: str
+    count: int
+    size_bytes: int
+    est_tokens: int
+    oldest_queued_at: datetime
+    earliest_deadline: datetime
+
+
+@dataclass(frozen=True)
+class Flush:
+    group: Group
+    #: full | max_wait | deadline | explicit
+    reason: str
+
+
+def plan(
+    groups: list[Group],
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    turnaround_s: Callable[[str, str], float],
+    inflight_tokens: Mapping[tuple[str, str], int],
+    drain: bool = False,
+) -> list[Flush]:
+    """Which groups to flush now, and why. Pure."""
+    flushes = []
+    for group in groups:
+        limit = limits[group.provider]
+        budget = token_budget(settings, group.model)
+        if inflight_tokens.get((group.provider, group.model), 0) >= budget:
+            continue  # the provider would refuse it (token_limit_exceeded); wait for capacity
+        reason = None
+        if group.count >= limit.max_requests or group.size_bytes >= limit.max_bytes:
+            reason = "full"
+        elif drain:
+            reason = "explicit"
+        elif (group.earliest_deadline - now).total_seconds() <= (
+            turnaround_s(group.provider, group.model)
+            + settings.rescue_margin_s
+            + settings.tick_interval_s
+        ):
+            reason = "deadline"
+        elif (now - group.oldest_queued_at).total_seconds() >= settings.max_wait_s:
+            reason = "max_wait"
+        if reason is not None:
+            flushes.append(Flush(group, reason))
+    return flushes
+
+
+def token_budget(settings: Settings, model: str) -> int:
+    return settings.inflight_token_budget.get(model, settings.default_inflight_token_budget)
+
+
+def _bytes_expr(conn: Connection) -> sa.ColumnElement[int]:
+    if conn.dialect.name == "sqlite":
+        return sa.func.length(sa.cast(requests_t.c.body, sa.LargeBinary))
+    return sa.func.octet_length(requests_t.c.body)
+
+
+def queued_groups(conn: Connection) -> list[Group]:
+    t = requests_t
+    query = (
+        sa.select(
+            t.c.provider,
+            t.c.endpoint,
+            t.c.model,
+            sa.func.count(),
+            sa.func.sum(_bytes_expr(conn) + LINE_OVERHEAD_BYTES),
+            sa.func.sum(t.c.est_input_tokens),
+            sa.func.min(t.c.updated_at),
+            sa.func.min(t.c.deadline),
+        )
+        .where(t.c.state == RequestState.QUEUED.value)
+        .group_by(t.c.provider, t.c.endpoint, t.c.model)
+        .order_by(t.c.provider, t.c.endpoint, t.c.model)
+    )
+    groups = []
+    for provider, endpoint, model, count, size, tokens, oldest, earliest in conn.execute(query):
+        groups.append(
+            Group(
+                provider, endpoint, model, count, int(size or 0), int(tokens or 0), oldest, earliest
+            )
+        )
+    return groups
+
+
+def inflight_tokens(conn: Connection) -> dict[tuple[str, str], int]:
+    b = batches_t
+    rows = conn.execute(
+        sa.select(b.c.provider, b.c.model, sa.func.sum(b.c.est_input_tokens))
+        .where(b.c.state.in_([s.value for s in CAPACITY_STATES]))
+        .group_by(b.c.provider, b.c.model)
+    )
+    return {(p, m): int(n or 0) for p, m, n in rows}
+
+
+def pack(
+    store: Store,
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    turnaround_s: Callable[[str, str], float],
+    drain: bool = False,
+) -> list[int]:
+    """Flush every group that is due into batch rows; returns the new batch ids."""
+    created: list[int] = []
+    while True:
+        with store.read() as conn:
+            groups = queued_groups(conn)
+            inflight = inflight_tokens(conn)
+        flushes = plan(
+            groups,
+            now=now,
+            settings=settings,
+            limits=limits,
+            turnaround_s=turnaround_s,
+            inflight_tokens=inflight,
+            drain=drain,
+        )
+        if not flushes:
+            return created
+        progressed = False
+        for flush in flushes:
+            batch_id = _pack_one(
+                store,
+                flush,
+                now=now,
+                settings=settings,
+                limit=limits[flush.group.provider],
+                inflight=inflight.get((flush.group.provider, flush.group.model), 0),
+            )
+            if batch_id is not None:
+                created.append(batch_id)
+                progressed = True
+        if not progressed:
+            return created
+
+
+def _pack_one(
+    store: Store,
+    flush: Flush,
+    *,
+    now: datetime,
+    settings: Settings,
+    limit: BatchLimits,
+    inflight: int,
+) -> int | None:
+    group = flush.group
+    t = requests_t
+    budget = token_budget(settings, group.model) - inflight
+    with store.write() as conn:
+        query = (
+            sa.select(t.c.id, _bytes_expr(conn) + LINE_OVERHEAD_BYTES, t.c.est_input_tokens)
+            .where(
+                t.c.state == RequestState.QUEUED.value,
+                t.c.provider == group.provider,
+                t.c.endpoint == group.endpoint,
+                t.c.model == group.model,
+            )
+            .order_by(t.c.deadline, t.c.id)
+            .limit(limit.max_requests)
+        )
+        if store.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        ids: list[int] = []
+        size = tokens = 0
+        for rid, line_bytes, est in conn.execute(query):
+            if ids and (size + line_bytes > limit.max_bytes or tokens + est > budget):
+                break
+            ids.append(rid)
+            size += line_bytes
+            tokens += est
+        if not ids:
+            return None
+        batch_id = conn.execute(
+            sa.insert(batches_t)
+            .values(
+                provider=group.provider,
+                endpoint=group.endpoint,
+                model=group.model,
+                state=BatchState.BUILDING.value,
+                request_count=len(ids),
+                size_bytes=size,
+                est_input_tokens=tokens,
+                flush_reason=flush.reason,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(batches_t.c.id)
+        ).scalar_one()
+        moved = transition_requests(
+            conn,
+            ids,
+            src=RequestState.QUEUED,
+            dst=RequestState.PACKED,
+            now=now,
+            values={"batch_id": batch_id},
+        )
+        if len(moved) != len(ids):  # pragma: no cover - only under a concurrent packer on SQLite
+            raise RuntimeError("queued requests changed under the write lock")
+    return int(batch_id)
+
+
+def write_batch_file(
+    store: Store, *, batch_id: int, provider: Provider, endpoint: str, path: Path
+) -> tuple[int, int]:
+    """Stream a batch's requests into a JSONL file in the provider's format.
+
+    Rows are read with a server-side cursor in chunks, so memory stays flat however big the
+    batch. Returns (lines, bytes). Written to a temporary name and renamed, so a crash never
+    leaves a half file under the final name.
+    """
+    tmp = path.with_suffix(".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = size = 0
+    with open(tmp, "wb") as out:
+        for rid, body in _batch_bodies(store, batch_id):
+            data = provider.batch_line(line_custom_id(batch_id, rid), endpoint, body.encode())
+            out.write(data)
+            out.write(b"\n")
+            lines += 1
+            size += len(data) + 1
+    tmp.replace(path)
+    return lines, size
+
+
+def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
+    t = requests_t
+    query = (
+        sa.select(t.c.id, t.c.body)
+        .where(t.c.batch_id == batch_id, t.c.state == RequestState.PACKED.value)
+        .order_by(t.c.id)
+        .execution_options(yield_per=2000)
+    )
+    with store.read() as conn:
+        for partition in conn.execute(query).partitions():
+            yield from partition
+
+
+def batch_file_path(settings: Settings, batch_id: int) -> Path:
+    return settings.home / "batches" / f"{batch_id}.jsonl"

@@ -1,0 +1,265 @@
+"""The submitter: batch rows in `building` become provider batches, exactly once.
+
+The batch row exists before any provider call, and its id travels in the provider batch's
+metadata. A submitter that takes over a batch someone else started (a crash, an expired lease)
+first looks for a provider batch carrying that id and adopts it, so no batch row is ever
+submitted twice (invariant 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import orjson
+import sqlalchemy as sa
+
+from batchwise.config import Settings
+from batchwise.errors import ProviderError
+from batchwise.packer import batch_file_path, write_batch_file
+from batchwise.providers.base import BatchInfo, BatchStatus, Provider
+from batchwise.states import BatchState, RequestState
+from batchwise.store import Store, batches_t, lease_until, requests_t, transition_requests
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "batchwise_batch"
+#: how far before our own upload start a provider's clock may put the batch it created
+_CLOCK_SKEW = timedelta(minutes=10)
+#: submit attempts for one batch before its requests go back to the queue
+MAX_SUBMIT_ATTEMPTS = 5
+
+STATUS_TO_STATE = {
+    BatchStatus.VALIDATING: BatchState.SUBMITTED,
+    BatchStatus.IN_PROGRESS: BatchState.IN_PROGRESS,
+    BatchStatus.FINALIZING: BatchState.FINALIZING,
+    BatchStatus.CANCELLING: BatchState.CANCELLING,
+    BatchStatus.COMPLETED: BatchState.COMPLETED,
+    BatchStatus.FAILED: BatchState.FAILED,
+    BatchStatus.EXPIRED: BatchState.EXPIRED,
+    BatchStatus.CANCELLED: BatchState.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    provider: str
+    endpoint: str
+    model: str
+    request_count: int
+    attempts: int
+    upload_started_at: datetime
+    created_at: datetime
+
+
+def metadata_value(batch_id: int, created_at: datetime) -> str:
+    """Names one batch row of one store: the id alone could repeat across deployments."""
+    return f"{batch_id}@{int(created_at.timestamp())}"
+
+
+def claim_batches(store: Store, *, now: datetime, settings: Settings, worker: str) -> list[Claimed]:
+    """Take every batch that needs submitting and is not held by a live lease."""
+    b = batches_t
+    free = sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now)
+    due = sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now)
+    claimable = sa.or_(
+        b.c.state == BatchState.BUILDING.value,
+        sa.and_(b.c.state == BatchState.UPLOADING.value, free, due),
+    )
+    claimed = []
+    with store.write() as conn:
+        ids = list(conn.execute(sa.select(b.c.id).where(claimable).order_by(b.c.id)).scalars())
+        for batch_id in ids:
+            row = conn.execute(
+                sa.update(b)
+                .where(b.c.id == batch_id, claimable)
+                .values(
+                    state=BatchState.UPLOADING.value,
+                    lease_owner=worker,
+                    lease_expires_at=lease_until(now, settings.lease_s),
+                    upload_started_at=sa.func.coalesce(b.c.upload_started_at, now),
+                    submit_attempts=b.c.submit_attempts + 1,
+                    updated_at=now,
+                )
+                .returning(
+                    b.c.id,
+                    b.c.provider,
+                    b.c.endpoint,
+                    b.c.model,
+                    b.c.request_count,
+                    b.c.submit_attempts,
+                    b.c.upload_started_at,
+                    b.c.created_at,
+                )
+            ).first()
+            if row is not None:
+                claimed.append(Claimed(*row))
+    return claimed
+
+
+def submit_batch(
+    store: Store,
+    provider: Provider,
+    batch: Claimed,
+    *,
+    now: datetime,
+    settings: Settings,
+    worker: str,
+) -> BatchInfo | None:
+    """Submit (or adopt) one claimed batch; returns the provider batch, or None if it is
+    left for a later attempt or failed."""
+    key = metadata_value(batch.id, batch.created_at)
+    if batch.attempts > 1:
+        adopted = _find_existing(store, provider, batch, key)
+        if adopted is not None:
+            log.warning(
+                "batch %s: adopting provider batch %s created by an earlier attempt",
+                batch.id,
+                adopted.id,
+            )
+            _record(store, batch, adopted, now=now, worker=worker)
+            return adopted
+    path = batch_file_path(settings, batch.id)
+    lines, size = write_batch_file(
+        store, batch_id=batch.id, provider=provider, endpoint=batch.endpoint, path=path
+    )
+    if lines == 0:  # every request was cancelled or rescued while packed
+        _finish_empty(store, batch, now=now, worker=worker)
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        info = provider.submit_batch(path, endpoint=batch.endpoint, metadata={METADATA_KEY: key})
+    except ProviderError as exc:
+        _submit_failed(store, batch, exc, now=now, settings=settings, worker=worker)
+        return None
+    _record(store, batch, info, now=now, worker=worker, size_bytes=size)
+    path.unlink(missing_ok=True)
+    return info
+
+
+def _find_existing(store: Store, provider: Provider, batch: Claimed, key: str) -> BatchInfo | None:
+    with store.read() as conn:
+        known = set(
+            conn.execute(
+                sa.select(batches_t.c.provider_batch_id).where(
+                    batches_t.c.provider == batch.provider,
+                    batches_t.c.provider_batch_id.is_not(None),
+                )
+            ).scalars()
+        )
+    found = [
+        info
+        for info in provider.find_batches(
+            METADATA_KEY,
+            key,
+            created_after=batch.upload_started_at - _CLOCK_SKEW,
+            request_count=batch.request_count,
+        )
+        if info.id not in known
+    ]
+    if not found:
+        return None
+    return min(found, key=lambda info: (info.created_at or batch.upload_started_at, info.id))
+
+
+def _record(
+    store: Store,
+    batch: Claimed,
+    info: BatchInfo,
+    *,
+    now: datetime,
+    worker: str,
+    size_bytes: int | None = None,
+) -> None:
+    b = batches_t
+    values: dict[str, object] = {
+        "state": STATUS_TO_STATE[info.status].value,
+        "provider_batch_id": info.id,
+        "provider_status": info.provider_status,
+        "submitted_at": now,
+        "updated_at": now,
+        "next_poll_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "result_refs": orjson.dumps(dict(info.result_refs)).decode(),
+        "last_error": None,
+    }
+    if size_bytes is not None:
+        values["size_bytes"] = size_bytes
+    with store.write() as conn:
+        updated = conn.execute(
+            sa.update(b).where(b.c.id == batch.id, b.c.lease_owner == worker).values(**values)
+        ).rowcount
+        if updated != 1:
+            # Someone took the batch over; they will find this provider batch by its metadata.
+            log.warning(
+                "batch %s: lease lost before recording provider batch %s", batch.id, info.id
+            )
+            return
+        ids = list(
+            conn.execute(
+                sa.select(requests_t.c.id).where(
+                    requests_t.c.batch_id == batch.id,
+                    requests_t.c.state == RequestState.PACKED.value,
+                )
+            ).scalars()
+        )
+        transition_requests(conn, ids, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now)
+
+
+def _finish_empty(store: Store, batch: Claimed, *, now: datetime, worker: str) -> None:
+    b = batches_t
+    with store.write() as conn:
+        conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch.id, b.c.lease_owner == worker)
+            .values(
+                state=BatchState.RECONCILED.value,
+                request_count=0,
+                reconciled_at=now,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+
+
+def _submit_failed(
+    store: Store,
+    batch: Claimed,
+    exc: ProviderError,
+    *,
+    now: datetime,
+    settings: Settings,
+    worker: str,
+) -> None:
+    """A retryable failure waits and tries again (looking for the batch first); a final one,
+    or too many tries, fails the batch and the reconciler puts its requests back in the queue."""
+    b = batches_t
+    give_up = not exc.retryable or batch.attempts >= MAX_SUBMIT_ATTEMPTS
+    delay = exc.retry_after_s or min(600.0, 5.0 * 2 ** (batch.attempts - 1))
+    values: dict[str, object] = {
+        "last_error": str(exc),
+        "error_code": exc.code,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if give_up:
+        values.update(state=BatchState.FAILED.value, ended_at=now)
+        log.error("batch %s: submit failed for good: %s", batch.id, exc)
+    else:
+        values["next_poll_at"] = now + timedelta(seconds=delay)
+        log.warning(
+            "batch %s: submit failed (attempt %s), retrying in %.0fs: %s",
+            batch.id,
+            batch.attempts,
+            delay,
+            exc,
+        )
+    with store.write() as conn:
+        conn.execute(
+            sa.update(b).where(b.c.id == batch.id, b.c.lease_owner == worker).values(**values)
+        )
