@@ -245,6 +245,30 @@ class Client:
             on_line=on_line,
         )
 
+    # --- doing the work in this process ----------------------------------------------------
+
+    def run(self, *, until_idle: bool = True, interval_s: float = 1.0) -> None:
+        """Run the embedded scheduler here until every request is terminal (or forever).
+
+        For scripts and notebooks; services run `batchwise run` or Celery workers instead.
+        """
+        from batchwise.runner import run_embedded
+
+        self.close()
+        run_embedded(
+            self.settings,
+            until_idle=until_idle,
+            interval_s=interval_s,
+            show=False,
+            clock=self.clock,
+        )
+
+    def cancel(self, *ids: int) -> list[int]:
+        """Cancel live requests; returns the ids that were cancelled."""
+        from batchwise.cancel import cancel_requests
+
+        return cancel_requests(self.store, list(ids), now=self.clock())
+
     # --- reading ------------------------------------------------------------------------
 
     def get(self, request: int | str) -> RequestView:

@@ -224,6 +224,138 @@ def status(obj: Context, ids: tuple[str, ...], as_json: bool) -> None:
             report.print_request(view)
 
 
+@cli.command()
+@click.option(
+    "--until-idle",
+    is_flag=True,
+    help="Flush every group at once and exit 0 when every request is terminal.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=None,
+    metavar="S",
+    help="Seconds between ticks; also caps the poll backoff. [default: 30]",
+)
+@pass_ctx
+def run(obj: Context, until_idle: bool, interval: float | None) -> None:
+    """Run the scheduler in this process (embedded mode: SQLite, no servers).
+
+    Ctrl-C finishes the current step and exits; nothing is lost.
+    """
+    from batchwise.errors import BatchwiseError
+    from batchwise.runner import run_embedded
+
+    try:
+        totals = run_embedded(obj.settings(), until_idle=until_idle, interval_s=interval)
+    except BatchwiseError as exc:
+        raise _fail(exc) from exc
+    click.echo(
+        f"{'stopped' if totals.stopped else 'idle'} after {totals.ticks} tick(s): "
+        f"{totals.batches_submitted} batch(es) submitted, {totals.lines_reconciled} line(s) "
+        f"reconciled, {sum(totals.realtime.values())} realtime call(s), {totals.rescued} rescue(s)",
+        err=True,
+    )
+
+
+@cli.command()
+@click.option("--turnaround", default="2s", show_default=True, help="Emulated batch turnaround.")
+@pass_ctx
+def demo(obj: Context, turnaround: str) -> None:
+    """Run a sample day of LLM work through batchwise against the local emulator.
+
+    No keys or network needed. Uses a fresh database unless --db is given.
+    """
+    from batchwise.demo import run_demo
+
+    settings = obj.settings()
+    run_demo(
+        settings,
+        database_url=obj.db,
+        turnaround_s=_parse_duration_option(turnaround, "--turnaround"),
+    )
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    default="-",
+    show_default=True,
+    help="File to write (- for stdout).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["openai", "anthropic"]),
+    default=None,
+    help="Output format (default: each request in its own provider's format).",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["openai", "anthropic"]),
+    default=None,
+    help="Only requests sent to this provider.",
+)
+@pass_ctx
+def results(obj: Context, out: str, fmt: str | None, provider: str | None) -> None:
+    """Export finished results as JSONL keyed by custom_id, in the provider's batch output format."""
+    from batchwise.results import export
+    from batchwise.store import Store
+
+    store = Store(obj.settings().resolved_database_url)
+    try:
+        if out == "-":
+            count = export(store, sys.stdout.buffer, fmt=fmt, provider=provider)
+            sys.stdout.buffer.flush()
+        else:
+            with open(out, "wb") as stream:
+                count = export(store, stream, fmt=fmt, provider=provider)
+    finally:
+        store.close()
+    click.echo(f"exported {count} result(s)", err=True)
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, type=int)
+@click.option(
+    "--batch", "batch_id", type=int, default=None, help="Cancel this batch and its requests."
+)
+@pass_ctx
+def cancel(obj: Context, ids: tuple[int, ...], batch_id: int | None) -> None:
+    """Cancel requests by id, or a whole batch with --batch."""
+    from batchwise.cancel import cancel_batch, cancel_requests
+    from batchwise.clock import system_clock
+    from batchwise.errors import BatchwiseError
+    from batchwise.scheduler import Providers
+    from batchwise.store import Store, batches_t
+
+    if not ids and batch_id is None:
+        raise click.UsageError("give request ids or --batch BATCH_ID")
+    settings = obj.settings()
+    store = Store(settings.resolved_database_url)
+    providers = Providers(settings)
+    try:
+        done = cancel_requests(store, list(ids), now=system_clock()) if ids else []
+        if batch_id is not None:
+            import sqlalchemy as sa
+
+            with store.read() as conn:
+                name = conn.execute(
+                    sa.select(batches_t.c.provider).where(batches_t.c.id == batch_id)
+                ).scalar()
+            if name is None:
+                raise click.ClickException(f"no batch with id {batch_id}")
+            done += cancel_batch(store, providers(name), batch_id, now=system_clock())
+    except BatchwiseError as exc:
+        raise _fail(exc) from exc
+    finally:
+        providers.close()
+        store.close()
+    click.echo(f"cancelled {len(done)} request(s)")
+
+
 def _dumps(value: Any) -> str:
     import orjson
 

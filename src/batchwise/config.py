@@ -54,6 +54,8 @@ class Settings:
     strict: bool = False
     #: the provider's guaranteed completion window (seconds)
     completion_window_s: float = 86400.0
+    #: the deadline a `realtime` request is held to: answered within this many seconds
+    realtime_deadline_s: float = 60.0
 
     # --- packing and the scheduler ------------------------------------------------------------
     #: a group is flushed once its oldest request has waited this long (seconds)
@@ -146,6 +148,7 @@ _SECTIONS = {
         "rescue_margin_s",
         "strict",
         "completion_window_s",
+        "realtime_deadline_s",
     },
     "scheduler": {
         "max_wait_s",

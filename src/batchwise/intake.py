@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from typing import Any, Protocol, cast
 
 import orjson
@@ -388,8 +388,11 @@ class Intake:
             state = (
                 RequestState.QUEUED if decision.lane is Lane.DEFERRED else RequestState.DISPATCHING
             )
+            deadline = parsed.deadline
+            if parsed.realtime:
+                deadline += timedelta(seconds=self.settings.realtime_deadline_s)
             hit = (
-                self.sink.time_value(parsed.deadline),
+                self.sink.time_value(deadline),
                 decision.lane.value,
                 decision.reason,
                 state.value,

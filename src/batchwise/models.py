@@ -176,6 +176,9 @@ class Batch(SQLModel, table=True):
     created_at: datetime = _time()
     updated_at: datetime = _time()
     upload_started_at: datetime | None = _time(default=None)
+    #: set (and committed) just before the create call, so a takeover knows whether a
+    #: provider batch may exist and must be looked for before creating one
+    create_started_at: datetime | None = _time(default=None)
     submitted_at: datetime | None = _time(default=None)
     ended_at: datetime | None = _time(default=None)
     reconciled_at: datetime | None = _time(default=None)
@@ -283,3 +286,12 @@ class LedgerEntry(SQLModel, table=True):
     realtime_nusd: int | None = Field(default=None, sa_type=BigInteger)
     #: which price source priced it (genai-prices:batch, discount:0.5, override, unpriced…)
     price_source: str = Field(sa_type=String(48))
+
+
+class StoreMeta(SQLModel, table=True):
+    """Facts about the store itself, such as its random identity."""
+
+    __tablename__ = "store_meta"
+
+    key: str = Field(primary_key=True, sa_type=String(64))
+    value: str = Field(sa_type=Text)

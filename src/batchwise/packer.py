@@ -19,13 +19,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchwise.config import Settings
+from batchwise.faults import crashpoint
 from batchwise.providers.base import BatchLimits, Provider
 from batchwise.states import BatchState, RequestState
 from batchwise.store import Store, batches_t, requests_t, transition_requests
 
 #: bytes a provider's line wrapper adds around a body (custom_id, url, keys), conservatively
 LINE_OVERHEAD_BYTES = 160
-_CUSTOM_ID = re.compile(r"b(\d+)-r(\d+)")
+_CUSTOM_ID = re.compile(r"b(\d+)-r(\d+)-([0-9a-f]{8})")
 #: batch states that hold provider capacity (enqueued tokens) for their model
 CAPACITY_STATES = (
     BatchState.BUILDING,
@@ -37,15 +38,18 @@ CAPACITY_STATES = (
 )
 
 
-def line_custom_id(batch_id: int, request_id: int) -> str:
-    """The custom_id a request carries inside one batch: unique, and names both rows."""
-    return f"b{batch_id}-r{request_id}"
+def line_custom_id(store_id: str, batch_id: int, request_id: int) -> str:
+    """The custom_id a request carries inside one batch: unique, names both rows, and the
+    store, so a line of another deployment's batch can never be taken for ours."""
+    return f"b{batch_id}-r{request_id}-{store_id}"
 
 
-def parse_custom_id(custom_id: str) -> tuple[int, int] | None:
-    """(batch id, request id) from a line custom_id, or None if it is not one of ours."""
+def parse_custom_id(custom_id: str, store_id: str) -> tuple[int, int] | None:
+    """(batch id, request id) from a line custom_id, or None if it is not one of this store's."""
     match = _CUSTOM_ID.fullmatch(custom_id)
-    return (int(match[1]), int(match[2])) if match else None
+    if match is None or match[3] != store_id:
+        return None
+    return int(match[1]), int(match[2])
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ def pack(
                 inflight=inflight.get((flush.group.provider, flush.group.model), 0),
             )
             if batch_id is not None:
+                crashpoint("after_pack")
                 created.append(batch_id)
                 progressed = True
         if not progressed:
@@ -271,9 +276,12 @@ def write_batch_file(
     tmp = path.with_suffix(".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = size = 0
+    store_id = store.store_id
     with open(tmp, "wb") as out:
         for rid, body in _batch_bodies(store, batch_id):
-            data = provider.batch_line(line_custom_id(batch_id, rid), endpoint, body.encode())
+            data = provider.batch_line(
+                line_custom_id(store_id, batch_id, rid), endpoint, body.encode()
+            )
             out.write(data)
             out.write(b"\n")
             lines += 1

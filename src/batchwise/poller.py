@@ -16,6 +16,7 @@ import orjson
 import sqlalchemy as sa
 
 from batchwise.errors import ProviderError
+from batchwise.faults import crashpoint
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import LIVE_BATCH_STATES
 from batchwise.store import Store, batches_t
@@ -59,6 +60,7 @@ def poll_due(
             log.warning("batch %s: poll failed: %s", batch_id, exc)
             _retry_later(store, batch_id, now=now, delay_s=exc.retry_after_s or cap_s or MIN_POLL_S)
             continue
+        crashpoint("before_poll_record")
         polled.append(
             _apply(store, batch_id, info, now=now, submitted_at=submitted_at, cap_s=cap_s)
         )

@@ -27,6 +27,7 @@ from batchwise.classify import human_s
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError, RateLimited
+from batchwise.faults import crashpoint
 from batchwise.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.providers.base import CallResult, Provider
 from batchwise.states import RequestState
@@ -34,6 +35,7 @@ from batchwise.store import (
     Store,
     check_transition,
     lease_until,
+    record_event,
     requests_t,
     reserve_ids,
     responses_t,
@@ -101,6 +103,21 @@ def claim(
         ids = list(conn.execute(query).scalars())
         if not ids:
             return []
+        orphaned = list(
+            conn.execute(
+                sa.select(_t.c.id).where(_t.c.id.in_(ids), _t.c.lease_owner.is_not(None))
+            ).scalars()
+        )
+        if orphaned:
+            record_event(
+                conn,
+                at=now,
+                kind="lease_takeover",
+                severity="warning",
+                message=f"{len(orphaned)} realtime request(s) taken over from a worker whose "
+                "lease expired; a call it made may have been billed without being recorded",
+                data={"request_ids": orphaned[:1000]},
+            )
         rows = (
             conn.execute(
                 sa.update(_t)
@@ -298,6 +315,7 @@ class Dispatcher:
 
     def _one(self, claim_: Claim) -> str:
         outcome = call(self.provider_for(claim_.request["provider"]), claim_)
+        crashpoint("after_realtime_call")
         if isinstance(outcome, RateLimited) and outcome.retryable:
             with self._lock:
                 self._paused[claim_.request["provider"]] = time.monotonic() + (

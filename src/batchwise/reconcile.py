@@ -25,6 +25,7 @@ from batchwise import ledger
 from batchwise.classify import human_s
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
+from batchwise.faults import crashpoint
 from batchwise.packer import parse_custom_id
 from batchwise.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.providers.base import (
@@ -207,6 +208,7 @@ def reconcile_batch(
         try:
             for chunk in _chunks(provider.fetch_results(batch.info()), CHUNK_LINES):
                 _apply_chunk(store, book, batch, chunk, seen, report, now=now, settings=settings)
+                crashpoint("mid_reconcile")
         except ProviderError as exc:
             report.error = str(exc)
             log.error("batch %s: reading results failed, will retry: %s", batch.id, exc)
@@ -228,6 +230,7 @@ def reconcile_batch(
                     )
                 )
             return report
+    crashpoint("before_reconcile_finish")
     _finish(store, batch, report, now=now, settings=settings)
     report.complete = True
     return report
@@ -281,8 +284,9 @@ def _apply_chunk(
     report.lines += len(chunk)
     lines: list[tuple[int, LineOutcome]] = []
     unknown: list[LineOutcome] = []
+    store_id = store.store_id
     for outcome in chunk:
-        ids = parse_custom_id(outcome.custom_id)
+        ids = parse_custom_id(outcome.custom_id, store_id)
         if ids is None or ids[0] != batch.id:
             unknown.append(outcome)
         elif ids[1] in seen:

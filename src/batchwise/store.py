@@ -23,7 +23,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from batchwise import dbapi
 from batchwise.errors import SchemaError, TransitionError
-from batchwise.models import Batch, Event, LedgerEntry, Request, Response
+from batchwise.models import Batch, Event, LedgerEntry, Request, Response, StoreMeta
 from batchwise.states import TRANSITIONS, RequestState
 
 _READONLY = "batchwise_readonly"
@@ -35,6 +35,7 @@ batches_t: sa.Table = Batch.__table__  # type: ignore[attr-defined]
 responses_t: sa.Table = Response.__table__  # type: ignore[attr-defined]
 events_t: sa.Table = Event.__table__  # type: ignore[attr-defined]
 ledger_t: sa.Table = LedgerEntry.__table__  # type: ignore[attr-defined]
+meta_t: sa.Table = StoreMeta.__table__  # type: ignore[attr-defined]
 
 
 def make_engine(url: str) -> Engine:
@@ -73,8 +74,29 @@ class Store:
     def __init__(self, url: str, *, create_schema: bool = True) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._store_id: str | None = None
         if create_schema:
             ensure_schema(self.engine)
+
+    @property
+    def store_id(self) -> str:
+        """A random identity of this database (8 hex digits), carried in what we send to
+        providers so that our batches can never be mistaken for another deployment's."""
+        if self._store_id is None:
+            with self.read() as conn:
+                value = conn.execute(
+                    sa.select(meta_t.c.value).where(meta_t.c.key == "store_id")
+                ).scalar()
+            if value is None:
+                with self.write() as conn:
+                    value = conn.execute(
+                        sa.select(meta_t.c.value).where(meta_t.c.key == "store_id")
+                    ).scalar()
+                    if value is None:
+                        value = uuid.uuid4().hex[:8]
+                        conn.execute(sa.insert(meta_t).values(key="store_id", value=value))
+            self._store_id = str(value)
+        return self._store_id
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
+from batchwise.faults import crashpoint
 from batchwise.packer import batch_file_path, write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState, RequestState
@@ -25,8 +26,8 @@ from batchwise.store import Store, batches_t, lease_until, requests_t, transitio
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "batchwise_batch"
-#: how far before our own upload start a provider's clock may put the batch it created
-_CLOCK_SKEW = timedelta(minutes=10)
+#: how far the provider's clock may be from ours when matching a batch by creation time
+_CLOCK_SKEW = timedelta(seconds=30)
 #: submit attempts for one batch before its requests go back to the queue
 MAX_SUBMIT_ATTEMPTS = 5
 
@@ -51,12 +52,12 @@ class Claimed:
     request_count: int
     attempts: int
     upload_started_at: datetime
-    created_at: datetime
+    create_started_at: datetime | None
 
 
-def metadata_value(batch_id: int, created_at: datetime) -> str:
+def metadata_value(store_id: str, batch_id: int) -> str:
     """Names one batch row of one store: the id alone could repeat across deployments."""
-    return f"{batch_id}@{int(created_at.timestamp())}"
+    return f"{store_id}:{batch_id}"
 
 
 def claim_batches(store: Store, *, now: datetime, settings: Settings, worker: str) -> list[Claimed]:
@@ -91,7 +92,7 @@ def claim_batches(store: Store, *, now: datetime, settings: Settings, worker: st
                     b.c.request_count,
                     b.c.submit_attempts,
                     b.c.upload_started_at,
-                    b.c.created_at,
+                    b.c.create_started_at,
                 )
             ).first()
             if row is not None:
@@ -110,9 +111,10 @@ def submit_batch(
 ) -> BatchInfo | None:
     """Submit (or adopt) one claimed batch; returns the provider batch, or None if it is
     left for a later attempt or failed."""
-    key = metadata_value(batch.id, batch.created_at)
-    if batch.attempts > 1:
-        adopted = _find_existing(store, provider, batch, key)
+    key = metadata_value(store.store_id, batch.id)
+    if batch.create_started_at is not None:
+        # An earlier attempt started the create call: the batch may exist. Look first.
+        adopted = _find_existing(store, provider, batch, key, batch.create_started_at)
         if adopted is not None:
             log.warning(
                 "batch %s: adopting provider batch %s created by an earlier attempt",
@@ -129,17 +131,38 @@ def submit_batch(
         _finish_empty(store, batch, now=now, worker=worker)
         path.unlink(missing_ok=True)
         return None
+    crashpoint("before_submit")
+    if not _mark_create_started(store, batch, now=now, worker=worker):
+        return None
     try:
         info = provider.submit_batch(path, endpoint=batch.endpoint, metadata={METADATA_KEY: key})
     except ProviderError as exc:
         _submit_failed(store, batch, exc, now=now, settings=settings, worker=worker)
         return None
+    crashpoint("after_create")
     _record(store, batch, info, now=now, worker=worker, size_bytes=size)
     path.unlink(missing_ok=True)
     return info
 
 
-def _find_existing(store: Store, provider: Provider, batch: Claimed, key: str) -> BatchInfo | None:
+def _mark_create_started(store: Store, batch: Claimed, *, now: datetime, worker: str) -> bool:
+    """Commit that a create call is about to be made; False if our lease was lost."""
+    b = batches_t
+    with store.write() as conn:
+        return bool(
+            conn.execute(
+                sa.update(b)
+                .where(b.c.id == batch.id, b.c.lease_owner == worker)
+                .values(
+                    create_started_at=sa.func.coalesce(b.c.create_started_at, now), updated_at=now
+                )
+            ).rowcount
+        )
+
+
+def _find_existing(
+    store: Store, provider: Provider, batch: Claimed, key: str, create_started_at: datetime
+) -> BatchInfo | None:
     with store.read() as conn:
         known = set(
             conn.execute(
@@ -154,14 +177,22 @@ def _find_existing(store: Store, provider: Provider, batch: Claimed, key: str) -
         for info in provider.find_batches(
             METADATA_KEY,
             key,
-            created_after=batch.upload_started_at - _CLOCK_SKEW,
+            created_after=create_started_at - _CLOCK_SKEW,
             request_count=batch.request_count,
         )
         if info.id not in known
     ]
     if not found:
         return None
-    return min(found, key=lambda info: (info.created_at or batch.upload_started_at, info.id))
+    # Metadata matches are exact; size-and-time candidates (Anthropic) are ranked by how close
+    # their creation is to our create call.
+    return min(
+        found,
+        key=lambda info: (
+            abs(((info.created_at or create_started_at) - create_started_at).total_seconds()),
+            info.id,
+        ),
+    )
 
 
 def _record(

@@ -1,0 +1,617 @@
+"""The HTTP layer the provider adapters share: one client, one retry policy, one error map.
+
+    send ──► 2xx ───────────────────────────────────────────────► response
+      ├───► connection error, 408, 409, 429, ≥500 ──► wait ──► send again (up to max_retries)
+      └───► 400/401/403/404/422, exhausted quota, retries used up ──► ProviderError / RateLimited
+
+The wait honours `retry-after-ms`, then `retry-after` (seconds or an HTTP date), capped so an
+absurd value cannot stall a worker; otherwise it is exponential backoff with jitter. The API key
+lives only in an `httpx.Auth` object whose `repr` hides it, and is scrubbed from every message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import orjson
+
+from batchwise.errors import ProviderDataError, ProviderError, RateLimited
+from batchwise.providers.base import BatchInfo, BatchLimits, CallResult
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ApiKeyAuth",
+    "Dialect",
+    "HttpClient",
+    "HttpProvider",
+    "RetryPolicy",
+    "WireError",
+    "check_custom_id",
+    "is_retryable_status",
+    "parse_retry_after",
+    "splice_body",
+    "whole_second",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 60.0
+#: statuses worth sending again besides every 5xx
+RETRY_STATUSES = frozenset({408, 409, 429})
+#: statuses that no header or retry may turn into a success: the request itself is wrong
+NEVER_RETRY_STATUSES = frozenset({400, 401, 403, 404, 422})
+#: the request certainly never reached the server, so resending cannot duplicate it
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: errors in our own request (bad URL, body length mismatch); resending would fail again
+_OUR_FAULT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)
+#: the one custom_id scheme every provider accepts (Anthropic's rule)
+CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ERROR_BODY_LIMIT_BYTES = 64 * 1024
+_EXCERPT_CHARS = 200
+
+
+def is_retryable_status(status_code: int) -> bool:
+    """Whether an HTTP status (of a call or of one batch line) is worth trying again."""
+    return status_code in RETRY_STATUSES or status_code >= 500
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to resend a failed call."""
+
+    max_retries: int = 2
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    #: a `retry-after` above this is capped: a broken proxy must not park a worker for hours
+    max_retry_after_s: float = 120.0
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """Delay before retry number `retry` (0-based): 0.5 s × 2^n capped, minus up to 25 %."""
+        delay = min(self.base_delay_s * 2.0**retry, self.max_delay_s)
+        return delay * (1.0 - 0.25 * rng.random())
+
+
+def parse_retry_after(headers: httpx.Headers, *, now: float) -> float | None:
+    """Seconds the server asked us to wait, from `retry-after-ms` or `retry-after`, if any."""
+    millis = _finite(headers.get("retry-after-ms"))
+    if millis is not None:
+        return max(millis / 1000.0, 0.0)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(seconds, 0.0)
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    return max(float(email.utils.mktime_tz(parsed)) - now, 0.0)
+
+
+@dataclass(frozen=True)
+class WireError:
+    """What an error answer said, read once so policy and message agree."""
+
+    status_code: int
+    code: str | None
+    type: str | None
+    message: str
+    request_id: str | None
+    retry_after_s: float | None
+    should_retry: bool | None
+    headers: httpx.Headers
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between providers at the HTTP level."""
+
+    provider: str
+    #: response header carrying the provider's request id
+    request_id_header: str
+    #: True for a 429 that retrying cannot fix (OpenAI `insufficient_quota`, Anthropic spend cap)
+    quota_exhausted: Callable[[WireError], bool]
+
+
+class ApiKeyAuth(httpx.Auth):
+    """Adds the API key header per request, so no client, header dict or repr ever holds it."""
+
+    def __init__(self, header: str, key: str, *, prefix: str = "") -> None:
+        self._header = header
+        self._value = prefix + key
+        self._key = key
+
+    def redact(self, text: str) -> str:
+        """`text` with the key replaced by `***`."""
+        return text.replace(self._key, "***") if self._key else text
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers[self._header] = self._value
+        yield request
+
+    def __repr__(self) -> str:
+        return f"ApiKeyAuth(header={self._header!r}, key='***')"
+
+
+class HttpClient:
+    """Sends requests for one provider with retries, and maps failures to `ProviderError`.
+
+    An injected `client` is used as is (its own timeouts and transport) and is not closed here;
+    otherwise one client with connection reuse is built and owned.
+    """
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        *,
+        base_url: str,
+        auth: ApiKeyAuth | None,
+        headers: Mapping[str, str] | None = None,
+        client: httpx.Client | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dialect = dialect
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._auth = auth
+        self._headers = dict(headers or {})
+        self._owns_client = client is None
+        self._client = client or httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            follow_redirects=False,
+        )
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._clock = clock
+
+    @property
+    def provider(self) -> str:
+        return self.dialect.provider
+
+    def url(self, path_or_url: str) -> str:
+        """An absolute URL: paths are appended to the base URL, absolute URLs kept."""
+        if path_or_url.startswith(("http://", "https://")):
+            return path_or_url
+        return self.base_url + path_or_url
+
+    def redact(self, text: str) -> str:
+        """`text` with the API key replaced, for anything that may end up in a log or a store."""
+        return self._auth.redact(text) if self._auth is not None else text
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        content: Callable[[], Iterable[bytes]] | None = None,
+        files: Callable[[], Mapping[str, Any]] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        resend_if_unsure: bool = True,
+    ) -> httpx.Response:
+        """Send until a 2xx answer, which is returned read; raise `ProviderError` otherwise.
+
+        `content` and `files` are factories so that every attempt streams a fresh body from
+        disk. With `resend_if_unsure=False` (creating a batch) a connection that broke after the
+        request went out is not resent: the caller must look for the batch instead.
+        """
+
+        def build() -> httpx.Request:
+            return self._client.build_request(
+                method,
+                self.url(path),
+                json=json,
+                params=params,
+                content=content() if content else None,
+                files=files() if files else None,
+                data=data,
+                headers={**self._headers, **(headers or {})},
+            )
+
+        return self._send(build, stream=False, resend_if_unsure=resend_if_unsure)
+
+    def request_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """`request()` for endpoints that answer a JSON object."""
+        response = self.request(method, path, **kwargs)
+        return self.json_object(response, what=f"{method} {response.request.url.path}")
+
+    def json_object(self, response: httpx.Response, *, what: str) -> dict[str, Any]:
+        """The JSON object in a 2xx `response`; `ProviderDataError` for HTML or other garbage."""
+        request_id = response.headers.get(self.dialect.request_id_header)
+        try:
+            value = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise ProviderDataError(
+                f"{what}: expected a JSON object, got {self._describe(response, response.content)}",
+                provider=self.provider,
+                status_code=response.status_code,
+                request_id=request_id,
+            )
+        return value
+
+    @contextmanager
+    def stream(self, method: str, path: str, *, what: str) -> Iterator[httpx.Response]:
+        """A 2xx response whose body is not read yet; retries happen before the body starts."""
+
+        def build() -> httpx.Request:
+            return self._client.build_request(
+                method, self.url(path), headers={**self._headers, "accept": "application/binary"}
+            )
+
+        response = self._send(build, stream=True, resend_if_unsure=True, what=what)
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def iter_jsonl(
+        self, path: str, *, batch_id: str, source: str
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(1-based line number, object) for each line of a JSONL download, as it arrives.
+
+        Raises `ProviderDataError` naming the batch and line for a line that is not a JSON
+        object (a cut-off last line included), and a retryable `ProviderError` naming the last
+        good line when the connection breaks mid-download.
+        """
+        what = f"{source} results of batch {batch_id}"
+        with self.stream("GET", path, what=what) as response:
+            request_id = response.headers.get(self.dialect.request_id_header)
+            content_type = response.headers.get("content-type", "")
+            if content_type.startswith("text/html"):
+                head = next(response.iter_bytes(), b"")
+                raise ProviderDataError(
+                    f"{what}: expected JSONL, got {self._describe(response, head)}",
+                    provider=self.provider,
+                    status_code=response.status_code,
+                    request_id=request_id,
+                )
+            line_no = 0
+            try:
+                for line_no, raw, complete in _split_lines(response.iter_bytes()):
+                    if not raw.strip():
+                        continue
+                    try:
+                        value = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        value = None
+                    if not isinstance(value, dict):
+                        cut = "" if complete else " (cut off: the stream ended mid-line)"
+                        raise self.line_error(
+                            batch_id,
+                            source,
+                            line_no,
+                            f"not a JSON object{cut}: {self._excerpt(raw)}",
+                            request_id=request_id,
+                        )
+                    yield line_no, value
+            except httpx.TransportError as exc:
+                raise ProviderError(
+                    f"{what}: connection lost after line {line_no} ({type(exc).__name__}); "
+                    "fetch the results again",
+                    provider=self.provider,
+                    retryable=True,
+                    request_id=request_id,
+                ) from exc
+
+    def line_error(
+        self, batch_id: str, source: str, line: int, problem: str, *, request_id: str | None = None
+    ) -> ProviderDataError:
+        """The error for one unreadable result line, naming where it is."""
+        return ProviderDataError(
+            self.redact(f"batch {batch_id}: {source} line {line}: {problem}"),
+            provider=self.provider,
+            request_id=request_id,
+        )
+
+    # --- the retry loop ----------------------------------------------------------------------
+
+    def _send(
+        self,
+        build: Callable[[], httpx.Request],
+        *,
+        stream: bool,
+        resend_if_unsure: bool,
+        what: str | None = None,
+    ) -> httpx.Response:
+        retries = 0
+        while True:
+            request = build()
+            label = what or f"{request.method} {request.url.path}"
+            try:
+                response = self._client.send(request, auth=self._auth, stream=stream)
+            except httpx.TransportError as exc:
+                sent = not isinstance(exc, _NOT_SENT)
+                may_retry = not isinstance(exc, _OUR_FAULT) and (resend_if_unsure or not sent)
+                reason = f"{type(exc).__name__}: {exc}"
+                if may_retry and retries < self.retry.max_retries:
+                    delay = self.retry.backoff_s(retries, self._rng)
+                    self._log_retry(label, reason, retries, delay)
+                    self._sleep(delay)
+                    retries += 1
+                    continue
+                unsure = " (the request may have reached the provider)" if sent else ""
+                raise ProviderError(
+                    self.redact(f"{label}: connection failed{unsure}: {reason}"),
+                    provider=self.provider,
+                    retryable=not isinstance(exc, _OUR_FAULT),
+                ) from exc
+            if response.is_success:
+                return response
+            body = _read_capped(response) if stream else response.content
+            response.close()
+            error = self._wire_error(response, body)
+            retryable = self._retryable(error)
+            if retryable and retries < self.retry.max_retries:
+                delay = (
+                    error.retry_after_s
+                    if error.retry_after_s is not None
+                    else self.retry.backoff_s(retries, self._rng)
+                )
+                self._log_retry(label, self._reason(error), retries, delay)
+                self._sleep(delay)
+                retries += 1
+                continue
+            raise self._error(label, error, retryable=retryable)
+
+    def _retryable(self, error: WireError) -> bool:
+        if error.status_code in NEVER_RETRY_STATUSES or self.dialect.quota_exhausted(error):
+            return False
+        if error.should_retry is not None:
+            return error.should_retry
+        return is_retryable_status(error.status_code)
+
+    def _wire_error(self, response: httpx.Response, body: bytes) -> WireError:
+        code = type_ = message = None
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            err = parsed["error"]
+            code = _str_or_none(err.get("code"))
+            type_ = _str_or_none(err.get("type"))
+            message = _str_or_none(err.get("message"))
+        should = response.headers.get("x-should-retry", "").strip().lower()
+        retry_after = parse_retry_after(response.headers, now=self._clock())
+        if retry_after is not None:
+            retry_after = min(retry_after, self.retry.max_retry_after_s)
+        return WireError(
+            status_code=response.status_code,
+            code=code or type_,
+            type=type_,
+            message=message or self._describe(response, body),
+            request_id=response.headers.get(self.dialect.request_id_header),
+            retry_after_s=retry_after,
+            should_retry={"true": True, "false": False}.get(should),
+            headers=response.headers,
+        )
+
+    def _error(self, label: str, error: WireError, *, retryable: bool) -> ProviderError:
+        cls = RateLimited if error.status_code in (429, 529) else ProviderError
+        return cls(
+            self.redact(f"{label}: {error.message}"),
+            provider=self.provider,
+            status_code=error.status_code,
+            code=error.code,
+            retryable=retryable,
+            request_id=error.request_id,
+            retry_after_s=error.retry_after_s,
+        )
+
+    def _describe(self, response: httpx.Response, body: bytes) -> str:
+        content_type = response.headers.get("content-type", "no content type").split(";")[0]
+        return f"non-JSON answer ({content_type}): {self._excerpt(body)}"
+
+    def _excerpt(self, raw: bytes) -> str:
+        text = " ".join(raw[: _EXCERPT_CHARS * 4].decode("utf-8", "replace").split())
+        if len(text) > _EXCERPT_CHARS:
+            text = text[:_EXCERPT_CHARS] + "…"
+        return self.redact(repr(text))
+
+    def _reason(self, error: WireError) -> str:
+        reason = f"status {error.status_code}"
+        if error.code:
+            reason += f" ({error.code})"
+        if error.request_id:
+            reason += f", request id {error.request_id}"
+        return reason
+
+    def _log_retry(self, label: str, reason: str, retries: int, delay_s: float) -> None:
+        # A retry is routine (429s and 5xx happen); only giving up is worth a warning.
+        logger.info(
+            "%s %s: %s; retry %d/%d in %.2f s",
+            self.provider,
+            label,
+            self.redact(reason),
+            retries + 1,
+            self.retry.max_retries,
+            delay_s,
+        )
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+
+class HttpProvider:
+    """What every HTTP adapter shares: realtime calls, listing batches, closing, a safe repr.
+
+    Subclasses set `name`, `limits` and `_http`, and read their batch object in `_parse_batch`.
+    """
+
+    name: str
+    limits: BatchLimits
+    #: batches asked for per list call in `find_batches`
+    list_page_size = 100
+    _http: HttpClient
+
+    def _parse_batch(self, obj: Any) -> BatchInfo:
+        raise NotImplementedError
+
+    def _realtime_path(self, endpoint: str) -> str:
+        """Where `endpoint` lives relative to the base URL."""
+        return endpoint
+
+    def call(self, endpoint: str, body: Mapping[str, Any]) -> CallResult:
+        """POST `body` to a realtime endpoint; transient failures are retried."""
+        self._require_endpoint(endpoint)
+        response = self._http.request("POST", self._realtime_path(endpoint), json=dict(body))
+        return CallResult(
+            body=self._http.json_object(response, what=f"POST {endpoint}"),
+            status_code=response.status_code,
+            provider_request_id=response.headers.get(self._http.dialect.request_id_header),
+        )
+
+    def _info(self, obj: Any) -> BatchInfo:
+        """A batch object as `BatchInfo`; `ProviderDataError` if it is not one."""
+        try:
+            return self._parse_batch(obj)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProviderDataError(
+                self._http.redact(f"unreadable batch object ({exc!r}): {str(obj)[:200]}"),
+                provider=self.name,
+            ) from exc
+
+    def _batches_since(self, path: str, *, cursor: str, since: datetime) -> Iterator[BatchInfo]:
+        """Batches of a newest-first list, page by page, until one is older than `since`.
+
+        `cursor` names the query parameter that takes the last id of the previous page.
+        """
+        since = whole_second(since)
+        params: dict[str, str | int] = {"limit": self.list_page_size}
+        while True:
+            page = self._http.request_json("GET", path, params=params)
+            items = page.get("data")
+            if not isinstance(items, list):
+                raise ProviderDataError(f"GET {path} answered no data list", provider=self.name)
+            for item in items:
+                info = self._info(item)
+                if info.created_at is not None and info.created_at < since:
+                    return
+                yield info
+            if not page.get("has_more") or not items:
+                return
+            params[cursor] = info.id
+
+    def _results_exist(self, batch: BatchInfo) -> bool:
+        """False for a failed batch (it has no lines); a running one is a caller's mistake."""
+        if not batch.status.terminal:
+            raise ValueError(
+                f"batch {batch.id} is {batch.provider_status}; results exist once it has ended"
+            )
+        return batch.status.has_results
+
+    def _require_endpoint(self, endpoint: str) -> None:
+        if endpoint not in self.limits.endpoints:
+            allowed = ", ".join(sorted(self.limits.endpoints))
+            raise ValueError(f"{self.name} does not serve {endpoint!r} (expected one of {allowed})")
+
+    def close(self) -> None:
+        """Release the HTTP client (an injected client is left to its owner)."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self._http.base_url!r})"
+
+
+def check_custom_id(custom_id: str) -> None:
+    """Reject ids outside the one scheme every provider accepts (`[A-Za-z0-9_-]{1,64}`)."""
+    if not CUSTOM_ID.fullmatch(custom_id):
+        raise ValueError(f"custom_id {custom_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+
+
+def splice_body(body_json: bytes) -> bytes:
+    """`body_json` ready to splice into a JSONL line as is: checked to be one line, not parsed."""
+    body = body_json.strip()
+    if b"\n" in body or b"\r" in body:
+        raise ValueError("body_json must be serialised on one line (no raw newlines)")
+    if not (body.startswith(b"{") and body.endswith(b"}")):
+        raise ValueError("body_json must be a serialised JSON object")
+    return body
+
+
+def whole_second(moment: datetime) -> datetime:
+    """`moment` rounded down to the second, so a batch stamped in that same second still counts.
+
+    OpenAI stamps whole seconds; a caller's `created_after` usually has microseconds.
+    """
+    if moment.tzinfo is None:
+        raise ValueError("created_after must be timezone-aware")
+    return moment.replace(microsecond=0)
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line, ended by a newline) from a byte stream, one buffer, no re-copying."""
+    buffer = bytearray()
+    line_no = 0
+    for chunk in chunks:
+        start = len(buffer)
+        buffer += chunk
+        begin = 0
+        while (end := buffer.find(b"\n", max(begin, start))) != -1:
+            line_no += 1
+            yield line_no, bytes(buffer[begin:end]), True
+            begin = end + 1
+            start = begin
+        del buffer[:begin]
+    if buffer:
+        yield line_no + 1, bytes(buffer), False
+
+
+def _read_capped(response: httpx.Response) -> bytes:
+    """At most 64 KiB of a streamed error body: enough for a message, never a whole file."""
+    body = bytearray()
+    try:
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) >= _ERROR_BODY_LIMIT_BYTES:
+                break
+    except httpx.TransportError:
+        pass
+    return bytes(body[:_ERROR_BODY_LIMIT_BYTES])
+
+
+def _finite(value: str | None) -> float | None:
+    """`value` as a finite number, or None (absent, not a number, NaN or infinite)."""
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,298 @@
+"""The batch lifecycle end to end against the emulator: invariants under faults, salvage,
+retries, token limits, deadline rescue with a moving clock, idempotent reconciling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from batchwise.clock import ManualClock
+from batchwise.providers.emulator import EmulatorConfig
+from batchwise.reconcile import reconcile_due
+from batchwise.states import BatchState, RequestState
+from batchwise.store import batches_t, events_t, ledger_t, requests_t, responses_t
+
+from invariants import check_all, rows, snapshot
+from lifecycle_world import make_world, mixed_items
+
+pytestmark = pytest.mark.slow
+
+
+def test_clean_run_answers_everything(tmp_path: Path, db_url: str) -> None:
+    with make_world(tmp_path, db_url) as world:
+        world.enqueue(mixed_items(60, realtime_every=5))
+        world.drain()
+        requests = rows(world.store, requests_t)
+        assert {r["state"] for r in requests} == {"succeeded"}
+        assert sum(r["lane"] == "realtime" for r in requests) == 12
+        batches = rows(world.store, batches_t)
+        # One batch per (provider, endpoint, model) for the 48 deferred requests.
+        assert sorted((b["provider"], b["model"], b["request_count"]) for b in batches) == [
+            ("anthropic", "claude-haiku-4-5", 12),
+            ("anthropic", "claude-sonnet-4-5", 12),
+            ("openai", "gpt-4.1-mini", 12),
+            ("openai", "gpt-4o-mini", 12),
+        ]
+        assert all(b["state"] == "reconciled" and b["turnaround_s"] is not None for b in batches)
+        check_all(world.store, world.stats())
+        kinds = {e["kind"] for e in rows(world.store, ledger_t)}
+        assert kinds == {"batch", "realtime"}
+
+
+def test_invariants_hold_under_every_fault(tmp_path: Path, db_url: str) -> None:
+    faults = EmulatorConfig(
+        turnaround_s=2.0,
+        error_rate=0.2,
+        expire_rate=0.4,
+        rate_limit_rate=0.1,
+        server_error_rate=0.05,
+        seed=11,
+    )
+    with make_world(tmp_path, db_url, emulator_config=faults, max_attempts=4) as world:
+        world.enqueue(mixed_items(200, realtime_every=4))
+        world.drain(max_ticks=400)
+        requests = rows(world.store, requests_t)
+        states = {r["state"] for r in requests}
+        assert states <= {"succeeded", "failed"} and "succeeded" in states
+        failed = [r for r in requests if r["state"] == "failed"]
+        assert failed, "with a 20% error rate some final errors are expected"
+        assert all(r["error"] for r in failed)
+        assert any(r["attempts"] > 0 for r in requests), "retryable errors were retried"
+        assert any(
+            b["state"] == "reconciled" and b["provider_status"] == "expired"
+            for b in rows(world.store, batches_t)
+        )
+        check_all(world.store, world.stats())
+
+
+def test_expired_batch_salvages_finished_lines(tmp_path: Path, db_url: str) -> None:
+    config = EmulatorConfig(turnaround_s=2.0, expire_rate=0.6, seed=3)
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        world.enqueue(mixed_items(80))
+        world.drain()
+        batches = rows(world.store, batches_t)
+        expired_batches = [b for b in batches if b["provider_status"] == "expired"]
+        assert expired_batches, "with a 60% expiry rate some batch expires"
+        first = max(expired_batches, key=lambda b: b["request_count"])
+        responses = rows(world.store, responses_t)
+        kept = [
+            r for r in responses if r["batch_id"] == first["id"] and r["outcome"] == "succeeded"
+        ]
+        expired = [
+            r for r in responses if r["batch_id"] == first["id"] and r["outcome"] == "expired"
+        ]
+        assert kept and expired, "an expired batch has finished and unfinished lines"
+        by_id = {r["id"]: r for r in rows(world.store, requests_t)}
+        for resp in kept:  # salvaged: answered by the expired batch, not sent again
+            assert by_id[resp["request_id"]]["response_id"] == resp["id"]
+        assert all(by_id[r["request_id"]]["attempts"] == 0 for r in expired)  # expiry is no fault
+        assert len(batches) > 1 and {r["state"] for r in by_id.values()} == {"succeeded"}
+        check_all(world.store, world.stats())
+
+
+def test_reconciling_twice_changes_nothing(tmp_path: Path, db_url: str) -> None:
+    config = EmulatorConfig(turnaround_s=1.0, error_rate=0.3, seed=5)
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        world.enqueue(mixed_items(40))
+        world.drain()
+        before = snapshot(world.store)
+        # Given every batch reopened as if its reconcile had never been recorded …
+        with world.store.write() as conn:
+            conn.execute(
+                sa.update(batches_t).values(state=BatchState.COMPLETED.value, reconciled_at=None)
+            )
+        # … when the reconciler runs again over the same results …
+        reports = reconcile_due(
+            world.store,
+            world.scheduler.providers,
+            world.scheduler.book,
+            now=world.clock(),
+            settings=world.settings,
+            worker="again",
+        )
+        # … then nothing changes but the batches' own bookkeeping.
+        assert reports and all(r.duplicates == r.lines for r in reports)
+        assert snapshot(world.store) == before
+
+
+def test_token_limit_failure_requeues_without_losing_work(tmp_path: Path, db_url: str) -> None:
+    config = EmulatorConfig(turnaround_s=1.0, enqueued_token_limit=50, seed=2)
+    items = [i for i in mixed_items(40) if i["model"] == "gpt-4o-mini"]
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        world.enqueue(items)
+        for _ in range(4):
+            world.tick(drain=True, advance_s=1)
+        failed = [
+            b for b in rows(world.store, batches_t) if b["error_code"] == "token_limit_exceeded"
+        ]
+        assert failed, "the emulator refuses a batch over its enqueued-token limit"
+        requests = rows(world.store, requests_t)
+        assert {r["state"] for r in requests} <= {"queued", "packed", "submitted"}
+        assert all(r["attempts"] == 0 for r in requests), "capacity is not the request's fault"
+        # With our own budget set under the provider's limit, batches are cut to fit and wait
+        # for capacity, and everything completes.
+        world.scheduler.settings = world.settings = world.settings.with_overrides(
+            inflight_token_budget={"gpt-4o-mini": 40}
+        )
+        world.drain(max_ticks=200)
+        assert {r["state"] for r in rows(world.store, requests_t)} == {"succeeded"}
+        ok = [b for b in rows(world.store, batches_t) if b["error_code"] is None]
+        assert all(b["est_input_tokens"] <= 40 for b in ok)
+
+
+def test_packer_flush_triggers(tmp_path: Path, db_url: str) -> None:
+    with make_world(tmp_path, db_url, max_wait_s=600.0) as world:
+        world.enqueue(
+            [{**i, "tolerance": "2d"} for i in mixed_items(4) if i["model"] == "gpt-4o-mini"]
+        )
+        assert world.tick().packed == []  # young group, far deadline: wait
+        world.clock.advance(601)
+        assert len(world.tick().packed) == 1  # max_wait reached
+        world.enqueue([{**i, "custom_id": "soon", "tolerance": "2h30m"} for i in mixed_items(1)])
+        assert world.tick().packed == []  # deferred: 2h30m leaves room for 10m + 2h + 15m
+        # Given batches observed to take 2h20m, waiting any longer would risk the deadline.
+        now = world.clock()
+        with world.store.write() as conn:
+            conn.execute(
+                sa.insert(batches_t),
+                [
+                    dict(
+                        provider="openai",
+                        endpoint="/v1/chat/completions",
+                        model="gpt-4o-mini",
+                        state="reconciled",
+                        turnaround_s=8400.0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                ]
+                * 5,
+            )
+        assert len(world.tick().packed) == 1
+        with world.store.read() as conn:
+            reasons = list(
+                conn.execute(
+                    sa.select(batches_t.c.flush_reason)
+                    .where(batches_t.c.flush_reason.is_not(None))
+                    .order_by(batches_t.c.id)
+                ).scalars()
+            )
+        assert reasons == ["max_wait", "deadline"]
+
+
+def test_full_group_flushes_in_several_batches(tmp_path: Path, db_url: str) -> None:
+    with make_world(tmp_path, db_url) as world:
+        provider = world.scheduler.providers("openai")
+        from dataclasses import replace
+
+        provider.limits = replace(provider.limits, max_requests=10)  # type: ignore[misc]
+        world.enqueue([i for i in mixed_items(100) if i["model"] == "gpt-4o-mini"])  # 25
+        report = world.tick()
+        assert len(report.packed) == 2  # two full batches now; the remaining 5 wait
+        counts = sorted(b["request_count"] for b in rows(world.store, batches_t))
+        assert counts == [10, 10]
+        world.drain()
+        check_all(world.store, world.stats())
+
+
+def test_deadline_rescue_with_time_travel(tmp_path: Path, db_url: str) -> None:
+    clock = ManualClock()
+    slow = EmulatorConfig(turnaround_s=4 * 3600)  # the batch will run late
+    with make_world(tmp_path, db_url, emulator_config=slow, clock=clock) as world:
+        [rid] = world.enqueue([{**mixed_items(1)[0], "tolerance": "3h"}])
+        world.tick(drain=True)
+        assert rows(world.store, requests_t)[0]["state"] == "submitted"
+        # Two hours in, with 1 h left and a 15 min margin, nothing happens yet.
+        clock.advance(2 * 3600)
+        world.tick()
+        assert rows(world.store, requests_t)[0]["state"] == "submitted"
+        # At 2h46m only the margin is left: rescued and answered through the realtime lane.
+        clock.advance(46 * 60)
+        report = world.tick()
+        assert report.rescued == 1
+        request = rows(world.store, requests_t)[0]
+        assert request["state"] == "succeeded" and request["rescued_at"] is not None
+        assert "rescue margin" in request["rescue_reason"]
+        rescue_answer = request["response_id"]
+        # The batch finishes later: its line is kept for cost, the answer is not overwritten.
+        clock.advance(2 * 3600)
+        world.drain()
+        request = rows(world.store, requests_t)[0]
+        assert request["response_id"] == rescue_answer and request["deadline_miss"] is None
+        kinds = sorted(e["kind"] for e in rows(world.store, ledger_t))
+        assert kinds == ["late_batch", "rescue"]
+        late = [e for e in rows(world.store, ledger_t) if e["kind"] == "late_batch"][0]
+        assert late["realtime_nusd"] == 0 and late["actual_nusd"] > 0  # a pure extra cost
+        events = [e["kind"] for e in rows(world.store, events_t)]
+        assert "rescue" in events
+        check_all(world.store, world.stats())
+        assert rid == request["id"]
+
+
+def test_batch_answer_wins_over_a_slow_rescue(tmp_path: Path, db_url: str) -> None:
+    """A rescued request whose batch answers before the rescue call is answered by the batch."""
+    clock = ManualClock()
+    config = EmulatorConfig(turnaround_s=8400)  # 2h20m: later than the rescue point
+    with make_world(tmp_path, db_url, emulator_config=config, clock=clock) as world:
+        world.scheduler.dispatcher = None  # no realtime calls in this test
+        world.enqueue([{**mixed_items(1)[0], "tolerance": "2h26m"}])
+        world.tick(drain=True)
+        clock.advance(2 * 3600 + 12 * 60)
+        assert world.tick().rescued == 1
+        clock.advance(600)
+        world.drain()
+        request = rows(world.store, requests_t)[0]
+        assert request["state"] == "succeeded"
+        assert [e["kind"] for e in rows(world.store, ledger_t)] == ["batch"]
+
+
+def test_missed_deadline_is_recorded_with_its_cause(tmp_path: Path, db_url: str) -> None:
+    clock = ManualClock()
+    config = EmulatorConfig(turnaround_s=1.0, rate_limit_rate=1.0)  # every call is refused
+    with make_world(
+        tmp_path, db_url, emulator_config=config, clock=clock, max_attempts=50
+    ) as world:
+        [rid] = world.enqueue([{**mixed_items(1)[0], "tolerance": "realtime"}])
+        for _ in range(3):
+            world.tick(advance_s=61)
+        request = rows(world.store, requests_t)[0]
+        assert request["state"] == "dispatching"
+        assert "realtime call has not succeeded" in request["deadline_miss"]
+        assert "429" in request["deadline_miss"] or "rate" in request["deadline_miss"].lower()
+        alerts = [e for e in rows(world.store, events_t) if e["kind"] == "deadline_missed"]
+        assert [a["request_id"] for a in alerts] == [rid]  # recorded once, not every tick
+
+
+def test_final_error_fails_with_the_providers_message(tmp_path: Path, db_url: str) -> None:
+    with make_world(tmp_path, db_url) as world:
+        world.enqueue(
+            [
+                {"model": "gpt-no-such-model", "prompt": "x", "tolerance": "realtime"},
+                {"model": "gpt-no-such-model", "prompt": "y", "tolerance": "2d"},
+            ]
+        )
+        world.drain()
+        for request in rows(world.store, requests_t):
+            assert request["state"] == "failed"
+            assert "gpt-no-such-model" in request["error"]
+        check_all(world.store, world.stats())
+
+
+def test_cancelled_requests_and_batches(tmp_path: Path, db_url: str) -> None:
+    from batchwise.cancel import cancel_batch
+
+    with make_world(tmp_path, db_url, emulator_config=EmulatorConfig(turnaround_s=30)) as world:
+        ids = world.enqueue([i for i in mixed_items(12) if i["model"] == "gpt-4o-mini"])
+        assert world.client.cancel(ids[0]) == [ids[0]]
+        world.tick(drain=True)
+        [batch] = rows(world.store, batches_t)
+        assert batch["request_count"] == 2
+        cancelled = cancel_batch(
+            world.store, world.scheduler.providers("openai"), batch["id"], now=world.clock()
+        )
+        assert sorted(cancelled) == ids[1:]
+        world.drain()
+        assert {r["state"] for r in rows(world.store, requests_t)} == {RequestState.CANCELLED.value}
+        check_all(world.store, world.stats())
