@@ -26,6 +26,9 @@ from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
 from batchwise.tolerance import resolve_zone
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from batchwise.intake import RequestSink
     from batchwise.store import Store
 
 
@@ -229,10 +232,16 @@ class Client:
         skip_invalid: bool,
         collect_ids: bool = False,
         on_line: Callable[[int], None] | None = None,
+        conn: Connection | None = None,
     ) -> SubmitResult:
         from batchwise.bulk import EngineSink, open_sink
 
-        sink = EngineSink(self._store) if self._store is not None else open_sink(self.database_url)
+        if conn is not None:
+            sink: RequestSink = EngineSink(self.store, conn=conn)
+        elif self._store is not None:
+            sink = EngineSink(self._store)
+        else:
+            sink = open_sink(self.database_url)
         return submit_lines(
             lines,
             sink,
@@ -244,6 +253,17 @@ class Client:
             collect_ids=collect_ids,
             on_line=on_line,
         )
+
+    def submit_items(
+        self,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        defaults: Defaults,
+        conn: Connection | None = None,
+    ) -> SubmitResult:
+        """Store items with explicit defaults (tolerance, provider, tags, job run), all or
+        none. With `conn`, inside that open transaction (the caller commits)."""
+        return self._submit(items, defaults, skip_invalid=False, collect_ids=True, conn=conn)
 
     # --- doing the work in this process ----------------------------------------------------
 

@@ -17,6 +17,8 @@ from batchwise.intake import REQUEST_COLUMNS, RequestSink
 from batchwise.states import LIVE_REQUEST_STATES
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from batchwise.store import Store
 
 _LIVE = tuple(sorted(s.value for s in LIVE_REQUEST_STATES))
@@ -121,7 +123,11 @@ class SQLiteSink:
 class EngineSink:
     """Writes through a SQLAlchemy connection (PostgreSQL's path; SQLite works too)."""
 
-    def __init__(self, store: Store, *, owns_store: bool = False) -> None:
+    def __init__(
+        self, store: Store, *, owns_store: bool = False, conn: Connection | None = None
+    ) -> None:
+        """With `conn`, write inside the caller's open transaction and leave committing (or
+        rolling back) to the caller, so requests can be stored atomically with other rows."""
         import sqlalchemy as sa
 
         from batchwise.store import requests_t
@@ -130,8 +136,9 @@ class EngineSink:
         self._table = requests_t
         self.store = store
         self._owns_store = owns_store
-        self.conn = store.engine.connect()
-        self.trans = self.conn.begin()
+        self._external = conn is not None
+        self.conn = conn if conn is not None else store.engine.connect()
+        self.trans = None if conn is not None else self.conn.begin()
         self._next_id: int | None = None
         self._open = True
 
@@ -193,16 +200,22 @@ class EngineSink:
 
     def _close(self) -> None:
         self._open = False
-        self.conn.close()
+        if not self._external:
+            self.conn.close()
         if self._owns_store:
             self.store.close()
 
     def commit(self) -> None:
         if self._open:
-            self.trans.commit()
+            if self.trans is not None:
+                self.trans.commit()
             self._close()
 
     def rollback(self) -> None:
         if self._open:
-            self.trans.rollback()
+            if self.trans is not None:
+                self.trans.rollback()
+            elif self.conn.in_transaction():
+                # An invalid submission inside the caller's transaction: undo ours and theirs.
+                self.conn.rollback()
             self._close()

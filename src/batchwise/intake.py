@@ -70,6 +70,7 @@ REQUEST_COLUMNS = (
     "est_input_tokens",
     "created_at",
     "updated_at",
+    "job_run_id",
 )
 
 
@@ -89,6 +90,8 @@ class Defaults:
     tolerance: str = "24h"
     provider: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    #: the cron job run these requests belong to
+    job_run_id: int | None = None
 
 
 @dataclass
@@ -458,6 +461,7 @@ class Intake:
                 len(canonical) >> 2,
                 now,
                 now,
+                self.defaults.job_run_id,
             )
         )
         self._lines.append(lineno)

@@ -88,6 +88,12 @@ class Request(SQLModel, table=True):
             postgresql_where=text("batch_id IS NOT NULL"),
         ),
         Index(
+            "ix_requests_job_run",
+            "job_run_id",
+            sqlite_where=text("job_run_id IS NOT NULL"),
+            postgresql_where=text("job_run_id IS NOT NULL"),
+        ),
+        Index(
             "ix_requests_task",
             "task_id",
             sqlite_where=text("task_id IS NOT NULL"),
@@ -130,6 +136,8 @@ class Request(SQLModel, table=True):
     task_id: str | None = Field(default=None, sa_type=String(128))
     #: free key/value tags as a JSON object
     tags: str = Field(default="{}", sa_type=Text)
+    #: the cron job run that produced it, if any
+    job_run_id: int | None = Field(default=None)
     #: estimated prompt tokens, for in-flight token budgets
     est_input_tokens: int = Field(default=0, sa_type=Integer)
     created_at: datetime = _time()
@@ -295,3 +303,30 @@ class StoreMeta(SQLModel, table=True):
 
     key: str = Field(primary_key=True, sa_type=String(64))
     value: str = Field(sa_type=Text)
+
+
+class JobRun(SQLModel, table=True):
+    """One scheduled run of a cron job. The unique (job, scheduled_for) makes a run happen at
+    most once however many schedulers race for it."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (
+        UniqueConstraint("job", "scheduled_for", name="uq_job_runs_job_time"),
+        Index("ix_job_runs_state", "state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job: str = Field(sa_type=String(128))
+    scheduled_for: datetime = _time()
+    #: submitted | delivering | done | failed | skipped
+    state: str = Field(sa_type=String(16))
+    #: why it ran: schedule | catch_up | manual; or why it was skipped
+    trigger: str = Field(sa_type=String(32))
+    started_at: datetime = _time()
+    finished_at: datetime | None = _time(default=None)
+    requests: int = Field(default=0, sa_type=Integer)
+    #: where the job wrote its output, if it did
+    output: str | None = Field(default=None, sa_type=Text)
+    error: str | None = Field(default=None, sa_type=Text)
+    lease_owner: str | None = Field(default=None, sa_type=String(64))
+    lease_expires_at: datetime | None = _time(default=None)

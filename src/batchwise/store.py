@@ -23,7 +23,15 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from batchwise import dbapi
 from batchwise.errors import SchemaError, TransitionError
-from batchwise.models import Batch, Event, LedgerEntry, Request, Response, StoreMeta
+from batchwise.models import (
+    Batch,
+    Event,
+    JobRun,
+    LedgerEntry,
+    Request,
+    Response,
+    StoreMeta,
+)
 from batchwise.states import TRANSITIONS, RequestState
 
 _READONLY = "batchwise_readonly"
@@ -36,6 +44,7 @@ responses_t: sa.Table = Response.__table__  # type: ignore[attr-defined]
 events_t: sa.Table = Event.__table__  # type: ignore[attr-defined]
 ledger_t: sa.Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 meta_t: sa.Table = StoreMeta.__table__  # type: ignore[attr-defined]
+job_runs_t: sa.Table = JobRun.__table__  # type: ignore[attr-defined]
 
 
 def make_engine(url: str) -> Engine:

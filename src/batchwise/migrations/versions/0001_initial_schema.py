@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 14:51:55.399661
+Create Date: 2026-11-29 14:57:16.693134
 """
 
 from __future__ import annotations
@@ -77,6 +77,26 @@ def upgrade() -> None:
         batch_op.create_index("ix_events_kind", ["kind"], unique=False)
 
     op.create_table(
+        "job_runs",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("job", sa.String(length=128), nullable=False),
+        sa.Column("scheduled_for", batchwise.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("trigger", sa.String(length=32), nullable=False),
+        sa.Column("started_at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", batchwise.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("requests", sa.Integer(), nullable=False),
+        sa.Column("output", sa.Text(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_expires_at", batchwise.models.UTCDateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("job", "scheduled_for", name="uq_job_runs_job_time"),
+    )
+    with op.batch_alter_table("job_runs", schema=None) as batch_op:
+        batch_op.create_index("ix_job_runs_state", ["state"], unique=False)
+
+    op.create_table(
         "ledger",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("response_id", sa.Integer(), nullable=True),
@@ -129,6 +149,7 @@ def upgrade() -> None:
         sa.Column("business_unit", sa.String(length=128), nullable=True),
         sa.Column("task_id", sa.String(length=128), nullable=True),
         sa.Column("tags", sa.Text(), nullable=False),
+        sa.Column("job_run_id", sa.Integer(), nullable=True),
         sa.Column("est_input_tokens", sa.Integer(), nullable=False),
         sa.Column("created_at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
@@ -157,6 +178,13 @@ def upgrade() -> None:
             unique=False,
             sqlite_where=sa.text("batch_id IS NOT NULL"),
             postgresql_where=sa.text("batch_id IS NOT NULL"),
+        )
+        batch_op.create_index(
+            "ix_requests_job_run",
+            ["job_run_id"],
+            unique=False,
+            sqlite_where=sa.text("job_run_id IS NOT NULL"),
+            postgresql_where=sa.text("job_run_id IS NOT NULL"),
         )
         batch_op.create_index(
             "ix_requests_live",
@@ -251,6 +279,11 @@ def downgrade() -> None:
             ),
         )
         batch_op.drop_index(
+            "ix_requests_job_run",
+            sqlite_where=sa.text("job_run_id IS NOT NULL"),
+            postgresql_where=sa.text("job_run_id IS NOT NULL"),
+        )
+        batch_op.drop_index(
             "ix_requests_batch",
             sqlite_where=sa.text("batch_id IS NOT NULL"),
             postgresql_where=sa.text("batch_id IS NOT NULL"),
@@ -267,6 +300,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_ledger_at")
 
     op.drop_table("ledger")
+    with op.batch_alter_table("job_runs", schema=None) as batch_op:
+        batch_op.drop_index("ix_job_runs_state")
+
+    op.drop_table("job_runs")
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.drop_index("ix_events_kind")
         batch_op.drop_index("ix_events_at")
