@@ -12,7 +12,30 @@ from pathlib import Path
 
 import orjson
 
-WORDS = ["the", "quarterly", "revenue", "portfolio", "risk", "summary", "analysis", "customer", "churn", "forecast", "margin", "growth", "region", "product", "pipeline", "exposure", "liquidity", "hedge", "volatility", "allocation", "review"]
+WORDS = (
+    "the",
+    "quarterly",
+    "revenue",
+    "portfolio",
+    "risk",
+    "summary",
+    "analysis",
+    "customer",
+    "churn",
+    "forecast",
+    "margin",
+    "growth",
+    "region",
+    "product",
+    "pipeline",
+    "exposure",
+    "liquidity",
+    "hedge",
+    "volatility",
+    "allocation",
+    "review",
+    "",
+)
 TOLERANCES = ("15m", "4h", "24h", "2d", "realtime", "1h30m", "by 07:00", "12h")
 
 
@@ -50,6 +73,8 @@ def write_openai_file(path: Path, n: int, *, seed: int = 7) -> Path:
 class Run:
     seconds: float
     peak_rss_mb: float
+    #: user + system CPU seconds: steadier than wall time on a busy machine
+    cpu_s: float = 0.0
 
 
 def run_process(args: list[str], *, env: dict[str, str] | None = None) -> Run:
@@ -62,7 +87,7 @@ def run_process(args: list[str], *, env: dict[str, str] | None = None) -> Run:
     if proc.returncode != 0:
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{err}")
-    return Run(seconds, usage.ru_maxrss / 1024)
+    return Run(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def median(values: list[float]) -> float:

@@ -23,7 +23,7 @@ BATCHWISE = [PYTHON, "-m", "batchwise"]
 
 def bench(size: int, repeat: int, workdir: Path) -> dict[str, float]:
     data = write_openai_file(workdir / f"openai-{size}.jsonl", size)
-    raw_times, ours_times, raw_rss, ours_rss = [], [], [], []
+    raw_times, ours_times, raw_rss, ours_rss, raw_cpu, ours_cpu = [], [], [], [], [], []
     for i in range(repeat):
         raw_db = workdir / f"raw-{size}-{i}.db"
         ours_db = workdir / f"ours-{size}-{i}.db"
@@ -37,10 +37,13 @@ def bench(size: int, repeat: int, workdir: Path) -> dict[str, float]:
         ours_times.append(ours.seconds)
         raw_rss.append(raw.peak_rss_mb)
         ours_rss.append(ours.peak_rss_mb)
+        raw_cpu.append(raw.cpu_s)
+        ours_cpu.append(ours.cpu_s)
     return {
         "raw_s": median(raw_times),
         "batchwise_s": median(ours_times),
         "ratio": median([o / r for o, r in zip(ours_times, raw_times, strict=True)]),
+        "cpu_ratio": median([o / r for o, r in zip(ours_cpu, raw_cpu, strict=True)]),
         "raw_peak_mb": max(raw_rss),
         "batchwise_peak_mb": max(ours_rss),
     }
@@ -55,13 +58,13 @@ def main() -> None:
         workdir = Path(tmp)
         print(
             f"{'lines':>8} {'raw s':>7} {'batchwise s':>12} {'ratio':>6} "
-            f"{'raw MB':>7} {'batchwise MB':>13}"
+            f"{'raw MB':>7} {'batchwise MB':>13} {'cpu ratio':>10}"
         )
         for size in (int(s) for s in args.sizes.split(",")):
             r = bench(size, args.repeat, workdir)
             print(
                 f"{size:>8} {r['raw_s']:>7.2f} {r['batchwise_s']:>12.2f} {r['ratio']:>6.2f} "
-                f"{r['raw_peak_mb']:>7.1f} {r['batchwise_peak_mb']:>13.1f}"
+                f"{r['raw_peak_mb']:>7.1f} {r['batchwise_peak_mb']:>13.1f} {r['cpu_ratio']:>10.2f}"
             )
 
 

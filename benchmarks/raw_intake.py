@@ -29,9 +29,16 @@ COLUMNS = (
     "business_unit",
     "task_id",
     "tags",
+    "size_bytes",
     "est_input_tokens",
     "created_at",
     "updated_at",
+    "job_run_id",
+)
+#: a classifier reason of the length batchwise stores, so both write the same volume
+REASON = (
+    "deadline in 1d leaves room for flush wait 10m + turnaround 2h (prior for openai) "
+    "+ rescue margin 15m = 2h25m"
 )
 
 
@@ -64,7 +71,7 @@ def main() -> None:
                     obj.get("tolerance"),
                     now,
                     "deferred",
-                    "",
+                    REASON,
                     "queued",
                     0,
                     None,
@@ -72,9 +79,11 @@ def main() -> None:
                     None,
                     None,
                     "{}",
+                    len(body),
                     len(body) // 4,
                     now,
                     now,
+                    None,
                 )
             )
             if len(rows) == 2000:

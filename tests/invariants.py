@@ -4,6 +4,7 @@ asked), shared by the lifecycle, crash and distributed tests."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from itertools import pairwise
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,7 +51,7 @@ def check_no_overlapping_batches(store: Store) -> None:
             (batches[b]["submitted_at"], batches[b]["ended_at"] or batches[b]["updated_at"], b)
             for b in batch_ids
         )
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        for (_, end, first), (start, _, second) in pairwise(spans):
             assert rid in rescued or start >= end, (
                 f"request {rid} in batches {first} and {second} at once"
             )

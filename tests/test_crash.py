@@ -17,7 +17,6 @@ import orjson
 import pytest
 
 from batchwise.store import Store, requests_t, responses_t
-
 from invariants import check_all, rows
 
 pytestmark = pytest.mark.slow
@@ -40,8 +39,18 @@ def emulator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The emulator as its own process, so the scheduler's crashes do not take it down."""
     state = tmp_path_factory.mktemp("emulator-state")
     log = state / "emulator.log"
-    command = [sys.executable, "-m", "batchwise", "emulator", "--port", "0",
-               "--turnaround", "1s", "--state-dir", str(state)]
+    command = [
+        sys.executable,
+        "-m",
+        "batchwise",
+        "emulator",
+        "--port",
+        "0",
+        "--turnaround",
+        "1s",
+        "--state-dir",
+        str(state),
+    ]
     with open(log, "wb") as errors:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
     assert proc.stdout is not None

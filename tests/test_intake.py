@@ -295,9 +295,9 @@ class _MemorySink:
         first, self._next = self._next, self._next + count
         return range(first, first + count)
 
-    def insert(self, rows: Any) -> bool:
+    def insert(self, rows: Any) -> list[int]:
         self.rows.extend(rows)
-        return True
+        return []
 
     def live_custom_ids(self, custom_ids: Any) -> dict[str, int]:
         return {}

@@ -13,7 +13,6 @@ from batchwise.providers.emulator import EmulatorConfig
 from batchwise.reconcile import reconcile_due
 from batchwise.states import BatchState, RequestState
 from batchwise.store import batches_t, events_t, ledger_t, requests_t, responses_t
-
 from invariants import check_all, rows, snapshot
 from lifecycle_world import make_world, mixed_items
 
@@ -223,7 +222,7 @@ def test_deadline_rescue_with_time_travel(tmp_path: Path, db_url: str) -> None:
         assert request["response_id"] == rescue_answer and request["deadline_miss"] is None
         kinds = sorted(e["kind"] for e in rows(world.store, ledger_t))
         assert kinds == ["late_batch", "rescue"]
-        late = [e for e in rows(world.store, ledger_t) if e["kind"] == "late_batch"][0]
+        late = next(e for e in rows(world.store, ledger_t) if e["kind"] == "late_batch")
         assert late["realtime_nusd"] == 0 and late["actual_nusd"] > 0  # a pure extra cost
         events = [e["kind"] for e in rows(world.store, events_t)]
         assert "rescue" in events

@@ -24,6 +24,8 @@ NOW = datetime(2026, 11, 29, 1, 0, tzinfo=UTC)
         ("1h30m", timedelta(hours=1, minutes=30)),
         ("1d2h3m4s", timedelta(days=1, hours=2, minutes=3, seconds=4)),
         (" 4H ", timedelta(hours=4)),
+        ("1.5h", timedelta(minutes=90)),
+        ("2500ms", timedelta(seconds=2.5)),
     ],
 )
 def test_durations_become_deadlines(text: str, delta: timedelta) -> None:

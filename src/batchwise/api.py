@@ -242,7 +242,7 @@ class Client:
             sink = EngineSink(self._store)
         else:
             sink = open_sink(self.database_url)
-        return submit_lines(
+        result = submit_lines(
             lines,
             sink,
             settings=self.settings,
@@ -253,6 +253,12 @@ class Client:
             collect_ids=collect_ids,
             on_line=on_line,
         )
+        if self.settings.broker_url and result.realtime_ids and conn is None:
+            # Distributed mode: hand realtime work to the workers now, not at the next sweep.
+            from batchwise.worker import send_realtime
+
+            send_realtime(self.settings, result.realtime_ids)
+        return result
 
     def submit_items(
         self,

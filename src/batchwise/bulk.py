@@ -13,16 +13,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from batchwise import dbapi
+from batchwise.errors import StoreError
 from batchwise.intake import REQUEST_COLUMNS, RequestSink
-from batchwise.states import LIVE_REQUEST_STATES
+from batchwise.states import LIVE_SQL
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from batchwise.store import Store
 
-_LIVE = tuple(sorted(s.value for s in LIVE_REQUEST_STATES))
-_LIVE_SQL = ", ".join(f"'{s}'" for s in _LIVE)
 _TURNAROUND_HISTORY = 500
 _INSERT_SQL = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
@@ -71,19 +70,27 @@ class SQLiteSink:
         self._next_id += count
         return range(first, first + count)
 
-    def insert(self, rows: Sequence[tuple[Any, ...]]) -> bool:
-        conn = self.conn
-        conn.execute("SAVEPOINT chunk")
-        try:
-            conn.executemany(_INSERT_SQL, rows)
-        except sqlite3.IntegrityError as exc:
-            conn.execute("ROLLBACK TO chunk")
-            conn.execute("RELEASE chunk")
-            if _is_custom_id_conflict(exc):
-                return False
-            raise
-        conn.execute("RELEASE chunk")
-        return True
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
+        # No savepoint: in SQLite it journals every page the chunk touches, which costs more
+        # than the inserts. A refused row aborts only its own statement; the rows before it
+        # stay, so we count them (ids are consecutive) and carry on after the refused one.
+        refused: list[int] = []
+        start = 0
+        while start < len(rows):
+            part = rows if start == 0 else rows[start:]
+            try:
+                self.conn.executemany(_INSERT_SQL, part)
+                return refused
+            except sqlite3.IntegrityError as exc:
+                if not _is_custom_id_conflict(exc):
+                    raise
+                (done,) = self.conn.execute(
+                    "SELECT count(*) FROM requests WHERE id BETWEEN ? AND ?",
+                    (part[0][0], part[-1][0]),
+                ).fetchone()
+                refused.append(start + done)
+                start += done + 1
+        return refused
 
     def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -91,8 +98,7 @@ class SQLiteSink:
             part = custom_ids[start : start + 500]
             marks = ", ".join("?" for _ in part)
             for cid, rid in self.conn.execute(
-                f"SELECT custom_id, id FROM requests WHERE custom_id IN ({marks}) "
-                f"AND state IN ({_LIVE_SQL})",
+                f"SELECT custom_id, id FROM requests WHERE custom_id IN ({marks}) AND {LIVE_SQL}",
                 part,
             ):
                 found[cid] = rid
@@ -163,19 +169,37 @@ class EngineSink:
         self._next_id += count
         return range(first, first + count)
 
-    def insert(self, rows: Sequence[tuple[Any, ...]]) -> bool:
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         sa = self._sa
-        try:
-            with self.conn.begin_nested():
-                self.conn.execute(
-                    sa.insert(self._table),
-                    [dict(zip(REQUEST_COLUMNS, r, strict=True)) for r in rows],
-                )
-        except sa.exc.IntegrityError as exc:
-            if _is_custom_id_conflict(exc):
-                return False
-            raise
-        return True
+        refused: list[int] = []
+        pending = list(range(len(rows)))
+        while pending:
+            try:
+                with self.conn.begin_nested():
+                    self.conn.execute(
+                        sa.insert(self._table),
+                        [dict(zip(REQUEST_COLUMNS, rows[i], strict=True)) for i in pending],
+                    )
+                break
+            except sa.exc.IntegrityError as exc:
+                if not _is_custom_id_conflict(exc):
+                    raise
+            # The savepoint undid the chunk: set aside rows whose custom_id is held by a live
+            # request or by an earlier row of the chunk, and insert the rest.
+            taken = self.live_custom_ids([rows[i][1] for i in pending])
+            seen: set[str] = set()
+            keep = []
+            for i in pending:
+                custom_id = rows[i][1]
+                if custom_id in taken or custom_id in seen:
+                    refused.append(i)
+                else:
+                    seen.add(custom_id)
+                    keep.append(i)
+            if len(keep) == len(pending):
+                raise StoreError("custom_id conflict that no row of the chunk explains")
+            pending = keep
+        return sorted(refused)
 
     def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
         t = self._table
@@ -183,7 +207,7 @@ class EngineSink:
         for start in range(0, len(custom_ids), 1000):
             part = list(custom_ids[start : start + 1000])
             query = self._sa.select(t.c.custom_id, t.c.id).where(
-                t.c.custom_id.in_(part), t.c.state.in_(_LIVE)
+                t.c.custom_id.in_(part), self._sa.text(LIVE_SQL)
             )
             found.update({cid: rid for cid, rid in self.conn.execute(query)})
         return found

@@ -26,8 +26,38 @@ class Context:
 
 pass_ctx = click.make_pass_decorator(Context)
 
+#: commands that live in their own modules, imported only when used (start-up stays fast)
+LAZY_COMMANDS = {
+    "savings": "batchwise.cli_reports:savings",
+    "tasks": "batchwise.cli_reports:tasks",
+    "forecast": "batchwise.cli_reports:forecast",
+    "purge": "batchwise.cli_reports:purge",
+    "metrics": "batchwise.cli_reports:metrics",
+    "worker": "batchwise.cli_worker:worker",
+    "beat": "batchwise.cli_worker:beat",
+    "jobs": "batchwise.cli_jobs:jobs",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose heavier commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module, _, name = target.partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--db",
     envvar="BATCHWISE_DATABASE_URL",
@@ -300,7 +330,7 @@ def demo(obj: Context, turnaround: str) -> None:
 )
 @pass_ctx
 def results(obj: Context, out: str, fmt: str | None, provider: str | None) -> None:
-    """Export finished results as JSONL keyed by custom_id, in the provider's batch output format."""
+    """Export finished results as JSONL keyed by custom_id, in the provider's output format."""
     from batchwise.results import export
     from batchwise.store import Store
 

@@ -99,7 +99,7 @@ def summary(url: str) -> dict[str, Any]:
                     .order_by(r.c.lane, r.c.state)
                 )
             ]
-            batches = dict(
+            batches: dict[str, int] = dict(
                 conn.execute(sa.select(b.c.state, sa.func.count()).group_by(b.c.state)).all()
             )
             retried = conn.execute(sa.select(sa.func.count()).where(r.c.attempts > 0)).scalar_one()

@@ -17,18 +17,32 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import orjson
 
 from batchwise.classify import Turnaround, classify, expected_turnaround
 from batchwise.config import Settings
-from batchwise.errors import IntakeError, LineError, StoreError, ToleranceError
+from batchwise.errors import IntakeError, LineError, ToleranceError
 from batchwise.states import Lane, RequestState
 from batchwise.tolerance import parse_tolerance
 
 CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_custom_id_ok = CUSTOM_ID.fullmatch
+
+
+def _custom_id_ok(custom_id: str) -> bool:
+    """CUSTOM_ID's rule with string methods: about twice as fast as the regex per line."""
+    return (
+        0 < len(custom_id) <= 64
+        and custom_id.isascii()
+        and (
+            custom_id.isalnum()
+            or custom_id.replace("-", "").replace("_", "").isalnum()
+            or not custom_id.strip("-_")
+        )
+    )
+
+
 #: endpoints each provider serves (batch and realtime), as URL paths
 ENDPOINTS: dict[str, frozenset[str]] = {
     "openai": frozenset({"/v1/chat/completions", "/v1/responses", "/v1/embeddings"}),
@@ -67,6 +81,7 @@ REQUEST_COLUMNS = (
     "business_unit",
     "task_id",
     "tags",
+    "size_bytes",
     "est_input_tokens",
     "created_at",
     "updated_at",
@@ -103,6 +118,8 @@ class SubmitResult:
     #: ids of stored requests, in input order (only collected when asked for)
     ids: list[int] | None = None
     lanes: list[str] | None = None
+    #: ids of the requests stored for the realtime lane, for handing to workers at once
+    realtime_ids: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -125,8 +142,9 @@ class RequestSink(Protocol):
 
     def reserve_ids(self, count: int) -> Sequence[int]: ...
 
-    def insert(self, rows: Sequence[tuple[Any, ...]]) -> bool:
-        """Insert rows atomically; False (and nothing inserted) on a custom_id conflict."""
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
+        """Insert the rows; return the positions of those refused because their custom_id is
+        held by a live request (or an earlier row); every other row is inserted."""
         ...
 
     def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
@@ -248,7 +266,7 @@ def _unexpected(obj: dict[str, Any], allowed: frozenset[str], shape: str) -> Inv
     )
 
 
-def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, str, dict[str, Any]]:
+def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, str, Any]:
     """Validate one decoded line; return (custom_id, provider, endpoint, model, body)."""
     if type(obj) is not dict:
         raise Invalid(f"expected a JSON object, got {_describe(obj)}")
@@ -273,14 +291,14 @@ def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, s
             if given is None or given == "openai"
             else _check_provider(given, "openai", model)
         )
-        return obj.get("custom_id"), provider, endpoint, model, cast(dict[str, Any], body)
+        return obj.get("custom_id"), provider, endpoint, model, body
     if "params" in obj:
         if not _ANTHROPIC_KEYS.issuperset(obj):
             raise _unexpected(obj, _ANTHROPIC_KEYS, "an Anthropic batch line")
         body = obj.get("params")
         model = _check_body("anthropic", "/v1/messages", body, "params")
         provider = _check_provider(obj.get("provider", default_provider), "anthropic", model)
-        return obj.get("custom_id"), provider, "/v1/messages", model, cast(dict[str, Any], body)
+        return obj.get("custom_id"), provider, "/v1/messages", model, body
     return _parse_simple(obj, default_provider)
 
 
@@ -323,10 +341,8 @@ def _parse_simple(
     return obj.get("custom_id"), provider, endpoint, model, body
 
 
-def split_tags(
-    tags: Mapping[str, Any], field_name: str = "tags"
-) -> tuple[tuple[str | None, ...], str]:
-    """Named tags (use_case, step, business_unit, task_id) and the rest as canonical JSON."""
+def split_tags(tags: Mapping[str, Any], field_name: str = "tags") -> tuple[str | None, ...]:
+    """Named tags (use_case, step, business_unit, task_id), then the rest as canonical JSON."""
     named: list[str | None] = [None, None, None, None]
     free: dict[str, str] = {}
     for key, value in tags.items():
@@ -339,7 +355,7 @@ def split_tags(
             named[NAMED_TAGS.index(key)] = text
         else:
             free[key] = text
-    return tuple(named), orjson.dumps(free, option=_SORT).decode()
+    return (*named, orjson.dumps(free, option=_SORT).decode())
 
 
 class Intake:
@@ -366,165 +382,161 @@ class Intake:
             ids=[] if collect_ids else None, lanes=[] if collect_ids else None
         )
         self._now_value = sink.time_value(now)
+        self._default_provider = defaults.provider
+        self._default_tolerance = defaults.tolerance
+        #: the row's last columns, the same for every line: created_at, updated_at, job_run_id
+        self._tail = (self._now_value, self._now_value, defaults.job_run_id)
         self._default_tags = split_tags(defaults.tags, "--tag")
-        self._lanes: dict[tuple[str, str, str], tuple[Any, str, str, str]] = {}
+        self._lanes: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._turnarounds: dict[tuple[str, str], Turnaround] = {}
         self._chunk: list[tuple[Any, ...]] = []
         self._lines: list[int] = []
         self._ids: Iterator[int] = iter(())
         self._first_id: int | None = None
 
-    def _lane(self, tolerance: str, provider: str, model: str) -> tuple[Any, str, str, str]:
-        key = (tolerance, provider, model)
-        hit = self._lanes.get(key)
-        if hit is None:
-            try:
-                parsed = parse_tolerance(tolerance, now=self.now, zone=self.zone)
-            except ToleranceError as exc:
-                raise Invalid(str(exc), "tolerance") from None
-            turnaround = self._turnarounds.get((provider, model))
-            if turnaround is None:
-                history = self.sink.turnarounds(provider, model)
-                turnaround = expected_turnaround(provider, self.settings, history)
-                self._turnarounds[(provider, model)] = turnaround
-            decision = classify(parsed, now=self.now, turnaround=turnaround, settings=self.settings)
-            state = (
-                RequestState.QUEUED if decision.lane is Lane.DEFERRED else RequestState.DISPATCHING
-            )
-            deadline = parsed.deadline
-            if parsed.realtime:
-                deadline += timedelta(seconds=self.settings.realtime_deadline_s)
-            hit = (
-                self.sink.time_value(deadline),
-                decision.lane.value,
-                decision.reason,
-                state.value,
-            )
-            self._lanes[key] = hit
+    def _classify(self, tolerance: str, provider: str, model: str) -> tuple[Any, ...]:
+        """Deadline, lane, reason, state and attempts for a (tolerance, provider, model),
+        worked out once per submission: a file holds few distinct tolerances."""
+        try:
+            parsed = parse_tolerance(tolerance, now=self.now, zone=self.zone)
+        except ToleranceError as exc:
+            raise Invalid(str(exc), "tolerance") from None
+        turnaround = self._turnarounds.get((provider, model))
+        if turnaround is None:
+            history = self.sink.turnarounds(provider, model)
+            turnaround = expected_turnaround(provider, self.settings, history)
+            self._turnarounds[(provider, model)] = turnaround
+        decision = classify(parsed, now=self.now, turnaround=turnaround, settings=self.settings)
+        deferred = decision.lane is Lane.DEFERRED
+        state = RequestState.QUEUED if deferred else RequestState.DISPATCHING
+        deadline = parsed.deadline
+        if parsed.realtime:
+            deadline += timedelta(seconds=self.settings.realtime_deadline_s)
+        hit = (self.sink.time_value(deadline), decision.lane.value, decision.reason, state.value, 0)
+        self._lanes[(tolerance, provider, model)] = hit
         return hit
 
     def add(self, lineno: int, raw: bytes | str | Mapping[str, Any]) -> None:
         """Validate one line and queue it for insertion; an invalid line is recorded."""
-        if type(raw) is bytes or type(raw) is str:
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                self.result.rejected.append(LineError(lineno, f"invalid JSON: {_json_error(exc)}"))
-                return
-        else:
-            obj = dict(raw)  # type: ignore[arg-type]
-        try:
-            custom_id, provider, endpoint, model, body = parse_line(obj, self.defaults.provider)
-            if custom_id is not None and (
-                type(custom_id) is not str or not _custom_id_ok(custom_id)
-            ):
-                raise Invalid(
-                    f"expected 1-64 letters, digits, '_' or '-', got {_describe(custom_id)}",
-                    "custom_id",
-                )
-            tolerance = obj.get("tolerance") or self.defaults.tolerance
-            if type(tolerance) is not str:
-                raise Invalid(
-                    f"expected a string like '4h', got {_describe(tolerance)}", "tolerance"
-                )
-            deadline, lane, reason, state = self._lane(tolerance, provider, model)
-            tags = obj.get("tags")
-            if tags is None:
-                named, free = self._default_tags
-            elif type(tags) is not dict:
-                raise Invalid(f"expected an object of name: value, got {_describe(tags)}", "tags")
-            else:
-                named, free = split_tags({**self.defaults.tags, **tags})
-        except Invalid as exc:
-            self.result.rejected.append(LineError(lineno, exc.error, exc.field))
-            return
-        rid = self._next_id()
-        canonical = orjson.dumps(body, option=_SORT)
-        now = self._now_value
-        self._chunk.append(
-            (
-                rid,
-                custom_id or f"bw-{rid}",
-                provider,
-                endpoint,
-                model,
-                canonical.decode(),
-                hashlib.sha256(canonical).hexdigest(),
-                tolerance,
-                deadline,
-                lane,
-                reason,
-                state,
-                0,
-                *named,
-                free,
-                len(canonical) >> 2,
-                now,
-                now,
-                self.defaults.job_run_id,
-            )
-        )
-        self._lines.append(lineno)
-        if len(self._chunk) >= CHUNK_ROWS:
-            self.flush()
+        self.consume(((lineno, raw),))
 
-    def _next_id(self) -> int:
-        try:
-            return next(self._ids)
-        except StopIteration:
-            ids = self.sink.reserve_ids(CHUNK_ROWS)
-            if self._first_id is None:
-                self._first_id = ids[0]
-            self._ids = iter(ids)
-            return next(self._ids)
+    def consume(
+        self,
+        numbered: Iterable[tuple[int, bytes | str | Mapping[str, Any]]],
+        on_line: Callable[[int], None] | None = None,
+    ) -> None:
+        """Validate numbered lines and queue them for insertion; blank lines are skipped.
+
+        The hot path of intake, so it keeps what it uses per line in local variables.
+        """
+        loads, dumps, sha256 = orjson.loads, orjson.dumps, hashlib.sha256
+        lanes, chunk, line_numbers = self._lanes, self._chunk, self._lines
+        rejected = self.result.rejected
+        default_provider, default_tolerance = self._default_provider, self._default_tolerance
+        default_tags, tail = self._default_tags, self._tail
+        for lineno, raw in numbered:
+            if type(raw) is bytes or type(raw) is str:
+                if not raw or raw.isspace():
+                    continue
+                try:
+                    obj = loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    rejected.append(LineError(lineno, f"invalid JSON: {_json_error(exc)}"))
+                    continue
+            else:
+                obj = dict(raw)  # type: ignore[arg-type]
+            try:
+                custom_id, provider, endpoint, model, body = parse_line(obj, default_provider)
+                if custom_id is not None and (
+                    type(custom_id) is not str or not _custom_id_ok(custom_id)
+                ):
+                    raise Invalid(
+                        f"expected 1-64 letters, digits, '_' or '-', got {_describe(custom_id)}",
+                        "custom_id",
+                    )
+                tolerance = obj.get("tolerance") or default_tolerance
+                lane = lanes.get((tolerance, provider, model))
+                if lane is None:
+                    if type(tolerance) is not str:
+                        raise Invalid(
+                            f"expected a string like '4h', got {_describe(tolerance)}", "tolerance"
+                        )
+                    lane = self._classify(tolerance, provider, model)
+                tags = obj.get("tags")
+                if tags is None:
+                    tagged = default_tags
+                elif type(tags) is not dict:
+                    raise Invalid(
+                        f"expected an object of name: value, got {_describe(tags)}", "tags"
+                    )
+                else:
+                    tagged = split_tags({**self.defaults.tags, **tags})
+            except Invalid as exc:
+                rejected.append(LineError(lineno, exc.error, exc.field))
+                continue
+            rid = next(self._ids, None)
+            if rid is None:
+                rid = self._refill_ids()
+            canonical = dumps(body, option=_SORT)
+            size = len(canonical)
+            chunk.append((
+                rid, custom_id or f"bw-{rid}", provider, endpoint, model, canonical.decode(),
+                sha256(canonical).hexdigest(), tolerance, *lane, *tagged, size, size >> 2, *tail,
+            ))  # fmt: skip
+            line_numbers.append(lineno)
+            if len(chunk) >= CHUNK_ROWS:
+                self.flush()
+                chunk, line_numbers = self._chunk, self._lines
+            if on_line is not None:
+                on_line(lineno)
+
+    def _refill_ids(self) -> int:
+        ids = self.sink.reserve_ids(CHUNK_ROWS)
+        if self._first_id is None:
+            self._first_id = ids[0]
+        self._ids = iter(ids)
+        return next(self._ids)
 
     def flush(self) -> None:
         rows, lines = self._chunk, self._lines
         self._chunk, self._lines = [], []
-        while rows:
-            if self.sink.insert(rows):
-                self._count(rows)
-                return
-            keep = self._drop_conflicts(rows, lines)
-            if len(keep) == len(rows):
-                raise StoreError("custom_id conflict that no line of the chunk explains")
-            rows = [rows[i] for i in keep]
-            lines = [lines[i] for i in keep]
+        if not rows:
+            return
+        refused = self.sink.insert(rows)
+        if refused:
+            self._reject(rows, lines, refused)
+            skip = set(refused)
+            rows = [row for i, row in enumerate(rows) if i not in skip]
+        self._count(rows)
 
-    def _drop_conflicts(self, rows: list[tuple[Any, ...]], lines: list[int]) -> list[int]:
-        """After a custom_id conflict: reject the offending lines; return the positions kept."""
-        custom_ids = [row[_CUSTOM_ID] for row in rows]
-        taken = self.sink.live_custom_ids(custom_ids)
-        first_line: dict[str, int] = {}
-        keep = []
-        for i, (cid, lineno) in enumerate(zip(custom_ids, lines, strict=True)):
-            if cid in taken:
-                owner = taken[cid]
-                if self._first_id is not None and owner >= self._first_id:
-                    error = (
-                        f"custom_id {cid!r} is used twice in this submission "
-                        f"(earlier as request {owner})"
-                    )
-                else:
-                    error = f"custom_id {cid!r} is already used by live request {owner}"
-                self.result.rejected.append(LineError(lineno, error, "custom_id"))
-            elif cid in first_line:
-                error = (
-                    f"custom_id {cid!r} is used twice in this submission "
-                    f"(first on line {first_line[cid]})"
-                )
-                self.result.rejected.append(LineError(lineno, error, "custom_id"))
-            else:
-                first_line[cid] = lineno
-                keep.append(i)
-        return keep
+    def _reject(
+        self, rows: list[tuple[Any, ...]], lines: list[int], refused: Sequence[int]
+    ) -> None:
+        """Explain each row the sink refused for its custom_id: who holds it already."""
+        custom_ids = [rows[i][_CUSTOM_ID] for i in refused]
+        owners = self.sink.live_custom_ids(custom_ids)
+        line_of = {row[_ID]: line for row, line in zip(rows, lines, strict=True)}
+        for i, cid in zip(refused, custom_ids, strict=True):
+            owner = owners.get(cid)
+            twice = f"custom_id {cid!r} is used twice in this submission"
+            if owner in line_of:
+                error = f"{twice} (first on line {line_of[owner]})"
+            elif owner is not None and self._first_id is not None and owner >= self._first_id:
+                error = f"{twice} (earlier as request {owner})"
+            elif owner is not None:
+                error = f"custom_id {cid!r} is already used by live request {owner}"
+            else:  # pragma: no cover - the holder finished between the insert and this query
+                error = f"custom_id {cid!r} was used by another live request"
+            self.result.rejected.append(LineError(lines[i], error, "custom_id"))
 
     def _count(self, rows: list[tuple[Any, ...]]) -> None:
         result = self.result
-        realtime = sum(1 for r in rows if r[_LANE] == "realtime")
+        realtime = [r[_ID] for r in rows if r[_LANE] == "realtime"]
         result.accepted += len(rows)
-        result.realtime += realtime
-        result.deferred += len(rows) - realtime
+        result.realtime += len(realtime)
+        result.deferred += len(rows) - len(realtime)
+        if self.settings.broker_url:  # only distributed mode hands them on; keep memory flat
+            result.realtime_ids.extend(realtime)
         if result.ids is not None and result.lanes is not None:
             result.ids.extend(r[_ID] for r in rows)
             result.lanes.extend(r[_LANE] for r in rows)
@@ -567,12 +579,7 @@ def submit_lines(
         collect_ids=collect_ids,
     )
     try:
-        for lineno, raw in enumerate(lines, 1):
-            if not raw or ((type(raw) is bytes or type(raw) is str) and raw.isspace()):
-                continue
-            intake.add(lineno, raw)
-            if on_line is not None:
-                on_line(lineno)
+        intake.consume(enumerate(lines, 1), on_line)
         return intake.finish()
     except BaseException:
         sink.rollback()

@@ -12,7 +12,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from batchwise.dbapi import SQLITE_TIME_FORMAT
-from batchwise.states import LIVE_REQUEST_STATES
+from batchwise.states import CALLS_SQL, IN_BATCH_SQL, LIVE_SQL, QUEUED_SQL
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -49,9 +49,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _live_states_sql() -> Any:
-    states = ", ".join(f"'{s.value}'" for s in sorted(LIVE_REQUEST_STATES, key=lambda s: s.value))
-    return text(f"state IN ({states})")
+def _where(predicate: str) -> dict[str, Any]:
+    """A partial index's predicate, the same text on SQLite and PostgreSQL."""
+    return {"sqlite_where": text(predicate), "postgresql_where": text(predicate)}
 
 
 def _time(**kwargs: Any) -> Any:
@@ -64,23 +64,13 @@ class Request(SQLModel, table=True):
     __tablename__ = "requests"
     __table_args__ = (
         # A caller's custom_id names one live request at a time; finished ones may be reused.
-        Index(
-            "uq_requests_live_custom_id",
-            "custom_id",
-            unique=True,
-            sqlite_where=_live_states_sql(),
-            postgresql_where=_live_states_sql(),
-        ),
-        # The work queues: the packer, the realtime dispatcher and the rescuer read live rows only.
-        Index(
-            "ix_requests_live",
-            "state",
-            "provider",
-            "endpoint",
-            "model",
-            sqlite_where=_live_states_sql(),
-            postgresql_where=_live_states_sql(),
-        ),
+        Index("uq_requests_live_custom_id", "custom_id", unique=True, **_where(LIVE_SQL)),
+        # The work queues, each holding only the rows waiting in it, by deadline: the packer's,
+        # the realtime lane's, and the rescuer's watch over batches in flight. Keys are kept
+        # narrow: every accepted request pays for one entry at intake.
+        Index("ix_requests_queued", "deadline", **_where(QUEUED_SQL)),
+        Index("ix_requests_calls", "deadline", **_where(CALLS_SQL)),
+        Index("ix_requests_in_batch", "deadline", **_where(IN_BATCH_SQL)),
         Index(
             "ix_requests_batch",
             "batch_id",
@@ -138,6 +128,8 @@ class Request(SQLModel, table=True):
     tags: str = Field(default="{}", sa_type=Text)
     #: the cron job run that produced it, if any
     job_run_id: int | None = Field(default=None)
+    #: bytes of the canonical body, so the packer can size batches without reading bodies
+    size_bytes: int = Field(default=0, sa_type=Integer)
     #: estimated prompt tokens, for in-flight token budgets
     est_input_tokens: int = Field(default=0, sa_type=Integer)
     created_at: datetime = _time()

@@ -112,12 +112,6 @@ def token_budget(settings: Settings, model: str) -> int:
     return settings.inflight_token_budget.get(model, settings.default_inflight_token_budget)
 
 
-def _bytes_expr(conn: Connection) -> sa.ColumnElement[int]:
-    if conn.dialect.name == "sqlite":
-        return sa.func.length(sa.cast(requests_t.c.body, sa.LargeBinary))
-    return sa.func.octet_length(requests_t.c.body)
-
-
 def queued_groups(conn: Connection) -> list[Group]:
     t = requests_t
     query = (
@@ -126,7 +120,7 @@ def queued_groups(conn: Connection) -> list[Group]:
             t.c.endpoint,
             t.c.model,
             sa.func.count(),
-            sa.func.sum(_bytes_expr(conn) + LINE_OVERHEAD_BYTES),
+            sa.func.sum(t.c.size_bytes + LINE_OVERHEAD_BYTES),
             sa.func.sum(t.c.est_input_tokens),
             sa.func.min(t.c.updated_at),
             sa.func.min(t.c.deadline),
@@ -213,7 +207,7 @@ def _pack_one(
     budget = token_budget(settings, group.model) - inflight
     with store.write() as conn:
         query = (
-            sa.select(t.c.id, _bytes_expr(conn) + LINE_OVERHEAD_BYTES, t.c.est_input_tokens)
+            sa.select(t.c.id, t.c.size_bytes + LINE_OVERHEAD_BYTES, t.c.est_input_tokens)
             .where(
                 t.c.state == RequestState.QUEUED.value,
                 t.c.provider == group.provider,

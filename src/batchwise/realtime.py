@@ -30,7 +30,7 @@ from batchwise.errors import ProviderError, RateLimited
 from batchwise.faults import crashpoint
 from batchwise.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.providers.base import CallResult, Provider
-from batchwise.states import RequestState
+from batchwise.states import CALLS_SQL, RequestState
 from batchwise.store import (
     Store,
     check_transition,
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 _S = RequestState
 _t = requests_t
-_CLAIMABLE = (_S.DISPATCHING.value, _S.RESCUED.value)
+#: waiting for a realtime call (the predicate of the ix_requests_calls index)
+_CLAIMABLE = sa.text(CALLS_SQL)
 _COLUMNS = (
     _t.c.id,
     _t.c.state,
@@ -91,7 +92,7 @@ def claim(
     skip_providers: frozenset[str] = frozenset(),
 ) -> list[Claim]:
     """Lease up to `limit` requests waiting for a realtime call (or exactly `request_id`)."""
-    query = sa.select(_t.c.id).where(_t.c.state.in_(_CLAIMABLE), _free(now))
+    query = sa.select(_t.c.id).where(_CLAIMABLE, _free(now))
     if request_id is not None:
         query = query.where(_t.c.id == request_id)
     if skip_providers:
@@ -121,7 +122,7 @@ def claim(
         rows = (
             conn.execute(
                 sa.update(_t)
-                .where(_t.c.id.in_(ids), _t.c.state.in_(_CLAIMABLE), _free(now))
+                .where(_t.c.id.in_(ids), _CLAIMABLE, _free(now))
                 .values(lease_owner=worker, lease_expires_at=lease_until(now, settings.lease_s))
                 .returning(*_COLUMNS)
             )

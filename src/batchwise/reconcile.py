@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from batchwise import ledger
 from batchwise.classify import human_s
+from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
@@ -38,6 +39,7 @@ from batchwise.providers.base import (
 )
 from batchwise.states import ENDED_BATCH_STATES, BatchState, RequestState
 from batchwise.store import (
+    LeaseKeeper,
     Store,
     batches_t,
     check_transition,
@@ -51,6 +53,8 @@ from batchwise.store import (
 log = logging.getLogger(__name__)
 
 CHUNK_LINES = 2000
+#: wait before reading the results of a batch again after a broken stream
+RETRY_READ_S = 30.0
 TOKEN_LIMIT = "token_limit_exceeded"
 _S = RequestState
 _STATE_TO_STATUS = {
@@ -144,47 +148,61 @@ def reconcile_due(
     now: datetime,
     settings: Settings,
     worker: str,
+    clock: Clock | None = None,
 ) -> list[ReconcileReport]:
-    """Reconcile every ended batch not held by another worker's lease."""
-    return [
-        reconcile_batch(
-            store, provider_for(batch.provider), book, batch, now=now, settings=settings
+    """Reconcile ended batches one claim at a time, each under a lease kept alive while its
+    results stream in; a batch whose results could not be read waits before the next try."""
+    reports: list[ReconcileReport] = []
+    while (batch := _claim_next(store, now=now, settings=settings, worker=worker)) is not None:
+        keeper = LeaseKeeper(
+            store,
+            batches_t,
+            batch.id,
+            worker,
+            lease_s=settings.lease_s,
+            clock=clock or (lambda: now),
         )
-        for batch in _claim(store, now=now, settings=settings, worker=worker)
-    ]
+        with keeper:
+            reports.append(
+                reconcile_batch(
+                    store, provider_for(batch.provider), book, batch, now=now, settings=settings
+                )
+            )
+    return reports
 
 
-def _claim(store: Store, *, now: datetime, settings: Settings, worker: str) -> list[_Batch]:
+def _claim_next(store: Store, *, now: datetime, settings: Settings, worker: str) -> _Batch | None:
     b = batches_t
     ended = [s.value for s in ENDED_BATCH_STATES]
-    free = sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now)
-    claimed = []
+    claimable = sa.and_(
+        b.c.state.in_(ended),
+        sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now),
+        sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now),
+    )
+    pick = sa.select(b.c.id).where(claimable).order_by(b.c.id).limit(1)
+    if store.is_postgres:
+        pick = pick.with_for_update(skip_locked=True)
     with store.write() as conn:
-        ids = list(
-            conn.execute(
-                sa.select(b.c.id).where(b.c.state.in_(ended), free).order_by(b.c.id)
-            ).scalars()
-        )
-        for batch_id in ids:
-            row = conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch_id, b.c.state.in_(ended), free)
-                .values(lease_owner=worker, lease_expires_at=lease_until(now, settings.lease_s))
-                .returning(
-                    b.c.id,
-                    b.c.provider,
-                    b.c.endpoint,
-                    b.c.state,
-                    b.c.provider_batch_id,
-                    b.c.provider_status,
-                    b.c.result_refs,
-                    b.c.error_code,
-                    b.c.last_error,
-                )
-            ).first()
-            if row is not None:
-                claimed.append(_Batch(*row))
-    return claimed
+        batch_id = conn.execute(pick).scalar()
+        if batch_id is None:
+            return None
+        row = conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id, claimable)
+            .values(lease_owner=worker, lease_expires_at=lease_until(now, settings.lease_s))
+            .returning(
+                b.c.id,
+                b.c.provider,
+                b.c.endpoint,
+                b.c.state,
+                b.c.provider_batch_id,
+                b.c.provider_status,
+                b.c.result_refs,
+                b.c.error_code,
+                b.c.last_error,
+            )
+        ).first()
+    return None if row is None else _Batch(*row)
 
 
 def reconcile_batch(
@@ -226,7 +244,11 @@ def reconcile_batch(
                     sa.update(batches_t)
                     .where(batches_t.c.id == batch.id)
                     .values(
-                        last_error=str(exc), lease_owner=None, lease_expires_at=None, updated_at=now
+                        last_error=str(exc),
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        next_poll_at=now + timedelta(seconds=exc.retry_after_s or RETRY_READ_S),
+                        updated_at=now,
                     )
                 )
             return report

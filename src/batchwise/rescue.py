@@ -16,11 +16,12 @@ import sqlalchemy as sa
 
 from batchwise.classify import human_s
 from batchwise.config import Settings
-from batchwise.states import LIVE_REQUEST_STATES, Lane, RequestState
+from batchwise.states import CALLS_SQL, IN_BATCH_SQL, QUEUED_SQL, Lane, RequestState
 from batchwise.store import Store, record_event, requests_t, transition_requests
 
 _S = RequestState
 _t = requests_t
+QUEUED, CALLS, IN_BATCH = sa.text(QUEUED_SQL), sa.text(CALLS_SQL), sa.text(IN_BATCH_SQL)
 
 
 def rescue_due(
@@ -31,15 +32,16 @@ def rescue_due(
     margin = timedelta(seconds=settings.rescue_margin_s)
     with store.write() as conn:
         groups = conn.execute(
-            sa.select(_t.c.provider, _t.c.model).where(_t.c.state == _S.QUEUED.value).distinct()
+            sa.select(_t.c.provider, _t.c.endpoint, _t.c.model).where(QUEUED).distinct()
         ).all()
-        for provider, model in groups:
+        for provider, endpoint, model in groups:
             horizon = now + margin + timedelta(seconds=turnaround_s(provider, model))
             ids = list(
                 conn.execute(
                     sa.select(_t.c.id).where(
-                        _t.c.state == _S.QUEUED.value,
+                        QUEUED,
                         _t.c.provider == provider,
+                        _t.c.endpoint == endpoint,
                         _t.c.model == model,
                         _t.c.deadline <= horizon,
                     )
@@ -53,14 +55,11 @@ def rescue_due(
                 why=f"a batch flushed now could not return before the deadline "
                 f"(expected turnaround {human_s(turnaround_s(provider, model))})",
             )
+        at_risk = conn.execute(
+            sa.select(_t.c.id, _t.c.state).where(IN_BATCH, _t.c.deadline <= now + margin)
+        ).all()
         for state in (_S.PACKED, _S.SUBMITTED):
-            ids = list(
-                conn.execute(
-                    sa.select(_t.c.id).where(
-                        _t.c.state == state.value, _t.c.deadline <= now + margin
-                    )
-                ).scalars()
-            )
+            ids = [rid for rid, s in at_risk if s == state.value]
             rescued += _rescue(
                 conn,
                 ids,
@@ -105,13 +104,16 @@ def _rescue(
 
 def record_missed_deadlines(store: Store, *, now: datetime) -> int:
     """Record, once, every live request whose deadline has passed, with where it is stuck."""
-    live = [s.value for s in LIVE_REQUEST_STATES]
     with store.write() as conn:
-        rows = conn.execute(
-            sa.select(
-                _t.c.id, _t.c.state, _t.c.lane, _t.c.attempts, _t.c.error, _t.c.task_id
-            ).where(_t.c.state.in_(live), _t.c.deadline < now, _t.c.deadline_miss.is_(None))
-        ).all()
+        rows = [
+            row
+            for queue in (QUEUED, CALLS, IN_BATCH)  # each served by its own partial index
+            for row in conn.execute(
+                sa.select(
+                    _t.c.id, _t.c.state, _t.c.lane, _t.c.attempts, _t.c.error, _t.c.task_id
+                ).where(queue, _t.c.deadline < now, _t.c.deadline_miss.is_(None))
+            )
+        ]
         for rid, state, lane, attempts, error, task_id in rows:
             cause = _cause(state, lane, attempts, error)
             conn.execute(

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from types import TracebackType
 
 import sqlalchemy as sa
@@ -25,9 +24,14 @@ from batchwise.providers.base import BatchLimits, Provider
 from batchwise.realtime import Dispatcher
 from batchwise.reconcile import ReconcileReport, reconcile_due
 from batchwise.rescue import record_missed_deadlines, rescue_due
-from batchwise.states import ENDED_BATCH_STATES, LIVE_BATCH_STATES, LIVE_REQUEST_STATES, BatchState
+from batchwise.states import (
+    CALLS_SQL,
+    IN_BATCH_SQL,
+    QUEUED_SQL,
+    BatchState,
+)
 from batchwise.store import Store, batches_t, requests_t, worker_id
-from batchwise.submitter import claim_batches, submit_batch
+from batchwise.submitter import claim_next_batch, submit_batch
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +169,23 @@ class Scheduler:
         )
 
     def submit(self) -> int:
+        """Submit batches one claim at a time until none is waiting."""
         submitted = 0
-        for batch in claim_batches(
-            self.store, now=self.clock(), settings=self.settings, worker=self.worker
-        ):
+        while True:
+            batch = claim_next_batch(
+                self.store, now=self.clock(), settings=self.settings, worker=self.worker
+            )
+            if batch is None:
+                return submitted
             info = submit_batch(
                 self.store,
                 self.providers(batch.provider),
                 batch,
-                now=self.clock(),
+                clock=self.clock,
                 settings=self.settings,
                 worker=self.worker,
             )
             submitted += info is not None
-        return submitted
 
     def poll(self, *, cap_s: float | None = None) -> int:
         cap = self.settings.tick_interval_s if cap_s is None else cap_s
@@ -192,6 +199,7 @@ class Scheduler:
             now=self.clock(),
             settings=self.settings,
             worker=self.worker,
+            clock=self.clock,
         )
 
     def rescue(self) -> tuple[int, int]:
@@ -217,30 +225,20 @@ class Scheduler:
 
     def pending(self) -> dict[str, int]:
         """Live requests by state, plus batches not yet reconciled."""
+        states: dict[str, int] = {}
         with self.store.read() as conn:
-            states: dict[str, int] = dict(
-                conn.execute(
-                    sa.select(requests_t.c.state, sa.func.count())
-                    .where(requests_t.c.state.in_([s.value for s in LIVE_REQUEST_STATES]))
-                    .group_by(requests_t.c.state)
-                ).all()
-            )
+            for queue in (QUEUED_SQL, CALLS_SQL, IN_BATCH_SQL):  # one partial index each
+                states.update(
+                    conn.execute(
+                        sa.select(requests_t.c.state, sa.func.count())
+                        .where(sa.text(queue))
+                        .group_by(requests_t.c.state)
+                    ).all()
+                )
             open_batches = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(batches_t)
-                .where(
-                    batches_t.c.state.in_(
-                        [
-                            s.value
-                            for s in (
-                                *LIVE_BATCH_STATES,
-                                *ENDED_BATCH_STATES,
-                                BatchState.BUILDING,
-                                BatchState.UPLOADING,
-                            )
-                        ]
-                    )
-                )
+                .where(batches_t.c.state != BatchState.RECONCILED.value)
             ).scalar_one()
         return {**{k: int(v) for k, v in states.items()}, "open_batches": int(open_batches)}
 
@@ -268,13 +266,3 @@ class Scheduler:
                 return
             if not report.did_work:
                 sleep(interval)
-
-
-def next_deadline(store: Store) -> datetime | None:
-    with store.read() as conn:
-        value = conn.execute(
-            sa.select(sa.func.min(requests_t.c.deadline)).where(
-                requests_t.c.state.in_([s.value for s in LIVE_REQUEST_STATES])
-            )
-        ).scalar()
-    return value

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -274,3 +275,54 @@ def record_event(
             data=orjson.dumps(data or {}).decode(),
         )
     )
+
+
+class LeaseKeeper:
+    """Keeps this worker's lease on a row alive while slow work runs (an upload, a long
+    result stream), so nobody takes the row over from a worker that is still busy with it.
+
+    A background thread pushes `lease_expires_at` forward every third of the lease. If the
+    process dies the renewals stop and the lease lapses as usual. `lost` turns True if the row
+    is no longer ours.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        table: sa.Table,
+        row_id: int,
+        worker: str,
+        *,
+        lease_s: float,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store, self.table, self.row_id, self.worker = store, table, row_id, worker
+        self.lease_s, self.clock = lease_s, clock
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-{table.name}-{row_id}", daemon=True
+        )
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.05, self.lease_s / 3)):
+            self.renew()
+
+    def renew(self) -> bool:
+        t = self.table
+        with self.store.write() as conn:
+            kept = conn.execute(
+                sa.update(t)
+                .where(t.c.id == self.row_id, t.c.lease_owner == self.worker)
+                .values(lease_expires_at=lease_until(self.clock(), self.lease_s))
+            ).rowcount
+        self.lost = self.lost or not kept
+        return bool(kept)

@@ -9,19 +9,28 @@ submitted twice (invariant 3).
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import orjson
 import sqlalchemy as sa
 
+from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.packer import batch_file_path, write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState, RequestState
-from batchwise.store import Store, batches_t, lease_until, requests_t, transition_requests
+from batchwise.store import (
+    LeaseKeeper,
+    Store,
+    batches_t,
+    lease_until,
+    requests_t,
+    transition_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +69,14 @@ def metadata_value(store_id: str, batch_id: int) -> str:
     return f"{store_id}:{batch_id}"
 
 
-def claim_batches(store: Store, *, now: datetime, settings: Settings, worker: str) -> list[Claimed]:
-    """Take every batch that needs submitting and is not held by a live lease."""
+def claim_next_batch(
+    store: Store, *, now: datetime, settings: Settings, worker: str
+) -> Claimed | None:
+    """Take the next batch that needs submitting and is not held by a live lease.
+
+    One at a time: a worker holds the lease only on the batch it is working on, so a slow
+    upload never lets someone else's lease on a waiting batch lapse.
+    """
     b = batches_t
     free = sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now)
     due = sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now)
@@ -69,35 +84,36 @@ def claim_batches(store: Store, *, now: datetime, settings: Settings, worker: st
         b.c.state == BatchState.BUILDING.value,
         sa.and_(b.c.state == BatchState.UPLOADING.value, free, due),
     )
-    claimed = []
+    pick = sa.select(b.c.id).where(claimable).order_by(b.c.id).limit(1)
+    if store.is_postgres:
+        pick = pick.with_for_update(skip_locked=True)
     with store.write() as conn:
-        ids = list(conn.execute(sa.select(b.c.id).where(claimable).order_by(b.c.id)).scalars())
-        for batch_id in ids:
-            row = conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch_id, claimable)
-                .values(
-                    state=BatchState.UPLOADING.value,
-                    lease_owner=worker,
-                    lease_expires_at=lease_until(now, settings.lease_s),
-                    upload_started_at=sa.func.coalesce(b.c.upload_started_at, now),
-                    submit_attempts=b.c.submit_attempts + 1,
-                    updated_at=now,
-                )
-                .returning(
-                    b.c.id,
-                    b.c.provider,
-                    b.c.endpoint,
-                    b.c.model,
-                    b.c.request_count,
-                    b.c.submit_attempts,
-                    b.c.upload_started_at,
-                    b.c.create_started_at,
-                )
-            ).first()
-            if row is not None:
-                claimed.append(Claimed(*row))
-    return claimed
+        batch_id = conn.execute(pick).scalar()
+        if batch_id is None:
+            return None
+        row = conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch_id, claimable)
+            .values(
+                state=BatchState.UPLOADING.value,
+                lease_owner=worker,
+                lease_expires_at=lease_until(now, settings.lease_s),
+                upload_started_at=sa.func.coalesce(b.c.upload_started_at, now),
+                submit_attempts=b.c.submit_attempts + 1,
+                updated_at=now,
+            )
+            .returning(
+                b.c.id,
+                b.c.provider,
+                b.c.endpoint,
+                b.c.model,
+                b.c.request_count,
+                b.c.submit_attempts,
+                b.c.upload_started_at,
+                b.c.create_started_at,
+            )
+        ).first()
+    return None if row is None else Claimed(*row)
 
 
 def submit_batch(
@@ -105,44 +121,50 @@ def submit_batch(
     provider: Provider,
     batch: Claimed,
     *,
-    now: datetime,
+    clock: Clock,
     settings: Settings,
     worker: str,
 ) -> BatchInfo | None:
     """Submit (or adopt) one claimed batch; returns the provider batch, or None if it is
-    left for a later attempt or failed."""
-    key = metadata_value(store.store_id, batch.id)
-    if batch.create_started_at is not None:
-        # An earlier attempt started the create call: the batch may exist. Look first.
-        adopted = _find_existing(store, provider, batch, key, batch.create_started_at)
-        if adopted is not None:
-            log.warning(
-                "batch %s: adopting provider batch %s created by an earlier attempt",
-                batch.id,
-                adopted.id,
+    left for a later attempt or failed. The lease is kept alive while it works."""
+    keeper = LeaseKeeper(store, batches_t, batch.id, worker, lease_s=settings.lease_s, clock=clock)
+    with keeper:
+        key = metadata_value(store.store_id, batch.id)
+        if batch.create_started_at is not None:
+            # An earlier attempt started the create call: the batch may exist. Look first.
+            adopted = _find_existing(store, provider, batch, key, batch.create_started_at)
+            if adopted is not None:
+                log.warning(
+                    "batch %s: adopting provider batch %s created by an earlier attempt",
+                    batch.id,
+                    adopted.id,
+                )
+                _record(store, batch, adopted, now=clock(), worker=worker)
+                return adopted
+        # A name of our own: after a takeover two workers may build the same batch's file.
+        path = batch_file_path(settings, batch.id).with_suffix(f".{uuid.uuid4().hex[:8]}.jsonl")
+        try:
+            lines, size = write_batch_file(
+                store, batch_id=batch.id, provider=provider, endpoint=batch.endpoint, path=path
             )
-            _record(store, batch, adopted, now=now, worker=worker)
-            return adopted
-    path = batch_file_path(settings, batch.id)
-    lines, size = write_batch_file(
-        store, batch_id=batch.id, provider=provider, endpoint=batch.endpoint, path=path
-    )
-    if lines == 0:  # every request was cancelled or rescued while packed
-        _finish_empty(store, batch, now=now, worker=worker)
-        path.unlink(missing_ok=True)
-        return None
-    crashpoint("before_submit")
-    if not _mark_create_started(store, batch, now=now, worker=worker):
-        return None
-    try:
-        info = provider.submit_batch(path, endpoint=batch.endpoint, metadata={METADATA_KEY: key})
-    except ProviderError as exc:
-        _submit_failed(store, batch, exc, now=now, settings=settings, worker=worker)
-        return None
-    crashpoint("after_create")
-    _record(store, batch, info, now=now, worker=worker, size_bytes=size)
-    path.unlink(missing_ok=True)
-    return info
+            if lines == 0:  # every request was cancelled or rescued while packed
+                _finish_empty(store, batch, now=clock(), worker=worker)
+                return None
+            crashpoint("before_submit")
+            if not _mark_create_started(store, batch, now=clock(), worker=worker):
+                return None
+            try:
+                info = provider.submit_batch(
+                    path, endpoint=batch.endpoint, metadata={METADATA_KEY: key}
+                )
+            except ProviderError as exc:
+                _submit_failed(store, batch, exc, now=clock(), settings=settings, worker=worker)
+                return None
+            crashpoint("after_create")
+            _record(store, batch, info, now=clock(), worker=worker, size_bytes=size)
+            return info
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def _mark_create_started(store: Store, batch: Claimed, *, now: datetime, worker: str) -> bool:

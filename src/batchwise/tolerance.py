@@ -18,8 +18,11 @@ ACCEPTED_FORMS = (
     "an ISO-8601 datetime with offset like 2026-11-30T07:00:00+01:00, or 'by HH:MM'"
 )
 
+_NUMBER = r"\d+(?:\.\d+)?"
 _DURATION = re.compile(
-    r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$", re.IGNORECASE
+    rf"^(?:(?P<d>{_NUMBER})d)?(?:(?P<h>{_NUMBER})h)?(?:(?P<m>{_NUMBER})m(?!s))?"
+    rf"(?:(?P<s>{_NUMBER})s)?(?:(?P<ms>{_NUMBER})ms)?$",
+    re.IGNORECASE,
 )
 _BY = re.compile(r"^by\s+(?P<h>\d{1,2}):(?P<m>\d{2})$", re.IGNORECASE)
 _REALTIME = frozenset({"realtime", "0", "now"})
@@ -39,19 +42,20 @@ class Tolerance:
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse `90s`, `15m`, `1h30m`, `2d` (units in descending order, at least one)."""
+    """Parse `90s`, `15m`, `1h30m`, `2d`, `1.5h`, `50ms` (units in descending order)."""
     match = _DURATION.match(text.strip())
     if not match or not any(match.groupdict().values()):
         raise ValueError(
             f"invalid duration {text!r}: expected a number with a unit, "
-            "like 90s, 15m, 4h, 2d or 1h30m"
+            "like 90s, 15m, 4h, 2d, 1h30m or 50ms"
         )
-    parts = {k: int(v) for k, v in match.groupdict().items() if v}
+    parts = {k: float(v) for k, v in match.groupdict().items() if v}
     return timedelta(
         days=parts.get("d", 0),
         hours=parts.get("h", 0),
         minutes=parts.get("m", 0),
         seconds=parts.get("s", 0),
+        milliseconds=parts.get("ms", 0),
     )
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 14:57:16.693134
+Create Date: 2026-11-29 15:14:15.119504
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def upgrade() -> None:
         sa.Column("task_id", sa.String(length=128), nullable=True),
         sa.Column("tags", sa.Text(), nullable=False),
         sa.Column("job_run_id", sa.Integer(), nullable=True),
+        sa.Column("size_bytes", sa.Integer(), nullable=False),
         sa.Column("est_input_tokens", sa.Integer(), nullable=False),
         sa.Column("created_at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
@@ -180,6 +181,20 @@ def upgrade() -> None:
             postgresql_where=sa.text("batch_id IS NOT NULL"),
         )
         batch_op.create_index(
+            "ix_requests_calls",
+            ["deadline"],
+            unique=False,
+            sqlite_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
+            postgresql_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
+        )
+        batch_op.create_index(
+            "ix_requests_in_batch",
+            ["deadline"],
+            unique=False,
+            sqlite_where=sa.text("(state = 'packed' OR state = 'submitted')"),
+            postgresql_where=sa.text("(state = 'packed' OR state = 'submitted')"),
+        )
+        batch_op.create_index(
             "ix_requests_job_run",
             ["job_run_id"],
             unique=False,
@@ -187,15 +202,11 @@ def upgrade() -> None:
             postgresql_where=sa.text("job_run_id IS NOT NULL"),
         )
         batch_op.create_index(
-            "ix_requests_live",
-            ["state", "provider", "endpoint", "model"],
+            "ix_requests_queued",
+            ["deadline"],
             unique=False,
-            sqlite_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
-            ),
-            postgresql_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
-            ),
+            sqlite_where=sa.text("state = 'queued'"),
+            postgresql_where=sa.text("state = 'queued'"),
         )
         batch_op.create_index(
             "ix_requests_task",
@@ -209,10 +220,10 @@ def upgrade() -> None:
             ["custom_id"],
             unique=True,
             sqlite_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
+                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
             ),
             postgresql_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
+                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
             ),
         )
 
@@ -258,10 +269,10 @@ def downgrade() -> None:
         batch_op.drop_index(
             "uq_requests_live_custom_id",
             sqlite_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
+                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
             ),
             postgresql_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
+                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
             ),
         )
         batch_op.drop_index(
@@ -270,18 +281,24 @@ def downgrade() -> None:
             postgresql_where=sa.text("task_id IS NOT NULL"),
         )
         batch_op.drop_index(
-            "ix_requests_live",
-            sqlite_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
-            ),
-            postgresql_where=sa.text(
-                "state IN ('dispatching', 'packed', 'queued', 'rescued', 'submitted')"
-            ),
+            "ix_requests_queued",
+            sqlite_where=sa.text("state = 'queued'"),
+            postgresql_where=sa.text("state = 'queued'"),
         )
         batch_op.drop_index(
             "ix_requests_job_run",
             sqlite_where=sa.text("job_run_id IS NOT NULL"),
             postgresql_where=sa.text("job_run_id IS NOT NULL"),
+        )
+        batch_op.drop_index(
+            "ix_requests_in_batch",
+            sqlite_where=sa.text("(state = 'packed' OR state = 'submitted')"),
+            postgresql_where=sa.text("(state = 'packed' OR state = 'submitted')"),
+        )
+        batch_op.drop_index(
+            "ix_requests_calls",
+            sqlite_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
+            postgresql_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
         )
         batch_op.drop_index(
             "ix_requests_batch",
