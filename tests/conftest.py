@@ -43,6 +43,15 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def _no_jobs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the repository's own jobs/ folder out of tests that do not ask for it: settings
+    from the environment see an empty folder, and settings built in code find no ./jobs."""
+    empty = tmp_path_factory.mktemp("no-jobs")
+    monkeypatch.setenv("BATCHWISE_JOBS_DIR", str(empty))
+    monkeypatch.chdir(empty)
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(datetime(2026, 11, 29, 1, 0, tzinfo=UTC))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,9 +132,10 @@ def test_the_jobs_folder_comes_from_env_then_settings_then_the_working_directory
     configured = Settings(home=tmp_path, extra={"jobs": {"folder": str(tmp_path / "cfg")}})
     plain = Settings(home=tmp_path)
     env = {"BATCHWISE_JOBS_DIR": str(tmp_path / "env")}
-    assert jobs_folder(configured, env) == (tmp_path / "env", True)
-    assert jobs_folder(configured, {}) == (tmp_path / "cfg", True)
-    assert jobs_folder(plain, {}) == (Path("jobs"), False)
+    from_env = Settings.from_env({**env, "BATCHWISE_HOME": str(tmp_path)})
+    assert jobs_folder(replace(configured, jobs_dir=from_env.jobs_dir)) == (tmp_path / "env", True)
+    assert jobs_folder(configured) == (tmp_path / "cfg", True)
+    assert jobs_folder(plain) == (Path("jobs"), False)
     # The default folder may be absent; a configured one must exist.
     monkeypatch.delenv("BATCHWISE_JOBS_DIR", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -38,6 +38,8 @@ class Settings:
     anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
     #: IANA zone for `by HH:MM` tolerances; None means the machine's local zone
     timezone: str | None = None
+    #: folder of cron job modules (BATCHWISE_JOBS_DIR); None means `[jobs] folder`, else ./jobs
+    jobs_dir: Path | None = None
 
     # --- classification -------------------------------------------------------------------
     #: expected batch turnaround per provider before the store has history (seconds)
@@ -135,6 +137,8 @@ class Settings:
         ):
             if env.get(name):
                 values[key] = env[name]
+        if env.get("BATCHWISE_JOBS_DIR"):
+            values["jobs_dir"] = Path(env["BATCHWISE_JOBS_DIR"]).expanduser()
         if env.get("BATCHWISE_STRICT"):
             values["strict"] = env["BATCHWISE_STRICT"].lower() in {"1", "true", "yes", "on"}
         return cls(**values)

@@ -229,14 +229,13 @@ def job_config(settings: Settings, name: str) -> Mapping[str, Any]:
     return table if isinstance(table, Mapping) else {}
 
 
-def jobs_folder(settings: Settings, env: Mapping[str, str] | None = None) -> tuple[Path, bool]:
+def jobs_folder(settings: Settings) -> tuple[Path, bool]:
     """The jobs folder and whether it was configured (a configured folder must exist).
 
-    `BATCHWISE_JOBS_DIR` > `[jobs] folder` in the settings file > `./jobs`.
+    `BATCHWISE_JOBS_DIR` (`Settings.jobs_dir`) > `[jobs] folder` in the settings file > `./jobs`.
     """
-    env = os.environ if env is None else env
-    if env.get(JOBS_DIR_ENV):
-        return Path(env[JOBS_DIR_ENV]).expanduser(), True
+    if settings.jobs_dir is not None:
+        return settings.jobs_dir, True
     configured = (settings.extra.get("jobs") or {}).get("folder")
     if configured:
         return Path(str(configured)).expanduser(), True

@@ -14,9 +14,11 @@ from types import TracebackType
 
 import sqlalchemy as sa
 
+from batchwise import jobs
 from batchwise.classify import expected_turnaround
 from batchwise.clock import Clock
 from batchwise.config import Settings
+from batchwise.jobs import JobsReport
 from batchwise.packer import pack
 from batchwise.poller import poll_due
 from batchwise.pricing import PriceBook
@@ -83,11 +85,17 @@ class TickReport:
     rescued: int = 0
     missed: int = 0
     realtime: dict[str, int] = field(default_factory=dict)
+    jobs: JobsReport | None = None
 
     @property
     def did_work(self) -> bool:
         return bool(
-            self.packed or self.submitted or self.reconciled or self.rescued or self.realtime
+            self.packed
+            or self.submitted
+            or self.reconciled
+            or self.rescued
+            or self.realtime
+            or (self.jobs is not None and self.jobs.did_work)
         )
 
 
@@ -212,6 +220,7 @@ class Scheduler:
         """One pass of every step. `drain` flushes every group now instead of waiting."""
         self._turnarounds.clear()
         report = TickReport()
+        report.jobs = jobs.tick(self)  # first, so a new run's requests are packed this tick
         report.packed = self.flush(drain=drain)
         report.submitted = self.submit()
         report.polled = self.poll(cap_s=poll_cap_s)
