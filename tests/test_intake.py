@@ -235,7 +235,7 @@ def test_custom_id_colliding_with_a_live_request(client: Client) -> None:
 def test_custom_id_of_a_finished_request_may_be_reused(client: Client) -> None:
     client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
     with client.store.write() as conn:
-        conn.execute(sa.update(requests_t).values(state="succeeded"))
+        conn.execute(sa.update(requests_t).values(state="succeeded", finished_at=client.clock()))
     result = client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
     assert result.accepted == 1 and len(rows(client)) == 2
 

@@ -13,11 +13,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchwise.pricing import PriceBook, TokenUsage
-from batchwise.store import ledger_t
+from batchwise.store import insert_many, ledger_t
 
 
 class Kind(StrEnum):
@@ -42,6 +41,16 @@ _BATCH_PRICED = frozenset({Kind.BATCH, Kind.LATE_BATCH})
 _PURE_COST = frozenset({Kind.LATE_BATCH, Kind.RETRY})
 
 
+#: the columns `entry` fills, in its tuple's order
+COLUMNS = (
+    "response_id", "request_id", "batch_id", "at", "kind", "lane", "provider", "model",
+    "endpoint", "use_case", "step", "business_unit", "task_id", "input_tokens",
+    "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "actual_nusd", "realtime_nusd", "price_source",
+)  # fmt: skip
+_NO_USAGE = TokenUsage(input_tokens=0)
+
+
 def entry(
     book: PriceBook,
     *,
@@ -49,11 +58,13 @@ def entry(
     request: Mapping[str, Any],
     usage: TokenUsage | None,
     at: datetime,
+    stored_at: Any,
     response_id: int | None,
     batch_id: int | None = None,
-) -> dict[str, Any]:
-    """A ledger row for one response of `request` (a mapping with provider, model, endpoint,
-    lane and the named tags)."""
+) -> tuple[Any, ...]:
+    """A ledger row for one response of `request` (a mapping with id, provider, model,
+    endpoint, lane and the named tags). `at` prices it; `stored_at` is `at` as the database
+    stores it (see `store.db_time`), worked out once per chunk rather than once per row."""
     provider, model = request["provider"], request["model"]
     price = book.price(provider, model, usage, batch=kind in _BATCH_PRICED, at=at)
     actual, realtime = price.actual_nusd, price.realtime_nusd
@@ -61,33 +72,16 @@ def entry(
         actual = 0 if realtime is not None else None
     elif kind in _PURE_COST:
         realtime = 0 if actual is not None else None
-    counts = usage or TokenUsage(input_tokens=0)
-    return {
-        "response_id": response_id,
-        "request_id": request["id"],
-        "batch_id": batch_id,
-        "at": at,
-        "kind": kind.value,
-        "lane": request["lane"],
-        "provider": provider,
-        "model": model,
-        "endpoint": request["endpoint"],
-        "use_case": request.get("use_case"),
-        "step": request.get("step"),
-        "business_unit": request.get("business_unit"),
-        "task_id": request.get("task_id"),
-        "input_tokens": counts.input_tokens,
-        "cache_read_tokens": counts.cache_read_tokens,
-        "cache_write_tokens": counts.cache_write_tokens,
-        "output_tokens": counts.output_tokens,
-        "reasoning_tokens": counts.reasoning_tokens,
-        "actual_nusd": actual,
-        "realtime_nusd": realtime,
-        "price_source": price.source,
-    }
+    counts = usage or _NO_USAGE
+    return (
+        response_id, request["id"], batch_id, stored_at, kind.value, request["lane"], provider,
+        model, request["endpoint"], request.get("use_case"), request.get("step"),
+        request.get("business_unit"), request.get("task_id"), counts.input_tokens,
+        counts.cache_read_tokens, counts.cache_write_tokens, counts.output_tokens,
+        counts.reasoning_tokens, actual, realtime, price.source,
+    )  # fmt: skip
 
 
-def record(conn: Connection, entries: Sequence[dict[str, Any]]) -> None:
-    """Insert entries (executemany); a response already priced is a bug and raises."""
-    if entries:
-        conn.execute(sa.insert(ledger_t), list(entries))
+def record(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:
+    """Insert entries in one executemany; a response already priced is a bug and raises."""
+    insert_many(conn, ledger_t, COLUMNS, entries)

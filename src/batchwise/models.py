@@ -12,7 +12,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from batchwise.dbapi import SQLITE_TIME_FORMAT
-from batchwise.states import CALLS_SQL, IN_BATCH_SQL, LIVE_SQL, QUEUED_SQL
+from batchwise.states import BATCHED_SQL, CALLS_SQL, LIVE_SQL, QUEUED_SQL
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -65,18 +65,14 @@ class Request(SQLModel, table=True):
     __table_args__ = (
         # A caller's custom_id names one live request at a time; finished ones may be reused.
         Index("uq_requests_live_custom_id", "custom_id", unique=True, **_where(LIVE_SQL)),
-        # The work queues, each holding only the rows waiting in it, by deadline: the packer's,
-        # the realtime lane's, and the rescuer's watch over batches in flight. Keys are kept
-        # narrow: every accepted request pays for one entry at intake.
+        # The two work queues, each holding only the rows waiting in it, by deadline: the
+        # packer's and the realtime lane's. Keys are narrow: each accepted request pays for
+        # one entry at intake.
         Index("ix_requests_queued", "deadline", **_where(QUEUED_SQL)),
         Index("ix_requests_calls", "deadline", **_where(CALLS_SQL)),
-        Index("ix_requests_in_batch", "deadline", **_where(IN_BATCH_SQL)),
-        Index(
-            "ix_requests_batch",
-            "batch_id",
-            sqlite_where=text("batch_id IS NOT NULL"),
-            postgresql_where=text("batch_id IS NOT NULL"),
-        ),
+        # The live members of each batch (the rescuer finds at-risk batches by their
+        # earliest deadline, then their members here).
+        Index("ix_requests_batch", "batch_id", **_where(BATCHED_SQL)),
         Index(
             "ix_requests_job_run",
             "job_run_id",
@@ -167,6 +163,8 @@ class Batch(SQLModel, table=True):
     request_count: int = Field(default=0, sa_type=Integer)
     size_bytes: int = Field(default=0, sa_type=BigInteger)
     est_input_tokens: int = Field(default=0, sa_type=BigInteger)
+    #: the earliest deadline among its live members, for the rescuer
+    earliest_deadline: datetime | None = _time(default=None)
     #: provider request counts as JSON
     counts: str = Field(default="{}", sa_type=Text)
     #: where results live (file ids, results URL) as JSON

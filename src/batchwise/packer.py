@@ -22,7 +22,16 @@ from batchwise.config import Settings
 from batchwise.faults import crashpoint
 from batchwise.providers.base import BatchLimits, Provider
 from batchwise.states import BatchState, RequestState
-from batchwise.store import Store, batches_t, requests_t, transition_requests
+from batchwise.store import (
+    Store,
+    as_datetime,
+    batches_t,
+    check_transition,
+    chunked,
+    db_time,
+    driver_sql,
+    requests_t,
+)
 
 #: bytes a provider's line wrapper adds around a body (custom_id, url, keys), conservatively
 LINE_OVERHEAD_BYTES = 160
@@ -193,6 +202,12 @@ def pack(
             return created
 
 
+_GROUP_SQL = (
+    "SELECT id FROM requests WHERE state = 'queued' AND provider = ? AND endpoint = ? "
+    "AND model = ? ORDER BY deadline, id LIMIT ?"
+)
+
+
 def _pack_one(
     store: Store,
     flush: Flush,
@@ -202,33 +217,33 @@ def _pack_one(
     limit: BatchLimits,
     inflight: int,
 ) -> int | None:
+    """Write one batch row and move its requests into it, in one transaction.
+
+    The rows are read in deadline order (locked on PostgreSQL) to find how many fit the
+    provider's limits and the token budget; then those are moved by id, compare-and-set.
+    """
     group = flush.group
-    t = requests_t
     budget = token_budget(settings, group.model) - inflight
+    lock = " FOR UPDATE SKIP LOCKED" if store.is_postgres else ""
+    params = (group.provider, group.endpoint, group.model, limit.max_requests)
+    sizes_sql = _GROUP_SQL.replace("SELECT id", "SELECT id, size_bytes, est_input_tokens, deadline")
     with store.write() as conn:
-        query = (
-            sa.select(t.c.id, t.c.size_bytes + LINE_OVERHEAD_BYTES, t.c.est_input_tokens)
-            .where(
-                t.c.state == RequestState.QUEUED.value,
-                t.c.provider == group.provider,
-                t.c.endpoint == group.endpoint,
-                t.c.model == group.model,
-            )
-            .order_by(t.c.deadline, t.c.id)
-            .limit(limit.max_requests)
-        )
-        if store.is_postgres:
-            query = query.with_for_update(skip_locked=True)
         ids: list[int] = []
         size = tokens = 0
-        for rid, line_bytes, est in conn.execute(query):
+        earliest = None
+        for rid, row_bytes, est, deadline in conn.exec_driver_sql(
+            driver_sql(conn, sizes_sql + lock), params
+        ):
+            line_bytes = row_bytes + LINE_OVERHEAD_BYTES
             if ids and (size + line_bytes > limit.max_bytes or tokens + est > budget):
                 break
+            earliest = earliest if ids else deadline
             ids.append(rid)
             size += line_bytes
             tokens += est
         if not ids:
             return None
+        count = len(ids)
         batch_id = conn.execute(
             sa.insert(batches_t)
             .values(
@@ -236,24 +251,29 @@ def _pack_one(
                 endpoint=group.endpoint,
                 model=group.model,
                 state=BatchState.BUILDING.value,
-                request_count=len(ids),
+                request_count=count,
                 size_bytes=size,
                 est_input_tokens=tokens,
+                earliest_deadline=as_datetime(earliest),
                 flush_reason=flush.reason,
                 created_at=now,
                 updated_at=now,
             )
             .returning(batches_t.c.id)
         ).scalar_one()
-        moved = transition_requests(
-            conn,
-            ids,
-            src=RequestState.QUEUED,
-            dst=RequestState.PACKED,
-            now=now,
-            values={"batch_id": batch_id},
-        )
-        if len(moved) != len(ids):  # pragma: no cover - only under a concurrent packer on SQLite
+        check_transition(RequestState.QUEUED, RequestState.PACKED)
+        stamp = db_time(conn, now)
+        moved = 0
+        for chunk in chunked(ids, 5000):
+            moved += conn.exec_driver_sql(
+                driver_sql(
+                    conn,
+                    "UPDATE requests SET state = 'packed', batch_id = ?, updated_at = ? "
+                    f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+                ),
+                (batch_id, stamp, *chunk),
+            ).rowcount
+        if moved != count:  # pragma: no cover - the rows are locked: a bug, not a race
             raise RuntimeError("queued requests changed under the write lock")
     return int(batch_id)
 
@@ -285,16 +305,14 @@ def write_batch_file(
 
 
 def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
-    t = requests_t
-    query = (
-        sa.select(t.c.id, t.c.body)
-        .where(t.c.batch_id == batch_id, t.c.state == RequestState.PACKED.value)
-        .order_by(t.c.id)
-        .execution_options(yield_per=2000)
+    """(id, body) of a batch's packed requests in id order, streamed from the driver."""
+    sql = (
+        "SELECT id, body FROM requests WHERE batch_id = ? AND finished_at IS NULL "
+        "AND state = 'packed' ORDER BY id"
     )
     with store.read() as conn:
-        for partition in conn.execute(query).partitions():
-            yield from partition
+        streaming = conn.execution_options(stream_results=True, max_row_buffer=2000)
+        yield from streaming.exec_driver_sql(driver_sql(conn, sql), (batch_id,))
 
 
 def batch_file_path(settings: Settings, batch_id: int) -> Path:

@@ -34,6 +34,7 @@ from batchwise.states import CALLS_SQL, RequestState
 from batchwise.store import (
     Store,
     check_transition,
+    db_time,
     lease_until,
     record_event,
     requests_t,
@@ -204,6 +205,7 @@ def apply_outcome(
                         request=request,
                         usage=usage,
                         at=now,
+                        stored_at=db_time(conn, now),
                         response_id=response_id,
                     )
                 ],

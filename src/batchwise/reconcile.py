@@ -41,11 +41,14 @@ from batchwise.states import ENDED_BATCH_STATES, BatchState, RequestState
 from batchwise.store import (
     LeaseKeeper,
     Store,
+    as_datetime,
     batches_t,
     check_transition,
+    db_time,
+    driver_sql,
+    insert_many,
     lease_until,
     record_event,
-    requests_t,
     reserve_ids,
     responses_t,
 )
@@ -63,37 +66,6 @@ _STATE_TO_STATUS = {
     BatchState.CANCELLED.value: BatchStatus.CANCELLED,
     BatchState.FAILED.value: BatchStatus.FAILED,
 }
-_t = requests_t
-_REQUEST_COLUMNS = (
-    _t.c.id,
-    _t.c.state,
-    _t.c.batch_id,
-    _t.c.attempts,
-    _t.c.lane,
-    _t.c.provider,
-    _t.c.model,
-    _t.c.endpoint,
-    _t.c.use_case,
-    _t.c.step,
-    _t.c.business_unit,
-    _t.c.task_id,
-    _t.c.deadline,
-)
-_UPDATE = (
-    sa.update(_t)
-    .where(_t.c.id == sa.bindparam("b_id"), _t.c.state == sa.bindparam("b_expected"))
-    .values(
-        state=sa.bindparam("b_state"),
-        response_id=sa.bindparam("b_response_id"),
-        attempts=sa.bindparam("b_attempts"),
-        batch_id=sa.bindparam("b_batch_id"),
-        error=sa.bindparam("b_error"),
-        error_code=sa.bindparam("b_error_code"),
-        finished_at=sa.bindparam("b_finished_at"),
-        deadline_miss=sa.bindparam("b_miss"),
-        updated_at=sa.bindparam("b_now"),
-    )
-)
 
 
 @dataclass
@@ -281,12 +253,6 @@ def _error_usage(outcome: LineOutcome) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _miss(deadline: datetime, now: datetime, how: str) -> str | None:
-    if now <= deadline:
-        return None
-    return f"{how} {human_s((now - deadline).total_seconds())} after the deadline"
-
-
 def _error_text(outcome: LineOutcome) -> str:
     text = outcome.error_message or outcome.kind.value
     return f"{outcome.error_code}: {text}" if outcome.error_code else text
@@ -317,165 +283,166 @@ def _apply_chunk(
             seen.add(ids[1])
             lines.append((ids[1], outcome))
     with store.write() as conn:
-        query = sa.select(*_REQUEST_COLUMNS).where(_t.c.id.in_([rid for rid, _ in lines]))
-        if store.is_postgres:
-            query = query.with_for_update()
-        requests = {row["id"]: dict(row) for row in conn.execute(query).mappings()} if lines else {}
+        requests = _read_requests(conn, [rid for rid, _ in lines], lock=store.is_postgres)
         unknown.extend(o for rid, o in lines if rid not in requests)
         lines = [(rid, o) for rid, o in lines if rid in requests]
-        response_ids = reserve_ids(conn, responses_t, len(lines))
-        responses: list[dict[str, Any]] = []
-        entries: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        for (rid, outcome), response_id in zip(lines, response_ids, strict=True):
-            request = requests[rid]
-            usage = _usage(batch.provider, batch.endpoint, outcome)
-            responses.append(_response_row(response_id, rid, batch.id, outcome, usage, now))
-            _decide(
-                book,
-                batch,
-                request,
-                outcome,
-                usage,
-                response_id,
-                entries,
-                updates,
-                report,
-                now=now,
-                settings=settings,
-            )
-        if responses:
-            conn.execute(sa.insert(responses_t), responses)
-        ledger.record(conn, entries)
-        if updates:
-            matched = conn.execute(_UPDATE, updates).rowcount
-            if matched != len(updates):  # the rows are locked: this is a bug, not a race
-                raise RuntimeError(
-                    f"batch {batch.id}: {len(updates) - matched} request(s) moved under a lock"
-                )
+        step = _Step(book, batch, report, settings, now, db_time(conn, now))
+        for (rid, outcome), response_id in zip(
+            lines, reserve_ids(conn, responses_t, len(lines)), strict=True
+        ):
+            step.apply(requests[rid], outcome, response_id)
+        insert_many(conn, responses_t, RESPONSE_COLUMNS, step.responses)
+        ledger.record(conn, step.entries)
+        _apply_updates(conn, step.updates, batch.id)
         if unknown:
             report.unknown += len(unknown)
             _report_unknown(conn, batch, unknown, now)
 
 
-def _response_row(
-    response_id: int,
-    request_id: int,
-    batch_id: int,
-    outcome: LineOutcome,
-    usage: TokenUsage | None,
-    now: datetime,
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "request_id": request_id,
-        "batch_id": batch_id,
-        "kind": "batch",
-        "outcome": outcome.kind.value,
-        "status_code": outcome.status_code,
-        "body": orjson.dumps(outcome.body).decode() if outcome.body is not None else None,
-        "error_code": outcome.error_code,
-        "error_message": outcome.error_message,
-        "retryable": outcome.retryable,
-        "provider_request_id": outcome.provider_request_id,
-        "input_tokens": usage.input_tokens if usage else 0,
-        "output_tokens": usage.output_tokens if usage else 0,
-        "created_at": now,
-    }
+#: what the reconciler reads of each request
+_READ = (
+    "id", "state", "batch_id", "attempts", "lane", "provider", "model", "endpoint", "use_case",
+    "step", "business_unit", "task_id", "deadline",
+)  # fmt: skip
+RESPONSE_COLUMNS = (
+    "id", "request_id", "batch_id", "kind", "outcome", "status_code", "body", "error_code",
+    "error_message", "retryable", "provider_request_id", "input_tokens", "output_tokens",
+    "created_at",
+)  # fmt: skip
+_UPDATE_SQL = (
+    "UPDATE requests SET state = ?, response_id = ?, attempts = ?, batch_id = ?, error = ?, "
+    "error_code = ?, finished_at = ?, deadline_miss = ?, updated_at = ? WHERE id = ? AND state = ?"
+)
 
 
-def _decide(
-    book: PriceBook,
-    batch: _Batch,
-    request: dict[str, Any],
-    outcome: LineOutcome,
-    usage: TokenUsage | None,
-    response_id: int,
-    entries: list[dict[str, Any]],
-    updates: list[dict[str, Any]],
-    report: ReconcileReport,
-    *,
-    now: datetime,
-    settings: Settings,
-) -> None:
-    """What one line means for its request and for the ledger."""
-    state = RequestState(request["state"])
-    ours = request["batch_id"] == batch.id and state is _S.SUBMITTED
+def _read_requests(conn: Connection, ids: list[int], *, lock: bool) -> dict[int, dict[str, Any]]:
+    """The requests of a chunk, locked on PostgreSQL (SQLite holds the write lock already)."""
+    if not ids:
+        return {}
+    sql = f"SELECT {', '.join(_READ)} FROM requests WHERE id IN ({', '.join('?' for _ in ids)})" + (
+        " FOR UPDATE" if lock else ""
+    )
+    rows = conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids))
+    return {row[0]: dict(zip(_READ, row, strict=True)) for row in rows}
 
-    def price(kind: ledger.Kind) -> None:
-        entries.append(
-            ledger.entry(
-                book,
-                kind=kind,
-                request=request,
-                usage=usage,
-                at=now,
-                response_id=response_id,
-                batch_id=batch.id,
-            )
+
+def _apply_updates(conn: Connection, updates: list[tuple[Any, ...]], batch_id: int) -> None:
+    if not updates:
+        return
+    matched = conn.exec_driver_sql(driver_sql(conn, _UPDATE_SQL), updates).rowcount
+    if matched != len(updates):  # the rows are locked: this is a bug, not a race
+        raise RuntimeError(
+            f"batch {batch_id}: {len(updates) - matched} request(s) moved under a lock"
         )
 
-    if outcome.kind is OutcomeKind.SUCCEEDED:
-        if ours or (state is _S.RESCUED and request["batch_id"] == batch.id):
-            price(ledger.Kind.BATCH)
-            updates.append(
-                _update(
+
+class _Step:
+    """What one chunk's lines mean for their requests and for the ledger, as rows to write."""
+
+    def __init__(
+        self,
+        book: PriceBook,
+        batch: _Batch,
+        report: ReconcileReport,
+        settings: Settings,
+        now: datetime,
+        stored_now: Any,
+    ) -> None:
+        self.book, self.batch, self.report, self.settings = book, batch, report, settings
+        self.now, self.stored_now = now, stored_now
+        self.responses: list[tuple[Any, ...]] = []
+        self.entries: list[tuple[Any, ...]] = []
+        self.updates: list[tuple[Any, ...]] = []
+
+    def apply(self, request: dict[str, Any], outcome: LineOutcome, response_id: int) -> None:
+        batch, report = self.batch, self.report
+        usage = _usage(batch.provider, batch.endpoint, outcome)
+        self.responses.append((
+            response_id, request["id"], batch.id, "batch", outcome.kind.value,
+            outcome.status_code,
+            orjson.dumps(outcome.body).decode() if outcome.body is not None else None,
+            outcome.error_code, outcome.error_message, outcome.retryable,
+            outcome.provider_request_id, usage.input_tokens if usage else 0,
+            usage.output_tokens if usage else 0, self.stored_now,
+        ))  # fmt: skip
+        state = RequestState(request["state"])
+        ours = request["batch_id"] == batch.id and state is _S.SUBMITTED
+        if outcome.kind is OutcomeKind.SUCCEEDED:
+            if ours or (state is _S.RESCUED and request["batch_id"] == batch.id):
+                self._price(ledger.Kind.BATCH, request, usage, response_id)
+                self._update(
                     request,
                     _S.SUCCEEDED,
-                    now,
                     response_id=response_id,
                     batch_id=batch.id,
-                    miss=_miss(request["deadline"], now, "answered by its batch"),
+                    miss="answered by its batch",
                 )
-            )
-            report.succeeded += 1
-        else:
-            price(ledger.Kind.LATE_BATCH)
-            report.late += 1
-        return
-    if outcome.kind is OutcomeKind.ERRORED and usage is not None:
-        price(ledger.Kind.RETRY)
-    if not ours:
-        return
-    error = _error_text(outcome)
-    if outcome.kind is OutcomeKind.ERRORED:
-        attempts = request["attempts"] + 1
-        if outcome.retryable and attempts < settings.max_attempts:
-            updates.append(
-                _update(
+                report.succeeded += 1
+            else:
+                self._price(ledger.Kind.LATE_BATCH, request, usage, response_id)
+                report.late += 1
+            return
+        if outcome.kind is OutcomeKind.ERRORED and usage is not None:
+            self._price(ledger.Kind.RETRY, request, usage, response_id)
+        if not ours:
+            return
+        error = _error_text(outcome)
+        if outcome.kind is OutcomeKind.ERRORED:
+            attempts = request["attempts"] + 1
+            if outcome.retryable and attempts < self.settings.max_attempts:
+                self._update(
                     request,
                     _S.QUEUED,
-                    now,
                     attempts=attempts,
                     error=error,
                     error_code=outcome.error_code,
                 )
-            )
-            report.retried += 1
-        else:
-            why = error if not outcome.retryable else f"gave up after {attempts} attempts: {error}"
-            updates.append(
-                _update(
+                report.retried += 1
+            else:
+                why = (
+                    error
+                    if not outcome.retryable
+                    else f"gave up after {attempts} attempts: {error}"
+                )
+                self._update(
                     request,
                     _S.FAILED,
-                    now,
                     attempts=attempts,
                     error=why,
                     error_code=outcome.error_code,
                     batch_id=batch.id,
-                    miss=_miss(request["deadline"], now, "failed"),
+                    miss="failed",
                 )
+                report.failed += 1
+        else:  # expired or cancelled before it ran: not the request's fault, back to the queue
+            self._update(request, _S.QUEUED, error=error, error_code=outcome.kind.value)
+            report.requeued += 1
+
+    def _price(
+        self, kind: ledger.Kind, request: dict[str, Any], usage: TokenUsage | None, response_id: int
+    ) -> None:
+        self.entries.append(
+            ledger.entry(
+                self.book,
+                kind=kind,
+                request=request,
+                usage=usage,
+                at=self.now,
+                stored_at=self.stored_now,
+                response_id=response_id,
+                batch_id=self.batch.id,
             )
-            report.failed += 1
-    else:  # expired or cancelled before it ran: not the request's fault, back to the queue
-        updates.append(_update(request, _S.QUEUED, now, error=error, error_code=outcome.kind.value))
-        report.requeued += 1
+        )
+
+    def _update(self, request: dict[str, Any], state: RequestState, **changes: Any) -> None:
+        self.updates.append(update_row(request, state, self.now, self.stored_now, **changes))
 
 
-def _update(
+def update_row(
     request: dict[str, Any],
     state: RequestState,
     now: datetime,
+    stored_now: Any,
     *,
     response_id: int | None = None,
     attempts: int | None = None,
@@ -483,22 +450,20 @@ def _update(
     error_code: str | None = None,
     batch_id: int | None = None,
     miss: str | None = None,
-) -> dict[str, Any]:
+) -> tuple[Any, ...]:
+    """The `_UPDATE_SQL` parameters moving `request` to `state`; `miss` names what finished
+    late, and is recorded only if the deadline has passed."""
     expected = RequestState(request["state"])
     check_transition(expected, state)
-    return {
-        "b_id": request["id"],
-        "b_expected": expected.value,
-        "b_state": state.value,
-        "b_response_id": response_id,
-        "b_attempts": request["attempts"] if attempts is None else attempts,
-        "b_batch_id": batch_id,
-        "b_error": error,
-        "b_error_code": error_code,
-        "b_finished_at": now if state.terminal else None,
-        "b_miss": miss,
-        "b_now": now,
-    }
+    missed = None
+    if miss is not None and request["deadline"] < stored_now:
+        late = (now - as_datetime(request["deadline"])).total_seconds()
+        missed = f"{miss} {human_s(late)} after the deadline"
+    return (
+        state.value, response_id, request["attempts"] if attempts is None else attempts,
+        batch_id, error, error_code, stored_now if state.terminal else None, missed, stored_now,
+        request["id"], expected.value,
+    )  # fmt: skip
 
 
 def _report_unknown(
@@ -522,57 +487,49 @@ def _finish(
     store: Store, batch: _Batch, report: ReconcileReport, *, now: datetime, settings: Settings
 ) -> None:
     """Requests of the batch that got no line go back to the queue; the batch is closed."""
-    live = [_S.PACKED.value, _S.SUBMITTED.value]
     with store.write() as conn:
-        query = sa.select(*_REQUEST_COLUMNS).where(_t.c.batch_id == batch.id, _t.c.state.in_(live))
-        if store.is_postgres:
-            query = query.with_for_update()
-        leftovers = [dict(row) for row in conn.execute(query).mappings()]
+        sql = (
+            f"SELECT {', '.join(_READ)} FROM requests WHERE batch_id = ? "
+            "AND finished_at IS NULL AND (state = 'packed' OR state = 'submitted')"
+            + (" FOR UPDATE" if store.is_postgres else "")
+        )
+        leftovers = [
+            dict(zip(_READ, row, strict=True))
+            for row in conn.exec_driver_sql(driver_sql(conn, sql), (batch.id,))
+        ]
+        stored_now = db_time(conn, now)
         updates = []
         for request in leftovers:
-            if batch.state == BatchState.FAILED.value:
-                capacity = batch.error_code == TOKEN_LIMIT
-                attempts = request["attempts"] + (0 if capacity else 1)
-                reason = batch.last_error or batch.error_code or "no reason given"
-                error = f"batch {batch.id} failed: {reason}"
-            elif batch.state == BatchState.COMPLETED.value:
-                attempts, error = (
-                    request["attempts"] + 1,
-                    f"missing from the results of batch {batch.id}",
-                )
-            else:
-                attempts, error = (
-                    request["attempts"],
-                    f"batch {batch.id} {batch.state} before it ran",
-                )
+            attempts, error = _leftover(batch, request)
             if attempts >= settings.max_attempts:
                 updates.append(
-                    _update(
+                    update_row(
                         request,
                         _S.FAILED,
                         now,
+                        stored_now,
                         attempts=attempts,
                         batch_id=batch.id,
                         error=f"gave up after {attempts} attempts: {error}",
                         error_code=batch.error_code,
-                        miss=_miss(request["deadline"], now, "failed"),
+                        miss="failed",
                     )
                 )
                 report.failed += 1
             else:
                 updates.append(
-                    _update(
+                    update_row(
                         request,
                         _S.QUEUED,
                         now,
+                        stored_now,
                         attempts=attempts,
                         error=error,
                         error_code=batch.error_code,
                     )
                 )
                 report.requeued += 1
-        if updates:
-            conn.execute(_UPDATE, updates)
+        _apply_updates(conn, updates, batch.id)
         if leftovers and batch.state == BatchState.COMPLETED.value:
             record_event(
                 conn,
@@ -580,8 +537,8 @@ def _finish(
                 kind="missing_result_lines",
                 severity="warning",
                 batch_id=batch.id,
-                message=f"batch {batch.id} completed without a result "
-                f"for {len(leftovers)} request(s); they were queued again",
+                message=f"batch {batch.id} completed without a "
+                f"result for {len(leftovers)} request(s); they were queued again",
             )
         if batch.state == BatchState.FAILED.value and leftovers:
             record_event(
@@ -604,3 +561,14 @@ def _finish(
                 lease_expires_at=None,
             )
         )
+
+
+def _leftover(batch: _Batch, request: dict[str, Any]) -> tuple[int, str]:
+    """Attempts and error for a request its batch never answered."""
+    if batch.state == BatchState.FAILED.value:
+        capacity = batch.error_code == TOKEN_LIMIT  # the provider was full: not the request's fault
+        reason = batch.last_error or batch.error_code or "no reason given"
+        return request["attempts"] + (0 if capacity else 1), f"batch {batch.id} failed: {reason}"
+    if batch.state == BatchState.COMPLETED.value:
+        return request["attempts"] + 1, f"missing from the results of batch {batch.id}"
+    return request["attempts"], f"batch {batch.id} {batch.state} before it ran"

@@ -11,17 +11,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
 from batchwise.classify import human_s
 from batchwise.config import Settings
-from batchwise.states import CALLS_SQL, IN_BATCH_SQL, QUEUED_SQL, Lane, RequestState
-from batchwise.store import Store, record_event, requests_t, transition_requests
+from batchwise.states import (
+    BATCHED_SQL,
+    CALLS_SQL,
+    LIVE_BATCH_STATES,
+    QUEUED_SQL,
+    BatchState,
+    Lane,
+    RequestState,
+)
+from batchwise.store import Store, batches_t, record_event, requests_t, transition_requests
 
 _S = RequestState
-_t = requests_t
-QUEUED, CALLS, IN_BATCH = sa.text(QUEUED_SQL), sa.text(CALLS_SQL), sa.text(IN_BATCH_SQL)
+_t, _b = requests_t, batches_t
+QUEUED, CALLS, BATCHED = sa.text(QUEUED_SQL), sa.text(CALLS_SQL), sa.text(BATCHED_SQL)
+#: batches whose members wait on the provider (or on the submitter)
+_OPEN = sorted(s.value for s in (*LIVE_BATCH_STATES, BatchState.BUILDING, BatchState.UPLOADING))
+_IN_BATCH = (_S.PACKED.value, _S.SUBMITTED.value)
 
 
 def rescue_due(
@@ -52,23 +64,70 @@ def rescue_due(
                 ids,
                 _S.QUEUED,
                 now=now,
-                why=f"a batch flushed now could not return before the deadline "
+                why="a batch flushed now could not return before the deadline "
                 f"(expected turnaround {human_s(turnaround_s(provider, model))})",
             )
-        at_risk = conn.execute(
-            sa.select(_t.c.id, _t.c.state).where(IN_BATCH, _t.c.deadline <= now + margin)
-        ).all()
+        batch_ids: set[int] = set()
+        at_risk = _batched_due(conn, now + margin, batch_ids)
         for state in (_S.PACKED, _S.SUBMITTED):
-            ids = [rid for rid, s in at_risk if s == state.value]
             rescued += _rescue(
                 conn,
-                ids,
+                [row.id for row in at_risk if row.state == state.value],
                 state,
                 now=now,
-                why=f"its batch has not returned and only the rescue margin "
+                why="its batch has not returned and only the rescue margin "
                 f"({human_s(settings.rescue_margin_s)}) is left",
             )
+        for batch_id in batch_ids:  # what is left in those batches is due later
+            conn.execute(
+                sa.update(_b)
+                .where(_b.c.id == batch_id)
+                .values(
+                    earliest_deadline=sa.select(sa.func.min(_t.c.deadline))
+                    .where(
+                        _t.c.batch_id == batch_id,
+                        _t.c.finished_at.is_(None),
+                        _t.c.state.in_(_IN_BATCH),
+                    )
+                    .scalar_subquery()
+                )
+            )
     return rescued
+
+
+def _batched_due(
+    conn: sa.Connection, horizon: datetime, batch_ids: set[int] | None = None
+) -> list[sa.Row[Any]]:
+    """Live requests in open batches with a deadline at or before `horizon`: only batches whose
+    earliest deadline is that close are looked into."""
+    found = list(
+        conn.execute(
+            sa.select(_b.c.id).where(_b.c.state.in_(_OPEN), _b.c.earliest_deadline <= horizon)
+        ).scalars()
+    )
+    if batch_ids is not None:
+        batch_ids.update(found)
+    rows: list[sa.Row[Any]] = []
+    for batch_id in found:
+        rows.extend(
+            conn.execute(
+                sa.select(
+                    _t.c.id,
+                    _t.c.state,
+                    _t.c.lane,
+                    _t.c.attempts,
+                    _t.c.error,
+                    _t.c.task_id,
+                    _t.c.deadline_miss,
+                ).where(
+                    _t.c.batch_id == batch_id,
+                    _t.c.finished_at.is_(None),
+                    _t.c.state.in_(_IN_BATCH),
+                    _t.c.deadline <= horizon,
+                )
+            )
+        )
+    return rows
 
 
 def _rescue(
@@ -104,16 +163,16 @@ def _rescue(
 
 def record_missed_deadlines(store: Store, *, now: datetime) -> int:
     """Record, once, every live request whose deadline has passed, with where it is stuck."""
+    columns = (_t.c.id, _t.c.state, _t.c.lane, _t.c.attempts, _t.c.error, _t.c.task_id)
     with store.write() as conn:
         rows = [
-            row
-            for queue in (QUEUED, CALLS, IN_BATCH)  # each served by its own partial index
+            tuple(row)
+            for queue in (QUEUED, CALLS)  # each served by its own partial index
             for row in conn.execute(
-                sa.select(
-                    _t.c.id, _t.c.state, _t.c.lane, _t.c.attempts, _t.c.error, _t.c.task_id
-                ).where(queue, _t.c.deadline < now, _t.c.deadline_miss.is_(None))
+                sa.select(*columns).where(queue, _t.c.deadline < now, _t.c.deadline_miss.is_(None))
             )
         ]
+        rows += [tuple(r)[:6] for r in _batched_due(conn, now) if r.deadline_miss is None]
         for rid, state, lane, attempts, error, task_id in rows:
             cause = _cause(state, lane, attempts, error)
             conn.execute(

@@ -27,8 +27,9 @@ from batchwise.realtime import Dispatcher
 from batchwise.reconcile import ReconcileReport, reconcile_due
 from batchwise.rescue import record_missed_deadlines, rescue_due
 from batchwise.states import (
+    BATCHED_SQL,
     CALLS_SQL,
-    IN_BATCH_SQL,
+    LIVE_SQL,
     QUEUED_SQL,
     BatchState,
 )
@@ -236,7 +237,7 @@ class Scheduler:
         """Live requests by state, plus batches not yet reconciled."""
         states: dict[str, int] = {}
         with self.store.read() as conn:
-            for queue in (QUEUED_SQL, CALLS_SQL, IN_BATCH_SQL):  # one partial index each
+            for queue in (BATCHED_SQL, QUEUED_SQL, CALLS_SQL):  # one partial index each
                 states.update(
                     conn.execute(
                         sa.select(requests_t.c.state, sa.func.count())
@@ -252,8 +253,19 @@ class Scheduler:
         return {**{k: int(v) for k, v in states.items()}, "open_batches": int(open_batches)}
 
     def idle(self) -> bool:
-        pending = self.pending()
-        return not any(pending.values())
+        """True when every request is terminal and every batch reconciled."""
+        with self.store.read() as conn:
+            live = conn.execute(
+                sa.select(requests_t.c.id).where(sa.text(LIVE_SQL)).limit(1)
+            ).first()
+            if live is not None:
+                return False
+            open_batch = conn.execute(
+                sa.select(batches_t.c.id)
+                .where(batches_t.c.state != BatchState.RECONCILED.value)
+                .limit(1)
+            ).first()
+        return open_batch is None
 
     def run(
         self,

@@ -130,11 +130,13 @@ def state_predicate(states: frozenset[RequestState] | set[RequestState]) -> str:
     )
 
 
-#: requests not finished yet: what a custom_id may not collide with
-LIVE_SQL = state_predicate(LIVE_REQUEST_STATES)
+#: requests not finished yet (what a custom_id may not collide with). Every move into a
+#: terminal state sets finished_at and no other move touches it, so moves between live
+#: states leave the indexes that use this predicate alone.
+LIVE_SQL = "finished_at IS NULL"
+#: live requests that belong to a batch (packed, submitted, or rescued while in one)
+BATCHED_SQL = "batch_id IS NOT NULL AND finished_at IS NULL"
 #: requests waiting for (or in) a realtime call
 CALLS_SQL = state_predicate({RequestState.DISPATCHING, RequestState.RESCUED})
-#: requests inside a batch that has not answered yet
-IN_BATCH_SQL = state_predicate({RequestState.PACKED, RequestState.SUBMITTED})
 #: requests waiting to be packed
 QUEUED_SQL = "state = 'queued'"

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,30 @@ def transition_requests(
     return moved
 
 
+def move_requests(
+    conn: Connection,
+    ids: Sequence[int],
+    *,
+    src: RequestState,
+    dst: RequestState,
+    now: datetime,
+    values: dict[str, Any] | None = None,
+) -> int:
+    """`transition_requests` for bulk moves that only need the count (no RETURNING)."""
+    check_transition(src, dst)
+    changes: dict[str, Any] = {"state": dst.value, "updated_at": now, **(values or {})}
+    if dst.terminal:
+        changes.setdefault("finished_at", now)
+    moved = 0
+    for chunk in chunked(ids, 5000):
+        moved += conn.execute(
+            sa.update(requests_t)
+            .where(requests_t.c.id.in_(chunk), requests_t.c.state == src.value)
+            .values(**changes)
+        ).rowcount
+    return moved
+
+
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -326,3 +350,36 @@ class LeaseKeeper:
             ).rowcount
         self.lost = self.lost or not kept
         return bool(kept)
+
+
+# --- bulk writes on the driver, for the hot paths --------------------------------------------
+# SQLAlchemy's per-row parameter processing costs more than the inserts themselves when a chunk
+# holds thousands of rows; these helpers hand tuples straight to the driver's executemany.
+
+
+def db_time(conn: Connection, moment: datetime) -> Any:
+    """The value the database stores for an aware datetime (text on SQLite)."""
+    return dbapi.sqlite_time(moment) if conn.dialect.name == "sqlite" else moment
+
+
+def as_datetime(value: Any) -> datetime:
+    """An aware datetime from a raw driver value (SQLite text or a PostgreSQL timestamp)."""
+    if isinstance(value, str):
+        return datetime.strptime(value, dbapi.SQLITE_TIME_FORMAT).replace(tzinfo=UTC)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def driver_sql(conn: Connection, sql: str) -> str:
+    """SQL written with `?` placeholders, in the driver's own parameter style."""
+    return sql if conn.dialect.name == "sqlite" else sql.replace("?", "%s")
+
+
+def insert_many(
+    conn: Connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """executemany an INSERT of value tuples in `columns` order."""
+    if rows:
+        marks = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})"
+        conn.exec_driver_sql(driver_sql(conn, sql), list(rows))

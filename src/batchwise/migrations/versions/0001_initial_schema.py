@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 15:14:15.119504
+Create Date: 2026-11-29 15:41:28.590736
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("request_count", sa.Integer(), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("est_input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("earliest_deadline", batchwise.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("counts", sa.Text(), nullable=False),
         sa.Column("result_refs", sa.Text(), nullable=False),
         sa.Column("flush_reason", sa.String(length=32), nullable=True),
@@ -177,8 +178,8 @@ def upgrade() -> None:
             "ix_requests_batch",
             ["batch_id"],
             unique=False,
-            sqlite_where=sa.text("batch_id IS NOT NULL"),
-            postgresql_where=sa.text("batch_id IS NOT NULL"),
+            sqlite_where=sa.text("batch_id IS NOT NULL AND finished_at IS NULL"),
+            postgresql_where=sa.text("batch_id IS NOT NULL AND finished_at IS NULL"),
         )
         batch_op.create_index(
             "ix_requests_calls",
@@ -186,13 +187,6 @@ def upgrade() -> None:
             unique=False,
             sqlite_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
             postgresql_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
-        )
-        batch_op.create_index(
-            "ix_requests_in_batch",
-            ["deadline"],
-            unique=False,
-            sqlite_where=sa.text("(state = 'packed' OR state = 'submitted')"),
-            postgresql_where=sa.text("(state = 'packed' OR state = 'submitted')"),
         )
         batch_op.create_index(
             "ix_requests_job_run",
@@ -219,12 +213,8 @@ def upgrade() -> None:
             "uq_requests_live_custom_id",
             ["custom_id"],
             unique=True,
-            sqlite_where=sa.text(
-                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
-            ),
-            postgresql_where=sa.text(
-                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
-            ),
+            sqlite_where=sa.text("finished_at IS NULL"),
+            postgresql_where=sa.text("finished_at IS NULL"),
         )
 
     op.create_table(
@@ -268,12 +258,8 @@ def downgrade() -> None:
     with op.batch_alter_table("requests", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_requests_live_custom_id",
-            sqlite_where=sa.text(
-                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
-            ),
-            postgresql_where=sa.text(
-                "(state = 'dispatching' OR state = 'packed' OR state = 'queued' OR state = 'rescued' OR state = 'submitted')"
-            ),
+            sqlite_where=sa.text("finished_at IS NULL"),
+            postgresql_where=sa.text("finished_at IS NULL"),
         )
         batch_op.drop_index(
             "ix_requests_task",
@@ -291,19 +277,14 @@ def downgrade() -> None:
             postgresql_where=sa.text("job_run_id IS NOT NULL"),
         )
         batch_op.drop_index(
-            "ix_requests_in_batch",
-            sqlite_where=sa.text("(state = 'packed' OR state = 'submitted')"),
-            postgresql_where=sa.text("(state = 'packed' OR state = 'submitted')"),
-        )
-        batch_op.drop_index(
             "ix_requests_calls",
             sqlite_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
             postgresql_where=sa.text("(state = 'dispatching' OR state = 'rescued')"),
         )
         batch_op.drop_index(
             "ix_requests_batch",
-            sqlite_where=sa.text("batch_id IS NOT NULL"),
-            postgresql_where=sa.text("batch_id IS NOT NULL"),
+            sqlite_where=sa.text("batch_id IS NOT NULL AND finished_at IS NULL"),
+            postgresql_where=sa.text("batch_id IS NOT NULL AND finished_at IS NULL"),
         )
         batch_op.drop_index(
             "ix_requests_answered_hash",
