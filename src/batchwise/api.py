@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
-from batchwise.errors import NotFoundError, RequestFailed, ResultTimeout
+from batchwise.errors import GuardRefused, NotFoundError, RequestFailed, ResultTimeout
 from batchwise.intake import Defaults, SubmitResult, submit_lines
 from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
 from batchwise.tolerance import resolve_zone
@@ -28,6 +28,7 @@ from batchwise.tolerance import resolve_zone
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
+    from batchwise.guards import Guards
     from batchwise.intake import RequestSink
     from batchwise.store import Store
 
@@ -139,6 +140,16 @@ class Client:
         self.settings = base.with_overrides(database_url=database_url)
         self.clock = clock
         self._store: Store | None = None
+        self._guards: Guards | None = None
+
+    @property
+    def guards(self) -> Guards:
+        """The cost guards from the settings, read once."""
+        if self._guards is None:
+            from batchwise.guards import Guards
+
+            self._guards = Guards.from_settings(self.settings)
+        return self._guards
 
     @property
     def database_url(self) -> str:
@@ -195,17 +206,16 @@ class Client:
             max_tokens=max_tokens,
             **params,
         )
-        return self.enqueue_many([item])[0]
+        result = self._submit([item], Defaults(), skip_invalid=False, collect_ids=True)
+        if result.refused:
+            raise GuardRefused("guard", result.refused[0].error)
+        return handles(self, result)[0]
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[Handle]:
         """Store many requests in one transaction: all or none (`IntakeError` lists every bad
         item by its 1-based position). Items use the same shapes as `batchwise submit` lines."""
         result = self._submit(items, Defaults(), skip_invalid=False, collect_ids=True)
-        assert result.ids is not None and result.lanes is not None
-        return [
-            Handle(self, rid, lane=lane, state=_initial_state(lane))
-            for rid, lane in zip(result.ids, result.lanes, strict=True)
-        ]
+        return handles(self, result)
 
     def submit_file(
         self,
@@ -252,6 +262,7 @@ class Client:
             skip_invalid=skip_invalid,
             collect_ids=collect_ids,
             on_line=on_line,
+            guards=self.guards,
         )
         if self.settings.broker_url and result.realtime_ids and conn is None:
             # Distributed mode: hand realtime work to the workers now, not at the next sweep.
@@ -311,6 +322,15 @@ class Client:
         from batchwise import queries
 
         return queries.status_counts(self.store)
+
+
+def handles(client: Client, result: SubmitResult) -> list[Handle]:
+    """Handles for the requests a submission stored, in input order."""
+    assert result.ids is not None and result.lanes is not None
+    return [
+        Handle(client, rid, lane=lane, state=result.states.get(rid) or _initial_state(lane))
+        for rid, lane in zip(result.ids, result.lanes, strict=True)
+    ]
 
 
 def request_item(

@@ -104,6 +104,12 @@ class SQLiteSink:
                 found[cid] = rid
         return found
 
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, tuple(params)).fetchall()
+
+    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        self.conn.executemany(sql, rows)
+
     def turnarounds(self, provider: str, model: str) -> list[float]:
         rows = self.conn.execute(
             "SELECT turnaround_s FROM batches WHERE provider = ? AND model = ? "
@@ -211,6 +217,26 @@ class EngineSink:
             )
             found.update({cid: rid for cid, rid in self.conn.execute(query)})
         return found
+
+    def _driver(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Datetimes as this database stores them (these statements skip SQLAlchemy's types)."""
+        from batchwise.store import db_time
+
+        return tuple(db_time(self.conn, v) if isinstance(v, datetime) else v for v in values)
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        from batchwise.store import driver_sql
+
+        rows = self.conn.exec_driver_sql(driver_sql(self.conn, sql), self._driver(params))
+        return [tuple(r) for r in rows]
+
+    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        from batchwise.store import driver_sql
+
+        if rows:
+            self.conn.exec_driver_sql(
+                driver_sql(self.conn, sql), [self._driver(row) for row in rows]
+            )
 
     def turnarounds(self, provider: str, model: str) -> list[float]:
         rows = self.conn.execute(

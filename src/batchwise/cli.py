@@ -215,9 +215,16 @@ def submit(
     if as_json:
         click.echo(_dumps(result.as_dict()))
         return
+    extra = f", answered from the store {result.deduplicated}" if result.deduplicated else ""
+    extra += f", refused by cost guards {len(result.refused)}" if result.refused else ""
     click.echo(
-        f"accepted {result.accepted} (realtime {result.realtime}, deferred {result.deferred})"
+        f"accepted {result.accepted} (realtime {result.realtime}, deferred {result.deferred}"
+        f"{extra})"
     )
+    if result.refused:
+        click.echo(f"refused by cost guards ({len(result.refused)}, stored as rejected):", err=True)
+        for error in result.refused[:50]:
+            click.echo(f"  line {error.line}: {error.error}", err=True)
     if result.rejected:
         click.echo(f"skipped {len(result.rejected)} invalid line(s):", err=True)
         for error in result.rejected:

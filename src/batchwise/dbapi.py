@@ -25,6 +25,14 @@ def sqlite_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime(SQLITE_TIME_FORMAT)
 
 
+def as_datetime(value: object) -> datetime:
+    """An aware datetime from a raw driver value (SQLite text or a PostgreSQL timestamp)."""
+    if isinstance(value, str):
+        return datetime.strptime(value, SQLITE_TIME_FORMAT).replace(tzinfo=UTC)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 

@@ -25,6 +25,7 @@ from batchwise.runner import RunTotals, run_embedded
 from batchwise.store import Store, batches_t, events_t, requests_t
 
 WORKLOAD = "demo_workload.jsonl"
+DEMO_GUARDS = {"use_case": {"faq_answers": {"dedupe_window_s": 86400.0}}}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ def run_demo(
             openai_api_key="emulator",
             anthropic_api_key="emulator",
             max_wait_s=5.0,
+            # The FAQ questions repeat: answer each once and reuse it (dedupe).
+            extra={**settings.extra, "guards": DEMO_GUARDS},
+            jobs_dir=_empty(workdir / "jobs"),  # the demo runs no cron jobs of yours
         )
         console.print(
             f"[bold]batchwise demo[/] — provider emulator at {emulator.url}, database {url}"
@@ -83,6 +87,11 @@ def run_demo(
         seconds = time.monotonic() - started
     print_summary(url, seconds=seconds, console=console)
     return DemoResult(url, result.accepted, seconds, totals)
+
+
+def _empty(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def summary(url: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -26,6 +26,10 @@ from batchwise.config import Settings
 from batchwise.errors import IntakeError, LineError, ToleranceError
 from batchwise.states import Lane, RequestState
 from batchwise.tolerance import parse_tolerance
+
+if TYPE_CHECKING:
+    from batchwise.guard_intake import Keeper
+    from batchwise.guards import Guards
 
 CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -89,6 +93,10 @@ REQUEST_COLUMNS = (
 )
 
 
+#: position of each column in a row tuple
+ROW = {name: i for i, name in enumerate(REQUEST_COLUMNS)}
+
+
 class Invalid(Exception):
     """One line's validation failure (internal; collected into `LineError`s)."""
 
@@ -120,12 +128,20 @@ class SubmitResult:
     lanes: list[str] | None = None
     #: ids of the requests stored for the realtime lane, for handing to workers at once
     realtime_ids: list[int] = field(default_factory=list)
+    #: stored lines a cost guard refused (kept as rejected requests, with the reason)
+    refused: list[LineError] = field(default_factory=list)
+    #: requests answered from an identical stored answer at intake
+    deduplicated: int = 0
+    #: request id -> state, for requests a guard finished at intake
+    states: dict[int, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "accepted": self.accepted,
             "realtime": self.realtime,
             "deferred": self.deferred,
+            "deduplicated": self.deduplicated,
+            "refused": [{"line": e.line, "error": e.error} for e in self.refused],
             "rejected": [
                 {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
                 for e in self.rejected
@@ -152,6 +168,14 @@ class RequestSink(Protocol):
         ...
 
     def turnarounds(self, provider: str, model: str) -> list[float]: ...
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Run a query written with `?` placeholders inside the transaction."""
+        ...
+
+    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """executemany a statement written with `?` placeholders inside the transaction."""
+        ...
 
     def commit(self) -> None: ...
 
@@ -371,6 +395,7 @@ class Intake:
         defaults: Defaults = Defaults(),
         skip_invalid: bool = False,
         collect_ids: bool = False,
+        guards: Guards | None = None,
     ) -> None:
         self.sink = sink
         self.settings = settings
@@ -393,6 +418,11 @@ class Intake:
         self._lines: list[int] = []
         self._ids: Iterator[int] = iter(())
         self._first_id: int | None = None
+        self.keeper: Keeper | None = None
+        if guards is not None:
+            from batchwise.guard_intake import Keeper
+
+            self.keeper = Keeper(guards, sink, now)
 
     def _classify(self, tolerance: str, provider: str, model: str) -> tuple[Any, ...]:
         """Deadline, lane, reason, state and attempts for a (tolerance, provider, model),
@@ -434,6 +464,7 @@ class Intake:
         rejected = self.result.rejected
         default_provider, default_tolerance = self._default_provider, self._default_tolerance
         default_tags, tail = self._default_tags, self._tail
+        shaper = self.keeper.shape if self.keeper is not None and self.keeper.shaping else None
         for lineno, raw in numbered:
             if type(raw) is bytes or type(raw) is str:
                 if not raw or raw.isspace():
@@ -454,14 +485,6 @@ class Intake:
                         f"expected 1-64 letters, digits, '_' or '-', got {_describe(custom_id)}",
                         "custom_id",
                     )
-                tolerance = obj.get("tolerance") or default_tolerance
-                lane = lanes.get((tolerance, provider, model))
-                if lane is None:
-                    if type(tolerance) is not str:
-                        raise Invalid(
-                            f"expected a string like '4h', got {_describe(tolerance)}", "tolerance"
-                        )
-                    lane = self._classify(tolerance, provider, model)
                 tags = obj.get("tags")
                 if tags is None:
                     tagged = default_tags
@@ -471,6 +494,16 @@ class Intake:
                     )
                 else:
                     tagged = split_tags({**self.defaults.tags, **tags})
+                if shaper is not None:
+                    model, body = shaper(len(chunk), tagged, provider, endpoint, model, body)
+                tolerance = obj.get("tolerance") or default_tolerance
+                lane = lanes.get((tolerance, provider, model))
+                if lane is None:
+                    if type(tolerance) is not str:
+                        raise Invalid(
+                            f"expected a string like '4h', got {_describe(tolerance)}", "tolerance"
+                        )
+                    lane = self._classify(tolerance, provider, model)
             except Invalid as exc:
                 rejected.append(LineError(lineno, exc.error, exc.field))
                 continue
@@ -502,12 +535,23 @@ class Intake:
         self._chunk, self._lines = [], []
         if not rows:
             return
+        keeper = self.keeper
+        if keeper is not None:
+            keeper.review(rows)
         refused = self.sink.insert(rows)
+        skip = set(refused)
         if refused:
             self._reject(rows, lines, refused)
-            skip = set(refused)
+        finals: dict[int, str] = {}
+        if keeper is not None and keeper.outcomes:
+            stored = {i for i in range(len(rows)) if i not in skip}
+            for position, (state, reason) in keeper.apply(rows, stored).items():
+                finals[rows[position][_ID]] = state
+                if reason is not None:
+                    self.result.refused.append(LineError(lines[position], reason, "guard"))
+        if skip:
             rows = [row for i, row in enumerate(rows) if i not in skip]
-        self._count(rows)
+        self._count(rows, finals)
 
     def _reject(
         self, rows: list[tuple[Any, ...]], lines: list[int], refused: Sequence[int]
@@ -529,17 +573,25 @@ class Intake:
                 error = f"custom_id {cid!r} was used by another live request"
             self.result.rejected.append(LineError(lines[i], error, "custom_id"))
 
-    def _count(self, rows: list[tuple[Any, ...]]) -> None:
+    def _count(self, rows: list[tuple[Any, ...]], finals: Mapping[int, str] | None = None) -> None:
+        """Count stored rows; `finals` holds the rows a guard finished (refused or answered
+        from the store), which go to neither lane."""
         result = self.result
-        realtime = [r[_ID] for r in rows if r[_LANE] == "realtime"]
         result.accepted += len(rows)
+        if result.ids is not None and result.lanes is not None:
+            result.ids.extend(r[_ID] for r in rows)
+            result.lanes.extend(r[_LANE] for r in rows)
+        if finals:
+            result.states.update(finals)
+            result.deduplicated += sum(
+                1 for state in finals.values() if state == RequestState.DEDUPLICATED.value
+            )
+            rows = [r for r in rows if r[_ID] not in finals]
+        realtime = [r[_ID] for r in rows if r[_LANE] == "realtime"]
         result.realtime += len(realtime)
         result.deferred += len(rows) - len(realtime)
         if self.settings.broker_url:  # only distributed mode hands them on; keep memory flat
             result.realtime_ids.extend(realtime)
-        if result.ids is not None and result.lanes is not None:
-            result.ids.extend(r[_ID] for r in rows)
-            result.lanes.extend(r[_LANE] for r in rows)
 
     def finish(self) -> SubmitResult:
         """Commit, or roll everything back if any line was invalid and skipping is off."""
@@ -563,6 +615,7 @@ def submit_lines(
     skip_invalid: bool = False,
     collect_ids: bool = False,
     on_line: Callable[[int], None] | None = None,
+    guards: Guards | None = None,
 ) -> SubmitResult:
     """Validate and store a stream of lines in one transaction.
 
@@ -577,6 +630,7 @@ def submit_lines(
         defaults=defaults,
         skip_invalid=skip_invalid,
         collect_ids=collect_ids,
+        guards=guards,
     )
     try:
         intake.consume(enumerate(lines, 1), on_line)

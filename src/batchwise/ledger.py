@@ -85,3 +85,24 @@ def entry(
 def record(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:
     """Insert entries in one executemany; a response already priced is a bug and raises."""
     insert_many(conn, ledger_t, COLUMNS, entries)
+
+
+def dedupe_entry(
+    request: Mapping[str, Any],
+    *,
+    stored_at: Any,
+    source_response_id: int,
+    realtime_nusd: int | None,
+    input_tokens: int,
+    output_tokens: int,
+    batch_id: int | None = None,
+) -> tuple[Any, ...]:
+    """A ledger row for a request answered from another's response: it costs nothing and
+    avoids what that response would cost in realtime (unpriced if that was unpriced)."""
+    return (
+        None, request["id"], batch_id, stored_at, Kind.DEDUPE.value, request["lane"],
+        request["provider"], request["model"], request["endpoint"], request.get("use_case"),
+        request.get("step"), request.get("business_unit"), request.get("task_id"),
+        input_tokens, 0, 0, output_tokens, 0, 0 if realtime_nusd is not None else None,
+        realtime_nusd, f"dedupe of response {source_response_id}",
+    )  # fmt: skip

@@ -122,6 +122,10 @@ class Request(SQLModel, table=True):
     task_id: str | None = Field(default=None, sa_type=String(128))
     #: free key/value tags as a JSON object
     tags: str = Field(default="{}", sa_type=Text)
+    #: not to be packed before this time (a budget with the "wait" policy held it)
+    not_before: datetime | None = _time(default=None)
+    #: a coalesced duplicate: the identical request whose provider call answers this one too
+    dedupe_of: int | None = Field(default=None)
     #: the cron job run that produced it, if any
     job_run_id: int | None = Field(default=None)
     #: bytes of the canonical body, so the packer can size batches without reading bodies

@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchwise.config import Settings
+from batchwise.dbapi import as_datetime
 from batchwise.faults import crashpoint
 from batchwise.providers.base import BatchLimits, Provider
 from batchwise.states import BatchState, RequestState
 from batchwise.store import (
     Store,
-    as_datetime,
     batches_t,
     check_transition,
     chunked,
@@ -121,7 +121,8 @@ def token_budget(settings: Settings, model: str) -> int:
     return settings.inflight_token_budget.get(model, settings.default_inflight_token_budget)
 
 
-def queued_groups(conn: Connection) -> list[Group]:
+def queued_groups(conn: Connection, now: datetime) -> list[Group]:
+    """Queued requests that may be packed now (a budget may hold some back), by group."""
     t = requests_t
     query = (
         sa.select(
@@ -134,7 +135,10 @@ def queued_groups(conn: Connection) -> list[Group]:
             sa.func.min(t.c.updated_at),
             sa.func.min(t.c.deadline),
         )
-        .where(t.c.state == RequestState.QUEUED.value)
+        .where(
+            t.c.state == RequestState.QUEUED.value,
+            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now),
+        )
         .group_by(t.c.provider, t.c.endpoint, t.c.model)
         .order_by(t.c.provider, t.c.endpoint, t.c.model)
     )
@@ -166,12 +170,16 @@ def pack(
     limits: Mapping[str, BatchLimits],
     turnaround_s: Callable[[str, str], float],
     drain: bool = False,
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
 ) -> list[int]:
-    """Flush every group that is due into batch rows; returns the new batch ids."""
+    """Flush every group that is due into batch rows; returns the new batch ids.
+
+    `coalesce(use_case, step, business_unit)` says whether identical requests of those tags
+    share one batch line (dedupe); the others ride on it and take its answer."""
     created: list[int] = []
     while True:
         with store.read() as conn:
-            groups = queued_groups(conn)
+            groups = queued_groups(conn, now)
             inflight = inflight_tokens(conn)
         flushes = plan(
             groups,
@@ -193,6 +201,7 @@ def pack(
                 settings=settings,
                 limit=limits[flush.group.provider],
                 inflight=inflight.get((flush.group.provider, flush.group.model), 0),
+                coalesce=coalesce,
             )
             if batch_id is not None:
                 crashpoint("after_pack")
@@ -204,7 +213,7 @@ def pack(
 
 _GROUP_SQL = (
     "SELECT id FROM requests WHERE state = 'queued' AND provider = ? AND endpoint = ? "
-    "AND model = ? ORDER BY deadline, id LIMIT ?"
+    "AND model = ? AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id LIMIT ?"
 )
 
 
@@ -216,6 +225,7 @@ def _pack_one(
     settings: Settings,
     limit: BatchLimits,
     inflight: int,
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
 ) -> int | None:
     """Write one batch row and move its requests into it, in one transaction.
 
@@ -225,15 +235,33 @@ def _pack_one(
     group = flush.group
     budget = token_budget(settings, group.model) - inflight
     lock = " FOR UPDATE SKIP LOCKED" if store.is_postgres else ""
-    params = (group.provider, group.endpoint, group.model, limit.max_requests)
-    sizes_sql = _GROUP_SQL.replace("SELECT id", "SELECT id, size_bytes, est_input_tokens, deadline")
+    sizes_sql = _GROUP_SQL.replace(
+        "SELECT id",
+        "SELECT id, size_bytes, est_input_tokens, deadline, body_hash, "
+        "use_case, step, business_unit",
+    )
     with store.write() as conn:
+        params = (
+            group.provider,
+            group.endpoint,
+            group.model,
+            db_time(conn, now),
+            limit.max_requests,
+        )
         ids: list[int] = []
+        #: identical requests ride on the first of them (coalesced): (follower, leader)
+        followers: list[tuple[int, int]] = []
+        leaders: dict[str, int] = {}
         size = tokens = 0
         earliest = None
-        for rid, row_bytes, est, deadline in conn.exec_driver_sql(
+        for rid, row_bytes, est, deadline, body_hash, *tags in conn.exec_driver_sql(
             driver_sql(conn, sizes_sql + lock), params
         ):
+            if coalesce is not None and coalesce(*tags):
+                leader = leaders.setdefault(body_hash, rid)
+                if leader != rid:
+                    followers.append((rid, leader))
+                    continue
             line_bytes = row_bytes + LINE_OVERHEAD_BYTES
             if ids and (size + line_bytes > limit.max_bytes or tokens + est > budget):
                 break
@@ -273,7 +301,16 @@ def _pack_one(
                 ),
                 (batch_id, stamp, *chunk),
             ).rowcount
-        if moved != count:  # pragma: no cover - the rows are locked: a bug, not a race
+        if followers:
+            moved += conn.exec_driver_sql(
+                driver_sql(
+                    conn,
+                    "UPDATE requests SET state = 'packed', batch_id = ?, dedupe_of = ?, "
+                    "updated_at = ? WHERE id = ? AND state = 'queued'",
+                ),
+                [(batch_id, leader, stamp, rid) for rid, leader in followers],
+            ).rowcount
+        if moved != count + len(followers):  # pragma: no cover - locked rows: a bug, not a race
             raise RuntimeError("queued requests changed under the write lock")
     return int(batch_id)
 
@@ -308,7 +345,7 @@ def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
     """(id, body) of a batch's packed requests in id order, streamed from the driver."""
     sql = (
         "SELECT id, body FROM requests WHERE batch_id = ? AND finished_at IS NULL "
-        "AND state = 'packed' ORDER BY id"
+        "AND state = 'packed' AND dedupe_of IS NULL ORDER BY id"
     )
     with store.read() as conn:
         streaming = conn.execution_options(stream_results=True, max_row_buffer=2000)

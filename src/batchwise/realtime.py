@@ -36,6 +36,7 @@ from batchwise.store import (
     check_transition,
     db_time,
     lease_until,
+    ledger_t,
     record_event,
     requests_t,
     reserve_ids,
@@ -63,10 +64,11 @@ _COLUMNS = (
     _t.c.task_id,
     _t.c.deadline,
     _t.c.batch_id,
+    _t.c.body_hash,
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Claim:
     """A request this worker holds the lease on."""
 
@@ -265,6 +267,67 @@ def _miss(deadline: datetime, now: datetime, how: str) -> str | None:
     return f"{how} finished {human_s((now - deadline).total_seconds())} after the deadline"
 
 
+def fan_out(store: Store, leader: Claim, followers: list[Claim], *, now: datetime) -> list[str]:
+    """Give a leader's answer to the identical requests that rode on its call, at no cost; if it
+    has none, release them to be called on their own."""
+    results = []
+    with store.write() as conn:
+        answer = conn.execute(
+            sa.select(
+                _t.c.response_id,
+                ledger_t.c.realtime_nusd,
+                ledger_t.c.input_tokens,
+                ledger_t.c.output_tokens,
+            )
+            .select_from(_t.outerjoin(ledger_t, ledger_t.c.response_id == _t.c.response_id))
+            .where(_t.c.id == leader.id, _t.c.state == _S.SUCCEEDED.value)
+        ).first()
+        stamp = db_time(conn, now)
+        entries = []
+        for follower in followers:
+            state = RequestState(follower.request["state"])
+            mine = sa.and_(
+                _t.c.id == follower.id,
+                _t.c.state == state.value,
+                _t.c.lease_owner == follower.worker,
+            )
+            if answer is None:
+                conn.execute(
+                    sa.update(_t).where(mine).values(lease_owner=None, lease_expires_at=None)
+                )
+                results.append("released")
+                continue
+            check_transition(state, _S.DEDUPLICATED)
+            response_id, realtime, tokens_in, tokens_out = answer
+            done = conn.execute(
+                sa.update(_t)
+                .where(mine)
+                .values(
+                    state=_S.DEDUPLICATED.value,
+                    response_id=response_id,
+                    dedupe_of=leader.id,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+            if done:
+                entries.append(
+                    ledger.dedupe_entry(
+                        follower.request,
+                        stored_at=stamp,
+                        source_response_id=response_id,
+                        realtime_nusd=realtime,
+                        input_tokens=tokens_in or 0,
+                        output_tokens=tokens_out or 0,
+                    )
+                )
+            results.append("deduplicated" if done else "lost")
+        ledger.record(conn, entries)
+    return results
+
+
 class Dispatcher:
     """Runs realtime calls with bounded concurrency, for the embedded runner.
 
@@ -280,8 +343,10 @@ class Dispatcher:
         settings: Settings,
         clock: Clock,
         worker: str,
+        coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
     ) -> None:
         self.store = store
+        self.coalesce = coalesce
         self.provider_for = provider_for
         self.book = book
         self.settings = settings
@@ -312,9 +377,31 @@ class Dispatcher:
             limit=self.settings.realtime_concurrency * 4,
             skip_providers=self._paused_providers(),
         )
-        for result in self._pool.map(self._one, claims):
+        calls, riders = self._coalesced(claims)
+        for result in self._pool.map(self._one, calls):
             counts[result] = counts.get(result, 0) + 1
+        for leader, followers in riders.items():
+            for result in fan_out(self.store, leader, followers, now=self.clock()):
+                counts[result] = counts.get(result, 0) + 1
         return counts
+
+    def _coalesced(self, claims: list[Claim]) -> tuple[list[Claim], dict[Claim, list[Claim]]]:
+        """One call per identical request (where dedupe is on); the others ride on it."""
+        if self.coalesce is None:
+            return claims, {}
+        calls: list[Claim] = []
+        leaders: dict[tuple[str, str, str], Claim] = {}
+        riders: dict[Claim, list[Claim]] = {}
+        for claim_ in claims:
+            r = claim_.request
+            if self.coalesce(r["use_case"], r["step"], r["business_unit"]):
+                key = (r["provider"], r["endpoint"], r["body_hash"])
+                leader = leaders.setdefault(key, claim_)
+                if leader is not claim_:
+                    riders.setdefault(leader, []).append(claim_)
+                    continue
+            calls.append(claim_)
+        return calls, riders
 
     def _one(self, claim_: Claim) -> str:
         outcome = call(self.provider_for(claim_.request["provider"]), claim_)

@@ -25,6 +25,7 @@ from batchwise import ledger
 from batchwise.classify import human_s
 from batchwise.clock import Clock
 from batchwise.config import Settings
+from batchwise.dbapi import as_datetime
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.packer import parse_custom_id
@@ -41,7 +42,6 @@ from batchwise.states import ENDED_BATCH_STATES, BatchState, RequestState
 from batchwise.store import (
     LeaseKeeper,
     Store,
-    as_datetime,
     batches_t,
     check_transition,
     db_time,
@@ -85,6 +85,8 @@ class ReconcileReport:
     unknown: int = 0
     #: lines already applied by an earlier pass
     duplicates: int = 0
+    #: coalesced duplicates answered by their leader's line
+    deduplicated: int = 0
     complete: bool = False
     error: str | None = None
 
@@ -302,7 +304,7 @@ def _apply_chunk(
 #: what the reconciler reads of each request
 _READ = (
     "id", "state", "batch_id", "attempts", "lane", "provider", "model", "endpoint", "use_case",
-    "step", "business_unit", "task_id", "deadline",
+    "step", "business_unit", "task_id", "deadline", "dedupe_of",
 )  # fmt: skip
 RESPONSE_COLUMNS = (
     "id", "request_id", "batch_id", "kind", "outcome", "status_code", "body", "error_code",
@@ -311,7 +313,8 @@ RESPONSE_COLUMNS = (
 )  # fmt: skip
 _UPDATE_SQL = (
     "UPDATE requests SET state = ?, response_id = ?, attempts = ?, batch_id = ?, error = ?, "
-    "error_code = ?, finished_at = ?, deadline_miss = ?, updated_at = ? WHERE id = ? AND state = ?"
+    "error_code = ?, finished_at = ?, deadline_miss = ?, updated_at = ?, dedupe_of = ? "
+    "WHERE id = ? AND state = ?"
 )
 
 
@@ -450,6 +453,7 @@ def update_row(
     error_code: str | None = None,
     batch_id: int | None = None,
     miss: str | None = None,
+    dedupe_of: int | None = None,
 ) -> tuple[Any, ...]:
     """The `_UPDATE_SQL` parameters moving `request` to `state`; `miss` names what finished
     late, and is recorded only if the deadline has passed."""
@@ -462,7 +466,7 @@ def update_row(
     return (
         state.value, response_id, request["attempts"] if attempts is None else attempts,
         batch_id, error, error_code, stored_now if state.terminal else None, missed, stored_now,
-        request["id"], expected.value,
+        dedupe_of, request["id"], expected.value,
     )  # fmt: skip
 
 
@@ -498,7 +502,11 @@ def _finish(
             for row in conn.exec_driver_sql(driver_sql(conn, sql), (batch.id,))
         ]
         stored_now = db_time(conn, now)
-        updates = []
+        updates: list[tuple[Any, ...]] = []
+        followers = [r for r in leftovers if r["dedupe_of"] is not None]
+        if followers:
+            leftovers = [r for r in leftovers if r["dedupe_of"] is None]
+            _fan_out(conn, batch, followers, updates, report, now=now, stored_now=stored_now)
         for request in leftovers:
             attempts, error = _leftover(batch, request)
             if attempts >= settings.max_attempts:
@@ -561,6 +569,75 @@ def _finish(
                 lease_expires_at=None,
             )
         )
+
+
+def _fan_out(
+    conn: Connection,
+    batch: _Batch,
+    followers: list[dict[str, Any]],
+    updates: list[tuple[Any, ...]],
+    report: ReconcileReport,
+    *,
+    now: datetime,
+    stored_now: Any,
+) -> None:
+    """Coalesced duplicates take their leader's answer at no cost, or queue again on their own
+    if it has none (no penalty: nothing was tried for them)."""
+    leaders = sorted({r["dedupe_of"] for r in followers})
+    marks = ", ".join("?" for _ in leaders)
+    answers = {
+        rid: (response_id, realtime, tokens_in, tokens_out)
+        for rid, response_id, realtime, tokens_in, tokens_out in conn.exec_driver_sql(
+            driver_sql(
+                conn,
+                "SELECT r.id, r.response_id, l.realtime_nusd, l.input_tokens, l.output_tokens "
+                "FROM requests r LEFT JOIN ledger l ON l.response_id = r.response_id "
+                f"WHERE r.id IN ({marks}) AND r.state = 'succeeded'",
+            ),
+            tuple(leaders),
+        )
+    }
+    entries = []
+    for request in followers:
+        answer = answers.get(request["dedupe_of"])
+        if answer is None or request["state"] != _S.SUBMITTED.value:
+            updates.append(
+                update_row(
+                    request,
+                    _S.QUEUED,
+                    now,
+                    stored_now,
+                    error=f"the request it was coalesced with in batch {batch.id} was not answered",
+                )
+            )
+            report.requeued += 1
+            continue
+        response_id, realtime, tokens_in, tokens_out = answer
+        updates.append(
+            update_row(
+                request,
+                _S.DEDUPLICATED,
+                now,
+                stored_now,
+                response_id=response_id,
+                batch_id=batch.id,
+                dedupe_of=request["dedupe_of"],
+                miss="answered",
+            )
+        )
+        entries.append(
+            ledger.dedupe_entry(
+                request,
+                stored_at=stored_now,
+                source_response_id=response_id,
+                realtime_nusd=realtime,
+                input_tokens=tokens_in or 0,
+                output_tokens=tokens_out or 0,
+                batch_id=batch.id,
+            )
+        )
+        report.deduplicated += 1
+    ledger.record(conn, entries)
 
 
 def _leftover(batch: _Batch, request: dict[str, Any]) -> tuple[int, str]:

@@ -52,6 +52,7 @@ def rescue_due(
                 conn.execute(
                     sa.select(_t.c.id).where(
                         QUEUED,
+                        sa.or_(_t.c.not_before.is_(None), _t.c.not_before <= now),
                         _t.c.provider == provider,
                         _t.c.endpoint == endpoint,
                         _t.c.model == model,

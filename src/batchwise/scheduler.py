@@ -18,6 +18,7 @@ from batchwise import jobs
 from batchwise.classify import expected_turnaround
 from batchwise.clock import Clock
 from batchwise.config import Settings
+from batchwise.guards import Guards
 from batchwise.jobs import JobsReport
 from batchwise.packer import pack
 from batchwise.poller import poll_due
@@ -119,10 +120,17 @@ class Scheduler:
         self.settings = settings
         self.clock = clock
         self.book = book or PriceBook.from_settings(settings)
+        self.guards = Guards.from_settings(settings)
         self.worker = worker or worker_id()
         self.dispatcher = (
             Dispatcher(
-                store, providers, self.book, settings=settings, clock=clock, worker=self.worker
+                store,
+                providers,
+                self.book,
+                settings=settings,
+                clock=clock,
+                worker=self.worker,
+                coalesce=self.dedupes if self.guards.dedupe_anywhere else None,
             )
             if realtime
             else None
@@ -175,7 +183,12 @@ class Scheduler:
             limits=self.providers.limits(),
             turnaround_s=self.turnaround_s,
             drain=drain,
+            coalesce=self.dedupes if self.guards.dedupe_anywhere else None,
         )
+
+    def dedupes(self, use_case: str | None, step: str | None, business_unit: str | None) -> bool:
+        """Whether identical requests with these tags may share one answer."""
+        return bool(self.guards.policy(use_case, step, business_unit).dedupe_window_s)
 
     def submit(self) -> int:
         """Submit batches one claim at a time until none is waiting."""

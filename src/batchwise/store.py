@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -360,14 +360,6 @@ class LeaseKeeper:
 def db_time(conn: Connection, moment: datetime) -> Any:
     """The value the database stores for an aware datetime (text on SQLite)."""
     return dbapi.sqlite_time(moment) if conn.dialect.name == "sqlite" else moment
-
-
-def as_datetime(value: Any) -> datetime:
-    """An aware datetime from a raw driver value (SQLite text or a PostgreSQL timestamp)."""
-    if isinstance(value, str):
-        return datetime.strptime(value, dbapi.SQLITE_TIME_FORMAT).replace(tzinfo=UTC)
-    assert isinstance(value, datetime)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def driver_sql(conn: Connection, sql: str) -> str:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 15:41:28.590736
+Create Date: 2026-11-29 16:01:44.600198
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ def upgrade() -> None:
         sa.Column("business_unit", sa.String(length=128), nullable=True),
         sa.Column("task_id", sa.String(length=128), nullable=True),
         sa.Column("tags", sa.Text(), nullable=False),
+        sa.Column("not_before", batchwise.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("dedupe_of", sa.Integer(), nullable=True),
         sa.Column("job_run_id", sa.Integer(), nullable=True),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
         sa.Column("est_input_tokens", sa.Integer(), nullable=False),
