@@ -145,13 +145,13 @@ def _flush(
 
 
 def run_one(size: int) -> dict[str, float]:
+    import sqlalchemy as sa
+
     from batchwise.clock import system_clock
     from batchwise.config import Settings
     from batchwise.packer import batch_file_path, write_batch_file
     from batchwise.scheduler import Providers, Scheduler
     from batchwise.store import Store, batches_t
-
-    import sqlalchemy as sa
 
     workdir = Path(tempfile.mkdtemp(prefix="bw-life-"))
     emulator, url = start_emulator(workdir)

@@ -125,7 +125,8 @@ def test_celery_dash_a_finds_an_app_built_from_the_environment_on_first_use() ->
         BATCHWISE_BROKER_URL="redis://example.invalid:6379/3",
     )
     assert out == (
-        "redis://example.invalid:6379/3 ['batchwise.dispatch', 'batchwise.flush_submit', "
+        "redis://example.invalid:6379/3 ['batchwise.alerts', 'batchwise.dispatch', "
+        "'batchwise.flush_submit', "
         "'batchwise.jobs', 'batchwise.poll', 'batchwise.reconcile', 'batchwise.rescue', "
         "'batchwise.sweep']"
     )
@@ -155,7 +156,11 @@ def test_beat_sends_every_step_each_tick_and_the_sweep_within_half_a_lease(
     schedule = create_app(settings, queue="q").conf.beat_schedule
     periods = {e["task"]: e["schedule"].total_seconds() for e in schedule.values()}
     steps = ("flush_submit", "poll", "reconcile", "rescue", "jobs")
-    assert periods == {**{f"batchwise.{s}": 7.0 for s in steps}, "batchwise.sweep": 3.0}
+    assert periods == {
+        **{f"batchwise.{s}": 7.0 for s in steps},
+        "batchwise.sweep": 3.0,
+        "batchwise.alerts": 600.0,
+    }
     for entry in schedule.values():
         assert entry["options"] == {
             "queue": "q.steps",

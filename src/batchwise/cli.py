@@ -36,6 +36,7 @@ LAZY_COMMANDS = {
     "worker": "batchwise.cli_worker:worker",
     "beat": "batchwise.cli_worker:beat",
     "jobs": "batchwise.cli_jobs:jobs",
+    "events": "batchwise.cli_events:events",
 }
 
 

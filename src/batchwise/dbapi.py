@@ -71,6 +71,8 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     # the last transactions, and the store recovers from that like from any crash.
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
+    # Checkpoint the WAL every ~40 MB rather than every 4 MB: bulk chunks are several MB each.
+    conn.execute("PRAGMA wal_autocheckpoint = 10000")
     return conn
 
 

@@ -204,7 +204,8 @@ class Response(SQLModel, table=True):
 
     __tablename__ = "responses"
     __table_args__ = (
-        UniqueConstraint("request_id", "batch_id", name="uq_responses_request_batch"),
+        # batch first: the reconciler reads a batch's stored lines before applying its results
+        UniqueConstraint("batch_id", "request_id", name="uq_responses_batch_request"),
         Index("ix_responses_request", "request_id"),
     )
 
@@ -257,7 +258,7 @@ class LedgerEntry(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("response_id", name="uq_ledger_response"),
         Index("ix_ledger_at", "at"),
-        Index("ix_ledger_task", "task_id"),
+        Index("ix_ledger_task", "task_id", **_where("task_id IS NOT NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)

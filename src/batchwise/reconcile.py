@@ -38,7 +38,7 @@ from batchwise.providers.base import (
     Provider,
     RequestCounts,
 )
-from batchwise.states import ENDED_BATCH_STATES, BatchState, RequestState
+from batchwise.states import ENDED_BATCH_STATES, TRANSITIONS, BatchState, RequestState
 from batchwise.store import (
     LeaseKeeper,
     Store,
@@ -55,7 +55,7 @@ from batchwise.store import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_LINES = 2000
+CHUNK_LINES = 5000
 #: wait before reading the results of a batch again after a broken stream
 RETRY_READ_S = 30.0
 TOKEN_LIMIT = "token_limit_exceeded"
@@ -311,6 +311,8 @@ RESPONSE_COLUMNS = (
     "error_message", "retryable", "provider_request_id", "input_tokens", "output_tokens",
     "created_at",
 )  # fmt: skip
+#: allowed moves as (from, to) strings, for the per-line check
+_ALLOWED = frozenset((src.value, dst.value) for src, dsts in TRANSITIONS.items() for dst in dsts)
 _UPDATE_SQL = (
     "UPDATE requests SET state = ?, response_id = ?, attempts = ?, batch_id = ?, error = ?, "
     "error_code = ?, finished_at = ?, deadline_miss = ?, updated_at = ?, dedupe_of = ? "
@@ -325,7 +327,7 @@ def _read_requests(conn: Connection, ids: list[int], *, lock: bool) -> dict[int,
     sql = f"SELECT {', '.join(_READ)} FROM requests WHERE id IN ({', '.join('?' for _ in ids)})" + (
         " FOR UPDATE" if lock else ""
     )
-    rows = conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids))
+    rows = conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids)).fetchall()
     return {row[0]: dict(zip(_READ, row, strict=True)) for row in rows}
 
 
@@ -368,10 +370,10 @@ class _Step:
             outcome.provider_request_id, usage.input_tokens if usage else 0,
             usage.output_tokens if usage else 0, self.stored_now,
         ))  # fmt: skip
-        state = RequestState(request["state"])
-        ours = request["batch_id"] == batch.id and state is _S.SUBMITTED
+        state = request["state"]  # a plain str: StrEnum members compare equal to it
+        ours = request["batch_id"] == batch.id and state == _S.SUBMITTED
         if outcome.kind is OutcomeKind.SUCCEEDED:
-            if ours or (state is _S.RESCUED and request["batch_id"] == batch.id):
+            if ours or (state == _S.RESCUED and request["batch_id"] == batch.id):
                 self._price(ledger.Kind.BATCH, request, usage, response_id)
                 self._update(
                     request,
@@ -457,8 +459,9 @@ def update_row(
 ) -> tuple[Any, ...]:
     """The `_UPDATE_SQL` parameters moving `request` to `state`; `miss` names what finished
     late, and is recorded only if the deadline has passed."""
-    expected = RequestState(request["state"])
-    check_transition(expected, state)
+    expected = request["state"]
+    if (expected, state.value) not in _ALLOWED:
+        check_transition(RequestState(expected), state)  # raises, naming both
     missed = None
     if miss is not None and request["deadline"] < stored_now:
         late = (now - as_datetime(request["deadline"])).total_seconds()
@@ -466,7 +469,7 @@ def update_row(
     return (
         state.value, response_id, request["attempts"] if attempts is None else attempts,
         batch_id, error, error_code, stored_now if state.terminal else None, missed, stored_now,
-        dedupe_of, request["id"], expected.value,
+        dedupe_of, request["id"], expected,
     )  # fmt: skip
 
 

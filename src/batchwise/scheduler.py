@@ -14,7 +14,7 @@ from types import TracebackType
 
 import sqlalchemy as sa
 
-from batchwise import jobs
+from batchwise import alerts, jobs
 from batchwise.classify import expected_turnaround
 from batchwise.clock import Clock
 from batchwise.config import Settings
@@ -88,6 +88,7 @@ class TickReport:
     missed: int = 0
     realtime: dict[str, int] = field(default_factory=dict)
     jobs: JobsReport | None = None
+    anomalies: list[alerts.Anomaly] = field(default_factory=list)
 
     @property
     def did_work(self) -> bool:
@@ -242,6 +243,7 @@ class Scheduler:
         report.rescued, report.missed = self.rescue()
         if self.dispatcher is not None:
             report.realtime = self.dispatcher.run_once()
+        report.anomalies = alerts.tick(self)  # last: it sees this tick's ledger entries
         return report
 
     # --- draining -----------------------------------------------------------------------------

@@ -78,6 +78,9 @@ RECONCILE = "batchwise.reconcile"
 RESCUE = "batchwise.rescue"
 SWEEP = "batchwise.sweep"
 JOBS = "batchwise.jobs"
+ALERTS = "batchwise.alerts"
+#: how often beat asks for the anomaly check (it records each step-hour once)
+ALERTS_PERIOD_S = 600.0
 #: most requests one sweep re-sends; the rest wait for the next sweep
 SWEEP_LIMIT = 2000
 
@@ -403,6 +406,7 @@ def beat_schedule(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> dict[str
         "reconcile": every(RECONCILE, tick),
         "rescue": every(RESCUE, tick),
         "jobs": every(JOBS, tick),
+        "alerts": every(ALERTS, ALERTS_PERIOD_S),
         "sweep": every(SWEEP, sweep_interval_s(settings)),
     }
 
@@ -450,6 +454,14 @@ def _register_tasks(app: Any, runtime: Runtime, *, realtime_q: str, steps_q: str
     def jobs_task() -> str:
         return repr(run_due_jobs(runtime))
 
+    def alerts_task() -> int:
+        from batchwise import alerts
+
+        found = alerts.check_anomalies(
+            runtime.store, now=runtime.clock(), settings=runtime.settings
+        )
+        return len(found)
+
     for name, fn in (
         (DISPATCH, dispatch_task),
         (FLUSH_SUBMIT, flush_submit_task),
@@ -458,6 +470,7 @@ def _register_tasks(app: Any, runtime: Runtime, *, realtime_q: str, steps_q: str
         (RESCUE, rescue_task),
         (SWEEP, sweep_task),
         (JOBS, jobs_task),
+        (ALERTS, alerts_task),
     ):
         # not shared: a task shared with every app would run another app's closure
         app.task(name=name, ignore_result=True, shared=False)(fn)

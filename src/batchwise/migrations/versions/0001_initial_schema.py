@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 16:01:44.600198
+Create Date: 2026-11-29 16:15:31.059070
 """
 
 from __future__ import annotations
@@ -126,7 +126,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("ledger", schema=None) as batch_op:
         batch_op.create_index("ix_ledger_at", ["at"], unique=False)
-        batch_op.create_index("ix_ledger_task", ["task_id"], unique=False)
+        batch_op.create_index(
+            "ix_ledger_task",
+            ["task_id"],
+            unique=False,
+            sqlite_where=sa.text("task_id IS NOT NULL"),
+            postgresql_where=sa.text("task_id IS NOT NULL"),
+        )
 
     op.create_table(
         "requests",
@@ -236,7 +242,7 @@ def upgrade() -> None:
         sa.Column("output_tokens", sa.Integer(), nullable=False),
         sa.Column("created_at", batchwise.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("request_id", "batch_id", name="uq_responses_request_batch"),
+        sa.UniqueConstraint("batch_id", "request_id", name="uq_responses_batch_request"),
     )
     with op.batch_alter_table("responses", schema=None) as batch_op:
         batch_op.create_index("ix_responses_request", ["request_id"], unique=False)
@@ -296,7 +302,11 @@ def downgrade() -> None:
 
     op.drop_table("requests")
     with op.batch_alter_table("ledger", schema=None) as batch_op:
-        batch_op.drop_index("ix_ledger_task")
+        batch_op.drop_index(
+            "ix_ledger_task",
+            sqlite_where=sa.text("task_id IS NOT NULL"),
+            postgresql_where=sa.text("task_id IS NOT NULL"),
+        )
         batch_op.drop_index("ix_ledger_at")
 
     op.drop_table("ledger")
