@@ -415,7 +415,7 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
     import shutil
 
     from batchwise.clock import ManualClock
-    from batchwise.jobs_store import answer_text
+    from batchwise.results import answer_text
     from lifecycle_world import make_world
 
     folder = tmp_path / "jobs"

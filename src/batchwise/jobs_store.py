@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from batchwise.jobs_load import JobResult
 from batchwise.jobs_schedule import Trigger
+from batchwise.results import answer_text
 from batchwise.states import LIVE_REQUEST_STATES, RequestState
 from batchwise.store import (
     Store,
@@ -340,26 +341,6 @@ def run_results(store: Store, run_id: int, *, prefix: str) -> list[JobResult]:
                 )
             )
     return results
-
-
-def answer_text(body: dict[str, Any]) -> str:
-    """The text of a chat completion, Responses API or Messages answer."""
-    choices = body.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        return str((choices[0].get("message") or {}).get("content") or "")
-    content = body.get("content")
-    if isinstance(content, list):
-        return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
-    output = body.get("output")
-    if isinstance(output, list):
-        return "".join(
-            str(part.get("text", ""))
-            for item in output
-            if isinstance(item, dict)
-            for part in item.get("content") or []
-            if isinstance(part, dict)
-        )
-    return ""
 
 
 def run_at(store: Store, job: str, scheduled_for: datetime) -> RunRecord | None:

@@ -44,6 +44,7 @@ from batchwise.store import (
     Store,
     batches_t,
     check_transition,
+    claim_one,
     db_time,
     driver_sql,
     insert_many,
@@ -153,29 +154,23 @@ def _claim_next(store: Store, *, now: datetime, settings: Settings, worker: str)
         sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now),
         sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now),
     )
-    pick = sa.select(b.c.id).where(claimable).order_by(b.c.id).limit(1)
-    if store.is_postgres:
-        pick = pick.with_for_update(skip_locked=True)
-    with store.write() as conn:
-        batch_id = conn.execute(pick).scalar()
-        if batch_id is None:
-            return None
-        row = conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id, claimable)
-            .values(lease_owner=worker, lease_expires_at=lease_until(now, settings.lease_s))
-            .returning(
-                b.c.id,
-                b.c.provider,
-                b.c.endpoint,
-                b.c.state,
-                b.c.provider_batch_id,
-                b.c.provider_status,
-                b.c.result_refs,
-                b.c.error_code,
-                b.c.last_error,
-            )
-        ).first()
+    row = claim_one(
+        store,
+        b,
+        claimable,
+        values={"lease_owner": worker, "lease_expires_at": lease_until(now, settings.lease_s)},
+        returning=(
+            b.c.id,
+            b.c.provider,
+            b.c.endpoint,
+            b.c.state,
+            b.c.provider_batch_id,
+            b.c.provider_status,
+            b.c.result_refs,
+            b.c.error_code,
+            b.c.last_error,
+        ),
+    )
     return None if row is None else _Batch(*row)
 
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from batchwise.results import answer_text
+
 if TYPE_CHECKING:
     from batchwise.api import RequestView
 
@@ -37,7 +39,7 @@ def print_request(view: RequestView) -> None:
             continue
         table.add_row(key, _text(value))
     if view.result is not None:
-        table.add_row("answer", _answer_text(view.result))
+        table.add_row("answer", answer_text(view.result))
     console.print(table)
 
 
@@ -47,27 +49,3 @@ def _text(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items()) or "—"
     return str(value)
-
-
-def _answer_text(body: dict[str, Any]) -> str:
-    """The text of a chat, responses or messages answer, for display."""
-    choices = body.get("choices")
-    if isinstance(choices, list) and choices:
-        message = choices[0].get("message") or {}
-        return str(message.get("content") or "")
-    content = body.get("content")
-    if isinstance(content, list):
-        return "".join(str(block.get("text", "")) for block in content if isinstance(block, dict))
-    output = body.get("output")
-    if isinstance(output, list):
-        texts = [
-            part.get("text", "")
-            for item in output
-            if isinstance(item, dict)
-            for part in item.get("content", [])
-            if isinstance(part, dict)
-        ]
-        return "".join(texts)
-    if "data" in body:
-        return f"{len(body['data'])} embedding(s)"
-    return str(body)[:200]

@@ -95,3 +95,23 @@ def to_line(row: dict[str, Any], fmt: str) -> dict[str, Any]:
             },
         }
     raise ValueError(f"unknown results format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def answer_text(body: dict[str, Any]) -> str:
+    """The text of a chat completion, Responses API or Messages answer."""
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return str((choices[0].get("message") or {}).get("content") or "")
+    content = body.get("content")
+    if isinstance(content, list):
+        return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    output = body.get("output")
+    if isinstance(output, list):
+        return "".join(
+            str(part.get("text", ""))
+            for item in output
+            if isinstance(item, dict)
+            for part in item.get("content") or []
+            if isinstance(part, dict)
+        )
+    return ""

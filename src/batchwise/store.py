@@ -375,3 +375,29 @@ def insert_many(
         marks = ", ".join("?" for _ in columns)
         sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})"
         conn.exec_driver_sql(driver_sql(conn, sql), list(rows))
+
+
+def claim_one(
+    store: Store,
+    table: sa.Table,
+    claimable: sa.ColumnElement[bool],
+    *,
+    values: dict[str, Any],
+    returning: Sequence[sa.ColumnElement[Any]],
+) -> tuple[Any, ...] | None:
+    """Take the oldest row matching `claimable` by compare-and-set (skipping rows other
+    workers hold on PostgreSQL, under the write lock on SQLite); the returned columns, or None."""
+    pick = sa.select(table.c.id).where(claimable).order_by(table.c.id).limit(1)
+    if store.is_postgres:
+        pick = pick.with_for_update(skip_locked=True)
+    with store.write() as conn:
+        row_id = conn.execute(pick).scalar()
+        if row_id is None:
+            return None
+        row = conn.execute(
+            sa.update(table)
+            .where(table.c.id == row_id, claimable)
+            .values(**values)
+            .returning(*returning)
+        ).first()
+    return None if row is None else tuple(row)

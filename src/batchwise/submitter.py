@@ -27,6 +27,7 @@ from batchwise.store import (
     LeaseKeeper,
     Store,
     batches_t,
+    claim_one,
     lease_until,
     requests_t,
     transition_requests,
@@ -84,35 +85,29 @@ def claim_next_batch(
         b.c.state == BatchState.BUILDING.value,
         sa.and_(b.c.state == BatchState.UPLOADING.value, free, due),
     )
-    pick = sa.select(b.c.id).where(claimable).order_by(b.c.id).limit(1)
-    if store.is_postgres:
-        pick = pick.with_for_update(skip_locked=True)
-    with store.write() as conn:
-        batch_id = conn.execute(pick).scalar()
-        if batch_id is None:
-            return None
-        row = conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id, claimable)
-            .values(
-                state=BatchState.UPLOADING.value,
-                lease_owner=worker,
-                lease_expires_at=lease_until(now, settings.lease_s),
-                upload_started_at=sa.func.coalesce(b.c.upload_started_at, now),
-                submit_attempts=b.c.submit_attempts + 1,
-                updated_at=now,
-            )
-            .returning(
-                b.c.id,
-                b.c.provider,
-                b.c.endpoint,
-                b.c.model,
-                b.c.request_count,
-                b.c.submit_attempts,
-                b.c.upload_started_at,
-                b.c.create_started_at,
-            )
-        ).first()
+    row = claim_one(
+        store,
+        b,
+        claimable,
+        values={
+            "state": BatchState.UPLOADING.value,
+            "lease_owner": worker,
+            "lease_expires_at": lease_until(now, settings.lease_s),
+            "upload_started_at": sa.func.coalesce(b.c.upload_started_at, now),
+            "submit_attempts": b.c.submit_attempts + 1,
+            "updated_at": now,
+        },
+        returning=(
+            b.c.id,
+            b.c.provider,
+            b.c.endpoint,
+            b.c.model,
+            b.c.request_count,
+            b.c.submit_attempts,
+            b.c.upload_started_at,
+            b.c.create_started_at,
+        ),
+    )
     return None if row is None else Claimed(*row)
 
 
