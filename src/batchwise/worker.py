@@ -44,7 +44,7 @@ from batchwise.pricing import PriceBook
 from batchwise.realtime import dispatch_one
 from batchwise.reconcile import ReconcileReport
 from batchwise.scheduler import Providers, Scheduler
-from batchwise.states import RequestState
+from batchwise.states import CALLS_SQL, RequestState
 from batchwise.store import Store, requests_t, worker_id
 
 __all__ = [
@@ -250,13 +250,13 @@ def sweep(
       such a request may simply be waiting in it.
     """
     expired = sa.and_(
-        _t.c.state.in_(_CLAIMABLE),
+        sa.text(CALLS_SQL),  # the ix_requests_calls predicate, verbatim
         _t.c.lease_owner.is_not(None),
         _t.c.lease_expires_at < now,
         _t.c.updated_at < _t.c.lease_expires_at,
     )
     lost = sa.and_(
-        _t.c.state.in_(_CLAIMABLE),
+        sa.text(CALLS_SQL),  # the ix_requests_calls predicate, verbatim
         sa.or_(_t.c.lease_expires_at.is_(None), _t.c.lease_expires_at < now),
         _t.c.updated_at < now - timedelta(seconds=settings.lease_s),
     )
