@@ -344,3 +344,21 @@ def test_identical_pending_requests_share_one_provider_call(tmp_path: Path, db_u
             assert follower["response_id"] == leaders[follower["dedupe_of"]]["response_id"]
         assert sum(e["kind"] == "dedupe" for e in rows(world.store, ledger_t)) == 5
         check_all(world.store, world.stats())
+
+
+def test_budget_estimates_use_the_configured_prices(
+    db_url: str, settings: Settings, clock: ManualClock
+) -> None:
+    """A negotiated rate in the settings file prices the in-flight estimate too."""
+    budget = {"use_case": {"reports": {"daily_budget_usd": 1.0, "budget_policy": "refuse"}}}
+    pricey = replace(
+        guarded(settings, guards=budget),
+        price_overrides={"openai:gpt-4o-mini": {"input_mtok": 1e6, "output_mtok": 1e6}},
+    )
+    with Client(db_url, settings=guarded(settings, guards=budget), clock=clock) as client:
+        assert client.enqueue(**item(1, tags={"use_case": "reports"})).state == "queued"
+    with (
+        Client(db_url, settings=pricey, clock=clock) as client,
+        pytest.raises(GuardRefused, match="daily budget"),
+    ):
+        client.enqueue(**item(2, tags={"use_case": "reports"}))

@@ -381,3 +381,25 @@ def test_custom_id_rule(custom_id: str) -> None:
             submit_lines(
                 [line], sink, settings=Settings(), now=ManualClock()(), zone=resolve_zone("UTC")
             )
+
+
+def test_intake_endpoints_are_the_adapters_endpoints() -> None:
+    from batchwise.intake import ENDPOINTS
+    from batchwise.providers.anthropic import AnthropicProvider
+    from batchwise.providers.openai import OpenAIProvider
+
+    assert ENDPOINTS["openai"] == OpenAIProvider.limits.endpoints
+    assert ENDPOINTS["anthropic"] == AnthropicProvider.limits.endpoints
+
+
+def test_the_raw_benchmark_baseline_writes_the_same_columns() -> None:
+    """The raw intake script keeps its own list (it must not import batchwise); keep it true."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import raw_intake
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    assert raw_intake.COLUMNS == REQUEST_COLUMNS

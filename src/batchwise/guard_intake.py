@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from batchwise.config import Settings
 from batchwise.dbapi import as_datetime
 from batchwise.guards import (
     Guards,
@@ -27,7 +28,7 @@ from batchwise.guards import (
     period_starts,
     shape,
 )
-from batchwise.intake import ROW, Invalid, RequestSink
+from batchwise.intake import ROW, Invalid, RequestSink, infer_provider
 from batchwise.states import RequestState
 
 log = logging.getLogger(__name__)
@@ -58,22 +59,12 @@ class Keeper:
     guards: Guards
     sink: RequestSink
     now: datetime
+    settings: Settings
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     tasks: dict[str, TaskCount] = field(default_factory=dict)
     _spent: dict[tuple[str, str, str], int] = field(default_factory=dict)
     _dedupe_ledger: list[tuple[Any, ...]] = field(default_factory=list)
     _book: Any = None
-
-    @property
-    def shaping(self) -> bool:
-        return bool(
-            self.guards.rules
-            or any(
-                k in v
-                for v in (self.guards.base, *self.guards.by_tag.values())
-                for k in ("default_max_tokens", "max_max_tokens", "max_input_tokens")
-            )
-        )
 
     def policy(self, tagged: Sequence[Any]) -> Policy:
         return self.guards.policy(tagged[0], tagged[1], tagged[2])
@@ -92,7 +83,7 @@ class Keeper:
         if not policy.shapes:
             return model, body
         shaped = shape(policy, provider, endpoint, model, body)
-        if shaped.model != model and _provider_of(shaped.model, provider) != provider:
+        if shaped.model != model and (infer_provider(shaped.model) or provider) != provider:
             raise Invalid(
                 f"routing rule sends {model} to {shaped.model}, a model of another "
                 f"provider; route within {provider}",
@@ -263,10 +254,9 @@ class Keeper:
     ) -> int:
         """A conservative realtime price for a request not yet answered, in nano-USD."""
         if self._book is None:
-            from batchwise.config import Settings
             from batchwise.pricing import PriceBook
 
-            self._book = PriceBook.from_settings(Settings())
+            self._book = PriceBook.from_settings(self.settings)  # overrides and discounts apply
         from batchwise.pricing import TokenUsage
 
         output = _DEFAULT_OUTPUT_ESTIMATE
@@ -407,9 +397,3 @@ class Keeper:
     def _refused(self, position: int) -> bool:
         outcome = self.outcomes.get(position)
         return outcome is not None and outcome.refused is not None
-
-
-def _provider_of(model: str, default: str) -> str:
-    from batchwise.intake import infer_provider
-
-    return infer_provider(model) or default

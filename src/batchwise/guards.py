@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from batchwise.config import Settings
@@ -145,17 +145,23 @@ class Guards:
                 base.update(_values("guards", {key: value}))
         return cls(base=base, by_tag=by_tag, rules=_rules(settings.extra.get("routing", {})))
 
+    def _anywhere(self, *keys: str) -> bool:
+        """Whether any table sets one of `keys`, so a check is worth running at all."""
+        return any(key in v for v in (self.base, *self.by_tag.values()) for key in keys)
+
     @property
     def dedupe_anywhere(self) -> bool:
-        """Whether any tag has dedupe on (so duplicates are worth looking for at all)."""
-        return any("dedupe_window_s" in v for v in (self.base, *self.by_tag.values()))
+        return self._anywhere("dedupe_window_s")
 
     @property
     def budgets_anywhere(self) -> bool:
-        return any(
-            key in v
-            for v in (self.base, *self.by_tag.values())
-            for key in ("daily_budget_usd", "monthly_budget_usd")
+        return self._anywhere("daily_budget_usd", "monthly_budget_usd")
+
+    @property
+    def shaping_anywhere(self) -> bool:
+        """Whether a request's body may be changed (routing, output caps, context budget)."""
+        return bool(self.rules) or self._anywhere(
+            "default_max_tokens", "max_max_tokens", "max_input_tokens"
         )
 
     def policy(self, use_case: str | None, step: str | None, business_unit: str | None) -> Policy:
@@ -368,6 +374,4 @@ def period_starts(now: datetime) -> tuple[datetime, datetime, datetime, datetime
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
     next_month = month.replace(year=month.year + (month.month == 12), month=month.month % 12 + 1)
-    from datetime import timedelta
-
     return day, day + timedelta(days=1), month, next_month

@@ -422,7 +422,7 @@ class Intake:
         if guards is not None:
             from batchwise.guard_intake import Keeper
 
-            self.keeper = Keeper(guards, sink, now)
+            self.keeper = Keeper(guards, sink, now, settings)
 
     def _classify(self, tolerance: str, provider: str, model: str) -> tuple[Any, ...]:
         """Deadline, lane, reason, state and attempts for a (tolerance, provider, model),
@@ -464,7 +464,8 @@ class Intake:
         rejected = self.result.rejected
         default_provider, default_tolerance = self._default_provider, self._default_tolerance
         default_tags, tail = self._default_tags, self._tail
-        shaper = self.keeper.shape if self.keeper is not None and self.keeper.shaping else None
+        keeper = self.keeper
+        shaper = keeper.shape if keeper is not None and keeper.guards.shaping_anywhere else None
         for lineno, raw in numbered:
             if type(raw) is bytes or type(raw) is str:
                 if not raw or raw.isspace():

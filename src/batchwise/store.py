@@ -219,30 +219,6 @@ def transition_requests(
     return moved
 
 
-def move_requests(
-    conn: Connection,
-    ids: Sequence[int],
-    *,
-    src: RequestState,
-    dst: RequestState,
-    now: datetime,
-    values: dict[str, Any] | None = None,
-) -> int:
-    """`transition_requests` for bulk moves that only need the count (no RETURNING)."""
-    check_transition(src, dst)
-    changes: dict[str, Any] = {"state": dst.value, "updated_at": now, **(values or {})}
-    if dst.terminal:
-        changes.setdefault("finished_at", now)
-    moved = 0
-    for chunk in chunked(ids, 5000):
-        moved += conn.execute(
-            sa.update(requests_t)
-            .where(requests_t.c.id.in_(chunk), requests_t.c.state == src.value)
-            .values(**changes)
-        ).rowcount
-    return moved
-
-
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
