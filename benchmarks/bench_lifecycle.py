@@ -74,7 +74,9 @@ def raw_pack(db: Path, batch_ids: list[int], out_dir: Path, store_id: str) -> fl
     for batch_id in batch_ids:
         with open(out_dir / f"raw-{batch_id}.jsonl", "wb") as out:
             rows = conn.execute(
-                "SELECT id, body FROM requests WHERE batch_id = ? ORDER BY id", (batch_id,)
+                "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
+                "WHERE r.batch_id = ? ORDER BY r.id",
+                (batch_id,),
             )
             for rid, body in rows:
                 out.write(

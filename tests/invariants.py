@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchwise.states import LIVE_BATCH_STATES, TERMINAL_REQUEST_STATES
-from batchwise.store import Store, batches_t, ledger_t, requests_t, responses_t
+from batchwise.store import Store, batches_t, bodies_t, ledger_t, requests_t, responses_t
 
 TERMINAL = {s.value for s in TERMINAL_REQUEST_STATES}
 
@@ -19,6 +19,14 @@ def rows(store: Store, table: sa.Table, *order: Any) -> list[dict[str, Any]]:
     with store.read() as conn:
         query = sa.select(table).order_by(*(order or (table.c.id,)))
         return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def request_rows(store: Store) -> list[dict[str, Any]]:
+    """Request rows with their body (from `request_bodies`; None once purged)."""
+    r, b = requests_t, bodies_t
+    with store.read() as conn:
+        query = sa.select(r, b.c.body).select_from(r.outerjoin(b, b.c.id == r.c.id))
+        return [dict(row) for row in conn.execute(query.order_by(r.c.id)).mappings()]
 
 
 def check_all_terminal(store: Store) -> list[dict[str, Any]]:

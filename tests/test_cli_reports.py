@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from batchwise.cli import cli
 from batchwise.cli_reports import parse_time_bound, register
-from batchwise.store import Store, ledger_t, requests_t, responses_t
+from batchwise.store import Store, bodies_t, ledger_t, requests_t, responses_t
 
 register(cli)
 
@@ -46,13 +46,14 @@ def db(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
             sa.insert(requests_t),
             [
                 {"id": rid, "custom_id": f"c{rid}", "provider": "openai",
-                 "endpoint": "/v1/chat/completions", "model": "gpt-4o-mini", "body": "{}",
+                 "endpoint": "/v1/chat/completions", "model": "gpt-4o-mini",
                  "body_hash": f"{rid:064d}", "tolerance": "24h", "deadline": at, "lane": lane,
                  "reason": "t", "state": state, "use_case": use_case, "task_id": f"T{rid % 2}",
                  "created_at": at, "updated_at": at, "finished_at": finished}
                 for rid, state, finished, _, lane, use_case, at, *_ in ROWS
             ],
         )  # fmt: skip
+        conn.execute(sa.insert(bodies_t), [{"id": rid, "body": "{}"} for rid, *_ in ROWS])
         conn.execute(
             sa.insert(responses_t),
             [

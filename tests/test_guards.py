@@ -19,7 +19,7 @@ from batchwise.errors import ConfigError, GuardRefused, IntakeError
 from batchwise.guards import Guards, Policy, TaskCount, check_task, shape, trim_context
 from batchwise.providers.emulator import EmulatorConfig
 from batchwise.store import batches_t, events_t, ledger_t, requests_t
-from invariants import check_all, rows
+from invariants import check_all, request_rows, rows
 from lifecycle_world import make_world
 
 
@@ -106,7 +106,7 @@ def test_routing_rule_changes_the_model_and_records_the_original(
     with Client(db_url, settings=routed, clock=clock) as client:
         a = client.enqueue(**item(1, model="gpt-4o", tags={"use_case": "triage"}))
         b = client.enqueue(**item(2, model="gpt-4o", tags={"use_case": "other"}))
-        by_id = {r["id"]: r for r in rows(client.store, requests_t)}
+        by_id = {r["id"]: r for r in request_rows(client.store)}
         assert (by_id[a.id]["model"], by_id[a.id]["original_model"]) == ("gpt-4.1-mini", "gpt-4o")
         assert orjson.loads(by_id[a.id]["body"])["model"] == "gpt-4.1-mini"
         assert (by_id[b.id]["model"], by_id[b.id]["original_model"]) == ("gpt-4o", None)
@@ -138,7 +138,7 @@ def test_output_caps_default_and_maximum(db_url: str, settings: Settings) -> Non
                 ]
             )
         ]
-        bodies = {r["id"]: orjson.loads(r["body"]) for r in rows(client.store, requests_t)}
+        bodies = {r["id"]: orjson.loads(r["body"]) for r in request_rows(client.store)}
         assert [bodies[i].get("max_tokens") for i in ids] == [100, 300, 200, 5000]
 
 
@@ -164,7 +164,7 @@ def test_context_budget_refuses_with_the_figures_or_trims(db_url: str, settings:
             model="gpt-4o-mini", messages=long_turns, tolerance="2d", tags={"use_case": "trim"}
         )
         body = orjson.loads(
-            next(r for r in rows(client.store, requests_t) if r["id"] == kept.id)["body"]
+            next(r for r in request_rows(client.store) if r["id"] == kept.id)["body"]
         )
         assert body["messages"][0] == long_turns[0]  # the system prompt stays
         assert body["messages"][-1] == long_turns[-1]  # and the last user turn

@@ -16,13 +16,14 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from batchwise.api import Client
-from batchwise.bulk import EngineSink, SQLiteSink, open_sink
+from batchwise.bulk import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
 from batchwise.errors import IntakeError
 from batchwise.intake import REQUEST_COLUMNS, Defaults, Invalid, parse_line, submit_lines
-from batchwise.store import Store, requests_t
+from batchwise.store import Store, bodies_t, requests_t
 from batchwise.tolerance import resolve_zone
+from invariants import request_rows
 
 
 def openai_line(i: int, **over: Any) -> dict[str, Any]:
@@ -47,11 +48,7 @@ def client(db_url: str, settings: Settings, clock: ManualClock) -> Iterator[Clie
 
 
 def rows(client: Client) -> list[dict[str, Any]]:
-    with client.store.read() as conn:
-        return [
-            dict(r)
-            for r in conn.execute(sa.select(requests_t).order_by(requests_t.c.id)).mappings()
-        ]
+    return request_rows(client.store)
 
 
 def test_three_shapes_are_accepted(client: Client) -> None:
@@ -274,9 +271,11 @@ def test_open_sink_uses_the_fast_path_for_sqlite_files(tmp_path: Path) -> None:
 
 
 def test_request_columns_exist_in_the_model() -> None:
-    assert set(REQUEST_COLUMNS) <= set(requests_t.c.keys())
+    assert set(STORED_COLUMNS) <= set(requests_t.c.keys())
+    assert set(REQUEST_COLUMNS) - set(STORED_COLUMNS) == {"body"}
+    assert set(bodies_t.c.keys()) == {"id", "body"}
     required = {c.name for c in requests_t.c if not c.nullable and not c.primary_key}
-    assert required <= set(REQUEST_COLUMNS), "intake must write every NOT NULL column"
+    assert required <= set(STORED_COLUMNS), "intake must write every NOT NULL column"
 
 
 class _MemorySink:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from batchwise.purge import purge_bodies
 from batchwise.savings import GROUP_KEYS, savings_report, task_costs, task_summary
-from batchwise.store import Store, ledger_t, requests_t, responses_t
+from batchwise.store import Store, bodies_t, ledger_t, requests_t, responses_t
 
 NOW = datetime(2026, 12, 15, 12, tzinfo=UTC)
 OLD = datetime(2026, 11, 1, tzinfo=UTC)
@@ -34,14 +34,13 @@ RESPONSES = [(1, "errored"), (1, "succeeded"), (2, "errored"), (4, "succeeded"),
 
 
 def request_row(rid: int) -> dict[str, Any]:
-    state, finished, has_body = REQUESTS[rid]
+    state, finished, _ = REQUESTS[rid]
     return {
         "id": rid,
         "custom_id": f"c-{rid}",
         "provider": "openai",
         "endpoint": "/v1/chat/completions",
         "model": "gpt-4o-mini",
-        "body": BODY if has_body else None,
         "body_hash": f"{rid:064d}",
         "tolerance": "24h",
         "deadline": OLD,
@@ -83,6 +82,10 @@ def store(db_url: str) -> Iterator[Store]:
     with s.write() as conn:
         conn.execute(sa.insert(requests_t), [request_row(rid) for rid in REQUESTS])
         conn.execute(
+            sa.insert(bodies_t),
+            [{"id": rid, "body": BODY} for rid, (*_, has_body) in REQUESTS.items() if has_body],
+        )
+        conn.execute(
             sa.insert(responses_t),
             [
                 {
@@ -108,8 +111,11 @@ def store(db_url: str) -> Iterator[Store]:
 
 def bodies(store: Store) -> tuple[dict[int, bool], list[tuple[int, bool]]]:
     with store.read() as conn:
+        r, b = requests_t, bodies_t
         requests: dict[int, bool] = dict(
-            conn.execute(sa.select(requests_t.c.id, requests_t.c.body.is_not(None))).all()
+            conn.execute(
+                sa.select(r.c.id, b.c.id.is_not(None)).select_from(r.outerjoin(b, b.c.id == r.c.id))
+            ).all()
         )
         responses = [
             (int(rid), bool(has))

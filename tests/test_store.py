@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -194,3 +195,38 @@ def test_producer_processes_submitting_files_at_once(tmp_path: Path) -> None:
     with store.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(requests_t)).scalar() == 8000
     store.close()
+
+
+def test_upgrade_from_0001_moves_bodies_into_their_own_table(db_url: str) -> None:
+    """A store written by 0001 (bodies inside `requests`) keeps every body after the upgrade,
+    and its partial indexes."""
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(batchwise.models.__file__).parent / "migrations")
+    )
+    engine = sa.create_engine(db_url)
+    at = "2026-11-29 12:00:00.000000" if db_url.startswith("sqlite") else "2026-11-29 12:00Z"
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        for rid, body in ((1, '{"a":1}'), (2, None), (3, '{"c":3}')):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO requests (id, custom_id, provider, endpoint, model, body, "
+                    "body_hash, tolerance, deadline, lane, reason, state, attempts, tags, "
+                    "size_bytes, est_input_tokens, created_at, updated_at) VALUES (:id, :cid, "
+                    "'openai', '/v1/chat/completions', 'gpt-4o-mini', :body, 'h', '24h', :at, "
+                    "'deferred', 'r', 'queued', 0, '{}', 7, 1, :at, :at)"
+                ),
+                {"id": rid, "cid": f"c{rid}", "body": body, "at": at},
+            )
+    engine.dispose()
+    store = Store(db_url)  # upgrades to the head
+    with store.read() as conn:
+        bodies = dict(conn.execute(sa.text("SELECT id, body FROM request_bodies")).all())
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("requests")}
+    store.close()
+    assert bodies == {1: '{"a":1}', 3: '{"c":3}'}
+    assert "body" not in columns
+    assert {"ix_requests_queued", "ix_requests_batch", "uq_requests_live_custom_id"} <= indexes

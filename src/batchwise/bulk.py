@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchwise import dbapi
 from batchwise.errors import StoreError
-from batchwise.intake import REQUEST_COLUMNS, RequestSink
+from batchwise.intake import REQUEST_COLUMNS, ROW, RequestSink
 from batchwise.states import LIVE_SQL
 
 if TYPE_CHECKING:
@@ -23,10 +23,29 @@ if TYPE_CHECKING:
     from batchwise.store import Store
 
 _TURNAROUND_HISTORY = 500
+_BODY = ROW["body"]
+#: the `requests` columns of an intake row: all but the body, which has its own table
+STORED_COLUMNS = REQUEST_COLUMNS[:_BODY] + REQUEST_COLUMNS[_BODY + 1 :]
 _INSERT_SQL = (
-    f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in REQUEST_COLUMNS)})"
+    f"INSERT INTO requests ({', '.join(STORED_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
 )
+_BODY_SQL = "INSERT INTO request_bodies (id, body) VALUES (?, ?)"
+
+
+def stored_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Intake rows as `requests` rows (without the body)."""
+    b = _BODY
+    return [row[:b] + row[b + 1 :] for row in rows]
+
+
+def body_rows(rows: Sequence[tuple[Any, ...]], refused: Sequence[int]) -> list[tuple[Any, Any]]:
+    """(id, body) of the rows that were stored, for `request_bodies`."""
+    b = _BODY
+    if not refused:
+        return [(row[0], row[b]) for row in rows]
+    skip = set(refused)
+    return [(row[0], row[b]) for i, row in enumerate(rows) if i not in skip]
 
 
 def open_sink(url: str) -> RequestSink:
@@ -75,12 +94,13 @@ class SQLiteSink:
         # than the inserts. A refused row aborts only its own statement; the rows before it
         # stay, so we count them (ids are consecutive) and carry on after the refused one.
         refused: list[int] = []
+        stored = stored_rows(rows)
         start = 0
-        while start < len(rows):
-            part = rows if start == 0 else rows[start:]
+        while start < len(stored):
+            part = stored if start == 0 else stored[start:]
             try:
                 self.conn.executemany(_INSERT_SQL, part)
-                return refused
+                break
             except sqlite3.IntegrityError as exc:
                 if not _is_custom_id_conflict(exc):
                     raise
@@ -90,6 +110,7 @@ class SQLiteSink:
                 ).fetchone()
                 refused.append(start + done)
                 start += done + 1
+        self.conn.executemany(_BODY_SQL, body_rows(rows, refused))
         return refused
 
     def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
@@ -142,10 +163,11 @@ class EngineSink:
         rolling back) to the caller, so requests can be stored atomically with other rows."""
         import sqlalchemy as sa
 
-        from batchwise.store import requests_t
+        from batchwise.store import bodies_t, requests_t
 
         self._sa = sa
         self._table = requests_t
+        self._bodies = bodies_t
         self.store = store
         self._owns_store = owns_store
         self._external = conn is not None
@@ -178,13 +200,14 @@ class EngineSink:
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         sa = self._sa
         refused: list[int] = []
+        stored = stored_rows(rows)
         pending = list(range(len(rows)))
         while pending:
             try:
                 with self.conn.begin_nested():
                     self.conn.execute(
                         sa.insert(self._table),
-                        [dict(zip(REQUEST_COLUMNS, rows[i], strict=True)) for i in pending],
+                        [dict(zip(STORED_COLUMNS, stored[i], strict=True)) for i in pending],
                     )
                 break
             except sa.exc.IntegrityError as exc:
@@ -205,7 +228,13 @@ class EngineSink:
             if len(keep) == len(pending):
                 raise StoreError("custom_id conflict that no row of the chunk explains")
             pending = keep
-        return sorted(refused)
+        refused.sort()
+        bodies = body_rows(rows, refused)
+        if bodies:
+            self.conn.execute(
+                sa.insert(self._bodies), [{"id": rid, "body": body} for rid, body in bodies]
+            )
+        return refused
 
     def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
         t = self._table

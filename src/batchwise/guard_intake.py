@@ -117,7 +117,9 @@ class Keeper:
                 self.tasks[task_id] = TaskCount()
             marks = ", ".join("?" for _ in missing)
             for task_id, body in self.sink.query(
-                f"SELECT task_id, body FROM requests WHERE task_id IN ({marks})", missing
+                "SELECT r.task_id, b.body FROM requests r "
+                f"LEFT JOIN request_bodies b ON b.id = r.id WHERE r.task_id IN ({marks})",
+                missing,
             ):
                 seen = self.tasks[task_id]
                 seen.requests += 1
@@ -234,8 +236,9 @@ class Keeper:
                 [name, self.sink.time_value(start)],
             )[0]
             live = self.sink.query(
-                f"SELECT est_input_tokens, provider, model, body FROM requests "
-                f"WHERE finished_at IS NULL AND {kind} = ?",
+                "SELECT r.est_input_tokens, r.provider, r.model, b.body FROM requests r "
+                "LEFT JOIN request_bodies b ON b.id = r.id "
+                f"WHERE r.finished_at IS NULL AND r.{kind} = ?",
                 [name],
             )
             self._spent[key] = int(committed) + sum(

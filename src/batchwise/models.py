@@ -103,9 +103,8 @@ class Request(SQLModel, table=True):
     model: str = Field(sa_type=String(128))
     #: the model asked for, when a routing rule changed it
     original_model: str | None = Field(default=None, sa_type=String(128))
-    #: the request body as canonical JSON (sorted keys)
-    body: str | None = Field(default=None, sa_type=Text)
-    #: sha256 of the canonical body, for dedupe and repetition detection
+    #: sha256 of the canonical body, for dedupe and repetition detection (the body itself is
+    #: a row of `request_bodies`)
     body_hash: str = Field(sa_type=String(64))
     tolerance: str = Field(sa_type=String(64))
     deadline: datetime = _time()
@@ -194,6 +193,20 @@ class Batch(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_type=Text)
     lease_owner: str | None = Field(default=None, sa_type=String(64))
     lease_expires_at: datetime | None = _time(default=None)
+
+
+class RequestBody(SQLModel, table=True):
+    """A request's body as canonical JSON (sorted keys), one row per request, same id.
+
+    Kept out of `requests` so the rows the lifecycle rewrites at every state change stay
+    narrow: rewriting a request row then costs a fraction of what it costs with a body inside
+    it, and only the packer and the realtime lane ever read bodies. A purge deletes the row.
+    """
+
+    __tablename__ = "request_bodies"
+
+    id: int = Field(primary_key=True, foreign_key="requests.id")
+    body: str = Field(sa_type=Text)
 
 
 class Response(SQLModel, table=True):

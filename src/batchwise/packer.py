@@ -344,8 +344,9 @@ def write_batch_file(
 def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
     """(id, body) of a batch's packed requests in id order, streamed from the driver."""
     sql = (
-        "SELECT id, body FROM requests WHERE batch_id = ? AND finished_at IS NULL "
-        "AND state = 'packed' AND dedupe_of IS NULL ORDER BY id"
+        "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
+        "WHERE r.batch_id = ? AND r.finished_at IS NULL AND r.state = 'packed' "
+        "AND r.dedupe_of IS NULL ORDER BY r.id"
     )
     with store.read() as conn:
         streaming = conn.execution_options(stream_results=True, max_row_buffer=2000)

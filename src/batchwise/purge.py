@@ -1,8 +1,9 @@
 """Forgetting what requests said: request and response bodies may hold personal data.
 
-A purge sets `requests.body` and `responses.body` to NULL for requests that finished (reached a
-terminal state) before a cutoff. Everything reports need stays: the ledger, with its tags and
-token counts copied in, and the request rows themselves, so totals add up the same afterwards.
+A purge deletes the `request_bodies` rows and sets `responses.body` to NULL for requests that
+finished (reached a terminal state) before a cutoff. Everything reports need stays: the ledger,
+with its tags and token counts copied in, and the request rows themselves, so totals add up the
+same afterwards.
 The work runs in chunks of request ids, one short transaction each, so a purge of millions of
 rows never holds SQLite's write lock for long and can be interrupted and run again.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchwise.states import TERMINAL_REQUEST_STATES
-from batchwise.store import Store, requests_t, responses_t
+from batchwise.store import Store, bodies_t, requests_t, responses_t
 
 DEFAULT_CHUNK = 5000
 
@@ -50,6 +51,10 @@ def _finished_before(cutoff: datetime) -> Any:
     )
 
 
+def _request_body() -> Any:
+    return bodies_t.c.id == requests_t.c.id
+
+
 def _response_bodies() -> Any:
     return sa.and_(responses_t.c.request_id == requests_t.c.id, responses_t.c.body.is_not(None))
 
@@ -62,7 +67,7 @@ def purge_bodies(
     dry_run: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> PurgeResult:
-    """Null the bodies of requests finished more than `older_than` before `now`, and of their
+    """Remove the bodies of requests finished more than `older_than` before `now`, and of their
     responses; live requests are never touched, whatever their age."""
     if older_than < timedelta(0):
         raise ValueError("older_than must not be negative")
@@ -74,7 +79,7 @@ def purge_bodies(
     if dry_run:
         with store.read() as conn:
             requests = conn.execute(
-                sa.select(sa.func.count()).where(old, r.c.body.is_not(None))
+                sa.select(sa.func.count()).select_from(bodies_t.join(r, _request_body())).where(old)
             ).scalar_one()
             responses = conn.execute(
                 sa.select(sa.func.count())
@@ -83,7 +88,7 @@ def purge_bodies(
             ).scalar_one()
         return PurgeResult(cutoff, True, int(requests), int(responses))
 
-    has_body = sa.or_(r.c.body.is_not(None), sa.exists().where(_response_bodies()))
+    has_body = sa.or_(sa.exists().where(_request_body()), sa.exists().where(_response_bodies()))
     requests = responses = 0
     last_id = 0
     while True:
@@ -99,8 +104,9 @@ def purge_bodies(
             if not ids:
                 break
             # The terminal-state condition again: the rows are matched by state, not trusted.
+            terminal = sa.select(r.c.id).where(r.c.id.in_(ids), old)
             requests += conn.execute(
-                sa.update(r).where(r.c.id.in_(ids), old, r.c.body.is_not(None)).values(body=None)
+                sa.delete(bodies_t).where(bodies_t.c.id.in_(terminal))
             ).rowcount
             responses += conn.execute(
                 sa.update(resp)

@@ -33,6 +33,7 @@ from batchwise.providers.base import CallResult, Provider
 from batchwise.states import CALLS_SQL, RequestState
 from batchwise.store import (
     Store,
+    bodies_t,
     check_transition,
     db_time,
     lease_until,
@@ -55,7 +56,6 @@ _COLUMNS = (
     _t.c.provider,
     _t.c.endpoint,
     _t.c.model,
-    _t.c.body,
     _t.c.attempts,
     _t.c.lane,
     _t.c.use_case,
@@ -132,7 +132,18 @@ def claim(
             .mappings()
             .all()
         )
-    return [Claim(dict(row), worker) for row in rows]
+        claimed = [dict(row) for row in rows]
+        bodies = {
+            rid: body
+            for rid, body in conn.execute(
+                sa.select(bodies_t.c.id, bodies_t.c.body).where(
+                    bodies_t.c.id.in_([r["id"] for r in claimed])
+                )
+            )
+        }
+    for request in claimed:
+        request["body"] = bodies[request["id"]]
+    return [Claim(request, worker) for request in claimed]
 
 
 def call(provider: Provider, claim_: Claim) -> CallResult | ProviderError:

@@ -30,6 +30,7 @@ from batchwise.models import (
     JobRun,
     LedgerEntry,
     Request,
+    RequestBody,
     Response,
     StoreMeta,
 )
@@ -40,6 +41,7 @@ _READONLY = "batchwise_readonly"
 _SCHEMA_LOCK_KEY = 0x62617463  # "batc"
 
 requests_t: sa.Table = Request.__table__  # type: ignore[attr-defined]
+bodies_t: sa.Table = RequestBody.__table__  # type: ignore[attr-defined]
 batches_t: sa.Table = Batch.__table__  # type: ignore[attr-defined]
 responses_t: sa.Table = Response.__table__  # type: ignore[attr-defined]
 events_t: sa.Table = Event.__table__  # type: ignore[attr-defined]
