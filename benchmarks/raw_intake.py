@@ -18,6 +18,7 @@ COLUMNS = (
     "model",
     "body",
     "body_hash",
+    "body_key",
     "tolerance",
     "deadline",
     "lane",
@@ -59,6 +60,7 @@ def main() -> None:
         for i, line in enumerate(f, 1):
             obj = orjson.loads(line)
             body = orjson.dumps(obj["body"])
+            digest = hashlib.sha256(body).digest()
             rows.append(
                 (
                     i,
@@ -67,7 +69,8 @@ def main() -> None:
                     obj["url"],
                     obj["body"]["model"],
                     body.decode(),
-                    hashlib.sha256(body).hexdigest(),
+                    digest.hex(),
+                    int.from_bytes(digest[:8], "big", signed=True),
                     obj.get("tolerance"),
                     now,
                     "deferred",

@@ -20,7 +20,14 @@ from batchwise.bulk import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
 from batchwise.errors import IntakeError
-from batchwise.intake import REQUEST_COLUMNS, Defaults, Invalid, parse_line, submit_lines
+from batchwise.intake import (
+    REQUEST_COLUMNS,
+    Defaults,
+    Invalid,
+    body_key,
+    parse_line,
+    submit_lines,
+)
 from batchwise.store import Store, bodies_t, requests_t
 from batchwise.tolerance import resolve_zone
 from invariants import request_rows
@@ -98,6 +105,10 @@ def test_stored_fields_hash_deadline_lane_tags(client: Client, clock: ManualCloc
     canonical = orjson.dumps(line["body"], option=orjson.OPT_SORT_KEYS)
     assert row["body"] == canonical.decode()
     assert row["body_hash"] == hashlib.sha256(canonical).hexdigest()
+    assert row["body_key"] == int.from_bytes(hashlib.sha256(canonical).digest()[:8], "big") - (
+        1 << 64 if hashlib.sha256(canonical).digest()[0] >= 0x80 else 0
+    )
+    assert row["body_key"] == body_key(row["body_hash"])
     assert row["deadline"] == clock.now.replace() + __import__("datetime").timedelta(days=2)
     assert (row["lane"], row["state"], row["attempts"]) == ("deferred", "queued", 0)
     assert "leaves room" in row["reason"]

@@ -3,6 +3,7 @@ producer processes writing at once."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from batchwise import dbapi
 from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.errors import SchemaError, TransitionError
+from batchwise.intake import body_key
 from batchwise.states import TERMINAL_REQUEST_STATES, TRANSITIONS, RequestState
 from batchwise.store import Store, ensure_schema, requests_t, transition_requests
 
@@ -209,24 +211,51 @@ def test_upgrade_from_0001_moves_bodies_into_their_own_table(db_url: str) -> Non
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0001")
-        for rid, body in ((1, '{"a":1}'), (2, None), (3, '{"c":3}')):
+        rows = ((1, '{"a":1}', "ab" * 32), (2, None, "cd" * 32), (3, '{"c":3}', "ef" * 32))
+        for rid, body, hex_hash in rows:
             conn.execute(
                 sa.text(
                     "INSERT INTO requests (id, custom_id, provider, endpoint, model, body, "
                     "body_hash, tolerance, deadline, lane, reason, state, attempts, tags, "
                     "size_bytes, est_input_tokens, created_at, updated_at) VALUES (:id, :cid, "
-                    "'openai', '/v1/chat/completions', 'gpt-4o-mini', :body, 'h', '24h', :at, "
+                    "'openai', '/v1/chat/completions', 'gpt-4o-mini', :body, :hash, '24h', :at, "
                     "'deferred', 'r', 'queued', 0, '{}', 7, 1, :at, :at)"
                 ),
-                {"id": rid, "cid": f"c{rid}", "body": body, "at": at},
+                {"id": rid, "cid": f"c{rid}", "body": body, "at": at, "hash": hex_hash},
             )
     engine.dispose()
     store = Store(db_url)  # upgrades to the head
     with store.read() as conn:
         bodies = dict(conn.execute(sa.text("SELECT id, body FROM request_bodies")).all())
+        keys = dict(conn.execute(sa.text("SELECT id, body_key FROM requests")).all())
         columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
         indexes = {i["name"] for i in sa.inspect(conn).get_indexes("requests")}
     store.close()
     assert bodies == {1: '{"a":1}', 3: '{"c":3}'}
     assert "body" not in columns
     assert {"ix_requests_queued", "ix_requests_batch", "uq_requests_live_custom_id"} <= indexes
+    assert keys == {1: body_key("ab" * 32), 2: body_key("cd" * 32), 3: body_key("ef" * 32)}
+
+
+def test_downgrade_to_0001_puts_bodies_back(db_url: str) -> None:
+    client = Client(db_url, settings=Settings(timezone="UTC"))
+    handle = client.enqueue(model="gpt-4o-mini", prompt="kept", tolerance="24h")
+    client.close()
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(batchwise.models.__file__).parent / "migrations")
+    )
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0001")
+        body = conn.execute(
+            sa.text("SELECT body FROM requests WHERE id = :id"), {"id": handle.id}
+        ).scalar_one()
+        command.upgrade(config, "head")
+        key = conn.execute(
+            sa.text("SELECT body_key FROM requests WHERE id = :id"), {"id": handle.id}
+        ).scalar_one()
+    engine.dispose()
+    assert "kept" in body
+    assert key == body_key(hashlib.sha256(body.encode()).hexdigest())

@@ -28,7 +28,7 @@ from batchwise.guards import (
     period_starts,
     shape,
 )
-from batchwise.intake import ROW, Invalid, RequestSink, infer_provider
+from batchwise.intake import ROW, Invalid, RequestSink, body_key, infer_provider
 from batchwise.states import RequestState
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,10 @@ class Keeper:
                 "l.input_tokens, l.output_tokens FROM requests r "
                 "JOIN responses p ON p.id = r.response_id "
                 "LEFT JOIN ledger l ON l.response_id = r.response_id "
-                f"WHERE r.state = 'succeeded' AND r.provider = ? AND r.endpoint = ? "
-                f"AND r.body_hash IN ({marks}) AND p.body IS NOT NULL "
-                "ORDER BY r.finished_at DESC",
-                [provider, endpoint, *hashes],
+                f"WHERE r.state = 'succeeded' AND r.body_key IN ({marks}) "
+                f"AND r.body_hash IN ({marks}) AND r.provider = ? AND r.endpoint = ? "
+                "AND p.body IS NOT NULL ORDER BY r.finished_at DESC",
+                [*(body_key(h) for h in hashes), *hashes, provider, endpoint],
             )
             best: dict[str, tuple[Any, ...]] = {}
             for found_row in found:

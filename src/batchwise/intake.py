@@ -63,7 +63,6 @@ _OPENAI_KEYS = frozenset({"custom_id", "method", "url", "body"}) | _LINE_KEYS
 _ANTHROPIC_KEYS = frozenset({"custom_id", "params"}) | _LINE_KEYS
 _SIMPLE_META = frozenset({"custom_id", "provider", "tolerance", "tags", "endpoint", "prompt"})
 _SORT = orjson.OPT_SORT_KEYS
-_ID, _CUSTOM_ID, _LANE = 0, 1, 9  # positions in a row tuple (see REQUEST_COLUMNS)
 
 #: the columns intake writes, in the order of the row tuples it builds
 REQUEST_COLUMNS = (
@@ -74,6 +73,7 @@ REQUEST_COLUMNS = (
     "model",
     "body",
     "body_hash",
+    "body_key",
     "tolerance",
     "deadline",
     "lane",
@@ -95,6 +95,14 @@ REQUEST_COLUMNS = (
 
 #: position of each column in a row tuple
 ROW = {name: i for i, name in enumerate(REQUEST_COLUMNS)}
+_ID, _CUSTOM_ID, _LANE = ROW["id"], ROW["custom_id"], ROW["lane"]
+
+
+def body_key(body_hash: str) -> int:
+    """The first 64 bits of a body's sha256 (hex) as a signed integer, the dedupe index's key:
+    an index on it is a fraction of the size of one on the hash, and the full hash is compared
+    after the lookup."""
+    return int.from_bytes(bytes.fromhex(body_hash[:16]), "big", signed=True)
 
 
 class Invalid(Exception):
@@ -459,7 +467,12 @@ class Intake:
 
         The hot path of intake, so it keeps what it uses per line in local variables.
         """
-        loads, dumps, sha256 = orjson.loads, orjson.dumps, hashlib.sha256
+        loads, dumps, sha256, from_bytes = (
+            orjson.loads,
+            orjson.dumps,
+            hashlib.sha256,
+            int.from_bytes,
+        )
         lanes, chunk, line_numbers = self._lanes, self._chunk, self._lines
         rejected = self.result.rejected
         default_provider, default_tolerance = self._default_provider, self._default_tolerance
@@ -513,9 +526,11 @@ class Intake:
                 rid = self._refill_ids()
             canonical = dumps(body, option=_SORT)
             size = len(canonical)
+            digest = sha256(canonical).digest()
             chunk.append((
                 rid, custom_id or f"bw-{rid}", provider, endpoint, model, canonical.decode(),
-                sha256(canonical).hexdigest(), tolerance, *lane, *tagged, size, size >> 2, *tail,
+                digest.hex(), from_bytes(digest[:8], "big", signed=True), tolerance, *lane,
+                *tagged, size, size >> 2, *tail,
             ))  # fmt: skip
             line_numbers.append(lineno)
             if len(chunk) >= CHUNK_ROWS:

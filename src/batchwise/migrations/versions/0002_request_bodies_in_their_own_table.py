@@ -1,11 +1,13 @@
-"""request bodies in their own table
+"""request bodies in their own table; a narrow dedupe key
 
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-29 17:14:31.998265
 
 Bodies move from `requests.body` to `request_bodies` (same id), so the rows every state change
-rewrites stay narrow. Purged bodies (NULL) get no row. `DROP COLUMN` is native on PostgreSQL
+rewrites stay narrow. Purged bodies (NULL) get no row. The dedupe index on answered requests is
+keyed by `body_key` (64 bits of the hash, filled in here for existing rows) instead of
+(provider, endpoint, body_hash). `DROP COLUMN` is native on PostgreSQL
 and on SQLite 3.35+, and keeps the partial indexes that a table rebuild would have to recreate.
 """
 
@@ -34,9 +36,39 @@ def upgrade() -> None:
         "INSERT INTO request_bodies (id, body) SELECT id, body FROM requests WHERE body IS NOT NULL"
     )
     op.execute("ALTER TABLE requests DROP COLUMN body")
+    op.drop_index("ix_requests_answered_hash", table_name="requests")
+    op.add_column("requests", sa.Column("body_key", sa.BigInteger(), nullable=True))
+    conn = op.get_bind()
+    rows = conn.execute(sa.text("SELECT id, body_hash FROM requests")).all()
+    if rows:
+        conn.execute(
+            sa.text("UPDATE requests SET body_key = :key WHERE id = :id"),
+            [{"id": rid, "key": _key(body_hash)} for rid, body_hash in rows],
+        )
+    op.create_index(
+        "ix_requests_answered",
+        "requests",
+        ["body_key"],
+        sqlite_where=sa.text("state = 'succeeded'"),
+        postgresql_where=sa.text("state = 'succeeded'"),
+    )
+
+
+def _key(body_hash: str) -> int:
+    """`intake.body_key`, copied: a migration must not change when the code does."""
+    return int.from_bytes(bytes.fromhex(body_hash[:16]), "big", signed=True)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_requests_answered", table_name="requests")
+    op.execute("ALTER TABLE requests DROP COLUMN body_key")
+    op.create_index(
+        "ix_requests_answered_hash",
+        "requests",
+        ["provider", "endpoint", "body_hash"],
+        sqlite_where=sa.text("state = 'succeeded'"),
+        postgresql_where=sa.text("state = 'succeeded'"),
+    )
     op.execute("ALTER TABLE requests ADD COLUMN body TEXT")
     op.execute(
         "UPDATE requests SET body = (SELECT b.body FROM request_bodies b WHERE b.id = requests.id)"
