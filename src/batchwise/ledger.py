@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from batchwise.pricing import PriceBook, TokenUsage
+from batchwise.pricing import PriceBook, Quote, TokenUsage
 from batchwise.store import insert_many, ledger_t
 
 
@@ -65,21 +65,71 @@ def entry(
     """A ledger row for one response of `request` (a mapping with id, provider, model,
     endpoint, lane and the named tags). `at` prices it; `stored_at` is `at` as the database
     stores it (see `store.db_time`), worked out once per chunk rather than once per row."""
-    provider, model = request["provider"], request["model"]
-    price = book.price(provider, model, usage, batch=kind in _BATCH_PRICED, at=at)
-    actual, realtime = price.actual_nusd, price.realtime_nusd
-    if kind is Kind.DEDUPE:
-        actual = 0 if realtime is not None else None
-    elif kind in _PURE_COST:
-        realtime = 0 if actual is not None else None
-    counts = usage or _NO_USAGE
-    return (
-        response_id, request["id"], batch_id, stored_at, kind.value, request["lane"], provider,
-        model, request["endpoint"], request.get("use_case"), request.get("step"),
-        request.get("business_unit"), request.get("task_id"), counts.input_tokens,
-        counts.cache_read_tokens, counts.cache_write_tokens, counts.output_tokens,
-        counts.reasoning_tokens, actual, realtime, price.source,
-    )  # fmt: skip
+    return Pricer(book, at=at, stored_at=stored_at, batch_id=batch_id).entry(
+        kind, request, usage, response_id
+    )
+
+
+#: per kind: its stored value, whether batch prices apply, and the realtime/actual rule
+_KIND_RULES = {
+    kind: (
+        kind.value,
+        kind in _BATCH_PRICED,
+        kind is Kind.DEDUPE,
+        kind in _PURE_COST,
+    )
+    for kind in Kind
+}
+
+
+class Pricer:
+    """Ledger rows for many responses priced at one moment (one reconcile chunk): each
+    (provider, model, batch?) quote is looked up once, not once per row. `entry` is the same
+    row, built the same way, as the module's `entry` with this `at`, `stored_at`, `batch_id`."""
+
+    __slots__ = ("_at", "_batch_id", "_book", "_quotes", "_stored_at")
+
+    def __init__(
+        self, book: PriceBook, *, at: datetime, stored_at: Any, batch_id: int | None
+    ) -> None:
+        self._book, self._at, self._stored_at, self._batch_id = book, at, stored_at, batch_id
+        # the quote for a key depends on `at` too, which is fixed for this pricer
+        self._quotes: dict[tuple[str, str, bool], Quote] = {}
+
+    def entry(
+        self,
+        kind: Kind,
+        request: Mapping[str, Any],
+        usage: TokenUsage | None,
+        response_id: int | None,
+    ) -> tuple[Any, ...]:
+        """The ledger row for one response of `request` (see the module's `entry`)."""
+        value, batch, dedupe, pure_cost = _KIND_RULES[kind]
+        provider, model = request["provider"], request["model"]
+        if usage is None:  # unpriced, with its warning: the price book says how
+            price = self._book.price(provider, model, None, batch=batch, at=self._at)
+            actual, realtime, source = price.actual_nusd, price.realtime_nusd, price.source
+            usage = _NO_USAGE
+        else:
+            key = (provider, model, batch)
+            quote = self._quotes.get(key)
+            if quote is None:
+                quote = self._quotes[key] = self._book.quote(
+                    provider, model, batch=batch, at=self._at
+                )
+            actual, realtime = quote.amounts(usage)
+            source = quote.source
+        if dedupe:
+            actual = 0 if realtime is not None else None
+        elif pure_cost:
+            realtime = 0 if actual is not None else None
+        return (
+            response_id, request["id"], self._batch_id, self._stored_at, value, request["lane"],
+            provider, model, request["endpoint"], request.get("use_case"), request.get("step"),
+            request.get("business_unit"), request.get("task_id"), usage.input_tokens,
+            usage.cache_read_tokens, usage.cache_write_tokens, usage.output_tokens,
+            usage.reasoning_tokens, actual, realtime, source,
+        )  # fmt: skip
 
 
 def record(conn: Connection, entries: Sequence[tuple[Any, ...]]) -> None:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Price",
     "PriceBook",
+    "Quote",
     "TokenUsage",
     "format_usd",
     "normalise_usage",
@@ -129,6 +130,8 @@ def _count(usage: Mapping[str, Any], key: str, *, required: bool = False) -> int
 
 def _part(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = usage.get(key)
+    if type(value) is dict:  # what JSON gives; spares the slower abstract Mapping check
+        return value
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -138,6 +141,24 @@ def _part(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 def _openai_chat(usage: Mapping[str, Any]) -> TokenUsage:
     # prompt_tokens includes cached (and written) tokens; completion_tokens includes reasoning
+    prompt, completion = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    if type(prompt) is dict and type(completion) is dict:
+        # the shape of every chat line, read in one go; a value the checks below would not pass
+        # (missing, None, not an int, negative) takes the general path, which names it
+        total_in, total_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        cached, written = prompt.get("cached_tokens", 0), prompt.get("cache_write_tokens", 0)
+        reasoning = completion.get("reasoning_tokens", 0)
+        if (
+            type(total_in) is int
+            and type(total_out) is int
+            and type(cached) is int
+            and type(written) is int
+            and type(reasoning) is int
+            and (total_in | total_out | cached | written | reasoning) >= 0  # none negative
+        ):
+            # positional, in field order: input, cache read, cache write, 1 h write, output,
+            # reasoning
+            return TokenUsage(total_in, cached, written, 0, total_out, reasoning)
     prompt = _part(usage, "prompt_tokens_details")
     return TokenUsage(
         input_tokens=_count(usage, "prompt_tokens", required=True),
@@ -212,7 +233,7 @@ def normalise_usage(
         raise ValueError(f"no usage shape for {provider} {endpoint} (known: {known})")
     if usage is None:
         return None
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         raise ProviderDataError(
             f"usage for {endpoint} must be an object, got {type(usage).__name__}",
             provider=provider,
@@ -400,8 +421,9 @@ class _Rate:
         return q
 
 
-class _Quote:
-    """Everything needed to price a usage for one (provider, model, batch?, day)."""
+class Quote:
+    """Everything needed to price a usage for one (provider, model, batch?, moment): see
+    `PriceBook.quote`."""
 
     __slots__ = ("actual", "realtime", "source", "unpriced", "warning")
 
@@ -421,12 +443,21 @@ class _Quote:
         )
 
     def price(self, usage: TokenUsage) -> Price:
+        """What `usage` cost, and its realtime equivalent."""
         if self.unpriced is not None:
             return self.unpriced
-        assert self.actual is not None and self.realtime is not None
-        realtime = self.realtime.nusd(usage)
-        actual = realtime if self.actual is self.realtime else self.actual.nusd(usage)
+        actual, realtime = self.amounts(usage)
         return Price(actual, realtime, self.source, self.warning)
+
+    def amounts(self, usage: TokenUsage) -> tuple[int | None, int | None]:
+        """`price(usage)`'s (actual_nusd, realtime_nusd) alone, with no `Price` built: for a
+        caller that writes many rows (`source` and `warning` are the quote's own)."""
+        if self.actual is None or self.realtime is None:
+            return None, None
+        realtime = self.realtime.nusd(usage)
+        if self.actual is self.realtime:
+            return realtime, realtime
+        return self.actual.nusd(usage), realtime
 
 
 # --- overrides -----------------------------------------------------------------------------
@@ -560,7 +591,7 @@ class PriceBook:
             self._overrides[(provider, model.lower())] = _parse_override(where, raw)
         self._overrides_by_id: dict[tuple[str, str], _Override] | None = None
         self._models: dict[tuple[str, str], _Model] = {}
-        self._quotes: dict[tuple[str, str, bool, date], _Quote] = {}
+        self._quotes: dict[tuple[str, str, bool, date], Quote] = {}
         self._warned: set[tuple[str, str]] = set()
 
     @classmethod
@@ -581,15 +612,22 @@ class PriceBook:
             raise ValueError(f"`at` must be timezone-aware, got {at!r}")
         if usage is None:
             return self._no_usage(provider, model)
+        return self.quote(provider, model, batch=batch, at=at).price(usage)
+
+    def quote(self, provider: str, model: str, *, batch: bool, at: datetime) -> Quote:
+        """The prices `price` applies for (provider, model, batch?) at `at`, to price many
+        usages at that same moment without looking them up again for each."""
+        if at.tzinfo is None:
+            raise ValueError(f"`at` must be timezone-aware, got {at!r}")
         key = (provider, model, batch, at.astimezone(UTC).date())
         quote = self._quotes.get(key)
         if quote is None:
             quote = self._quote(key, at)
-        return quote.price(usage)
+        return quote
 
     # -- slow path: resolving a quote, once per (provider, model, batch?, day) --------------
 
-    def _quote(self, key: tuple[str, str, bool, date], at: datetime) -> _Quote:
+    def _quote(self, key: tuple[str, str, bool, date], at: datetime) -> Quote:
         provider, model, batch, _ = key
         entry = self._models.get((provider, model))
         if entry is None:
@@ -640,13 +678,13 @@ class PriceBook:
             self._overrides_by_id = by_id
         return self._overrides_by_id.get((provider, model_id))
 
-    def _build_quote(self, provider: str, entry: _Model, batch: bool, at: datetime) -> _Quote:
+    def _build_quote(self, provider: str, entry: _Model, batch: bool, at: datetime) -> Quote:
         if entry.override is not None:
             realtime = _Rate(entry.override.realtime)
             if not batch:
-                return _Quote(realtime, realtime, "override")
+                return Quote(realtime, realtime, "override")
             if entry.override.batch is not None:
-                return _Quote(_Rate(entry.override.batch), realtime, "override")
+                return Quote(_Rate(entry.override.batch), realtime, "override")
             return self._discounted(provider, entry, entry.override.realtime, realtime, "override")
         if entry.info is None:
             warning = (
@@ -654,22 +692,22 @@ class PriceBook:
                 f'no [prices."{entry.label}"] override; recorded as unpriced'
             )
             self._warn_once(entry.label, "unknown", warning)
-            return _Quote(None, None, "unpriced", warning)
+            return Quote(None, None, "unpriced", warning)
         standard = entry.info.get_prices(at)
         realtime = _Rate(standard)
         if not batch:
-            return _Quote(realtime, realtime, "genai-prices:standard")
+            return Quote(realtime, realtime, "genai-prices:standard")
         if entry.direct:
             batch_prices = entry.info.get_prices(at, _BATCH_CONTEXT)
             # genai-prices falls back to the standard price silently: no variant for the
             # model, or one that starts after `at`. Equal tables mean no batch price applied.
             if batch_prices != standard:
-                return _Quote(_Rate(batch_prices), realtime, "genai-prices:batch")
+                return Quote(_Rate(batch_prices), realtime, "genai-prices:batch")
         return self._discounted(provider, entry, standard, realtime, "genai-prices")
 
     def _discounted(
         self, provider: str, entry: _Model, standard: ModelPrice, realtime: _Rate, base: str
-    ) -> _Quote:
+    ) -> Quote:
         discount = self._discounts.get(provider)
         if discount is None:
             warning = (
@@ -678,10 +716,10 @@ class PriceBook:
             )
             self._warn_once(entry.label, "no-discount", warning)
             source = "override" if base == "override" else f"{base}:standard"
-            return _Quote(realtime, realtime, source, warning)
+            return Quote(realtime, realtime, source, warning)
         shown = format(discount.normalize(), "f")
         source = f"override+discount:{shown}" if base == "override" else f"discount:{shown}"
-        return _Quote(_Rate(standard, discount), realtime, source)
+        return Quote(_Rate(standard, discount), realtime, source)
 
     def _no_usage(self, provider: str, model: str) -> Price:
         label = f"{provider}:{model}"

@@ -67,6 +67,12 @@ _STATE_TO_STATUS = {
     BatchState.CANCELLED.value: BatchStatus.CANCELLED,
     BatchState.FAILED.value: BatchStatus.FAILED,
 }
+#: plain strings for the hot loop: an enum's `.value` is a Python-level property call
+_SUCCEEDED, _ERRORED = OutcomeKind.SUCCEEDED, OutcomeKind.ERRORED
+_OUTCOME_VALUES = {kind: kind.value for kind in OutcomeKind}
+_SUBMITTED, _RESCUED = _S.SUBMITTED.value, _S.RESCUED.value
+#: per target state: its value and whether it is terminal
+_TARGETS = {state: (state.value, state.terminal) for state in RequestState}
 
 
 @dataclass
@@ -234,9 +240,15 @@ def _chunks(items: Iterable[LineOutcome], size: int) -> Iterator[list[LineOutcom
 
 
 def _usage(provider: str, endpoint: str, outcome: LineOutcome) -> TokenUsage | None:
-    raw = outcome.usage if outcome.kind is OutcomeKind.SUCCEEDED else _error_usage(outcome)
-    if raw is None:
-        return None
+    if outcome.kind is _SUCCEEDED:
+        body = outcome.body  # as `LineOutcome.usage` reads it, without the property call
+        raw = body.get("usage") if body is not None else None
+        if not isinstance(raw, dict):
+            return None
+    else:
+        raw = _error_usage(outcome)
+        if raw is None:
+            return None
     try:
         return normalise_usage(provider, endpoint, raw)
     except (ProviderError, ValueError) as exc:
@@ -269,10 +281,10 @@ def _apply_chunk(
     report.lines += len(chunk)
     lines: list[tuple[int, LineOutcome]] = []
     unknown: list[LineOutcome] = []
-    store_id = store.store_id
+    store_id, batch_id = store.store_id, batch.id
     for outcome in chunk:
         ids = parse_custom_id(outcome.custom_id, store_id)
-        if ids is None or ids[0] != batch.id:
+        if ids is None or ids[0] != batch_id:
             unknown.append(outcome)
         elif ids[1] in seen:
             report.duplicates += 1
@@ -350,44 +362,54 @@ class _Step:
     ) -> None:
         self.book, self.batch, self.report, self.settings = book, batch, report, settings
         self.now, self.stored_now = now, stored_now
+        self.pricer = ledger.Pricer(book, at=now, stored_at=stored_now, batch_id=batch.id)
         self.responses: list[tuple[Any, ...]] = []
         self.entries: list[tuple[Any, ...]] = []
         self.updates: list[tuple[Any, ...]] = []
 
     def apply(self, request: dict[str, Any], outcome: LineOutcome, response_id: int) -> None:
-        batch, report = self.batch, self.report
+        batch, report, now, stored_now = self.batch, self.report, self.now, self.stored_now
+        batch_id, kind, body = batch.id, outcome.kind, outcome.body
         usage = _usage(batch.provider, batch.endpoint, outcome)
         self.responses.append((
-            response_id, request["id"], batch.id, "batch", outcome.kind.value,
-            outcome.status_code,
-            orjson.dumps(outcome.body).decode() if outcome.body is not None else None,
+            response_id, request["id"], batch_id, "batch", _OUTCOME_VALUES[kind],
+            outcome.status_code, orjson.dumps(body).decode() if body is not None else None,
             outcome.error_code, outcome.error_message, outcome.retryable,
-            outcome.provider_request_id, usage.input_tokens if usage else 0,
-            usage.output_tokens if usage else 0, self.stored_now,
+            outcome.provider_request_id, 0 if usage is None else usage.input_tokens,
+            0 if usage is None else usage.output_tokens, stored_now,
         ))  # fmt: skip
-        state = request["state"]  # a plain str: StrEnum members compare equal to it
-        ours = request["batch_id"] == batch.id and state == _S.SUBMITTED
-        if outcome.kind is OutcomeKind.SUCCEEDED:
-            if ours or (state == _S.RESCUED and request["batch_id"] == batch.id):
-                self._price(ledger.Kind.BATCH, request, usage, response_id)
-                self._update(
-                    request,
-                    _S.SUCCEEDED,
-                    response_id=response_id,
-                    batch_id=batch.id,
-                    miss="answered by its batch",
+        state = request["state"]  # a plain str
+        same_batch = request["batch_id"] == batch_id
+        ours = same_batch and state == _SUBMITTED
+        if kind is _SUCCEEDED:
+            if ours or (same_batch and state == _RESCUED):
+                self.entries.append(
+                    self.pricer.entry(ledger.Kind.BATCH, request, usage, response_id)
+                )
+                self.updates.append(
+                    update_row(
+                        request,
+                        _S.SUCCEEDED,
+                        now,
+                        stored_now,
+                        response_id=response_id,
+                        batch_id=batch_id,
+                        miss="answered by its batch",
+                    )
                 )
                 report.succeeded += 1
             else:
-                self._price(ledger.Kind.LATE_BATCH, request, usage, response_id)
+                self.entries.append(
+                    self.pricer.entry(ledger.Kind.LATE_BATCH, request, usage, response_id)
+                )
                 report.late += 1
             return
-        if outcome.kind is OutcomeKind.ERRORED and usage is not None:
-            self._price(ledger.Kind.RETRY, request, usage, response_id)
+        if kind is _ERRORED and usage is not None:
+            self.entries.append(self.pricer.entry(ledger.Kind.RETRY, request, usage, response_id))
         if not ours:
             return
         error = _error_text(outcome)
-        if outcome.kind is OutcomeKind.ERRORED:
+        if kind is _ERRORED:
             attempts = request["attempts"] + 1
             if outcome.retryable and attempts < self.settings.max_attempts:
                 self._update(
@@ -410,29 +432,13 @@ class _Step:
                     attempts=attempts,
                     error=why,
                     error_code=outcome.error_code,
-                    batch_id=batch.id,
+                    batch_id=batch_id,
                     miss="failed",
                 )
                 report.failed += 1
         else:  # expired or cancelled before it ran: not the request's fault, back to the queue
-            self._update(request, _S.QUEUED, error=error, error_code=outcome.kind.value)
+            self._update(request, _S.QUEUED, error=error, error_code=kind.value)
             report.requeued += 1
-
-    def _price(
-        self, kind: ledger.Kind, request: dict[str, Any], usage: TokenUsage | None, response_id: int
-    ) -> None:
-        self.entries.append(
-            ledger.entry(
-                self.book,
-                kind=kind,
-                request=request,
-                usage=usage,
-                at=self.now,
-                stored_at=self.stored_now,
-                response_id=response_id,
-                batch_id=self.batch.id,
-            )
-        )
 
     def _update(self, request: dict[str, Any], state: RequestState, **changes: Any) -> None:
         self.updates.append(update_row(request, state, self.now, self.stored_now, **changes))
@@ -455,15 +461,16 @@ def update_row(
     """The `_UPDATE_SQL` parameters moving `request` to `state`; `miss` names what finished
     late, and is recorded only if the deadline has passed."""
     expected = request["state"]
-    if (expected, state.value) not in _ALLOWED:
+    value, terminal = _TARGETS[state]
+    if (expected, value) not in _ALLOWED:
         check_transition(RequestState(expected), state)  # raises, naming both
     missed = None
     if miss is not None and request["deadline"] < stored_now:
         late = (now - as_datetime(request["deadline"])).total_seconds()
         missed = f"{miss} {human_s(late)} after the deadline"
     return (
-        state.value, response_id, request["attempts"] if attempts is None else attempts,
-        batch_id, error, error_code, stored_now if state.terminal else None, missed, stored_now,
+        value, response_id, request["attempts"] if attempts is None else attempts,
+        batch_id, error, error_code, stored_now if terminal else None, missed, stored_now,
         dedupe_of, request["id"], expected,
     )  # fmt: skip
 

@@ -44,6 +44,7 @@ API_VERSION = "2023-06-01"
 MESSAGES = "/v1/messages"
 _CHUNK_BYTES = 64 * 1024
 _COUNT_KEYS = ("processing", "succeeded", "errored", "canceled", "expired")
+_SUCCEEDED = OutcomeKind.SUCCEEDED
 
 
 def _spend_cap(error: WireError) -> bool:
@@ -216,9 +217,9 @@ class AnthropicProvider(HttpProvider):
         """Every line of the batch's results stream, as it is read."""
         if not self._results_exist(batch):
             return
-        path = self._results_path(batch)
-        for line_no, obj in self._http.iter_jsonl(path, batch_id=batch.id, source="results"):
-            yield self._outcome(obj, batch_id=batch.id, line=line_no)
+        path, outcome, batch_id = self._results_path(batch), self._outcome, batch.id
+        for line_no, obj in self._http.iter_jsonl(path, batch_id=batch_id, source="results"):
+            yield outcome(obj, batch_id=batch_id, line=line_no)
 
     def _results_path(self, batch: BatchInfo) -> str:
         """The results URL, but the API key goes only to the host we were configured with."""
@@ -269,20 +270,22 @@ class AnthropicProvider(HttpProvider):
             raise self._http.line_error(batch_id, "results", line, "no custom_id")
         if not isinstance(result, dict):
             raise self._http.line_error(batch_id, "results", line, "no result object")
-        where: dict[str, Any] = {"custom_id": custom_id, "line": line, "source": "results"}
         kind = result.get("type")
-        if kind == "succeeded":
+        if kind == "succeeded":  # the usual line: no `where` dict to build and unpack
             message = result.get("message")
             if not isinstance(message, dict):
                 raise self._http.line_error(batch_id, "results", line, "succeeded without message")
             message_id = message.get("id")
             return LineOutcome(
-                kind=OutcomeKind.SUCCEEDED,
+                custom_id=custom_id,
+                kind=_SUCCEEDED,
                 body=message,
                 status_code=200,
                 provider_request_id=message_id if isinstance(message_id, str) else None,
-                **where,
+                line=line,
+                source="results",
             )
+        where: dict[str, Any] = {"custom_id": custom_id, "line": line, "source": "results"}
         if kind == "errored":
             body = _dict(result.get("error"))
             detail = _dict(body.get("error"))

@@ -290,7 +290,7 @@ class HttpClient:
             line_no = 0
             try:
                 for line_no, raw, complete in _split_lines(response.iter_bytes()):
-                    if not raw.strip():
+                    if not raw or raw.isspace():  # isspace: what strip() strips, no copy
                         continue
                     try:
                         value = orjson.loads(raw)
@@ -574,21 +574,30 @@ def whole_second(moment: datetime) -> datetime:
 
 
 def _split_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number, line, ended by a newline) from a byte stream, one buffer, no re-copying."""
-    buffer = bytearray()
+    """(line number, line, ended by a newline) from a byte stream.
+
+    Each chunk is split in one C call; a line spread over several chunks is joined once, when
+    its newline arrives, so a long line is never copied again per chunk."""
+    pending: list[bytes] = []
     line_no = 0
     for chunk in chunks:
-        start = len(buffer)
-        buffer += chunk
-        begin = 0
-        while (end := buffer.find(b"\n", max(begin, start))) != -1:
+        if b"\n" not in chunk:
+            if chunk:
+                pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending.clear()
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        for line in lines:
             line_no += 1
-            yield line_no, bytes(buffer[begin:end]), True
-            begin = end + 1
-            start = begin
-        del buffer[:begin]
-    if buffer:
-        yield line_no + 1, bytes(buffer), False
+            yield line_no, line, True
+        if tail:
+            pending.append(tail)
+    if pending:
+        yield line_no + 1, b"".join(pending), False
 
 
 def _read_capped(response: httpx.Response) -> bytes:

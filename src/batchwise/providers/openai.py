@@ -59,6 +59,7 @@ _RETRYABLE_CODES = frozenset({"server_error", "rate_limit_exceeded", "request_ti
 #: the stamp of whichever terminal state the batch reached
 _ENDED_STAMPS = ("completed_at", "failed_at", "expired_at", "cancelled_at")
 _NOT_RUN = {"batch_expired": OutcomeKind.EXPIRED, "batch_cancelled": OutcomeKind.CANCELLED}
+_SUCCEEDED = OutcomeKind.SUCCEEDED
 
 
 def _quota_exhausted(error: WireError) -> bool:
@@ -205,14 +206,15 @@ class OpenAIProvider(HttpProvider):
                 "requests but names no output or error file",
                 provider=self.name,
             )
+        outcome, batch_id = self._outcome, batch.id
         for source, file_id in refs.items():
             if not file_id:
                 continue
             lines = self._http.iter_jsonl(
-                f"/files/{file_id}/content", batch_id=batch.id, source=source
+                f"/files/{file_id}/content", batch_id=batch_id, source=source
             )
             for line_no, obj in lines:
-                yield self._outcome(obj, batch_id=batch.id, source=source, line=line_no)
+                yield outcome(obj, batch_id=batch_id, source=source, line=line_no)
 
     # --- wire → normalised -------------------------------------------------------------------
 
@@ -261,8 +263,7 @@ class OpenAIProvider(HttpProvider):
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise self._http.line_error(batch_id, source, line, "no custom_id")
-        where: dict[str, Any] = {"custom_id": custom_id, "line": line, "source": source}
-        response, error = obj.get("response"), obj.get("error")
+        response = obj.get("response")
         if isinstance(response, dict):
             status, body = response.get("status_code"), response.get("body")
             if not isinstance(status, int) or not isinstance(body, dict):
@@ -270,14 +271,17 @@ class OpenAIProvider(HttpProvider):
                     batch_id, source, line, "response without an integer status_code and a body"
                 )
             request_id = response.get("request_id")
-            request_id = request_id if isinstance(request_id, str) else None
+            if not isinstance(request_id, str):
+                request_id = None
             if 200 <= status < 300:
                 return LineOutcome(
-                    kind=OutcomeKind.SUCCEEDED,
+                    custom_id=custom_id,
+                    kind=_SUCCEEDED,
                     body=body,
                     status_code=status,
                     provider_request_id=request_id,
-                    **where,
+                    line=line,
+                    source=source,
                 )
             detail = body.get("error")
             detail = detail if isinstance(detail, dict) else {}
@@ -291,8 +295,11 @@ class OpenAIProvider(HttpProvider):
                 retryable=code != "insufficient_quota"
                 and (is_retryable_status(status) or code in _RETRYABLE_CODES),
                 provider_request_id=request_id,
-                **where,
+                custom_id=custom_id,
+                line=line,
+                source=source,
             )
+        error = obj.get("error")
         if isinstance(error, dict):
             code = error.get("code")
             kind = _NOT_RUN.get(code, OutcomeKind.ERRORED) if isinstance(code, str) else None
@@ -303,7 +310,9 @@ class OpenAIProvider(HttpProvider):
                 error_code=code,
                 error_message=error.get("message"),
                 retryable=kind is OutcomeKind.ERRORED and code in _RETRYABLE_CODES,
-                **where,
+                custom_id=custom_id,
+                line=line,
+                source=source,
             )
         raise self._http.line_error(batch_id, source, line, "neither a response nor an error")
 
