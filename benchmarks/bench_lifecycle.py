@@ -5,7 +5,7 @@ through the emulator with turnaround 0, from submit to all reconciled.
 
 Each size runs in its own process (so peak memory is its own). Packing and reconciling are
 each timed against a raw baseline in the same run:
-  packing   raw = read the rows with sqlite3 and write the same JSONL lines;
+  packing   raw = read the batches' rows with sqlite3 and write the same JSONL lines;
   reconcile raw = stream the same result files over HTTP, parse each line with orjson and
                   executemany the response inserts and state updates.
 """
@@ -68,21 +68,25 @@ def deferred_file(path: Path, n: int) -> Path:
     return path
 
 
-def raw_pack(db: Path, batch_ids: list[int], out_dir: Path, store_id: str) -> float:
+def raw_pack(db: Path, members: dict[int, list[int]], out_dir: Path, store_id: str) -> float:
+    """Read each batch's rows (bodies by id, in chunks) and write the JSONL lines."""
     start = time.perf_counter()
     conn = sqlite3.connect(db)
-    for batch_id in batch_ids:
+    for batch_id, ids in members.items():
         with open(out_dir / f"raw-{batch_id}.jsonl", "wb") as out:
-            rows = conn.execute(
-                "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
-                "WHERE r.batch_id = ? ORDER BY r.id",
-                (batch_id,),
-            )
-            for rid, body in rows:
-                out.write(
-                    b'{"custom_id":"b%d-r%d-%s","method":"POST","url":"/v1/chat/completions",'
-                    b'"body":%s}\n' % (batch_id, rid, store_id.encode(), body.encode())
+            for first in range(0, len(ids), 5000):
+                chunk = ids[first : first + 5000]
+                rows = conn.execute(
+                    "SELECT id, body FROM request_bodies "
+                    f"WHERE id IN ({', '.join('?' for _ in chunk)}) ORDER BY id",
+                    chunk,
                 )
+                for rid, body in rows:
+                    out.write(
+                        b'{"custom_id":"b%d-r%d-%s","method":"POST",'
+                        b'"url":"/v1/chat/completions","body":%s}\n'
+                        % (batch_id, rid, store_id.encode(), body.encode())
+                    )
     conn.close()
     return time.perf_counter() - start
 
@@ -151,7 +155,7 @@ def run_one(size: int) -> dict[str, float]:
 
     from batchwise.clock import system_clock
     from batchwise.config import Settings
-    from batchwise.packer import batch_file_path, write_batch_file
+    from batchwise.packer import batch_file_path, batch_members, write_batch_file
     from batchwise.scheduler import Providers, Scheduler
     from batchwise.store import Store, batches_t
 
@@ -202,7 +206,9 @@ def run_one(size: int) -> dict[str, float]:
                 path=batch_file_path(settings, batch_id),
             )
         pack_s = time.perf_counter() - t0
-        raw_pack_s = raw_pack(db, batch_ids, workdir, store.store_id)
+        with store.read() as conn:
+            members = {b: batch_members(conn, b) for b in batch_ids}
+        raw_pack_s = raw_pack(db, members, workdir, store.store_id)
         scheduler.submit()
         while scheduler.poll(cap_s=0.0) or _open(store, batches_t, sa):
             with store.read() as conn:

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from batchwise.clock import ManualClock
+from batchwise.packer import unpack_ids
 from batchwise.providers.emulator import EmulatorConfig
 from batchwise.reconcile import reconcile_due
 from batchwise.states import BatchState, RequestState
@@ -295,3 +296,68 @@ def test_cancelled_requests_and_batches(tmp_path: Path, db_url: str) -> None:
         world.drain()
         assert {r["state"] for r in rows(world.store, requests_t)} == {RequestState.CANCELLED.value}
         check_all(world.store, world.stats())
+
+
+def test_packing_lists_members_and_the_submitter_links_them(tmp_path: Path, db_url: str) -> None:
+    with make_world(tmp_path, db_url) as world:
+        ids = world.enqueue([i for i in mixed_items(40) if i["model"] == "gpt-4o-mini"])
+        [batch_id] = world.scheduler.flush(drain=True)
+        # Packing wrote the batch row only; its members wait in the queue, held by its list.
+        assert {(r["state"], r["batch_id"]) for r in rows(world.store, requests_t)} == {
+            ("queued", None)
+        }
+        [batch] = rows(world.store, batches_t)
+        assert unpack_ids(batch["member_ids"]) == sorted(ids)
+        assert world.scheduler.flush(drain=True) == []  # held: never packed twice
+        assert world.scheduler.submit() == 1
+        assert {(r["state"], r["batch_id"]) for r in rows(world.store, requests_t)} == {
+            ("submitted", batch_id)
+        }
+        assert rows(world.store, batches_t)[0]["member_ids"] is None
+        world.drain()
+        check_all(world.store, world.stats())
+
+
+def test_a_batch_the_provider_never_took_gives_its_members_back(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A create refused for good (a wrong key): the listed members go back to the queue, one
+    attempt spent each, until they fail with the reason; no batch keeps holding them."""
+    config = EmulatorConfig(turnaround_s=1.0, api_key="someone-elses-key")
+    with make_world(tmp_path, db_url, emulator_config=config, max_attempts=2) as world:
+        ids = world.enqueue([i for i in mixed_items(20) if i["model"] == "gpt-4o-mini"])
+        world.tick(drain=True)  # packed, refused, and reconciled in the same tick
+        [failed] = rows(world.store, batches_t)
+        assert (failed["state"], failed["provider_batch_id"]) == ("reconciled", None)
+        assert failed["error_code"] == "invalid_api_key"
+        requests = rows(world.store, requests_t)
+        assert {(r["state"], r["attempts"], r["batch_id"]) for r in requests} == {
+            ("queued", 1, None)
+        }
+        world.drain()
+        requests = rows(world.store, requests_t)
+        assert sorted(r["id"] for r in requests) == sorted(ids)
+        assert {(r["state"], r["attempts"]) for r in requests} == {("failed", 2)}
+        assert all("gave up after 2 attempts" in r["error"] for r in requests)
+        batches = rows(world.store, batches_t)
+        assert len(batches) == 2
+        assert {(b["state"], b["member_ids"]) for b in batches} == {("reconciled", None)}
+
+
+def test_cancelling_a_batch_before_it_is_submitted(tmp_path: Path, db_url: str) -> None:
+    from batchwise.cancel import cancel_batch
+
+    with make_world(tmp_path, db_url) as world:
+        ids = world.enqueue([i for i in mixed_items(12) if i["model"] == "gpt-4o-mini"])
+        [batch_id] = world.scheduler.flush(drain=True)
+        provider = world.scheduler.providers("openai")
+        assert sorted(cancel_batch(world.store, provider, batch_id, now=world.clock())) == ids
+        world.drain()
+        assert {r["state"] for r in rows(world.store, requests_t)} == {"cancelled"}
+        [batch] = rows(world.store, batches_t)
+        assert (batch["state"], batch["member_ids"], batch["provider_batch_id"]) == (
+            "reconciled",
+            None,
+            None,
+        )
+        assert world.stats()["batches"] == []  # nothing reached the provider

@@ -12,6 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from batchwise.errors import NotFoundError
+from batchwise.packer import batch_members
 from batchwise.providers.base import Provider
 from batchwise.states import LIVE_BATCH_STATES, LIVE_REQUEST_STATES, BatchState, RequestState
 from batchwise.store import Store, batches_t, record_event, requests_t, transition_requests
@@ -62,6 +63,7 @@ def cancel_batch(store: Store, provider: Provider, batch_id: int, *, now: dateti
                 sa.select(requests_t.c.id).where(requests_t.c.batch_id == batch_id)
             ).scalars()
         )
+        ids += batch_members(conn, batch_id)  # packed, not linked yet
     state, provider_batch_id = row
     if provider_batch_id and BatchState(state) in LIVE_BATCH_STATES:
         info = provider.cancel(provider_batch_id)

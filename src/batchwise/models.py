@@ -6,7 +6,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -171,6 +181,10 @@ class Batch(SQLModel, table=True):
     result_refs: str = Field(default="{}", sa_type=Text)
     #: why it flushed: full, max_wait, deadline, explicit
     flush_reason: str | None = Field(default=None, sa_type=String(32))
+    #: the requests packed into it and not yet linked to it (see `packer.pack_ids`): packing
+    #: writes this list instead of touching each request; the submitter links the requests
+    #: (queued -> submitted) once the provider has the batch, and clears it
+    member_ids: bytes | None = Field(default=None, sa_type=LargeBinary)
     created_at: datetime = _time()
     updated_at: datetime = _time()
     upload_started_at: datetime | None = _time(default=None)

@@ -15,7 +15,8 @@ class RequestState(StrEnum):
 
     #: deferred lane: waiting to be packed into a batch
     QUEUED = "queued"
-    #: assigned to a batch that the provider has not accepted yet
+    #: riding on a batch the provider has not accepted yet: a coalesced duplicate of one of
+    #: its lines (a batch's own members stay `queued`, listed on the batch row, until then)
     PACKED = "packed"
     #: in a provider batch that is running
     SUBMITTED = "submitted"
@@ -53,7 +54,11 @@ LIVE_REQUEST_STATES = frozenset(RequestState) - TERMINAL_REQUEST_STATES
 S = RequestState
 #: every allowed state change of a request; anything else is a bug
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
-    S.QUEUED: frozenset({S.PACKED, S.RESCUED, S.FAILED, S.DEDUPLICATED, S.REJECTED, S.CANCELLED}),
+    # queued -> submitted: a batch's members are linked to it when the provider accepts it
+    # (packing only lists them on the batch row; see `packer`)
+    S.QUEUED: frozenset(
+        {S.PACKED, S.SUBMITTED, S.RESCUED, S.FAILED, S.DEDUPLICATED, S.REJECTED, S.CANCELLED}
+    ),
     S.PACKED: frozenset({S.SUBMITTED, S.QUEUED, S.RESCUED, S.FAILED, S.CANCELLED}),
     S.SUBMITTED: frozenset(
         {S.SUCCEEDED, S.QUEUED, S.FAILED, S.RESCUED, S.DEDUPLICATED, S.CANCELLED}

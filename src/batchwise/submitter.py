@@ -15,19 +15,24 @@ from datetime import datetime, timedelta
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
-from batchwise.packer import batch_file_path, write_batch_file
+from batchwise.packer import batch_file_path, batch_members, write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState, RequestState
 from batchwise.store import (
     LeaseKeeper,
     Store,
     batches_t,
+    check_transition,
+    chunked,
     claim_one,
+    db_time,
+    driver_sql,
     lease_until,
     requests_t,
     transition_requests,
@@ -246,15 +251,40 @@ def _record(
                 "batch %s: lease lost before recording provider batch %s", batch.id, info.id
             )
             return
-        ids = list(
-            conn.execute(
-                sa.select(requests_t.c.id).where(
-                    requests_t.c.batch_id == batch.id,
-                    requests_t.c.state == RequestState.PACKED.value,
-                )
-            ).scalars()
+        link_members(conn, batch.id, now=now)
+
+
+def link_members(conn: Connection, batch_id: int, *, now: datetime) -> int:
+    """The provider has the batch: its listed members become `submitted` in it (those still
+    queued: a member cancelled or rescued meanwhile keeps its state), and so do the requests
+    riding on it as `packed`. The list is cleared. Returns how many moved."""
+    check_transition(RequestState.QUEUED, RequestState.SUBMITTED)
+    stamp = db_time(conn, now)
+    moved = 0
+    for chunk in chunked(batch_members(conn, batch_id), 5000):
+        moved += conn.exec_driver_sql(
+            driver_sql(
+                conn,
+                "UPDATE requests SET state = 'submitted', batch_id = ?, updated_at = ? "
+                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+            ),
+            (batch_id, stamp, *chunk),
+        ).rowcount
+    riding = list(
+        conn.execute(
+            sa.select(requests_t.c.id).where(
+                requests_t.c.batch_id == batch_id,
+                requests_t.c.state == RequestState.PACKED.value,
+            )
+        ).scalars()
+    )
+    moved += len(
+        transition_requests(
+            conn, riding, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now
         )
-        transition_requests(conn, ids, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now)
+    )
+    conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
+    return moved
 
 
 def _finish_empty(store: Store, batch: Claimed, *, now: datetime, worker: str) -> None:
@@ -266,6 +296,7 @@ def _finish_empty(store: Store, batch: Claimed, *, now: datetime, worker: str) -
             .values(
                 state=BatchState.RECONCILED.value,
                 request_count=0,
+                member_ids=None,
                 reconciled_at=now,
                 updated_at=now,
                 lease_owner=None,

@@ -1,4 +1,4 @@
-"""request bodies in their own table; a narrow dedupe key
+"""request bodies in their own table; a narrow dedupe key; batch member lists
 
 Revision ID: 0002
 Revises: 0001
@@ -7,7 +7,9 @@ Create Date: 2026-11-29 17:14:31.998265
 Bodies move from `requests.body` to `request_bodies` (same id), so the rows every state change
 rewrites stay narrow. Purged bodies (NULL) get no row. The dedupe index on answered requests is
 keyed by `body_key` (64 bits of the hash, filled in here for existing rows) instead of
-(provider, endpoint, body_hash). `DROP COLUMN` is native on PostgreSQL
+(provider, endpoint, body_hash). Batches get `member_ids`, the packed requests not yet linked
+to them; batches packed before this revision linked theirs as `packed` rows, which the code still
+reads. `DROP COLUMN` is native on PostgreSQL
 and on SQLite 3.35+, and keeps the partial indexes that a table rebuild would have to recreate.
 """
 
@@ -45,6 +47,7 @@ def upgrade() -> None:
             sa.text("UPDATE requests SET body_key = :key WHERE id = :id"),
             [{"id": rid, "key": _key(body_hash)} for rid, body_hash in rows],
         )
+    op.add_column("batches", sa.Column("member_ids", sa.LargeBinary(), nullable=True))
     op.create_index(
         "ix_requests_answered",
         "requests",
@@ -60,6 +63,7 @@ def _key(body_hash: str) -> int:
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE batches DROP COLUMN member_ids")
     op.drop_index("ix_requests_answered", table_name="requests")
     op.execute("ALTER TABLE requests DROP COLUMN body_key")
     op.create_index(
