@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import re
 import sys
+import time
+import uuid
 from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -248,11 +251,16 @@ def pack(
     turnaround_s: Callable[[str, str], float],
     drain: bool = False,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
+    provider_for: Callable[[str], Provider] | None = None,
 ) -> list[int]:
     """Flush every group that is due into batch rows; returns the new batch ids.
 
     `coalesce(use_case, step, business_unit)` says whether identical requests of those tags
-    share one batch line (dedupe); the others ride on it and take its answer."""
+    share one batch line (dedupe); the others ride on it and take its answer. With
+    `provider_for`, each batch's file is written as its rows are read (`packed_file_path`),
+    so the submitter need not read them again; without it, the submitter builds the file."""
+    if provider_for is not None:
+        _sweep_partials(settings)
     with store.read() as conn:
         groups = queued_groups(conn, now, held_ids(conn))
         inflight = inflight_tokens(conn)
@@ -275,6 +283,7 @@ def pack(
             limit=limits[flush.group.provider],
             inflight=inflight.get((flush.group.provider, flush.group.model), 0),
             coalesce=coalesce,
+            provider=None if provider_for is None else provider_for(flush.group.provider),
         )
         if batch_ids:
             crashpoint("after_pack")
@@ -283,17 +292,77 @@ def pack(
 
 
 _GROUP_SQL = (
-    "SELECT id, size_bytes, est_input_tokens, deadline, body_hash, use_case, step, "
-    "business_unit FROM requests WHERE state = 'queued' AND provider = ? AND endpoint = ? "
-    "AND model = ? AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id"
+    "SELECT r.id, r.size_bytes, r.est_input_tokens, r.deadline{body}{tags} "
+    "FROM requests r{join} WHERE r.state = 'queued' AND r.provider = ? AND r.endpoint = ? "
+    "AND r.model = ? "
+    "AND (r.not_before IS NULL OR r.not_before <= ?) ORDER BY r.deadline, r.id"
 )
+#: the body as UTF-8 bytes, ready to write
+_BODY_BYTES = {"sqlite": "CAST(b.body AS BLOB)", "postgresql": "convert_to(b.body, 'UTF8')"}
+#: partial batch files older than this are leftovers of a packer that crashed
+_PARTIAL_MAX_AGE_S = 3600.0
+
+
+class LineFormat:
+    """A provider's batch line with the custom_id and body left open, learnt by asking the
+    provider for one line: writing a line is then one bytes formatting operation."""
+
+    _PROBE_ID = "b0-r0-probe"
+    _PROBE_BODY = b'{"probe":0}'
+
+    def __init__(self, provider: Provider, endpoint: str, store_id: str) -> None:
+        probe = provider.batch_line(self._PROBE_ID, endpoint, self._PROBE_BODY)
+        head, found_id, rest = probe.partition(b'"' + self._PROBE_ID.encode() + b'"')
+        middle, found_body, tail = rest.rpartition(self._PROBE_BODY)
+        if not found_id or not found_body:  # pragma: no cover - a provider that rewrites bodies
+            raise ValueError(f"{provider.name}: batch lines do not splice the body as given")
+        literal = (head, middle, tail)
+        head, middle, tail = (part.replace(b"%", b"%%") for part in literal)
+        self.template = b'%sb%%d-r%%d-%s"%s%%s%s\n' % (
+            head + b'"',
+            store_id.encode(),
+            middle,
+            tail,
+        )
+        self._check(provider, endpoint, store_id)
+
+    def line(self, batch_id: int, request_id: int, body: bytes) -> bytes:
+        return self.template % (batch_id, request_id, body)
+
+    def _check(self, provider: Provider, endpoint: str, store_id: str) -> None:
+        expected = provider.batch_line(line_custom_id(store_id, 7, 42), endpoint, b'{"a":"%d"}')
+        if self.line(7, 42, b'{"a":"%d"}') != expected + b"\n":  # pragma: no cover - a bug
+            raise ValueError(f"{provider.name}: batch line template does not match")
+
+
+def packed_file_path(settings: Settings, store_id: str, batch_id: int) -> Path:
+    """The file the packer wrote for a batch (named for the store, so a fresh database with
+    the same home never meets another's files)."""
+    return settings.home / "batches" / f"{store_id}-{batch_id}.jsonl"
+
+
+def _sweep_partials(settings: Settings) -> None:
+    folder = settings.home / "batches"
+    if not folder.is_dir():
+        return
+    cutoff = time.time() - _PARTIAL_MAX_AGE_S
+    for leftover in folder.glob("*.partial"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except FileNotFoundError:  # pragma: no cover - swept by another packer meanwhile
+            pass
 
 
 @dataclass
 class _Cut:
-    """The batch being filled while a group's rows are read."""
+    """The batch being filled while a group's rows are read (its row exists already, so its
+    id can go into the file's lines)."""
 
+    batch_id: int
     ids: list[int]
+    file: BinaryIO | None = None
+    path: Path | None = None
     size: int = 0
     tokens: int = 0
     earliest: object = None
@@ -308,68 +377,121 @@ def _pack_group(
     limit: BatchLimits,
     inflight: int,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
+    provider: Provider | None = None,
 ) -> list[int]:
     """Cut a group into batch rows listing their members, in one transaction.
 
     The rows are read once, in deadline order, and cut wherever the provider's limits or
     the token budget say; a batch that is not full is written only if the whole group is due.
-    On PostgreSQL packers take turns (an advisory lock), so the requests other batches hold
-    (`held_ids`) are known for certain while the lists are drawn up.
+    With a `provider`, each batch's file is written from the same read, under a temporary
+    name until the transaction commits. On PostgreSQL packers take turns (an advisory lock),
+    so the requests other batches hold (`held_ids`) are known for certain meanwhile.
     """
     group = flush.group
     budget = token_budget(settings, group.model) - inflight
-    created: list[int] = []
-    with store.write() as conn:
-        if store.is_postgres:
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PACK_LOCK_KEY})")
-        held = held_ids(conn)
-        params = (group.provider, group.endpoint, group.model, db_time(conn, now))
-        rows = conn.exec_driver_sql(
-            driver_sql(conn, _GROUP_SQL),
-            params,
-            execution_options={"stream_results": True, "max_row_buffer": 5000},
-        )
-        #: identical requests ride on the first of them (coalesced): (follower, leader)
-        followers: list[tuple[int, int]] = []
-        leaders: dict[str, int] = {}
-        cut = _Cut([])
-        capped = False
-        for rid, row_bytes, est, deadline, body_hash, *tags in rows:
-            if held and rid in held:
-                continue
-            if coalesce is not None and coalesce(*tags):
-                leader = leaders.setdefault(body_hash, rid)
-                if leader != rid:
-                    followers.append((rid, leader))
+    created: list[_Cut] = []
+    lines = None if provider is None else LineFormat(provider, group.endpoint, store.store_id)
+    cut: _Cut | None = None
+    try:
+        with store.write() as conn:
+            if store.is_postgres:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PACK_LOCK_KEY})")
+            held = held_ids(conn)
+            sql = _GROUP_SQL.format(
+                body=f", {_BODY_BYTES[conn.dialect.name]}" if lines else ", NULL",
+                join=" JOIN request_bodies b ON b.id = r.id" if lines else "",
+                tags=", r.body_hash, r.use_case, r.step, r.business_unit" if coalesce else "",
+            )
+            params = (group.provider, group.endpoint, group.model, db_time(conn, now))
+            rows = _stream(conn, driver_sql(conn, sql), params)
+            #: identical requests ride on the first of them (coalesced): (follower, leader)
+            followers: list[tuple[int, int]] = []
+            leaders: dict[str, int] = {}
+            capped = False
+            max_requests, max_bytes = limit.max_requests, limit.max_bytes
+            template = lines.template if lines is not None else b""
+            write = None
+            # The hot loop of packing: a few operations per row, all on locals.
+            for rid, row_bytes, est, deadline, body, *tags in rows:
+                if held and rid in held:
                     continue
-            line_bytes = row_bytes + LINE_OVERHEAD_BYTES
-            if cut.ids and cut.tokens + est > budget:
-                capped = True  # the provider would refuse more of this model now
-                break
-            if cut.ids and (
-                len(cut.ids) >= limit.max_requests or cut.size + line_bytes > limit.max_bytes
-            ):
-                created.append(_write_batch(conn, flush, cut, "full", now=now))
-                budget -= cut.tokens
-                cut = _Cut([])
-            if not cut.ids:
-                cut.earliest = deadline
-            cut.ids.append(rid)
-            cut.size += line_bytes
-            cut.tokens += est
-        rows.close()
-        if cut.ids and (flush.tail is not None or capped):
-            created.append(_write_batch(conn, flush, cut, flush.tail or flush.reason, now=now))
-        elif cut.ids:
-            # Followers of leaders left in the queue stay queued with them.
-            kept = set(cut.ids)
-            followers = [(rid, leader) for rid, leader in followers if leader not in kept]
-        if followers:
-            _ride(conn, followers, created, now=now)
-    return created
+                if coalesce is not None and coalesce(*tags[1:]):
+                    leader = leaders.setdefault(tags[0], rid)
+                    if leader != rid:
+                        followers.append((rid, leader))
+                        continue
+                line_bytes = row_bytes + LINE_OVERHEAD_BYTES
+                if cut is not None:
+                    if cut.tokens + est > budget:
+                        capped = True  # the provider would refuse more of this model now
+                        break
+                    if len(cut.ids) >= max_requests or cut.size + line_bytes > max_bytes:
+                        _close_cut(conn, flush, cut, "full", now=now)
+                        created.append(cut)
+                        budget -= cut.tokens
+                        cut = None
+                if cut is None:
+                    cut = _open_cut(conn, store, settings, flush, lines, now=now)
+                    cut.earliest = deadline
+                    write = cut.file.write if cut.file is not None else None
+                    batch_id, ids = cut.batch_id, cut.ids
+                ids.append(rid)
+                cut.size += line_bytes
+                cut.tokens += est
+                if write is not None:
+                    write(template % (batch_id, rid, body))
+            _close_stream(rows)
+            if cut is not None and (flush.tail is not None or capped):
+                _close_cut(conn, flush, cut, flush.tail or flush.reason, now=now)
+                created.append(cut)
+            elif cut is not None:
+                # Not due yet: its row goes, and followers of its leaders stay queued with them.
+                conn.execute(sa.delete(batches_t).where(batches_t.c.id == cut.batch_id))
+                kept = set(cut.ids)
+                followers = [(rid, leader) for rid, leader in followers if leader not in kept]
+                _discard(cut)
+            cut = None
+            if followers:
+                _ride(conn, followers, [c.batch_id for c in created], now=now)
+    except BaseException:
+        for unfinished in (*created, *([cut] if cut is not None else [])):
+            _discard(unfinished)
+        raise
+    for done in created:  # committed: the files take their names
+        if done.path is not None:
+            done.path.replace(packed_file_path(settings, store.store_id, done.batch_id))
+    return [c.batch_id for c in created]
 
 
-def _write_batch(conn: Connection, flush: Flush, cut: _Cut, reason: str, *, now: datetime) -> int:
+def _stream(conn: Connection, sql: str, params: tuple[Any, ...]) -> Iterable[Any]:
+    """Rows of a big read: on SQLite straight from a cursor of the same connection (the read
+    is in the writer's transaction), which iterates in C; elsewhere a server-side cursor."""
+    if conn.dialect.name == "sqlite":
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        cursor = driver.cursor()
+        cursor.arraysize = 5000
+        return cursor.execute(sql, params)  # type: ignore[no-any-return]
+    return conn.exec_driver_sql(
+        sql, params, execution_options={"stream_results": True, "max_row_buffer": 5000}
+    )
+
+
+def _close_stream(rows: Iterable[Any]) -> None:
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
+
+
+def _open_cut(
+    conn: Connection,
+    store: Store,
+    settings: Settings,
+    flush: Flush,
+    lines: LineFormat | None,
+    *,
+    now: datetime,
+) -> _Cut:
     group = flush.group
     batch_id = conn.execute(
         sa.insert(batches_t)
@@ -378,18 +500,43 @@ def _write_batch(conn: Connection, flush: Flush, cut: _Cut, reason: str, *, now:
             endpoint=group.endpoint,
             model=group.model,
             state=BatchState.BUILDING.value,
+            flush_reason=flush.reason,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(batches_t.c.id)
+    ).scalar_one()
+    cut = _Cut(int(batch_id), [])
+    if lines is not None:
+        final = packed_file_path(settings, store.store_id, cut.batch_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        cut.path = final.with_suffix(f".{uuid.uuid4().hex[:8]}.partial")
+        cut.file = open(cut.path, "wb")  # noqa: SIM115 - closed by _close_cut or _discard
+    return cut
+
+
+def _close_cut(conn: Connection, flush: Flush, cut: _Cut, reason: str, *, now: datetime) -> None:
+    if cut.file is not None:
+        cut.file.close()
+    conn.execute(
+        sa.update(batches_t)
+        .where(batches_t.c.id == cut.batch_id)
+        .values(
             request_count=len(cut.ids),
             size_bytes=cut.size,
             est_input_tokens=cut.tokens,
             earliest_deadline=as_datetime(cut.earliest),
             flush_reason=reason,
             member_ids=pack_ids(cut.ids),
-            created_at=now,
-            updated_at=now,
         )
-        .returning(batches_t.c.id)
-    ).scalar_one()
-    return int(batch_id)
+    )
+
+
+def _discard(cut: _Cut) -> None:
+    if cut.file is not None:
+        cut.file.close()
+    if cut.path is not None:
+        cut.path.unlink(missing_ok=True)
 
 
 def _ride(

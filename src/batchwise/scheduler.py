@@ -185,6 +185,7 @@ class Scheduler:
             turnaround_s=self.turnaround_s,
             drain=drain,
             coalesce=self.dedupes if self.guards.dedupe_anywhere else None,
+            provider_for=self.providers,
         )
 
     def dedupes(self, use_case: str | None, step: str | None, business_unit: str | None) -> bool:

@@ -12,6 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
@@ -21,7 +22,12 @@ from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
-from batchwise.packer import batch_file_path, batch_members, write_batch_file
+from batchwise.packer import (
+    batch_file_path,
+    batch_members,
+    packed_file_path,
+    write_batch_file,
+)
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState, RequestState
 from batchwise.store import (
@@ -144,9 +150,13 @@ def submit_batch(
         # A name of our own: after a takeover two workers may build the same batch's file.
         path = batch_file_path(settings, batch.id).with_suffix(f".{uuid.uuid4().hex[:8]}.jsonl")
         try:
-            lines, size = write_batch_file(
-                store, batch_id=batch.id, provider=provider, endpoint=batch.endpoint, path=path
-            )
+            taken = _take_packed_file(store, batch, settings, path)
+            if taken is not None:
+                lines, size = taken
+            else:
+                lines, size = write_batch_file(
+                    store, batch_id=batch.id, provider=provider, endpoint=batch.endpoint, path=path
+                )
             if lines == 0:  # every request was cancelled or rescued while packed
                 _finish_empty(store, batch, now=clock(), worker=worker)
                 return None
@@ -165,6 +175,36 @@ def submit_batch(
             return info
         finally:
             path.unlink(missing_ok=True)
+
+
+def _take_packed_file(
+    store: Store, batch: Claimed, settings: Settings, path: Path
+) -> tuple[int, int] | None:
+    """The file the packer wrote for this batch, moved to `path` (so only one submitter takes
+    it), if every member it lists is still waiting; (lines, bytes), or None to build one."""
+    packed = packed_file_path(settings, store.store_id, batch.id)
+    if not packed.exists():
+        return None
+    with store.read() as conn:
+        members = batch_members(conn, batch.id)
+        waiting = 0
+        for chunk in chunked(members, 5000):
+            waiting += conn.exec_driver_sql(
+                driver_sql(
+                    conn,
+                    "SELECT count(*) FROM requests "
+                    f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+                ),
+                tuple(chunk),
+            ).scalar_one()
+    if not members or waiting != len(members):
+        packed.unlink(missing_ok=True)  # one was cancelled or rescued meanwhile: rebuild
+        return None
+    try:
+        packed.replace(path)
+    except FileNotFoundError:  # another submitter took it first
+        return None
+    return len(members), path.stat().st_size
 
 
 def _mark_create_started(store: Store, batch: Claimed, *, now: datetime, worker: str) -> bool:
