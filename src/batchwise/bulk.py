@@ -26,9 +26,13 @@ _TURNAROUND_HISTORY = 500
 _BODY = ROW["body"]
 #: the `requests` columns of an intake row: all but the body, which has its own table
 STORED_COLUMNS = REQUEST_COLUMNS[:_BODY] + REQUEST_COLUMNS[_BODY + 1 :]
+# SQLite statements take whole intake rows as they are, with no per-row copy: numbered
+# parameters (?N) pick each column's place in the row, and the ones a statement leaves out
+# are bound and ignored.
 _INSERT_SQL = (
-    f"INSERT INTO requests ({', '.join(STORED_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in STORED_COLUMNS)})"
+    f"INSERT INTO requests ({', '.join(STORED_COLUMNS)}) VALUES ("
+    + ", ".join(f"?{ROW[c] + 1}" for c in STORED_COLUMNS)
+    + f") /* ?{_BODY + 1} is the body: request_bodies */"
 )
 _BODY_SQL = "INSERT INTO request_bodies (id, body) VALUES (?, ?)"
 
@@ -94,10 +98,9 @@ class SQLiteSink:
         # than the inserts. A refused row aborts only its own statement; the rows before it
         # stay, so we count them (ids are consecutive) and carry on after the refused one.
         refused: list[int] = []
-        stored = stored_rows(rows)
         start = 0
-        while start < len(stored):
-            part = stored if start == 0 else stored[start:]
+        while start < len(rows):
+            part = rows if start == 0 else rows[start:]
             try:
                 self.conn.executemany(_INSERT_SQL, part)
                 break

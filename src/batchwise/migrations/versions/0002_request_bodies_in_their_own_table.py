@@ -31,7 +31,6 @@ def upgrade() -> None:
         "request_bodies",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("body", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(["id"], ["requests.id"]),
         sa.PrimaryKeyConstraint("id"),
     )
     op.execute(
