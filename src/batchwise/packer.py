@@ -409,9 +409,13 @@ def _pack_group(
             leaders: dict[str, int] = {}
             capped = False
             max_requests, max_bytes = limit.max_requests, limit.max_bytes
+            overhead = LINE_OVERHEAD_BYTES
             template = lines.template if lines is not None else b""
             write = None
-            # The hot loop of packing: a few operations per row, all on locals.
+            batch_id, ids = 0, []
+            # The current batch's totals are locals here, written back to its _Cut when it
+            # closes (`_settle`): this is the hot loop of packing.
+            count = size = tokens = 0
             for rid, row_bytes, est, deadline, body, *tags in rows:
                 if held and rid in held:
                     continue
@@ -420,26 +424,31 @@ def _pack_group(
                     if leader != rid:
                         followers.append((rid, leader))
                         continue
-                line_bytes = row_bytes + LINE_OVERHEAD_BYTES
-                if cut is not None:
-                    if cut.tokens + est > budget:
+                line_bytes = row_bytes + overhead
+                if count:
+                    if tokens + est > budget:
                         capped = True  # the provider would refuse more of this model now
                         break
-                    if len(cut.ids) >= max_requests or cut.size + line_bytes > max_bytes:
+                    if count >= max_requests or size + line_bytes > max_bytes:
+                        assert cut is not None
+                        _settle(cut, count, size, tokens)
                         _close_cut(conn, flush, cut, "full", now=now)
                         created.append(cut)
-                        budget -= cut.tokens
-                        cut = None
+                        budget -= tokens
+                        cut, count, size, tokens = None, 0, 0, 0
                 if cut is None:
                     cut = _open_cut(conn, store, settings, flush, lines, now=now)
                     cut.earliest = deadline
                     write = cut.file.write if cut.file is not None else None
                     batch_id, ids = cut.batch_id, cut.ids
                 ids.append(rid)
-                cut.size += line_bytes
-                cut.tokens += est
+                count += 1
+                size += line_bytes
+                tokens += est
                 if write is not None:
                     write(template % (batch_id, rid, body))
+            if cut is not None:
+                _settle(cut, count, size, tokens)
             _close_stream(rows)
             if cut is not None and (flush.tail is not None or capped):
                 _close_cut(conn, flush, cut, flush.tail or flush.reason, now=now)
@@ -461,6 +470,11 @@ def _pack_group(
         if done.path is not None:
             done.path.replace(packed_file_path(settings, store.store_id, done.batch_id))
     return [c.batch_id for c in created]
+
+
+def _settle(cut: _Cut, count: int, size: int, tokens: int) -> None:
+    assert count == len(cut.ids)
+    cut.size, cut.tokens = size, tokens
 
 
 def _stream(conn: Connection, sql: str, params: tuple[Any, ...]) -> Iterable[Any]:
