@@ -161,6 +161,8 @@ class Batch(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("provider", "provider_batch_id", name="uq_batches_provider_batch_id"),
         Index("ix_batches_state", "state"),
+        # The few batches whose members are listed but not linked yet (the packer's `held_ids`).
+        Index("ix_batches_members", "id", **_where("member_ids IS NOT NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -130,12 +130,8 @@ class Flush:
     #: full | max_wait | deadline | explicit
     reason: str
     #: why a last batch that is not full goes too (the group's deadline, max_wait, drain), or
-    #: None if only full batches go; defaults to `reason`
-    tail: str | None = ""
-
-    def __post_init__(self) -> None:
-        if self.tail == "":
-            object.__setattr__(self, "tail", None if self.reason == "full" else self.reason)
+    #: None if only full batches go
+    tail: str | None
 
 
 def plan(
@@ -169,7 +165,7 @@ def plan(
         if group.count >= limit.max_requests or group.size_bytes >= limit.max_bytes:
             flushes.append(Flush(group, "full", tail=due))
         elif due is not None:
-            flushes.append(Flush(group, due))
+            flushes.append(Flush(group, due, tail=due))
     return flushes
 
 

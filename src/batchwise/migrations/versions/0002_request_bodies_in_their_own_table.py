@@ -48,6 +48,13 @@ def upgrade() -> None:
         )
     op.add_column("batches", sa.Column("member_ids", sa.LargeBinary(), nullable=True))
     op.create_index(
+        "ix_batches_members",
+        "batches",
+        ["id"],
+        sqlite_where=sa.text("member_ids IS NOT NULL"),
+        postgresql_where=sa.text("member_ids IS NOT NULL"),
+    )
+    op.create_index(
         "ix_requests_answered",
         "requests",
         ["body_key"],
@@ -62,6 +69,7 @@ def _key(body_hash: str) -> int:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_batches_members", table_name="batches")
     op.execute("ALTER TABLE batches DROP COLUMN member_ids")
     op.drop_index("ix_requests_answered", table_name="requests")
     op.execute("ALTER TABLE requests DROP COLUMN body_key")
