@@ -396,7 +396,9 @@ def _pack_group(
             sql = _GROUP_SQL.format(
                 body=f", {_BODY_BYTES[conn.dialect.name]}" if lines else ", NULL",
                 join=" JOIN request_bodies b ON b.id = r.id" if lines else "",
-                tags=", r.body_hash, r.use_case, r.step, r.business_unit" if coalesce else "",
+                tags=", r.body_hash, r.use_case, r.step, r.business_unit"
+                if coalesce
+                else ", NULL, NULL, NULL, NULL",
             )
             params = (group.provider, group.endpoint, group.model, db_time(conn, now))
             rows = _stream(conn, driver_sql(conn, sql), params)
@@ -412,11 +414,11 @@ def _pack_group(
             # The current batch's totals are locals here, written back to its _Cut when it
             # closes (`_settle`): this is the hot loop of packing.
             count = size = tokens = 0
-            for rid, row_bytes, est, deadline, body, *tags in rows:
+            for rid, row_bytes, est, deadline, body, body_hash, use_case, step, unit in rows:
                 if held and rid in held:
                     continue
-                if coalesce is not None and coalesce(*tags[1:]):
-                    leader = leaders.setdefault(tags[0], rid)
+                if coalesce is not None and coalesce(use_case, step, unit):
+                    leader = leaders.setdefault(body_hash, rid)
                     if leader != rid:
                         followers.append((rid, leader))
                         continue

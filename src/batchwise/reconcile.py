@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -316,6 +317,10 @@ def _apply_chunk(
         else:
             seen.add(ids[1])
             lines.append((ids[1], outcome))
+    # Providers return lines in any order. Applied in request order, the rows written (request
+    # updates, responses, ledger entries and their indexes) land in neighbouring pages: in line
+    # order every chunk would touch, and write back, pages all over the tables.
+    lines.sort(key=_REQUEST_ID)
     with store.write() as conn:
         requests = _read_requests(conn, [rid for rid, _ in lines], lock=store.is_postgres)
         unknown.extend(o for rid, o in lines if rid not in requests)
@@ -335,6 +340,7 @@ def _apply_chunk(
             _report_unknown(conn, batch, unknown, now)
 
 
+_REQUEST_ID = itemgetter(0)
 #: what the reconciler reads of each request
 _READ = (
     "id", "state", "batch_id", "attempts", "lane", "provider", "model", "endpoint", "use_case",
