@@ -361,3 +361,26 @@ def test_cancelling_a_batch_before_it_is_submitted(tmp_path: Path, db_url: str) 
             None,
         )
         assert world.stats()["batches"] == []  # nothing reached the provider
+
+
+def test_a_drain_finds_every_group_in_one_read_and_packs_each_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    with make_world(tmp_path, db_url) as world:
+        ids = world.enqueue(mixed_items(40))  # four models over two providers
+        first = world.scheduler.flush(drain=True)
+        batches = rows(world.store, batches_t)
+        assert len(first) == len(batches) == 4
+        assert {b["model"] for b in batches} == {
+            "gpt-4o-mini",
+            "claude-haiku-4-5",
+            "gpt-4.1-mini",
+            "claude-sonnet-4-5",
+        }
+        members = [m for b in batches for m in unpack_ids(b["member_ids"])]
+        assert sorted(members) == sorted(ids)  # each request in exactly one batch
+        by_id = {r["id"]: r["model"] for r in rows(world.store, requests_t)}
+        assert all(by_id[m] == b["model"] for b in batches for m in unpack_ids(b["member_ids"]))
+        assert world.scheduler.flush(drain=True) == []
+        world.drain()
+        check_all(world.store, world.stats())

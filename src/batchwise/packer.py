@@ -257,6 +257,17 @@ def pack(
     so the submitter need not read them again; without it, the submitter builds the file."""
     if provider_for is not None:
         _sweep_partials(settings)
+    if drain:
+        drained = _drain(
+            store,
+            now=now,
+            settings=settings,
+            limits=limits,
+            coalesce=coalesce,
+            provider_for=provider_for,
+        )
+        if drained is not None:
+            return drained
     with store.read() as conn:
         groups = queued_groups(conn, now, held_ids(conn))
         inflight = inflight_tokens(conn)
@@ -271,26 +282,113 @@ def pack(
     )
     created: list[int] = []
     for flush in flushes:
-        batch_ids = _pack_group(
+        created += _pack_flush(
             store,
             flush,
+            inflight,
             now=now,
             settings=settings,
-            limit=limits[flush.group.provider],
-            inflight=inflight.get((flush.group.provider, flush.group.model), 0),
+            limits=limits,
             coalesce=coalesce,
-            provider=None if provider_for is None else provider_for(flush.group.provider),
+            provider_for=provider_for,
         )
-        if batch_ids:
-            crashpoint("after_pack")
-            created.extend(batch_ids)
+    return created
+
+
+def _pack_flush(
+    store: Store,
+    flush: Flush,
+    inflight: Mapping[tuple[str, str], int],
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None,
+    provider_for: Callable[[str], Provider] | None,
+    discover: set[tuple[str, str, str]] | None = None,
+) -> list[int]:
+    group = flush.group
+    batch_ids = _pack_group(
+        store,
+        flush,
+        now=now,
+        settings=settings,
+        limit=limits[group.provider],
+        inflight=inflight.get((group.provider, group.model), 0),
+        coalesce=coalesce,
+        provider=None if provider_for is None else provider_for(group.provider),
+        discover=discover,
+    )
+    if batch_ids:
+        crashpoint("after_pack")
+    return batch_ids
+
+
+#: (provider, endpoint, model)
+_GroupKey = tuple[str, str, str]
+
+
+def _drain(
+    store: Store,
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None,
+    provider_for: Callable[[str], Provider] | None,
+) -> list[int] | None:
+    """Flush every group, without the per-group sums `plan` needs: the group of the first
+    queued request is packed by a read of the whole queue that also finds the other groups,
+    which are then packed one by one. None if that first group has no token budget left (then
+    `plan` decides, as without drain)."""
+    with store.read() as conn:
+        inflight = inflight_tokens(conn)
+        stamp = db_time(conn, now)
+        first = conn.exec_driver_sql(
+            driver_sql(
+                conn,
+                "SELECT provider, endpoint, model FROM requests WHERE state = 'queued' "
+                "AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id LIMIT 1",
+            ),
+            (stamp,),
+        ).first()
+    if first is None:
+        return []
+
+    def drain_group(
+        key: tuple[str, str, str], found: set[tuple[str, str, str]] | None
+    ) -> list[int]:
+        provider, endpoint, model = key
+        return _pack_flush(
+            store,
+            Flush(Group(provider, endpoint, model, 0, 0, 0, now, now), "explicit", "explicit"),
+            inflight,
+            now=now,
+            settings=settings,
+            limits=limits,
+            coalesce=coalesce,
+            provider_for=provider_for,
+            discover=found,
+        )
+
+    def has_budget(key: _GroupKey) -> bool:
+        # Without it the provider would refuse the batch (token_limit_exceeded): wait.
+        return inflight.get((key[0], key[2]), 0) < token_budget(settings, key[2])
+
+    key = (str(first[0]), str(first[1]), str(first[2]))
+    if not has_budget(key):
+        return None
+    found: set[_GroupKey] = set()
+    created = drain_group(key, found)
+    for other in sorted(found):
+        if has_budget(other):
+            created += drain_group(other, None)
     return created
 
 
 _GROUP_SQL = (
-    "SELECT r.id, r.size_bytes, r.est_input_tokens, r.deadline{body}{tags} "
-    "FROM requests r{join} WHERE r.state = 'queued' AND r.provider = ? AND r.endpoint = ? "
-    "AND r.model = ? "
+    "SELECT r.id, r.size_bytes, r.est_input_tokens, r.deadline{body}{tags}{group} "
+    "FROM requests r{join} WHERE r.state = 'queued'{where} "
     "AND (r.not_before IS NULL OR r.not_before <= ?) ORDER BY r.deadline, r.id"
 )
 #: the body as UTF-8 bytes, ready to write
@@ -374,8 +472,12 @@ def _pack_group(
     inflight: int,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
     provider: Provider | None = None,
+    discover: set[tuple[str, str, str]] | None = None,
 ) -> list[int]:
     """Cut a group into batch rows listing their members, in one transaction.
+
+    With `discover`, the whole queue is read: rows of other groups are skipped and their
+    groups added to it.
 
     The rows are read once, in deadline order, and cut wherever the provider's limits or
     the token budget say; a batch that is not full is written only if the whole group is due.
@@ -399,8 +501,18 @@ def _pack_group(
                 tags=", r.body_hash, r.use_case, r.step, r.business_unit"
                 if coalesce
                 else ", NULL, NULL, NULL, NULL",
+                group=", r.provider, r.endpoint, r.model"
+                if discover is not None
+                else ", NULL, NULL, NULL",
+                where=""
+                if discover is not None
+                else " AND r.provider = ? AND r.endpoint = ? AND r.model = ?",
             )
-            params = (group.provider, group.endpoint, group.model, db_time(conn, now))
+            params: tuple[Any, ...] = (
+                (db_time(conn, now),)
+                if discover is not None
+                else (group.provider, group.endpoint, group.model, db_time(conn, now))
+            )
             rows = _stream(conn, driver_sql(conn, sql), params)
             #: identical requests ride on the first of them (coalesced): (follower, leader)
             followers: list[tuple[int, int]] = []
@@ -414,9 +526,21 @@ def _pack_group(
             # The current batch's totals are locals here, written back to its _Cut when it
             # closes (`_settle`): this is the hot loop of packing.
             count = size = tokens = 0
-            for rid, row_bytes, est, deadline, body, body_hash, use_case, step, unit in rows:
+            mine = (group.provider, group.endpoint, group.model)
+            for (
+                rid, row_bytes, est, deadline, body, body_hash, use_case, step, unit,
+                in_provider, in_endpoint, in_model,
+            ) in rows:  # fmt: skip
+                if in_provider is not None and (
+                    in_model != mine[2] or in_provider != mine[0] or in_endpoint != mine[1]
+                ):
+                    assert discover is not None
+                    discover.add((in_provider, in_endpoint, in_model))
+                    continue
                 if held and rid in held:
                     continue
+                if capped:
+                    continue  # reading on only to find the other groups
                 if coalesce is not None and coalesce(use_case, step, unit):
                     leader = leaders.setdefault(body_hash, rid)
                     if leader != rid:
@@ -426,7 +550,9 @@ def _pack_group(
                 if count:
                     if tokens + est > budget:
                         capped = True  # the provider would refuse more of this model now
-                        break
+                        if discover is None:
+                            break
+                        continue
                     if count >= max_requests or size + line_bytes > max_bytes:
                         assert cut is not None
                         _settle(cut, count, size, tokens)
