@@ -17,11 +17,13 @@ import pytest
 
 from batchwise import ledger
 from batchwise.config import Settings
+from batchwise.dbapi import sqlite_time
 from batchwise.errors import ProviderDataError
 from batchwise.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.providers.base import LineOutcome, OutcomeKind
 from batchwise.providers.http import _split_lines
-from batchwise.reconcile import ReconcileReport, _Batch, _Step
+from batchwise.reconcile import ReconcileReport, _Batch, _Step, answer_row, update_row
+from batchwise.states import RequestState
 
 #: after gpt-4o-mini's batch variant starts (2026-10-14) and before it
 AFTER = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -219,3 +221,41 @@ def test_a_long_line_over_many_chunks_comes_out_whole() -> None:
     line = b"x" * 100_000
     chunks = [line[i : i + 7] for i in range(0, len(line), 7)] + [b"\n", b"tail"]
     assert list(_split_lines(chunks)) == [(1, line, True), (2, b"tail", False)]
+
+
+@pytest.mark.parametrize("late_s", [-3600.0, 0.0, 5400.0])
+@pytest.mark.parametrize("state", ["submitted", "rescued"])
+def test_an_answer_row_writes_what_the_general_update_writes(late_s: float, state: str) -> None:
+    """`answer_row` (the answered request's narrow update) against `update_row` for the same
+    request, column by column, on time and late, submitted and rescued."""
+    now = AFTER
+    stored_now = sqlite_time(now)
+    request = {
+        **_request(42, "gpt-4o-mini"),
+        "state": state,
+        "attempts": 2,
+        "deadline": sqlite_time(now - timedelta(seconds=late_s)),
+    }
+    general = dict(
+        zip(
+            ("state", "response_id", "attempts", "batch_id", "error", "error_code", "finished_at",
+             "deadline_miss", "updated_at", "dedupe_of", "id", "expected"),
+            update_row(
+                request, RequestState.SUCCEEDED, now, stored_now, response_id=9, batch_id=7,
+                miss="answered by its batch",
+            ),
+            strict=True,
+        )
+    )  # fmt: skip
+    narrow = dict(
+        zip(
+            ("response_id", "finished_at", "deadline_miss", "updated_at", "id", "expected"),
+            answer_row(request, 9, now, stored_now),
+            strict=True,
+        )
+    )
+    assert narrow == {key: general[key] for key in narrow}
+    # What the narrow statement leaves alone is what the general one writes unchanged or clears.
+    assert (general["attempts"], general["batch_id"]) == (request["attempts"], request["batch_id"])
+    assert general["error"] is general["error_code"] is general["dedupe_of"] is None
+    assert (narrow["deadline_miss"] is None) == (late_s <= 0)

@@ -476,14 +476,13 @@ def _pack_group(
 ) -> list[int]:
     """Cut a group into batch rows listing their members, in one transaction.
 
-    With `discover`, the whole queue is read: rows of other groups are skipped and their
-    groups added to it.
-
     The rows are read once, in deadline order, and cut wherever the provider's limits or
     the token budget say; a batch that is not full is written only if the whole group is due.
     With a `provider`, each batch's file is written from the same read, under a temporary
-    name until the transaction commits. On PostgreSQL packers take turns (an advisory lock),
-    so the requests other batches hold (`held_ids`) are known for certain meanwhile.
+    name until the transaction commits. With `discover`, the whole queue is read: rows of
+    other groups are skipped and their groups added to it. On PostgreSQL packers take turns
+    (an advisory lock), so the requests other batches hold (`held_ids`) are known for certain
+    meanwhile.
     """
     group = flush.group
     budget = token_budget(settings, group.model) - inflight
