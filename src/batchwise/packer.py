@@ -47,9 +47,11 @@ from batchwise.store import (
 #: bytes a provider's line wrapper adds around a body (custom_id, url, keys), conservatively
 LINE_OVERHEAD_BYTES = 160
 _CUSTOM_ID = re.compile(r"b(\d+)-r(\d+)-([0-9a-f]{8})")
-#: batch states that hold provider capacity (enqueued tokens) for their model
+#: (provider, endpoint, model)
+_GroupKey = tuple[str, str, str]
 #: PostgreSQL advisory lock key that makes packers take turns
 _PACK_LOCK_KEY = 0x7061636B  # "pack"
+#: batch states that hold provider capacity (enqueued tokens) for their model
 CAPACITY_STATES = (
     BatchState.BUILDING,
     BatchState.UPLOADING,
@@ -108,6 +110,29 @@ def batch_members(conn: Connection, batch_id: int) -> list[int]:
         sa.select(batches_t.c.member_ids).where(batches_t.c.id == batch_id)
     ).scalar_one_or_none()
     return unpack_ids(data)
+
+
+def move_members(conn: Connection, batch_id: int, dst: RequestState, *, now: datetime) -> int:
+    """Move a batch's listed members that are still queued into `dst` in that batch (one
+    statement per 5,000, compare-and-set: one cancelled or rescued meanwhile keeps its state),
+    and clear the list. Returns how many moved."""
+    members = batch_members(conn, batch_id)
+    if not members:
+        return 0
+    check_transition(RequestState.QUEUED, dst)
+    stamp = db_time(conn, now)
+    moved = 0
+    for chunk in chunked(members, 5000):
+        moved += conn.exec_driver_sql(
+            driver_sql(
+                conn,
+                "UPDATE requests SET state = ?, batch_id = ?, updated_at = ? "
+                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+            ),
+            (dst.value, batch_id, stamp, *chunk),
+        ).rowcount
+    conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
+    return moved
 
 
 @dataclass(frozen=True)
@@ -305,7 +330,7 @@ def _pack_flush(
     limits: Mapping[str, BatchLimits],
     coalesce: Callable[[str | None, str | None, str | None], bool] | None,
     provider_for: Callable[[str], Provider] | None,
-    discover: set[tuple[str, str, str]] | None = None,
+    discover: set[_GroupKey] | None = None,
 ) -> list[int]:
     group = flush.group
     batch_ids = _pack_group(
@@ -322,10 +347,6 @@ def _pack_flush(
     if batch_ids:
         crashpoint("after_pack")
     return batch_ids
-
-
-#: (provider, endpoint, model)
-_GroupKey = tuple[str, str, str]
 
 
 def _drain(
@@ -355,9 +376,7 @@ def _drain(
     if first is None:
         return []
 
-    def drain_group(
-        key: tuple[str, str, str], found: set[tuple[str, str, str]] | None
-    ) -> list[int]:
+    def drain_group(key: _GroupKey, found: set[_GroupKey] | None) -> list[int]:
         provider, endpoint, model = key
         return _pack_flush(
             store,
@@ -457,8 +476,6 @@ class _Cut:
     ids: list[int]
     file: BinaryIO | None = None
     path: Path | None = None
-    size: int = 0
-    tokens: int = 0
     earliest: object = None
 
 
@@ -472,7 +489,7 @@ def _pack_group(
     inflight: int,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
     provider: Provider | None = None,
-    discover: set[tuple[str, str, str]] | None = None,
+    discover: set[_GroupKey] | None = None,
 ) -> list[int]:
     """Cut a group into batch rows listing their members, in one transaction.
 
@@ -522,8 +539,8 @@ def _pack_group(
             template = lines.template if lines is not None else b""
             write = None
             batch_id, ids = 0, []
-            # The current batch's totals are locals here, written back to its _Cut when it
-            # closes (`_settle`): this is the hot loop of packing.
+            # The current batch's totals are locals here, handed to `_close_cut`: this is the
+            # hot loop of packing.
             count = size = tokens = 0
             mine = (group.provider, group.endpoint, group.model)
             for (
@@ -554,8 +571,7 @@ def _pack_group(
                         continue
                     if count >= max_requests or size + line_bytes > max_bytes:
                         assert cut is not None
-                        _settle(cut, count, size, tokens)
-                        _close_cut(conn, flush, cut, "full", now=now)
+                        _close_cut(conn, cut, "full", size, tokens)
                         created.append(cut)
                         budget -= tokens
                         cut, count, size, tokens = None, 0, 0, 0
@@ -570,11 +586,9 @@ def _pack_group(
                 tokens += est
                 if write is not None:
                     write(template % (batch_id, rid, body))
-            if cut is not None:
-                _settle(cut, count, size, tokens)
             _close_stream(rows)
             if cut is not None and (flush.tail is not None or capped):
-                _close_cut(conn, flush, cut, flush.tail or flush.reason, now=now)
+                _close_cut(conn, cut, flush.tail or flush.reason, size, tokens)
                 created.append(cut)
             elif cut is not None:
                 # Not due yet: its row goes, and followers of its leaders stay queued with them.
@@ -593,11 +607,6 @@ def _pack_group(
         if done.path is not None:
             done.path.replace(packed_file_path(settings, store.store_id, done.batch_id))
     return [c.batch_id for c in created]
-
-
-def _settle(cut: _Cut, count: int, size: int, tokens: int) -> None:
-    assert count == len(cut.ids)
-    cut.size, cut.tokens = size, tokens
 
 
 def _stream(conn: Connection, sql: str, params: tuple[Any, ...]) -> Iterable[Any]:
@@ -652,7 +661,7 @@ def _open_cut(
     return cut
 
 
-def _close_cut(conn: Connection, flush: Flush, cut: _Cut, reason: str, *, now: datetime) -> None:
+def _close_cut(conn: Connection, cut: _Cut, reason: str, size: int, tokens: int) -> None:
     if cut.file is not None:
         cut.file.close()
     conn.execute(
@@ -660,8 +669,8 @@ def _close_cut(conn: Connection, flush: Flush, cut: _Cut, reason: str, *, now: d
         .where(batches_t.c.id == cut.batch_id)
         .values(
             request_count=len(cut.ids),
-            size_bytes=cut.size,
-            est_input_tokens=cut.tokens,
+            size_bytes=size,
+            est_input_tokens=tokens,
             earliest_deadline=as_datetime(cut.earliest),
             flush_reason=reason,
             member_ids=pack_ids(cut.ids),
@@ -743,8 +752,9 @@ def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
         for chunk in chunked(members, 5000):
             sql = _MEMBER_BODIES.format(marks=", ".join("?" for _ in chunk))
             yield from conn.exec_driver_sql(driver_sql(conn, sql), tuple(chunk))
-        streaming = conn.execution_options(stream_results=True, max_row_buffer=2000)
-        yield from streaming.exec_driver_sql(driver_sql(conn, _LINKED_BODIES), (batch_id,))
+        rows = _stream(conn, driver_sql(conn, _LINKED_BODIES), (batch_id,))
+        yield from rows
+        _close_stream(rows)
 
 
 def batch_file_path(settings: Settings, batch_id: int) -> Path:

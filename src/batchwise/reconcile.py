@@ -31,7 +31,7 @@ from batchwise.config import Settings
 from batchwise.dbapi import as_datetime
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
-from batchwise.packer import batch_members, parse_custom_id
+from batchwise.packer import move_members, parse_custom_id
 from batchwise.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.providers.base import (
     BatchInfo,
@@ -47,7 +47,6 @@ from batchwise.store import (
     Store,
     batches_t,
     check_transition,
-    chunked,
     claim_one,
     db_time,
     driver_sql,
@@ -544,7 +543,10 @@ def _finish(
 ) -> None:
     """Requests of the batch that got no line go back to the queue; the batch is closed."""
     with store.write() as conn:
-        hold_members(conn, batch.id, now=now)
+        # Members still listed on a batch that ended before the provider had it (its submit
+        # failed) join it as `packed`, so they leave it like any member below: queued again,
+        # or failed after too many attempts. Only this rare path writes them one by one.
+        move_members(conn, batch.id, RequestState.PACKED, now=now)
         sql = (
             f"SELECT {', '.join(_READ)} FROM requests WHERE batch_id = ? "
             "AND finished_at IS NULL AND (state = 'packed' OR state = 'submitted')"
@@ -622,27 +624,6 @@ def _finish(
                 lease_expires_at=None,
             )
         )
-
-
-def hold_members(conn: Connection, batch_id: int, *, now: datetime) -> None:
-    """Members still listed on a batch that ended before the provider had it (its submit
-    failed) are moved to `packed` in it, so they leave it like any member: queued again, or
-    failed after too many attempts. Only this rare path writes them one by one."""
-    members = batch_members(conn, batch_id)
-    if not members:
-        return
-    check_transition(RequestState.QUEUED, RequestState.PACKED)
-    stamp = db_time(conn, now)
-    for chunk in chunked(members, 5000):
-        conn.exec_driver_sql(
-            driver_sql(
-                conn,
-                "UPDATE requests SET state = 'packed', batch_id = ?, updated_at = ? "
-                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
-            ),
-            (batch_id, stamp, *chunk),
-        )
-    conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
 
 
 def _fan_out(

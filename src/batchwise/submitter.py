@@ -25,6 +25,7 @@ from batchwise.faults import crashpoint
 from batchwise.packer import (
     batch_file_path,
     batch_members,
+    move_members,
     packed_file_path,
     write_batch_file,
 )
@@ -34,10 +35,8 @@ from batchwise.store import (
     LeaseKeeper,
     Store,
     batches_t,
-    check_transition,
     chunked,
     claim_one,
-    db_time,
     driver_sql,
     lease_until,
     requests_t,
@@ -295,21 +294,9 @@ def _record(
 
 
 def link_members(conn: Connection, batch_id: int, *, now: datetime) -> int:
-    """The provider has the batch: its listed members become `submitted` in it (those still
-    queued: a member cancelled or rescued meanwhile keeps its state), and so do the requests
-    riding on it as `packed`. The list is cleared. Returns how many moved."""
-    check_transition(RequestState.QUEUED, RequestState.SUBMITTED)
-    stamp = db_time(conn, now)
-    moved = 0
-    for chunk in chunked(batch_members(conn, batch_id), 5000):
-        moved += conn.exec_driver_sql(
-            driver_sql(
-                conn,
-                "UPDATE requests SET state = 'submitted', batch_id = ?, updated_at = ? "
-                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
-            ),
-            (batch_id, stamp, *chunk),
-        ).rowcount
+    """The provider has the batch: its listed members become `submitted` in it, and so do the
+    requests riding on it as `packed`. Returns how many moved."""
+    moved = move_members(conn, batch_id, RequestState.SUBMITTED, now=now)
     riding = list(
         conn.execute(
             sa.select(requests_t.c.id).where(
@@ -323,7 +310,6 @@ def link_members(conn: Connection, batch_id: int, *, now: datetime) -> int:
             conn, riding, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now
         )
     )
-    conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
     return moved
 
 
