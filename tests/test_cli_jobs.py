@@ -184,8 +184,8 @@ def test_two_processes_racing_for_one_time_run_it_once(env: dict[str, str]) -> N
     outcomes = [p.communicate(timeout=120) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 1], outcomes
-    assert sum(out.startswith("run ") for out, _ in outcomes) == 1
-    assert sum("already has run" in err for _, err in outcomes) == 1
+    assert sum(out.startswith("run ") for out, _ in outcomes) == 1, outcomes
+    assert sum("already has run" in err for _, err in outcomes) == 1, outcomes
     store = Store(env["BATCHWISE_DATABASE_URL"])
     try:
         assert len(runs(store)) == 1 and len(requests_of(store)) == 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,6 +72,66 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(sqlite_url: str) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == dbapi.SQLITE_BUSY_TIMEOUT_MS
     store.close()
+
+
+def test_opening_a_new_database_waits_for_its_first_writer_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """Processes opening a new file at once: one writes the file's first transaction (in
+    rollback mode, holding RESERVED), another asks for WAL. SQLite fails that switch at once
+    without calling the busy handler; the open must wait like every other lock wait."""
+    path = tmp_path / "new.db"
+    first = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    first.execute("BEGIN IMMEDIATE")
+    first.execute("CREATE TABLE t (x INTEGER)")
+    opened: list[sqlite3.Connection | BaseException] = []
+
+    def open_it() -> None:
+        try:
+            opened.append(dbapi.connect_sqlite(str(path)))
+        except BaseException as exc:
+            opened.append(exc)
+
+    thread = threading.Thread(target=open_it)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and not opened, f"did not wait for the writer: {opened}"
+    first.execute("COMMIT")
+    thread.join(30)
+    first.close()
+    [conn] = opened
+    assert isinstance(conn, sqlite3.Connection), conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    conn.close()
+
+
+def test_several_processes_opening_one_new_database_at_once(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(6) as pool:
+        for attempt in range(8):
+            path = str(tmp_path / f"cold{attempt}.db")
+            barrier = manager.Barrier(6)
+            outcomes = pool.starmap(_open_and_write, [(path, barrier)] * 6)
+            assert outcomes == ["wal"] * 6, f"attempt {attempt}: {outcomes}"
+            check = sqlite3.connect(path)
+            assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 6
+            check.close()
+
+
+def _open_and_write(path: str, barrier: threading.Barrier) -> str:
+    barrier.wait()
+    try:
+        conn = dbapi.connect_sqlite(path)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        return repr(exc)
+    mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    conn.close()
+    return mode
 
 
 def test_datetimes_come_back_aware_utc(db_url: str) -> None:

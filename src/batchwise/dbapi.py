@@ -7,7 +7,9 @@ both see identical pragmas. Nothing here imports SQLAlchemy.
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote
@@ -64,9 +66,7 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     )
     conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     if path != ":memory:":
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":  # pragma: no cover - only on filesystems without WAL
-            raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
+        _switch_to_wal(conn, path)
     # NORMAL is durable against process crashes in WAL mode; only an OS crash can lose
     # the last transactions, and the store recovers from that like from any crash.
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -74,6 +74,31 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     # Checkpoint the WAL every ~40 MB rather than every 4 MB: bulk chunks are several MB each.
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection, path: str) -> None:
+    """Put a new database in WAL mode (it stays so; later opens find it already done).
+
+    While another connection writes the file's first transaction (still in rollback mode),
+    SQLite refuses the switch at once without calling the busy handler, so several processes
+    opening a new file together failed with "database is locked". Wait here instead, up to
+    the busy timeout, as every other lock wait does.
+    """
+    give_up = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+        else:
+            if mode == "wal":
+                return
+            if mode != "delete" or time.monotonic() > give_up:  # a filesystem without WAL
+                raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
+        time.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, 0.1)
 
 
 def schema_revision(cursor: object) -> str | None:
