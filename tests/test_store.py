@@ -273,7 +273,12 @@ def test_upgrade_from_0001_moves_bodies_into_their_own_table(db_url: str) -> Non
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0001")
-        rows = ((1, '{"a":1}', "ab" * 32), (2, None, "cd" * 32), (3, '{"c":3}', "ef" * 32))
+        rows = (
+            (1, '{"a":1}', "ab" * 32),
+            (2, None, "cd" * 32),
+            (3, '{"c":3}', "ef" * 32),
+            (4, '{"d":4}', "17" * 32),  # a positive key (the others are negative)
+        )
         for rid, body, hex_hash in rows:
             conn.execute(
                 sa.text(
@@ -293,10 +298,10 @@ def test_upgrade_from_0001_moves_bodies_into_their_own_table(db_url: str) -> Non
         columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
         indexes = {i["name"] for i in sa.inspect(conn).get_indexes("requests")}
     store.close()
-    assert bodies == {1: '{"a":1}', 3: '{"c":3}'}
+    assert bodies == {1: '{"a":1}', 3: '{"c":3}', 4: '{"d":4}'}
     assert "body" not in columns
     assert {"ix_requests_queued", "ix_requests_batch", "uq_requests_live_custom_id"} <= indexes
-    assert keys == {1: body_key("ab" * 32), 2: body_key("cd" * 32), 3: body_key("ef" * 32)}
+    assert keys == {rid: body_key(hex_hash) for rid, _, hex_hash in rows}
 
 
 def test_downgrade_to_0001_puts_bodies_back(db_url: str) -> None:

@@ -39,13 +39,7 @@ def upgrade() -> None:
     op.execute("ALTER TABLE requests DROP COLUMN body")
     op.drop_index("ix_requests_answered_hash", table_name="requests")
     op.add_column("requests", sa.Column("body_key", sa.BigInteger(), nullable=True))
-    conn = op.get_bind()
-    rows = conn.execute(sa.text("SELECT id, body_hash FROM requests")).all()
-    if rows:
-        conn.execute(
-            sa.text("UPDATE requests SET body_key = :key WHERE id = :id"),
-            [{"id": rid, "key": _key(body_hash)} for rid, body_hash in rows],
-        )
+    _fill_body_keys(op.get_bind())
     op.add_column("batches", sa.Column("member_ids", sa.LargeBinary(), nullable=True))
     op.create_index(
         "ix_batches_members",
@@ -61,6 +55,20 @@ def upgrade() -> None:
         sqlite_where=sa.text("state = 'succeeded'"),
         postgresql_where=sa.text("state = 'succeeded'"),
     )
+
+
+def _fill_body_keys(conn: sa.Connection) -> None:
+    """One UPDATE over the whole table, so a big store upgrades in flat memory."""
+    if conn.dialect.name == "postgresql":
+        # The first 16 hex digits as 64 bits, read back as a signed bigint.
+        op.execute(
+            "UPDATE requests SET body_key = ('x' || substr(body_hash, 1, 16))::bit(64)::bigint"
+        )
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None, "an open connection"
+    raw.create_function("batchwise_0002_body_key", 1, _key, deterministic=True)
+    op.execute("UPDATE requests SET body_key = batchwise_0002_body_key(body_hash)")
 
 
 def _key(body_hash: str) -> int:
