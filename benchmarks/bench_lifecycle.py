@@ -153,9 +153,10 @@ def _flush(
 def run_one(size: int) -> dict[str, float]:
     import sqlalchemy as sa
 
+    from batchwise.batch_files import packed_file_path
     from batchwise.clock import system_clock
     from batchwise.config import Settings
-    from batchwise.packer import batch_members, packed_file_path
+    from batchwise.packer import batch_members
     from batchwise.scheduler import Providers, Scheduler
     from batchwise.store import Store, batches_t
 

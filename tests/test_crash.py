@@ -16,6 +16,8 @@ import httpx
 import orjson
 import pytest
 
+from batchwise import batch_files
+from batchwise.config import Settings
 from batchwise.store import Store, requests_t, responses_t
 from invariants import check_all, rows
 
@@ -170,6 +172,10 @@ def test_killed_at_any_point_recovers_exactly(
         known = {b["id"] for b in before}
         stats["batches"] = [b for b in stats["batches"] if b["id"] not in known]  # this run's
         check_all(store, stats)
+        # Whatever files the killed process left, none is needed now: all of them are swept.
+        settings = Settings(home=tmp_path / "home", timezone="UTC")
+        batch_files.sweep(store, settings, max_age_s=0)
+        assert list(batch_files.folder(settings).iterdir()) == []
     finally:
         store.close()
     assert _answers(url) == clean_answers

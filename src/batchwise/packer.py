@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 import sys
-import time
-import uuid
 from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import Any, BinaryIO
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from batchwise import batch_files
 from batchwise.config import Settings
 from batchwise.dbapi import as_datetime
 from batchwise.faults import crashpoint
@@ -280,8 +279,7 @@ def pack(
     share one batch line (dedupe); the others ride on it and take its answer. With
     `provider_for`, each batch's file is written as its rows are read (`packed_file_path`),
     so the submitter need not read them again; without it, the submitter builds the file."""
-    if provider_for is not None:
-        _sweep_partials(settings)
+    batch_files.sweep(store, settings)
     if drain:
         drained = _drain(
             store,
@@ -412,8 +410,6 @@ _GROUP_SQL = (
 )
 #: the body as UTF-8 bytes, ready to write
 _BODY_BYTES = {"sqlite": "CAST(b.body AS BLOB)", "postgresql": "convert_to(b.body, 'UTF8')"}
-#: partial batch files older than this are leftovers of a packer that crashed
-_PARTIAL_MAX_AGE_S = 3600.0
 
 
 class LineFormat:
@@ -446,25 +442,6 @@ class LineFormat:
         expected = provider.batch_line(line_custom_id(store_id, 7, 42), endpoint, b'{"a":"%d"}')
         if self.line(7, 42, b'{"a":"%d"}') != expected + b"\n":  # pragma: no cover - a bug
             raise ValueError(f"{provider.name}: batch line template does not match")
-
-
-def packed_file_path(settings: Settings, store_id: str, batch_id: int) -> Path:
-    """The file the packer wrote for a batch (named for the store, so a fresh database with
-    the same home never meets another's files)."""
-    return settings.home / "batches" / f"{store_id}-{batch_id}.jsonl"
-
-
-def _sweep_partials(settings: Settings) -> None:
-    folder = settings.home / "batches"
-    if not folder.is_dir():
-        return
-    cutoff = time.time() - _PARTIAL_MAX_AGE_S
-    for leftover in folder.glob("*.partial"):
-        try:
-            if leftover.stat().st_mtime < cutoff:
-                leftover.unlink()
-        except FileNotFoundError:  # pragma: no cover - swept by another packer meanwhile
-            pass
 
 
 @dataclass
@@ -605,7 +582,7 @@ def _pack_group(
         raise
     for done in created:  # committed: the files take their names
         if done.path is not None:
-            done.path.replace(packed_file_path(settings, store.store_id, done.batch_id))
+            done.path.replace(batch_files.packed_file_path(settings, store.store_id, done.batch_id))
     return [c.batch_id for c in created]
 
 
@@ -654,9 +631,8 @@ def _open_cut(
     ).scalar_one()
     cut = _Cut(int(batch_id), [])
     if lines is not None:
-        final = packed_file_path(settings, store.store_id, cut.batch_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        cut.path = final.with_suffix(f".{uuid.uuid4().hex[:8]}.partial")
+        cut.path = batch_files.private_path(settings, store.store_id, cut.batch_id, "partial")
+        cut.path.parent.mkdir(parents=True, exist_ok=True)
         cut.file = open(cut.path, "wb")  # noqa: SIM115 - closed by _close_cut or _discard
     return cut
 
@@ -755,7 +731,3 @@ def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
         rows = _stream(conn, driver_sql(conn, _LINKED_BODIES), (batch_id,))
         yield from rows
         _close_stream(rows)
-
-
-def batch_file_path(settings: Settings, batch_id: int) -> Path:
-    return settings.home / "batches" / f"{batch_id}.jsonl"

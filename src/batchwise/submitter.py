@@ -9,7 +9,6 @@ submitted twice (invariant 3).
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,17 +17,12 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from batchwise import batch_files
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
-from batchwise.packer import (
-    batch_file_path,
-    batch_members,
-    move_members,
-    packed_file_path,
-    write_batch_file,
-)
+from batchwise.packer import batch_members, move_members, write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState, RequestState
 from batchwise.store import (
@@ -147,7 +141,7 @@ def submit_batch(
                 _record(store, batch, adopted, now=clock(), worker=worker)
                 return adopted
         # A name of our own: after a takeover two workers may build the same batch's file.
-        path = batch_file_path(settings, batch.id).with_suffix(f".{uuid.uuid4().hex[:8]}.jsonl")
+        path = batch_files.private_path(settings, store.store_id, batch.id)
         try:
             taken = _take_packed_file(store, batch, settings, path)
             if taken is not None:
@@ -181,7 +175,7 @@ def _take_packed_file(
 ) -> tuple[int, int] | None:
     """The file the packer wrote for this batch, moved to `path` (so only one submitter takes
     it), if every member it lists is still waiting; (lines, bytes), or None to build one."""
-    packed = packed_file_path(settings, store.store_id, batch.id)
+    packed = batch_files.packed_file_path(settings, store.store_id, batch.id)
     if not packed.exists():
         return None
     with store.read() as conn:
