@@ -61,6 +61,7 @@ def test_old_leftovers_go_and_what_a_live_batch_needs_stays(
     kept = [
         _file(packed(settings, sid, building), age_s=old),  # waiting for its submitter
         _file(private(settings, sid, uploading), age_s=old),  # a long upload in progress
+        _file(private(settings, sid, building), age_s=old),  # taken from the packer just now
         _file(private(settings, sid, done, "partial"), age_s=10),  # its writer may be at work
         _file(private(settings, sid, done), age_s=10),
         _file(packed(settings, "0badcafe", cancelled), age_s=old),  # another store's
@@ -70,7 +71,6 @@ def test_old_leftovers_go_and_what_a_live_batch_needs_stays(
         _file(packed(settings, sid, cancelled), age_s=old),  # cancelled before submission
         _file(packed(settings, sid, uploading), age_s=old),  # rebuilt by the submitter
         _file(packed(settings, sid, 999_999), age_s=old),  # no such batch
-        _file(private(settings, sid, building), age_s=old),  # killed before the create call
         _file(private(settings, sid, done), age_s=old),  # killed mid-upload, since adopted
         _file(private(settings, sid, building, "partial"), age_s=old),  # killed mid-write
     ]

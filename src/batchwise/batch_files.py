@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 #: files younger than this are never swept: their writer may still be at work
 MAX_AGE_S = 3600.0
+#: the batch states in which a file may still be read
+_PACKED_NEEDED_WHILE = frozenset({BatchState.BUILDING.value})
+_COPY_NEEDED_WHILE = frozenset({BatchState.BUILDING.value, BatchState.UPLOADING.value})
 _NAME = re.compile(
     r"(?P<store>[0-9a-f]+)-(?P<batch>[0-9]+)(?:\.(?P<tag>[0-9a-f]+))?\.(?P<kind>jsonl|partial)"
 )
@@ -56,16 +59,16 @@ def sweep(store: Store, settings: Settings, *, max_age_s: float = MAX_AGE_S) -> 
     """Remove this store's batch files that no process will read again; returns how many.
 
     A partial file older than `max_age_s` belongs to a writer that died. A packed file is read
-    only while its batch is `building`, a submitter's copy only while it is `uploading` (after
-    a crash mid-upload the next attempt writes its own). Only files older than `max_age_s` are
-    considered, so a file is never taken from under a writer that is still working."""
+    only while its batch is `building`; a submitter's copy only until its batch is submitted
+    (a taken packed file keeps its old time, so `building` counts too). Only files older than
+    `max_age_s` are considered, so a file is never taken from under a writer still at work."""
     where = folder(settings)
     if not where.is_dir():
         return 0
     cutoff = time.time() - max_age_s
     store_id = store.store_id
     removed = 0
-    candidates: dict[int, list[tuple[Path, BatchState]]] = {}
+    candidates: dict[int, list[tuple[Path, frozenset[str]]]] = {}
     with os.scandir(where) as entries:
         for entry in entries:
             found = _NAME.fullmatch(entry.name)
@@ -80,7 +83,7 @@ def sweep(store: Store, settings: Settings, *, max_age_s: float = MAX_AGE_S) -> 
             if found["kind"] == "partial":
                 removed += _unlink(path)
                 continue
-            needed_while = BatchState.UPLOADING if found["tag"] else BatchState.BUILDING
+            needed_while = _COPY_NEEDED_WHILE if found["tag"] else _PACKED_NEEDED_WHILE
             candidates.setdefault(int(found["batch"]), []).append((path, needed_while))
     if not candidates:
         return removed
@@ -94,7 +97,7 @@ def sweep(store: Store, settings: Settings, *, max_age_s: float = MAX_AGE_S) -> 
         )
     for batch_id, files in candidates.items():
         for path, needed_while in files:
-            if states.get(batch_id) != needed_while.value:
+            if states.get(batch_id) not in needed_while:
                 removed += _unlink(path)
     return removed
 
