@@ -92,13 +92,12 @@ def _switch_to_wal(conn: sqlite3.Connection, path: str) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > give_up:
                 raise
-        else:
-            if mode == "wal":
-                return
-            if mode != "delete" or time.monotonic() > give_up:  # a filesystem without WAL
-                raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
-        time.sleep(pause * (0.5 + random.random()))
-        pause = min(pause * 2, 0.1)
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.1)
+            continue
+        if mode != "wal":  # pragma: no cover - only on a filesystem without WAL
+            raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
+        return
 
 
 def schema_revision(cursor: object) -> str | None:
