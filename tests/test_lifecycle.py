@@ -363,11 +363,14 @@ def test_cancelling_a_batch_before_it_is_submitted(tmp_path: Path, db_url: str) 
         assert world.stats()["batches"] == []  # nothing reached the provider
 
 
-def test_a_drain_finds_every_group_in_one_read_and_packs_each_once(
+def test_a_drain_packs_every_group_once_and_keeps_each_batchs_earliest_deadline(
     tmp_path: Path, db_url: str
 ) -> None:
     with make_world(tmp_path, db_url) as world:
-        ids = world.enqueue(mixed_items(40))  # four models over two providers
+        items = mixed_items(40)  # four models over two providers
+        for i, item in enumerate(items):
+            item["tolerance"] = ("24h", "8h", "16h")[i % 3]
+        ids = world.enqueue(items)
         first = world.scheduler.flush(drain=True)
         batches = rows(world.store, batches_t)
         assert len(first) == len(batches) == 4
@@ -379,8 +382,14 @@ def test_a_drain_finds_every_group_in_one_read_and_packs_each_once(
         }
         members = [m for b in batches for m in unpack_ids(b["member_ids"])]
         assert sorted(members) == sorted(ids)  # each request in exactly one batch
-        by_id = {r["id"]: r["model"] for r in rows(world.store, requests_t)}
-        assert all(by_id[m] == b["model"] for b in batches for m in unpack_ids(b["member_ids"]))
+        requests = {r["id"]: r for r in rows(world.store, requests_t)}
+        for batch in batches:
+            listed = [requests[m] for m in unpack_ids(batch["member_ids"])]
+            assert {r["model"] for r in listed} == {batch["model"]}
+            assert {r["lane"] for r in listed} == {"deferred"}
+            # what the rescuer watches: the soonest deadline among the batch's members
+            assert batch["earliest_deadline"] == min(r["deadline"] for r in listed)
+            assert len({r["deadline"] for r in listed}) == 3
         assert world.scheduler.flush(drain=True) == []
         world.drain()
         check_all(world.store, world.stats())

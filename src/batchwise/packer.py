@@ -29,7 +29,6 @@ from sqlalchemy.engine import Connection
 
 from batchwise import batch_files
 from batchwise.config import Settings
-from batchwise.dbapi import as_datetime
 from batchwise.faults import crashpoint
 from batchwise.providers.base import BatchLimits, Provider
 from batchwise.states import BatchState, RequestState
@@ -328,7 +327,6 @@ def _pack_flush(
     limits: Mapping[str, BatchLimits],
     coalesce: Callable[[str | None, str | None, str | None], bool] | None,
     provider_for: Callable[[str], Provider] | None,
-    discover: set[_GroupKey] | None = None,
 ) -> list[int]:
     group = flush.group
     batch_ids = _pack_group(
@@ -340,7 +338,6 @@ def _pack_flush(
         inflight=inflight.get((group.provider, group.model), 0),
         coalesce=coalesce,
         provider=None if provider_for is None else provider_for(group.provider),
-        discover=discover,
     )
     if batch_ids:
         crashpoint("after_pack")
@@ -356,9 +353,9 @@ def _drain(
     coalesce: Callable[[str | None, str | None, str | None], bool] | None,
     provider_for: Callable[[str], Provider] | None,
 ) -> list[int] | None:
-    """Flush every group, without the per-group sums `plan` needs: the group of the first
-    queued request is packed by a read of the whole queue that also finds the other groups,
-    which are then packed one by one. None if that first group has no token budget left (then
+    """Flush every group, without the per-group sums `plan` needs: the groups come from one
+    DISTINCT over the queue, which SQL answers without a row reaching Python, and are packed
+    one by one. None if the group of the first queued request has no token budget left (then
     `plan` decides, as without drain)."""
     with store.read() as conn:
         inflight = inflight_tokens(conn)
@@ -371,10 +368,21 @@ def _drain(
             ),
             (stamp,),
         ).first()
-    if first is None:
-        return []
+        if first is None:
+            return []
+        groups = {
+            (str(p), str(e), str(m))
+            for p, e, m in conn.exec_driver_sql(
+                driver_sql(
+                    conn,
+                    "SELECT DISTINCT provider, endpoint, model FROM requests "
+                    "WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)",
+                ),
+                (stamp,),
+            )
+        }
 
-    def drain_group(key: _GroupKey, found: set[_GroupKey] | None) -> list[int]:
+    def drain_group(key: _GroupKey) -> list[int]:
         provider, endpoint, model = key
         return _pack_flush(
             store,
@@ -385,7 +393,6 @@ def _drain(
             limits=limits,
             coalesce=coalesce,
             provider_for=provider_for,
-            discover=found,
         )
 
     def has_budget(key: _GroupKey) -> bool:
@@ -395,17 +402,17 @@ def _drain(
     key = (str(first[0]), str(first[1]), str(first[2]))
     if not has_budget(key):
         return None
-    found: set[_GroupKey] = set()
-    created = drain_group(key, found)
-    for other in sorted(found):
+    created = drain_group(key)
+    for other in sorted(groups - {key}):
         if has_budget(other):
-            created += drain_group(other, None)
+            created += drain_group(other)
     return created
 
 
 _GROUP_SQL = (
-    "SELECT r.id, r.size_bytes, r.est_input_tokens, r.deadline{body}{tags}{group} "
-    "FROM requests r{join} WHERE r.state = 'queued'{where} "
+    "SELECT r.id, r.size_bytes, r.est_input_tokens{body}{tags} "
+    "FROM requests r{join} WHERE r.state = 'queued' "
+    "AND r.provider = ? AND r.endpoint = ? AND r.model = ? "
     "AND (r.not_before IS NULL OR r.not_before <= ?) ORDER BY r.deadline, r.id"
 )
 #: the body as UTF-8 bytes, ready to write
@@ -453,7 +460,6 @@ class _Cut:
     ids: list[int]
     file: BinaryIO | None = None
     path: Path | None = None
-    earliest: object = None
 
 
 def _pack_group(
@@ -466,17 +472,17 @@ def _pack_group(
     inflight: int,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
     provider: Provider | None = None,
-    discover: set[_GroupKey] | None = None,
 ) -> list[int]:
     """Cut a group into batch rows listing their members, in one transaction.
 
     The rows are read once, in deadline order, and cut wherever the provider's limits or
     the token budget say; a batch that is not full is written only if the whole group is due.
     With a `provider`, each batch's file is written from the same read, under a temporary
-    name until the transaction commits. With `discover`, the whole queue is read: rows of
-    other groups are skipped and their groups added to it. On PostgreSQL packers take turns
-    (an advisory lock), so the requests other batches hold (`held_ids`) are known for certain
-    meanwhile.
+    name until the transaction commits. On PostgreSQL packers take turns (an advisory lock),
+    so the requests other batches hold (`held_ids`) are known for certain meanwhile.
+
+    The hot loop: each row is only what the loop needs (every column read costs a Python
+    object per row), so a batch's earliest deadline is taken from its first member in SQL.
     """
     group = flush.group
     budget = token_budget(settings, group.model) - inflight
@@ -494,18 +500,8 @@ def _pack_group(
                 tags=", r.body_hash, r.use_case, r.step, r.business_unit"
                 if coalesce
                 else ", NULL, NULL, NULL, NULL",
-                group=", r.provider, r.endpoint, r.model"
-                if discover is not None
-                else ", NULL, NULL, NULL",
-                where=""
-                if discover is not None
-                else " AND r.provider = ? AND r.endpoint = ? AND r.model = ?",
             )
-            params: tuple[Any, ...] = (
-                (db_time(conn, now),)
-                if discover is not None
-                else (group.provider, group.endpoint, group.model, db_time(conn, now))
-            )
+            params = (group.provider, group.endpoint, group.model, db_time(conn, now))
             rows = _stream(conn, driver_sql(conn, sql), params)
             #: identical requests ride on the first of them (coalesced): (follower, leader)
             followers: list[tuple[int, int]] = []
@@ -519,21 +515,9 @@ def _pack_group(
             # The current batch's totals are locals here, handed to `_close_cut`: this is the
             # hot loop of packing.
             count = size = tokens = 0
-            mine = (group.provider, group.endpoint, group.model)
-            for (
-                rid, row_bytes, est, deadline, body, body_hash, use_case, step, unit,
-                in_provider, in_endpoint, in_model,
-            ) in rows:  # fmt: skip
-                if in_provider is not None and (
-                    in_model != mine[2] or in_provider != mine[0] or in_endpoint != mine[1]
-                ):
-                    assert discover is not None
-                    discover.add((in_provider, in_endpoint, in_model))
-                    continue
+            for rid, row_bytes, est, body, body_hash, use_case, step, unit in rows:
                 if held and rid in held:
                     continue
-                if capped:
-                    continue  # reading on only to find the other groups
                 if coalesce is not None and coalesce(use_case, step, unit):
                     leader = leaders.setdefault(body_hash, rid)
                     if leader != rid:
@@ -543,9 +527,7 @@ def _pack_group(
                 if count:
                     if tokens + est > budget:
                         capped = True  # the provider would refuse more of this model now
-                        if discover is None:
-                            break
-                        continue
+                        break
                     if count >= max_requests or size + line_bytes > max_bytes:
                         assert cut is not None
                         _close_cut(conn, cut, "full", size, tokens)
@@ -554,7 +536,6 @@ def _pack_group(
                         cut, count, size, tokens = None, 0, 0, 0
                 if cut is None:
                     cut = _open_cut(conn, store, settings, flush, lines, now=now)
-                    cut.earliest = deadline
                     write = cut.file.write if cut.file is not None else None
                     batch_id, ids = cut.batch_id, cut.ids
                 ids.append(rid)
@@ -647,7 +628,10 @@ def _close_cut(conn: Connection, cut: _Cut, reason: str, size: int, tokens: int)
             request_count=len(cut.ids),
             size_bytes=size,
             est_input_tokens=tokens,
-            earliest_deadline=as_datetime(cut.earliest),
+            # rows come in deadline order: the first member's is the earliest
+            earliest_deadline=sa.select(requests_t.c.deadline)
+            .where(requests_t.c.id == cut.ids[0])
+            .scalar_subquery(),
             flush_reason=reason,
             member_ids=pack_ids(cut.ids),
         )
