@@ -279,29 +279,21 @@ def pack(
     `provider_for`, each batch's file is written as its rows are read (`packed_file_path`),
     so the submitter need not read them again; without it, the submitter builds the file."""
     batch_files.sweep(store, settings)
-    if drain:
-        drained = _drain(
-            store,
-            now=now,
-            settings=settings,
-            limits=limits,
-            coalesce=coalesce,
-            provider_for=provider_for,
-        )
-        if drained is not None:
-            return drained
     with store.read() as conn:
-        groups = queued_groups(conn, now, held_ids(conn))
         inflight = inflight_tokens(conn)
-    flushes = plan(
-        groups,
-        now=now,
-        settings=settings,
-        limits=limits,
-        turnaround_s=turnaround_s,
-        inflight_tokens=inflight,
-        drain=drain,
-    )
+        flushes = (
+            _drain_flushes(conn, now=now, settings=settings, inflight=inflight) if drain else None
+        )
+        if flushes is None:
+            flushes = plan(
+                queued_groups(conn, now, held_ids(conn)),
+                now=now,
+                settings=settings,
+                limits=limits,
+                turnaround_s=turnaround_s,
+                inflight_tokens=inflight,
+                drain=drain,
+            )
     created: list[int] = []
     for flush in flushes:
         created += _pack_flush(
@@ -344,56 +336,35 @@ def _pack_flush(
     return batch_ids
 
 
-def _drain(
-    store: Store,
-    *,
-    now: datetime,
-    settings: Settings,
-    limits: Mapping[str, BatchLimits],
-    coalesce: Callable[[str | None, str | None, str | None], bool] | None,
-    provider_for: Callable[[str], Provider] | None,
-) -> list[int] | None:
-    """Flush every group, without the per-group sums `plan` needs: the groups come from one
-    DISTINCT over the queue, which SQL answers without a row reaching Python, and are packed
-    one by one. None if the group of the first queued request has no token budget left (then
-    `plan` decides, as without drain)."""
-    with store.read() as conn:
-        inflight = inflight_tokens(conn)
-        stamp = db_time(conn, now)
-        first = conn.exec_driver_sql(
+def _drain_flushes(
+    conn: Connection, *, now: datetime, settings: Settings, inflight: Mapping[tuple[str, str], int]
+) -> list[Flush] | None:
+    """Every group, flushed, without the per-group sums `plan` needs: the groups come from
+    one DISTINCT over the queue, which SQL answers without a row reaching Python; the group
+    of the first queued request goes first. Groups without token budget left wait. None if
+    that first group has none (then `plan` decides, as without drain)."""
+    stamp = db_time(conn, now)
+    first = conn.exec_driver_sql(
+        driver_sql(
+            conn,
+            "SELECT provider, endpoint, model FROM requests WHERE state = 'queued' "
+            "AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id LIMIT 1",
+        ),
+        (stamp,),
+    ).first()
+    if first is None:
+        return []
+    groups = {
+        (str(p), str(e), str(m))
+        for p, e, m in conn.exec_driver_sql(
             driver_sql(
                 conn,
-                "SELECT provider, endpoint, model FROM requests WHERE state = 'queued' "
-                "AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id LIMIT 1",
+                "SELECT DISTINCT provider, endpoint, model FROM requests "
+                "WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)",
             ),
             (stamp,),
-        ).first()
-        if first is None:
-            return []
-        groups = {
-            (str(p), str(e), str(m))
-            for p, e, m in conn.exec_driver_sql(
-                driver_sql(
-                    conn,
-                    "SELECT DISTINCT provider, endpoint, model FROM requests "
-                    "WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)",
-                ),
-                (stamp,),
-            )
-        }
-
-    def drain_group(key: _GroupKey) -> list[int]:
-        provider, endpoint, model = key
-        return _pack_flush(
-            store,
-            Flush(Group(provider, endpoint, model, 0, 0, 0, now, now), "explicit", "explicit"),
-            inflight,
-            now=now,
-            settings=settings,
-            limits=limits,
-            coalesce=coalesce,
-            provider_for=provider_for,
         )
+    }
 
     def has_budget(key: _GroupKey) -> bool:
         # Without it the provider would refuse the batch (token_limit_exceeded): wait.
@@ -402,11 +373,11 @@ def _drain(
     key = (str(first[0]), str(first[1]), str(first[2]))
     if not has_budget(key):
         return None
-    created = drain_group(key)
-    for other in sorted(groups - {key}):
-        if has_budget(other):
-            created += drain_group(other)
-    return created
+    return [
+        Flush(Group(provider, endpoint, model, 0, 0, 0, now, now), "explicit", "explicit")
+        for provider, endpoint, model in [key, *sorted(groups - {key})]
+        if has_budget((provider, endpoint, model))
+    ]
 
 
 _GROUP_SQL = (
