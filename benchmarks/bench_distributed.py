@@ -39,20 +39,20 @@ from _common import openai_line, run_process
 from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.states import TERMINAL_REQUEST_STATES, BatchState
-from batchwise.store import Store, batches_t, requests_t
+from batchwise.store.engine import Store, batches_t, requests_t
 from batchwise.worker import send_realtime
 
 PYTHON = sys.executable
 CLI = (
-    "from batchwise.cli import cli\n"
-    "from batchwise.cli_worker import register\n"
+    "from batchwise.cli.main import cli\n"
+    "from batchwise.cli.worker import register\n"
     "if 'worker' not in cli.commands:\n"
     "    register(cli)\n"
     "cli(prog_name='batchwise')\n"
 )
 EMULATOR = (
     "import json, sys\n"
-    "from batchwise.providers.emulator import EmulatorConfig, run_server\n"
+    "from batchwise.emulator.app import EmulatorConfig, run_server\n"
     "run_server('127.0.0.1', 0, EmulatorConfig(**json.loads(sys.argv[1])))\n"
 )
 TERMINAL = [s.value for s in TERMINAL_REQUEST_STATES]

@@ -153,12 +153,12 @@ def _flush(
 def run_one(size: int) -> dict[str, float]:
     import sqlalchemy as sa
 
-    from batchwise.batch_files import packed_file_path
     from batchwise.clock import system_clock
     from batchwise.config import Settings
-    from batchwise.packer import batch_members
-    from batchwise.scheduler import Providers, Scheduler
-    from batchwise.store import Store, batches_t
+    from batchwise.lifecycle.batch_files import packed_file_path
+    from batchwise.lifecycle.packer import batch_members
+    from batchwise.lifecycle.scheduler import Providers, Scheduler
+    from batchwise.store.engine import Store, batches_t
 
     workdir = Path(tempfile.mkdtemp(prefix="bw-life-"))
     emulator, url = start_emulator(workdir)

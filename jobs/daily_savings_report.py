@@ -12,8 +12,8 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 from typing import Any
 
-from batchwise.jobs import JobResult, Run
-from batchwise.savings import Totals, money, savings_report
+from batchwise.costs.savings import Totals, money, savings_report
+from batchwise.jobs.runs import JobResult, Run
 
 SCHEDULE = "30 0 * * *"
 TIMEZONE = "UTC"

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from batchwise.jobs import JobResult, Run
+from batchwise.jobs.runs import JobResult, Run
 
 SCHEDULE = "0 1 * * *"
 TIMEZONE = "Europe/London"

@@ -19,7 +19,7 @@ def main() -> None:
     message, rev_id = sys.argv[1], sys.argv[2]
     with tempfile.TemporaryDirectory() as tmp:
         config = Config()
-        config.set_main_option("script_location", str(ROOT / "src/batchwise/migrations"))
+        config.set_main_option("script_location", str(ROOT / "src/batchwise/store/migrations"))
         config.set_main_option("sqlalchemy.url", f"sqlite:///{tmp}/scratch.db")
         command.upgrade(config, "head")
         command.revision(config, message=message, autogenerate=True, rev_id=rev_id)

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchwise.states import LIVE_BATCH_STATES, TERMINAL_REQUEST_STATES
-from batchwise.store import Store, batches_t, bodies_t, ledger_t, requests_t, responses_t
+from batchwise.store.engine import Store, batches_t, bodies_t, ledger_t, requests_t, responses_t
 
 TERMINAL = {s.value for s in TERMINAL_REQUEST_STATES}
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from batchwise import jobs
 from batchwise.config import Settings
-from batchwise.jobs import Job, JobsReport, RunState
-from batchwise.store import Store, events_t, job_runs_t, requests_t
+from batchwise.jobs import runs as jobs
+from batchwise.jobs.runs import Job, JobsReport, RunState
+from batchwise.store.engine import Store, events_t, job_runs_t, requests_t
 
 
 def utc(*args: int) -> datetime:

@@ -14,9 +14,9 @@ import httpx
 from batchwise.api import Client
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
-from batchwise.providers.emulator import Emulator, EmulatorConfig
-from batchwise.scheduler import Providers, Scheduler, TickReport
-from batchwise.store import Store
+from batchwise.emulator.app import Emulator, EmulatorConfig
+from batchwise.lifecycle.scheduler import Providers, Scheduler, TickReport
+from batchwise.store.engine import Store
 
 
 @dataclass

@@ -19,8 +19,10 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from batchwise import alerts
-from batchwise.alerts import (
+from batchwise.clock import ManualClock
+from batchwise.config import Settings
+from batchwise.costs import alerts
+from batchwise.costs.alerts import (
     AlertSettings,
     Anomaly,
     HourFigures,
@@ -30,11 +32,9 @@ from batchwise.alerts import (
     hourly_usage,
     last_complete_hour,
 )
-from batchwise.clock import ManualClock
-from batchwise.config import Settings
 from batchwise.errors import ConfigError
-from batchwise.scheduler import Providers, Scheduler
-from batchwise.store import Store, events_t, ledger_t
+from batchwise.lifecycle.scheduler import Providers, Scheduler
+from batchwise.store.engine import Store, events_t, ledger_t
 
 NOW = datetime(2026, 11, 29, 12, 20, tzinfo=UTC)  # the last complete hour is 11:00-12:00
 TARGET = datetime(2026, 11, 29, 11, 0, tzinfo=UTC)
@@ -304,7 +304,7 @@ def test_check_records_the_spikes_once_with_their_figures(
 ) -> None:
     settings = settings_with(tmp_path)
     # When the hour is checked
-    with caplog.at_level(logging.WARNING, logger="batchwise.alerts"):
+    with caplog.at_level(logging.WARNING, logger="batchwise.costs.alerts"):
         found = check_anomalies(loaded, now=NOW, settings=settings)
     # Then the spiking step and the untagged one alert; steady, tiny and current-hour ones don't
     assert found == [NO_STEP, SUMMARISE]
@@ -455,7 +455,7 @@ def test_a_failing_webhook_is_recorded_and_logged_not_raised(
         monkeypatch.setattr(alerts, "WEBHOOK_TIMEOUT_S", 0.2)
         hook.delay_s, error = 1.0, "ReadTimeout"
     # When the check runs with a webhook that fails
-    with caplog.at_level(logging.WARNING, logger="batchwise.alerts"):
+    with caplog.at_level(logging.WARNING, logger="batchwise.costs.alerts"):
         found = check_anomalies(loaded, now=NOW, settings=settings_with(tmp_path, webhook_url=url))
     # Then the anomalies are still returned and recorded, and each failure too
     assert found == [NO_STEP, SUMMARISE]
@@ -516,7 +516,7 @@ def test_tick_never_raises_and_retries_a_failed_check(
     # Given a store whose check fails (the ledger is gone)
     with scheduler.store.write() as conn:
         conn.execute(sa.text("DROP TABLE ledger"))
-    with caplog.at_level(logging.ERROR, logger="batchwise.alerts"):
+    with caplog.at_level(logging.ERROR, logger="batchwise.costs.alerts"):
         assert alerts.tick(scheduler) == []
     assert "the anomaly check failed; it is retried next tick" in caplog.text
     # Then the next tick in the same hour tries again
@@ -534,7 +534,7 @@ def test_tick_reports_bad_settings_once_an_hour(
         Scheduler(
             loaded, Providers(settings), settings=settings, clock=clock, realtime=False
         ) as scheduler,
-        caplog.at_level(logging.ERROR, logger="batchwise.alerts"),
+        caplog.at_level(logging.ERROR, logger="batchwise.costs.alerts"),
     ):
         assert alerts.tick(scheduler) == []
         assert alerts.tick(scheduler) == []

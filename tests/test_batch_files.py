@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from batchwise import batch_files
 from batchwise.config import Settings
+from batchwise.lifecycle import batch_files
 from batchwise.states import BatchState
-from batchwise.store import Store, batches_t
+from batchwise.store.engine import Store, batches_t
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 

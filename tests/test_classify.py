@@ -4,10 +4,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from batchwise.classify import Turnaround, classify, expected_turnaround, human_s, percentile
 from batchwise.config import Settings
+from batchwise.intake.classify import Turnaround, classify, expected_turnaround, human_s, percentile
+from batchwise.intake.tolerance import parse_tolerance
 from batchwise.states import Lane
-from batchwise.tolerance import parse_tolerance
 
 NOW = datetime(2026, 11, 29, 1, 0, tzinfo=UTC)
 

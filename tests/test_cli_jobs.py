@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from batchwise.cli import cli
-from batchwise.cli_jobs import register
-from batchwise.store import Store
+from batchwise.cli.jobs import register
+from batchwise.cli.main import cli
+from batchwise.store.engine import Store
 from jobs_helpers import requests_of, runs
 
 register(cli)
@@ -173,7 +173,7 @@ def test_a_broken_job_file_is_reported_and_the_rest_still_listed(env: dict[str, 
 @pytest.mark.slow
 def test_two_processes_racing_for_one_time_run_it_once(env: dict[str, str]) -> None:
     script = (
-        "import sys; from batchwise.cli import cli; from batchwise.cli_jobs import register; "
+        "import sys; from batchwise.cli.main import cli; from batchwise.cli.jobs import register; "
         "register(cli); cli(sys.argv[1:], prog_name='batchwise')"
     )
     argv = [sys.executable, "-c", script, "jobs", "run", "tokyo_digest", "--at", "2026-12-01T01:00"]

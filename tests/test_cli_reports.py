@@ -16,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from batchwise.cli import cli
-from batchwise.cli_reports import parse_time_bound, register
-from batchwise.store import Store, bodies_t, ledger_t, requests_t, responses_t
+from batchwise.cli.main import cli
+from batchwise.cli.reports import parse_time_bound, register
+from batchwise.store.engine import Store, bodies_t, ledger_t, requests_t, responses_t
 
 register(cli)
 
@@ -225,8 +225,8 @@ def test_metrics_prints_once(db: str) -> None:
 
 def test_importing_the_commands_stays_light() -> None:
     code = (
-        "import sys, batchwise.cli_reports; "
-        "heavy = {'sqlalchemy', 'rich', 'orjson', 'batchwise.store'} & set(sys.modules); "
+        "import sys, batchwise.cli.reports; "
+        "heavy = {'sqlalchemy', 'rich', 'orjson', 'batchwise.store.engine'} & set(sys.modules); "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

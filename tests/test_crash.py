@@ -16,9 +16,9 @@ import httpx
 import orjson
 import pytest
 
-from batchwise import batch_files
 from batchwise.config import Settings
-from batchwise.store import Store, requests_t, responses_t
+from batchwise.lifecycle import batch_files
+from batchwise.store.engine import Store, requests_t, responses_t
 from invariants import check_all, rows
 
 pytestmark = pytest.mark.slow

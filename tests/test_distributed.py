@@ -29,10 +29,10 @@ import pytest
 import sqlalchemy as sa
 
 from batchwise.config import Settings
-from batchwise.scheduler import Providers, Scheduler
+from batchwise.lifecycle.scheduler import Providers, Scheduler
+from batchwise.lifecycle.submitter import STATUS_TO_STATE
 from batchwise.states import TERMINAL_REQUEST_STATES, BatchState
-from batchwise.store import Store, batches_t, requests_t
-from batchwise.submitter import STATUS_TO_STATE
+from batchwise.store.engine import Store, batches_t, requests_t
 from invariants import check_all, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -40,8 +40,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 HERE = Path(__file__).resolve()
 #: `batchwise` with the worker commands, whether or not cli.py registers them yet
 CLI_BOOT = (
-    "from batchwise.cli import cli\n"
-    "from batchwise.cli_worker import register\n"
+    "from batchwise.cli.main import cli\n"
+    "from batchwise.cli.worker import register\n"
     "if 'worker' not in cli.commands:\n"
     "    register(cli)\n"
     "cli(prog_name='batchwise')\n"
@@ -49,7 +49,7 @@ CLI_BOOT = (
 #: the emulator with sub-second latency, which `batchwise emulator --latency` cannot express
 EMULATOR_BOOT = (
     "import json, sys\n"
-    "from batchwise.providers.emulator import EmulatorConfig, run_server\n"
+    "from batchwise.emulator.app import EmulatorConfig, run_server\n"
     "run_server('127.0.0.1', 0, EmulatorConfig(**json.loads(sys.argv[1])))\n"
 )
 TERMINAL = sorted(s.value for s in TERMINAL_REQUEST_STATES)

@@ -18,8 +18,8 @@ import click
 import pytest
 import yaml
 
-from batchwise import cli_worker
-from batchwise.cli import cli
+from batchwise.cli import worker as cli_worker
+from batchwise.cli.main import cli
 from batchwise.config import Settings
 from batchwise.errors import ConfigError
 

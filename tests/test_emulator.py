@@ -26,8 +26,8 @@ import orjson
 import pytest
 
 from batchwise.clock import ManualClock
+from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ConfigError
-from batchwise.providers.emulator import Emulator, EmulatorConfig
 
 CHAT = "/v1/chat/completions"
 HOST = "http://emulator.test"
@@ -929,7 +929,7 @@ LAUNCHERS = {
     "run_server": [
         sys.executable,
         "-c",
-        "from batchwise.providers.emulator import EmulatorConfig, run_server; "
+        "from batchwise.emulator.app import EmulatorConfig, run_server; "
         "run_server('127.0.0.1', 0, EmulatorConfig())",
     ],
     "cli": [sys.executable, "-m", "batchwise", "emulator", "--port", "0"],

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from batchwise.api import Client
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
+from batchwise.costs.guards import Guards, Policy, TaskCount, check_task, shape, trim_context
+from batchwise.emulator.app import EmulatorConfig
 from batchwise.errors import ConfigError, GuardRefused, IntakeError
-from batchwise.guards import Guards, Policy, TaskCount, check_task, shape, trim_context
-from batchwise.providers.emulator import EmulatorConfig
-from batchwise.store import batches_t, events_t, ledger_t, requests_t
+from batchwise.store.engine import batches_t, events_t, ledger_t, requests_t
 from invariants import check_all, request_rows, rows
 from lifecycle_world import make_world
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from batchwise import ledger
 from batchwise.config import Settings
-from batchwise.dbapi import sqlite_time
+from batchwise.costs import ledger
+from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.errors import ProviderDataError
-from batchwise.pricing import PriceBook, TokenUsage, normalise_usage
+from batchwise.lifecycle.reconcile import ReconcileReport, _Batch, _Step, answer_row, update_row
 from batchwise.providers.base import LineOutcome, OutcomeKind
 from batchwise.providers.http import _split_lines
-from batchwise.reconcile import ReconcileReport, _Batch, _Step, answer_row, update_row
 from batchwise.states import RequestState
+from batchwise.store.dbapi import sqlite_time
 
 #: after gpt-4o-mini's batch variant starts (2026-10-14) and before it
 AFTER = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batchwise.html_report import (
+from batchwise.reports.html import (
     MAX_TASK_BARS,
     bar_chart,
     render_html,
     report_data,
     write_html,
 )
-from batchwise.store import Store, ledger_t, requests_t
+from batchwise.store.engine import Store, ledger_t, requests_t
 
 NOW = datetime(2026, 11, 10, tzinfo=UTC)
 

@@ -16,11 +16,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from batchwise.api import Client
-from batchwise.bulk import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
 from batchwise.errors import IntakeError
-from batchwise.intake import (
+from batchwise.intake.ingest import (
     REQUEST_COLUMNS,
     Defaults,
     Invalid,
@@ -28,8 +27,9 @@ from batchwise.intake import (
     parse_line,
     submit_lines,
 )
-from batchwise.store import Store, bodies_t, requests_t
-from batchwise.tolerance import resolve_zone
+from batchwise.intake.tolerance import resolve_zone
+from batchwise.store.engine import Store, bodies_t, requests_t
+from batchwise.store.sinks import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from invariants import request_rows
 
 
@@ -223,7 +223,7 @@ def test_duplicate_custom_id_within_a_submission(client: Client) -> None:
 
 
 def test_duplicate_custom_id_across_chunks(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("batchwise.intake.CHUNK_ROWS", 3)
+    monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 3)
     lines = jsonl(*(openai_line(i) for i in range(7)), openai_line(2))
     result = client._submit(lines, Defaults(), skip_invalid=True)
     assert result.accepted == 7
@@ -394,7 +394,7 @@ def test_custom_id_rule(custom_id: str) -> None:
 
 
 def test_intake_endpoints_are_the_adapters_endpoints() -> None:
-    from batchwise.intake import ENDPOINTS
+    from batchwise.intake.ingest import ENDPOINTS
     from batchwise.providers.anthropic import AnthropicProvider
     from batchwise.providers.openai import OpenAIProvider
 

@@ -14,13 +14,13 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from batchwise import jobs
-from batchwise.cancel import cancel_requests
 from batchwise.config import Settings
-from batchwise.jobs import Job, JobResult, Run, RunExists, RunState
-from batchwise.jobs_schedule import Trigger
-from batchwise.jobs_store import claim_delivery
-from batchwise.store import Store, requests_t, responses_t
+from batchwise.jobs import runs as jobs
+from batchwise.jobs.runs import Job, JobResult, Run, RunExists, RunState
+from batchwise.jobs.schedule import Trigger
+from batchwise.lifecycle.cancel import cancel_requests
+from batchwise.store.engine import Store, requests_t, responses_t
+from batchwise.store.jobs import claim_delivery
 from jobs_helpers import events, items, nightly, requests_of, runs, tick, utc
 
 
@@ -415,7 +415,7 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
     import shutil
 
     from batchwise.clock import ManualClock
-    from batchwise.results import answer_text
+    from batchwise.reports.results import answer_text
     from lifecycle_world import make_world
 
     folder = tmp_path / "jobs"
@@ -471,8 +471,8 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
 def test_the_daily_savings_report_sums_yesterday_by_use_case(
     store: Store, settings: Settings
 ) -> None:
-    from batchwise.savings import money
-    from batchwise.store import ledger_t
+    from batchwise.costs.savings import money
+    from batchwise.store.engine import ledger_t
 
     def entry(at: datetime, use_case: str, actual: int, realtime: int) -> dict[str, Any]:
         return {

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from batchwise import jobs
 from batchwise.config import Settings
 from batchwise.errors import NotFoundError
-from batchwise.jobs import Job, JobLoadError, jobs_folder, load_file, load_folder, load_jobs
-from batchwise.store import Store
+from batchwise.jobs import runs as jobs
+from batchwise.jobs.runs import Job, JobLoadError, jobs_folder, load_file, load_folder, load_jobs
+from batchwise.store.engine import Store
 from jobs_helpers import utc
 
 GOOD = """

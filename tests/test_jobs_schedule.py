@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from batchwise.errors import ToleranceError
-from batchwise.jobs_schedule import (
+from batchwise.jobs.schedule import (
     CatchUp,
     Trigger,
     check_deadline,

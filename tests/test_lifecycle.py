@@ -9,11 +9,11 @@ import pytest
 import sqlalchemy as sa
 
 from batchwise.clock import ManualClock
-from batchwise.packer import unpack_ids
-from batchwise.providers.emulator import EmulatorConfig
-from batchwise.reconcile import reconcile_due
+from batchwise.emulator.app import EmulatorConfig
+from batchwise.lifecycle.packer import unpack_ids
+from batchwise.lifecycle.reconcile import reconcile_due
 from batchwise.states import BatchState, RequestState
-from batchwise.store import batches_t, events_t, ledger_t, requests_t, responses_t
+from batchwise.store.engine import batches_t, events_t, ledger_t, requests_t, responses_t
 from invariants import check_all, rows, snapshot
 from lifecycle_world import make_world, mixed_items
 
@@ -281,7 +281,7 @@ def test_final_error_fails_with_the_providers_message(tmp_path: Path, db_url: st
 
 
 def test_cancelled_requests_and_batches(tmp_path: Path, db_url: str) -> None:
-    from batchwise.cancel import cancel_batch
+    from batchwise.lifecycle.cancel import cancel_batch
 
     with make_world(tmp_path, db_url, emulator_config=EmulatorConfig(turnaround_s=30)) as world:
         ids = world.enqueue([i for i in mixed_items(12) if i["model"] == "gpt-4o-mini"])
@@ -345,7 +345,7 @@ def test_a_batch_the_provider_never_took_gives_its_members_back(
 
 
 def test_cancelling_a_batch_before_it_is_submitted(tmp_path: Path, db_url: str) -> None:
-    from batchwise.cancel import cancel_batch
+    from batchwise.lifecycle.cancel import cancel_batch
 
     with make_world(tmp_path, db_url) as world:
         ids = world.enqueue([i for i in mixed_items(12) if i["model"] == "gpt-4o-mini"])

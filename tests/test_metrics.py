@@ -12,8 +12,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from batchwise.metrics import CONTENT_TYPE, Metric, collect, exposition, make_server, render
-from batchwise.store import Store, batches_t, ledger_t, requests_t
+from batchwise.reports.metrics import CONTENT_TYPE, Metric, collect, exposition, make_server, render
+from batchwise.store.engine import Store, batches_t, ledger_t, requests_t
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 ODD = 'say "hi"\n\\'

@@ -1,4 +1,4 @@
-"""Tests for batchwise.pricing.
+"""Tests for batchwise.costs.pricing.
 
 Expected figures are computed by hand from the per-Mtok prices in genai-prices 0.2.3's bundled
 snapshot, quoted next to each case. A price of $P per million tokens is P x 1000 nano-USD per
@@ -20,8 +20,7 @@ import pytest
 from genai_prices import data_snapshot
 
 from batchwise.config import Settings
-from batchwise.errors import ConfigError, ProviderDataError
-from batchwise.pricing import (
+from batchwise.costs.pricing import (
     Price,
     PriceBook,
     TokenUsage,
@@ -29,6 +28,7 @@ from batchwise.pricing import (
     normalise_usage,
     nusd_to_decimal,
 )
+from batchwise.errors import ConfigError, ProviderDataError
 
 #: after the batch variants' start date (2026-10-14)
 AFTER = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -287,7 +287,7 @@ def test_unknown_model_is_unpriced_not_free(
     book: PriceBook, caplog: pytest.LogCaptureFixture
 ) -> None:
     usage = TokenUsage(input_tokens=1_000, output_tokens=10)
-    with caplog.at_level(logging.WARNING, logger="batchwise.pricing"):
+    with caplog.at_level(logging.WARNING, logger="batchwise.costs.pricing"):
         first = book.price("openai", "gpt-imaginary-9", usage, batch=True, at=AFTER)
         again = book.price("openai", "gpt-imaginary-9", usage, batch=False, at=BEFORE)
     assert first.actual_nusd is None and first.realtime_nusd is None

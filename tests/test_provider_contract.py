@@ -19,11 +19,11 @@ import orjson
 import pytest
 
 from batchwise.config import Settings
+from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ConfigError, ProviderError
 from batchwise.providers import PROVIDERS, make_provider
 from batchwise.providers.anthropic import AnthropicProvider
 from batchwise.providers.base import BatchInfo, BatchStatus, LineOutcome, OutcomeKind, Provider
-from batchwise.providers.emulator import Emulator, EmulatorConfig
 from batchwise.providers.openai import OpenAIProvider
 
 KEY = "sk-contract-SECRET-9a9a9a9a9a"

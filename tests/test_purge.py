@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batchwise.purge import purge_bodies
-from batchwise.savings import GROUP_KEYS, savings_report, task_costs, task_summary
-from batchwise.store import Store, bodies_t, ledger_t, requests_t, responses_t
+from batchwise.costs.savings import GROUP_KEYS, savings_report, task_costs, task_summary
+from batchwise.lifecycle.purge import purge_bodies
+from batchwise.store.engine import Store, bodies_t, ledger_t, requests_t, responses_t
 
 NOW = datetime(2026, 12, 15, 12, tzinfo=UTC)
 OLD = datetime(2026, 11, 1, tzinfo=UTC)

@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 from rich.console import Console
 
-from batchwise.savings import money as display_money
-from batchwise.savings import (
+from batchwise.costs.savings import money as display_money
+from batchwise.costs.savings import (
     print_savings,
     print_summary,
     saving_pct,
@@ -23,7 +23,7 @@ from batchwise.savings import (
     task_costs,
     task_summary,
 )
-from batchwise.store import Store, ledger_t, requests_t
+from batchwise.store.engine import Store, ledger_t, requests_t
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 PLUS2 = timezone(timedelta(hours=2))

@@ -19,7 +19,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from batchwise.clock import ManualClock
-from batchwise.providers.emulator import Emulator, EmulatorConfig
+from batchwise.emulator.app import Emulator, EmulatorConfig
 
 KEY = "sk-sdk-compat-0123456789"
 CHAT: Final = "/v1/chat/completions"

@@ -19,14 +19,15 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
-import batchwise.models
-from batchwise import dbapi
+import batchwise.store.schema
 from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.errors import SchemaError, TransitionError
-from batchwise.intake import body_key
+from batchwise.intake.ingest import body_key
 from batchwise.states import TERMINAL_REQUEST_STATES, TRANSITIONS, RequestState
-from batchwise.store import Store, ensure_schema, requests_t, transition_requests
+from batchwise.store import dbapi
+from batchwise.store.engine import Store, ensure_schema, requests_t
+from batchwise.store.transitions import transition_requests
 
 
 def test_schema_is_created_on_first_use(db_url: str) -> None:
@@ -51,7 +52,7 @@ def test_migrations_produce_exactly_the_models(db_url: str) -> None:
 def test_schema_revision_constant_is_the_alembic_head() -> None:
     config = Config()
     config.set_main_option(
-        "script_location", str(Path(batchwise.models.__file__).parent / "migrations")
+        "script_location", str(Path(batchwise.store.schema.__file__).parent / "migrations")
     )
     assert ScriptDirectory.from_config(config).get_current_head() == dbapi.SCHEMA_REVISION
 
@@ -266,7 +267,7 @@ def test_upgrade_from_0001_moves_bodies_into_their_own_table(db_url: str) -> Non
     and its partial indexes."""
     config = Config()
     config.set_main_option(
-        "script_location", str(Path(batchwise.models.__file__).parent / "migrations")
+        "script_location", str(Path(batchwise.store.schema.__file__).parent / "migrations")
     )
     engine = sa.create_engine(db_url)
     at = "2026-11-29 12:00:00.000000" if db_url.startswith("sqlite") else "2026-11-29 12:00Z"
@@ -310,7 +311,7 @@ def test_downgrade_to_0001_puts_bodies_back(db_url: str) -> None:
     client.close()
     config = Config()
     config.set_main_option(
-        "script_location", str(Path(batchwise.models.__file__).parent / "migrations")
+        "script_location", str(Path(batchwise.store.schema.__file__).parent / "migrations")
     )
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:

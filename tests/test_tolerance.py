@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchwise.errors import ToleranceError
-from batchwise.tolerance import ACCEPTED_FORMS, parse_duration, parse_tolerance, resolve_zone
+from batchwise.intake.tolerance import ACCEPTED_FORMS, parse_duration, parse_tolerance, resolve_zone
 
 NOW = datetime(2026, 11, 29, 1, 0, tzinfo=UTC)
 

@@ -28,17 +28,18 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from batchwise import cli_worker, worker
+from batchwise import worker
 from batchwise.api import Client
-from batchwise.cli import cli
+from batchwise.cli import worker as cli_worker
+from batchwise.cli.main import cli
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
+from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ConfigError
-from batchwise.providers.emulator import Emulator, EmulatorConfig
+from batchwise.lifecycle.realtime import claim
+from batchwise.lifecycle.scheduler import Providers
 from batchwise.providers.openai import OpenAIProvider
-from batchwise.realtime import claim
-from batchwise.scheduler import Providers
-from batchwise.store import Store, ledger_t, requests_t
+from batchwise.store.engine import Store, ledger_t, requests_t
 from batchwise.worker import Runtime, create_app, queue_names, sweep, sweep_interval_s
 
 BROKER = "redis://127.0.0.1:6379/11"
@@ -109,7 +110,7 @@ def run_python(code: str, **env: str) -> str:
 
 def test_importing_batchwise_and_its_cli_never_imports_celery() -> None:
     out = run_python(
-        "import sys, batchwise, batchwise.cli, batchwise.cli_worker\n"
+        "import sys, batchwise, batchwise.cli.main, batchwise.cli.worker\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('celery', 'kombu')))"
     )
     assert out == "[]"
@@ -345,7 +346,7 @@ def test_the_cron_hook_is_a_no_op_without_batchwise_jobs(
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
-        lambda name, *a: None if name == "batchwise.jobs" else real(name, *a),
+        lambda name, *a: None if name == "batchwise.jobs.runs" else real(name, *a),
     )
     assert worker.run_due_jobs(Runtime(base_settings(tmp_path, "sqlite://"))) is None
 
@@ -354,15 +355,15 @@ def test_the_cron_hook_calls_run_due_with_the_store_settings_and_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: ManualClock
 ) -> None:
     calls: list[tuple[Any, ...]] = []
-    fake = types.ModuleType("batchwise.jobs")
-    fake.__spec__ = importlib.machinery.ModuleSpec("batchwise.jobs", None)
+    fake = types.ModuleType("batchwise.jobs.runs")
+    fake.__spec__ = importlib.machinery.ModuleSpec("batchwise.jobs.runs", None)
 
     def run_due(store: Store, *, settings: Settings, now: datetime) -> int:
         calls.append((store, settings, now))
         return 2
 
     fake.run_due = run_due  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "batchwise.jobs", fake)
+    monkeypatch.setitem(sys.modules, "batchwise.jobs.runs", fake)
     settings = base_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}")
     runtime = Runtime(settings, clock=clock)
     try:
@@ -376,10 +377,10 @@ def test_two_apps_in_one_process_each_run_their_own_runtime(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
-    fake = types.ModuleType("batchwise.jobs")
-    fake.__spec__ = importlib.machinery.ModuleSpec("batchwise.jobs", None)
+    fake = types.ModuleType("batchwise.jobs.runs")
+    fake.__spec__ = importlib.machinery.ModuleSpec("batchwise.jobs.runs", None)
     fake.run_due = lambda store, **_: seen.append(store.url)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "batchwise.jobs", fake)
+    monkeypatch.setitem(sys.modules, "batchwise.jobs.runs", fake)
     urls = [f"sqlite:///{tmp_path / name}" for name in ("one.db", "two.db")]
     runtimes = [Runtime(base_settings(tmp_path, url)) for url in urls]
     apps = [create_app(rt.settings, queue="q", runtime=rt) for rt in runtimes]

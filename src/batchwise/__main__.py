@@ -1,3 +1,3 @@
-from batchwise.cli import main
+from batchwise.cli.main import main
 
 main()

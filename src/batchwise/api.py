@@ -21,16 +21,16 @@ from typing import IO, TYPE_CHECKING, Any
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
 from batchwise.errors import GuardRefused, NotFoundError, RequestFailed, ResultTimeout
-from batchwise.intake import Defaults, SubmitResult, submit_lines
+from batchwise.intake.ingest import Defaults, SubmitResult, submit_lines
+from batchwise.intake.tolerance import resolve_zone
 from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
-from batchwise.tolerance import resolve_zone
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from batchwise.guards import Guards
-    from batchwise.intake import RequestSink
-    from batchwise.store import Store
+    from batchwise.costs.guards import Guards
+    from batchwise.intake.ingest import RequestSink
+    from batchwise.store.engine import Store
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Client:
     def guards(self) -> Guards:
         """The cost guards from the settings, read once."""
         if self._guards is None:
-            from batchwise.guards import Guards
+            from batchwise.costs.guards import Guards
 
             self._guards = Guards.from_settings(self.settings)
         return self._guards
@@ -158,7 +158,7 @@ class Client:
     @property
     def store(self) -> Store:
         if self._store is None:
-            from batchwise.store import Store
+            from batchwise.store.engine import Store
 
             self._store = Store(self.database_url)
         return self._store
@@ -244,7 +244,7 @@ class Client:
         on_line: Callable[[int], None] | None = None,
         conn: Connection | None = None,
     ) -> SubmitResult:
-        from batchwise.bulk import EngineSink, open_sink
+        from batchwise.store.sinks import EngineSink, open_sink
 
         if conn is not None:
             sink: RequestSink = EngineSink(self.store, conn=conn)
@@ -289,7 +289,7 @@ class Client:
 
         For scripts and notebooks; services run `batchwise run` or Celery workers instead.
         """
-        from batchwise.runner import run_embedded
+        from batchwise.lifecycle.runner import run_embedded
 
         self.close()
         run_embedded(
@@ -302,7 +302,7 @@ class Client:
 
     def cancel(self, *ids: int) -> list[int]:
         """Cancel live requests; returns the ids that were cancelled."""
-        from batchwise.cancel import cancel_requests
+        from batchwise.lifecycle.cancel import cancel_requests
 
         return cancel_requests(self.store, list(ids), now=self.clock())
 
@@ -310,7 +310,7 @@ class Client:
 
     def get(self, request: int | str) -> RequestView:
         """A request by id, or by custom_id (the live one, else the most recent)."""
-        from batchwise import queries
+        from batchwise.store import queries
 
         view = queries.request_view(self.store, request)
         if view is None:
@@ -319,7 +319,7 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         """Counts by lane and by state: {"total", "by_lane", "by_state"}."""
-        from batchwise import queries
+        from batchwise.store import queries
 
         return queries.status_counts(self.store)
 

@@ -21,8 +21,8 @@ from rich.table import Table
 
 from batchwise.api import Client
 from batchwise.config import Settings
-from batchwise.runner import RunTotals, run_embedded
-from batchwise.store import Store, batches_t, events_t, requests_t
+from batchwise.lifecycle.runner import RunTotals, run_embedded
+from batchwise.store.engine import Store, batches_t, events_t, requests_t
 
 WORKLOAD = "demo_workload.jsonl"
 DEMO_GUARDS = {"use_case": {"faq_answers": {"dedupe_window_s": 86400.0}}}
@@ -50,7 +50,7 @@ def run_demo(
     console: Console | None = None,
 ) -> DemoResult:
     """Run the demo; returns where its database is and what the run did."""
-    from batchwise.providers.emulator import Emulator, EmulatorConfig
+    from batchwise.emulator.app import Emulator, EmulatorConfig
 
     console = console or Console()
     workdir = Path(tempfile.mkdtemp(prefix="batchwise-demo-"))
@@ -146,7 +146,7 @@ def print_summary(url: str, *, seconds: float, console: Console) -> None:
         f"rescued: {figures['rescued']:,}; deadline misses: {figures['deadline_misses']:,}"
     )
     try:
-        from batchwise import savings
+        from batchwise.costs import savings
     except ImportError:  # pragma: no cover - the reports module ships with batchwise
         return
     store = Store(url)

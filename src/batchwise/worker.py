@@ -38,14 +38,14 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
+from batchwise.costs.pricing import PriceBook
 from batchwise.errors import ConfigError
-from batchwise.poller import poll_due
-from batchwise.pricing import PriceBook
-from batchwise.realtime import dispatch_one
-from batchwise.reconcile import ReconcileReport
-from batchwise.scheduler import Providers, Scheduler
+from batchwise.lifecycle.poller import poll_due
+from batchwise.lifecycle.realtime import dispatch_one
+from batchwise.lifecycle.reconcile import ReconcileReport
+from batchwise.lifecycle.scheduler import Providers, Scheduler
 from batchwise.states import CALLS_SQL, RequestState
-from batchwise.store import Store, requests_t, worker_id
+from batchwise.store.engine import Store, requests_t, worker_id
 
 __all__ = [
     "DEFAULT_QUEUE",
@@ -321,11 +321,11 @@ def rescue(runtime: Runtime) -> tuple[list[int], int]:
 
 
 def run_due_jobs(runtime: Runtime) -> Any:
-    """Run due cron jobs through `batchwise.jobs.run_due`, once that module exists."""
-    if importlib.util.find_spec("batchwise.jobs") is None:
+    """Run due cron jobs through `batchwise.jobs.runs.run_due`, once that module exists."""
+    if importlib.util.find_spec("batchwise.jobs.runs") is None:
         return None
     run_due: Callable[..., Any] | None = getattr(
-        importlib.import_module("batchwise.jobs"), "run_due", None
+        importlib.import_module("batchwise.jobs.runs"), "run_due", None
     )
     if run_due is None:
         return None
@@ -455,7 +455,7 @@ def _register_tasks(app: Any, runtime: Runtime, *, realtime_q: str, steps_q: str
         return repr(run_due_jobs(runtime))
 
     def alerts_task() -> int:
-        from batchwise import alerts
+        from batchwise.costs import alerts
 
         found = alerts.check_anomalies(
             runtime.store, now=runtime.clock(), settings=runtime.settings

@@ -1,0 +1,296 @@
+"""The report commands: `savings`, `tasks`, `forecast`, `purge`, `metrics`.
+
+Added to the `batchwise` group by `register(cli)`. Like the rest of the CLI they parse, call
+the library, print; the library modules are imported inside the commands, so `batchwise
+submit` does not pay for SQLAlchemy queries, rich tables or an HTTP server it never uses.
+The group's `Context` (the global `--db`) arrives as the click context object; nothing here
+imports `batchwise.cli.main` at import time, so `cli.py` may import this module from anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from batchwise.cli.main import Context
+    from batchwise.costs.savings import SavingsReport
+    from batchwise.store.engine import Store
+
+_BY_HELP = (
+    "Group by these, comma-separated: use_case, step, business_unit, model, provider, lane, "
+    "kind (the cause: batch, realtime, rescue, late_batch, retry, dedupe), day. "
+    "Empty for the total only."
+)
+_TIME_HELP = "ISO date or datetime (UTC unless an offset is given), or a duration ago like 7d."
+TIME_BOUND_FORMS = (
+    "an ISO date (2026-11-01), an ISO datetime (UTC if no offset) or a duration meaning "
+    "that long ago (7d, 12h, 1d12h)"
+)
+
+
+def parse_time_bound(text: str, *, now: datetime) -> datetime:
+    """A `--since`/`--until` value: an ISO date (midnight UTC) or datetime, or a duration
+    meaning that long before `now`."""
+    from batchwise.intake.tolerance import parse_duration
+
+    value = text.strip()
+    if value[:4].isdigit() and value[4:5] == "-":
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"invalid time {text!r}: {exc}; expected {TIME_BOUND_FORMS}") from exc
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        raise ValueError(f"invalid time {text!r}: expected {TIME_BOUND_FORMS}") from None
+
+
+@contextmanager
+def _store(obj: Context) -> Iterator[Store]:
+    from batchwise.cli.main import _client
+
+    with _client(obj) as client:
+        yield client.store
+
+
+def _dumps(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
+def _console() -> Any:
+    from batchwise.costs.savings import wide_console
+
+    return wide_console()
+
+
+def _time_option(value: str | None, option: str, now: datetime) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time_bound(value, now=now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _group_keys(value: str) -> tuple[str, ...]:
+    from batchwise.costs.savings import GROUP_KEYS
+
+    keys = tuple(dict.fromkeys(k.strip() for k in value.split(",") if k.strip()))
+    unknown = [k for k in keys if k not in GROUP_KEYS]
+    if unknown:
+        raise click.BadParameter(
+            f"cannot group by {', '.join(map(repr, unknown))}; expected some of "
+            f"{', '.join(GROUP_KEYS)}, comma-separated (e.g. --by use_case,day)",
+            param_hint="--by",
+        )
+    return keys
+
+
+def _csv(by: tuple[str, ...], report: SavingsReport) -> str:
+    import csv
+    import io
+
+    data = report.as_dict()
+    columns = list(data["total"])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["scope", *by, *columns])
+    for group in data["groups"]:
+        writer.writerow(["group", *(group[k] for k in by), *(group[c] for c in columns)])
+    writer.writerow(["total", *("" for _ in by), *(data["total"][c] for c in columns)])
+    return buf.getvalue()
+
+
+@click.command()
+@click.option("--by", default="kind", show_default=True, metavar="KEYS", help=_BY_HELP)
+@click.option("--since", metavar="T", help="Entries at or after T. " + _TIME_HELP)
+@click.option("--until", metavar="T", help="Entries before T (exclusive). " + _TIME_HELP)
+@click.option("--json", "as_json", is_flag=True, help='Print {"total": …, "groups": […]}.')
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV (one row per group, then total).")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="FILE",
+    help="Also write a self-contained HTML report with charts to FILE.",
+)
+@click.pass_obj
+def savings(
+    obj: Context,
+    by: str,
+    since: str | None,
+    until: str | None,
+    as_json: bool,
+    as_csv: bool,
+    html_file: str | None,
+) -> None:
+    """Actual cost vs realtime-equivalent cost and the saving, from the ledger.
+
+    Money is summed over priced entries; entries for models without a price are counted
+    apart (unpriced), never as $0.
+    """
+    from batchwise.clock import system_clock
+    from batchwise.costs.savings import print_savings, savings_report
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    keys = _group_keys(by)
+    now = system_clock()
+    start, end = _time_option(since, "--since", now), _time_option(until, "--until", now)
+    if start is not None and end is not None and start >= end:
+        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    with _store(obj) as store:
+        report = savings_report(store, by=keys, since=start, until=end)
+        if html_file:
+            from batchwise.reports.html import report_data, write_html
+
+            write_html(html_file, report_data(store, by=keys, since=start, until=end, now=now))
+    if as_json:
+        click.echo(_dumps(report.as_dict()))
+    elif as_csv:
+        click.echo(_csv(keys, report), nl=False)
+    else:
+        print_savings(_console(), report)
+    if html_file:
+        click.echo(f"wrote {html_file}", err=True)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help='Print {"summary": …, "tasks": […]}.')
+@click.pass_obj
+def tasks(obj: Context, as_json: bool) -> None:
+    """Cost per task: every request sharing a task_id (retries, rescues and failures
+    included); a task is complete when all its requests have finished."""
+    from batchwise.costs.savings import task_costs, task_summary, tasks_table
+
+    with _store(obj) as store:
+        rows = task_costs(store)
+    summary = task_summary(rows)
+    if as_json:
+        click.echo(_dumps({"summary": summary, "tasks": [t.as_dict() for t in rows]}))
+    else:
+        _console().print(tasks_table(rows, summary))
+
+
+@click.command()
+@click.option(
+    "--volume",
+    required=True,
+    metavar="N/day",
+    help="Requests per day to project, e.g. 5000/day or 5k/day.",
+)
+@click.option(
+    "--days", type=click.IntRange(min=1), default=30, show_default=True, help="Period length."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def forecast(obj: Context, volume: str, days: int, as_json: bool) -> None:
+    """Project the cost of N requests a day from the recorded mix, with and without batching.
+
+    The mix (share of requests and average cost per request by provider, model and lane) is
+    read from the whole ledger; "all realtime" prices the same work with no batch API.
+    """
+    from batchwise.costs.forecast import ForecastError, forecast_table, parse_volume
+    from batchwise.costs.forecast import forecast as project
+
+    try:
+        per_day = parse_volume(volume)
+    except ForecastError as exc:
+        raise click.BadParameter(str(exc), param_hint="--volume") from exc
+    with _store(obj) as store:
+        try:
+            result = project(store, volume_per_day=per_day, days=days)
+        except ForecastError as exc:
+            raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(_dumps(result.as_dict()))
+    else:
+        _console().print(forecast_table(result))
+
+
+@click.command()
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="AGE",
+    help="Purge requests that finished longer ago than this, e.g. 30d or 12h.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be purged; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def purge(obj: Context, older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Remove request and response bodies (they may hold personal data) of finished requests.
+
+    The ledger, tags and token counts stay, so reports add up the same afterwards. Live
+    requests are never touched.
+    """
+    from batchwise.clock import system_clock
+    from batchwise.intake.tolerance import parse_duration
+    from batchwise.lifecycle.purge import purge_bodies
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from exc
+    with _store(obj) as store:
+        result = purge_bodies(store, older_than=age, now=system_clock(), dry_run=dry_run)
+    if as_json:
+        click.echo(_dumps(result.as_dict()))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"{verb} the bodies of {result.requests:,} request(s) and {result.responses:,} "
+        f"response(s) finished before {result.cutoff.isoformat(timespec='seconds')}"
+    )
+
+
+@click.command()
+@click.option(
+    "--serve",
+    "port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve /metrics on PORT until interrupted, instead of printing once.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.pass_obj
+def metrics(obj: Context, port: int | None, host: str) -> None:
+    """Prometheus metrics: requests by lane and state, batches, cost and saving, ledger."""
+    from batchwise.reports.metrics import exposition, make_server
+
+    with _store(obj) as store:
+        if port is None:
+            click.echo(exposition(store), nl=False)
+            return
+        try:
+            server = make_server(store, host=host, port=port)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {exc}\nhint: pick another --serve PORT"
+            ) from exc
+        bound_host, bound_port = server.server_address[:2]
+        click.echo(f"serving metrics on http://{bound_host!s}:{bound_port}/metrics", err=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+
+
+COMMANDS = (savings, tasks, forecast, purge, metrics)
+
+
+def register(cli: click.Group) -> None:
+    """Add the report commands to the `batchwise` group."""
+    for command in COMMANDS:
+        cli.add_command(command)

@@ -1,0 +1,2 @@
+"""Money: pricing, the savings ledger rules, reports of savings, forecasts, alerts and the
+cost guards."""

@@ -1,0 +1,1 @@
+"""The emulator's Anthropic API: Messages and Message Batches."""

@@ -1,0 +1,230 @@
+"""A local HTTP server that speaks the OpenAI and Anthropic batch and realtime wire formats.
+
+No real provider is needed: the demo, the tests and users without keys point the official
+SDKs (or batchwise's adapters) at it, changing only `base_url` and `api_key`.
+
+    with Emulator(EmulatorConfig(turnaround_s=0)) as emu:
+        client = openai.OpenAI(base_url=emu.openai_base_url, api_key="sk-test")
+
+`Emulator` is a WSGI app (mount it with `httpx.WSGITransport` in fast tests) and can serve
+itself on a background thread (`start()` / `stop()`). Everything it does is deterministic
+given `EmulatorConfig.seed` and the injected clock; `GET /_emulator/stats` tells tests what
+happened (every batch ever created, realtime calls, injected faults).
+
+Internals live in `_emulator_*` modules, one concept each: `env` (config, seeded randomness,
+faults), `state` (SQLite store), `lifecycle` (batch timing), `models`, `text` and `prompts`
+(deterministic answers, token counts, prefix cache), `openai_bodies` / `openai_render` /
+`anthropic_bodies` (request validation and response objects), `openai_input` (batch input
+files), `openai`, `openai_batches` and `anthropic` (routes), `batches` (shared line
+settling), `http` (requests, errors, multipart) and `server` (the threaded HTTP/1.1 server).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from types import FrameType, TracebackType
+from typing import Any
+
+from batchwise.emulator.anthropic.api import AnthropicApi
+from batchwise.emulator.env import EmulatorClock, EmulatorConfig, Env, Faults
+from batchwise.emulator.http import Request, Response, json_response
+from batchwise.emulator.openai.api import OpenAIApi
+from batchwise.emulator.prompts import PrefixCache
+from batchwise.emulator.server import BackgroundServer
+from batchwise.emulator.state import State
+
+__all__ = ["Emulator", "EmulatorConfig", "run_server"]
+
+
+class Emulator:
+    """The emulator: a WSGI app over one state, optionally serving itself over HTTP."""
+
+    def __init__(
+        self, config: EmulatorConfig | None = None, *, clock: EmulatorClock = time.time
+    ) -> None:
+        """`clock` gives Unix seconds (or an aware datetime); batch timing follows it."""
+        self.config = config or EmulatorConfig()
+        self._state = State(self.config.state_dir, seed=self.config.seed)
+        env = Env(self.config, clock, self._state, Faults(self.config, self._state))
+        self._env = env
+        cache = PrefixCache(self._state)
+        self._openai = OpenAIApi(env, cache)
+        self._anthropic = AnthropicApi(env, cache)
+        self._server: BackgroundServer | None = None
+        self._url: str | None = None
+
+    # -- WSGI -------------------------------------------------------------------------------
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        response = self.handle(Request.from_environ(environ))
+        headers = [("content-type", response.content_type), *response.headers]
+        body: Iterable[bytes]
+        if isinstance(response.body, bytes):
+            headers.append(("content-length", str(len(response.body))))
+            body = [response.body]
+        else:
+            body = response.body
+        start_response(f"{response.status} {_reason(response.status)}", headers)
+        return body
+
+    def handle(self, req: Request) -> Response:
+        """Answer one request (the WSGI layer aside)."""
+        if req.path.startswith("/v1/messages"):
+            return self._anthropic.handle(req)
+        if req.path.startswith("/v1/"):
+            return self._openai.handle(req)
+        if req.path == "/_emulator/stats" and req.method == "GET":
+            return json_response(self.stats())
+        if req.path == "/_emulator/health":
+            return json_response({"ok": True})
+        return json_response(
+            {
+                "error": {
+                    "message": f"Not found: {req.path}",
+                    "type": "not_found",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            404,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Every batch ever created (oldest first), realtime calls and injected faults."""
+        now = self._env.now()
+        batches = []
+        for b in reversed(self._state.batches(include_deleted=True)):
+            api = self._openai.batches if b.provider == "openai" else self._anthropic
+            status = api.status(b, now)
+            batches.append(
+                {
+                    "provider": b.provider,
+                    "id": b.id,
+                    "status": status,
+                    "metadata": b.metadata,
+                    "request_count": b.request_count,
+                    "endpoint": b.endpoint,
+                    "model": b.model,
+                    "created_at": b.created_at,
+                    "deleted": b.deleted,
+                }
+            )
+        counters = self._state.counters()
+        return {
+            "batches": batches,
+            "realtime_calls": {
+                p: counters.get(f"realtime.{p}", 0) for p in ("openai", "anthropic")
+            },
+            "faults": {
+                name: counters.get(f"fault.{name}", 0)
+                for name in (
+                    "rate_limit",
+                    "server_error",
+                    "realtime_error",
+                    "line_error",
+                    "expired_batch",
+                )
+            },
+        }
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on a background thread; return the base URL, e.g. "http://127.0.0.1:8900"."""
+        if self._server is not None:
+            raise RuntimeError(f"the emulator is already serving on {self._url}")
+        self._server = BackgroundServer(self, host, port)
+        shown = f"[{host}]" if ":" in host else host
+        self._url = f"http://{shown}:{self._server.port}"
+        return self._url
+
+    def stop(self) -> None:
+        """Stop serving (state is kept; `start()` may be called again)."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def close(self) -> None:
+        """Stop serving and release the state (an in-memory state is discarded).
+
+        Without it the state is released when the emulator is garbage-collected.
+        """
+        self.stop()
+        self._state.close()
+
+    def __enter__(self) -> Emulator:
+        """Start serving on a free loopback port (unless already serving)."""
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Where the server listens; only once `start()` has been called."""
+        if self._url is None or self._server is None:
+            raise RuntimeError("the emulator is not serving; call start() first")
+        return self._url
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        return self.url
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Overloaded" if status == 529 else "Unknown"
+
+
+def run_server(host: str, port: int, config: EmulatorConfig) -> None:
+    """Serve until SIGINT or SIGTERM (for `batchwise emulator`).
+
+    The first line printed is "batchwise emulator listening on http://HOST:PORT", flushed, so
+    a parent process that passed port 0 can read the port.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    emulator = Emulator(config)
+    try:
+        try:
+            url = emulator.start(host, port)
+        except OSError as exc:
+            print(
+                f"batchwise emulator: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1) from exc
+        print(f"batchwise emulator listening on {url}", flush=True)
+        print(f"  OpenAI:    OPENAI_BASE_URL={emulator.openai_base_url}", flush=True)
+        print(f"  Anthropic: ANTHROPIC_BASE_URL={emulator.anthropic_base_url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        emulator.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

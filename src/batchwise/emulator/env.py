@@ -1,0 +1,221 @@
+"""The emulator's shared runtime: configuration, seeded randomness and fault injection.
+
+Every random choice the emulator makes is a hash of the seed and of what it is about (a batch
+id, a custom_id, the n-th HTTP call), so a run can be replayed and a line retried in a new
+batch gets a fresh draw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batchwise.emulator.http import ApiError
+from batchwise.errors import ConfigError
+
+if TYPE_CHECKING:
+    from batchwise.emulator.state import State
+
+_RATES = ("error_rate", "expire_rate", "rate_limit_rate", "server_error_rate")
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulator behaves: timing, fault rates, persistence, seed and accepted key."""
+
+    #: time from create to ended for a batch
+    turnaround_s: float = 2.0
+    #: share of batch lines (and realtime calls) that fail with a provider error
+    error_rate: float = 0.0
+    #: share of batches that expire with partial output (about half the lines done)
+    expire_rate: float = 0.0
+    #: share of HTTP calls answered 429 with a short retry-after
+    rate_limit_rate: float = 0.0
+    #: share of HTTP calls answered 500
+    server_error_rate: float = 0.0
+    #: added latency per realtime call
+    latency_s: float = 0.0
+    #: per-model cap on in-flight prompt tokens of OpenAI batches (`token_limit_exceeded`)
+    enqueued_token_limit: int | None = None
+    #: keep state on disk here so a restart continues; None keeps it in memory
+    state_dir: Path | None = None
+    seed: int = 0
+    #: None accepts any non-empty key; otherwise exactly this one
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in _RATES:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
+        if self.rate_limit_rate + self.server_error_rate > 1.0:
+            raise ConfigError("rate_limit_rate + server_error_rate must not exceed 1")
+        if self.turnaround_s < 0 or self.latency_s < 0:
+            raise ConfigError("turnaround_s and latency_s must not be negative")
+        if self.enqueued_token_limit is not None and self.enqueued_token_limit < 1:
+            raise ConfigError("enqueued_token_limit must be a positive number of tokens")
+        if self.api_key == "":
+            raise ConfigError("api_key must be None (accept any key) or a non-empty string")
+
+    def __repr__(self) -> str:
+        key = None if self.api_key is None else "***"
+        return (
+            f"EmulatorConfig(turnaround_s={self.turnaround_s}, error_rate={self.error_rate}, "
+            f"expire_rate={self.expire_rate}, rate_limit_rate={self.rate_limit_rate}, "
+            f"server_error_rate={self.server_error_rate}, latency_s={self.latency_s}, "
+            f"enqueued_token_limit={self.enqueued_token_limit}, state_dir={self.state_dir!r}, "
+            f"seed={self.seed}, api_key={key!r})"
+        )
+
+
+def digest(*parts: object, size: int = 16) -> bytes:
+    """A stable hash of `parts` (their `str`), the root of all emulator randomness."""
+    h = hashlib.blake2b(digest_size=size)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\x1f")
+    return h.digest()
+
+
+def draw(*parts: object) -> float:
+    """A uniform number in [0, 1) determined by `parts`."""
+    return int.from_bytes(digest(*parts, size=8), "big") / 2.0**64
+
+
+def rng(*parts: object) -> random.Random:
+    """A `random.Random` seeded by `parts`, for choices that need more than one draw."""
+    return random.Random(int.from_bytes(digest(*parts), "big"))
+
+
+def hex_id(*parts: object, length: int = 24) -> str:
+    """A stable hexadecimal id of `length` characters derived from `parts`."""
+    return digest(*parts, size=max(1, (length + 1) // 2)).hex()[:length]
+
+
+RATE_LIMIT = "rate_limit"
+SERVER_ERROR = "server_error"
+INVALID_REQUEST = "invalid_request"
+
+
+def line_fault(kind: str, *, retry_after_s: float | None = None) -> ApiError:
+    """The error a batch line (or call) answers with for an injected fault of `kind`."""
+    if kind == RATE_LIMIT:
+        return ApiError(
+            429,
+            "Rate limit reached for requests (emulated). Please try again later.",
+            type="requests",
+            code="rate_limit_exceeded",
+            retry_after_s=retry_after_s,
+        )
+    if kind == SERVER_ERROR:
+        return ApiError(
+            500,
+            "The server had an error while processing your request (emulated).",
+            type="server_error",
+            code="server_error",
+        )
+    return ApiError(
+        400,
+        "The request was rejected by the provider (emulated final error).",
+        code="invalid_request",
+    )
+
+
+class Faults:
+    """Seeded fault draws, counted in the store for `/_emulator/stats`.
+
+    HTTP-level and realtime faults are drawn per call number, so a retried call gets a fresh
+    draw; batch-line faults are drawn per (batch id, custom_id).
+    """
+
+    def __init__(self, config: EmulatorConfig, state: State) -> None:
+        self._config = config
+        self._state = state
+        self._calls = itertools.count()
+        self._realtime_calls = itertools.count()
+
+    def http(self) -> ApiError | None:
+        """A 429 or 500 for this HTTP call, or None."""
+        cfg = self._config
+        if cfg.rate_limit_rate == 0 and cfg.server_error_rate == 0:
+            return None
+        n = next(self._calls)
+        u = draw(cfg.seed, "http", n)
+        if u < cfg.rate_limit_rate:
+            self._state.bump("fault.rate_limit")
+            # small, so SDK retries that honour it keep tests fast
+            return line_fault(
+                RATE_LIMIT, retry_after_s=0.05 + 0.45 * draw(cfg.seed, "retry-after", n)
+            )
+        if u < cfg.rate_limit_rate + cfg.server_error_rate:
+            self._state.bump("fault.server_error")
+            return line_fault(SERVER_ERROR)
+        return None
+
+    def realtime(self) -> ApiError | None:
+        """A retryable server error for this realtime call (`error_rate`), or None."""
+        if self._config.error_rate == 0:
+            return None
+        n = next(self._realtime_calls)
+        if draw(self._config.seed, "realtime", n) >= self._config.error_rate:
+            return None
+        self._state.bump("fault.realtime_error")
+        return line_fault(SERVER_ERROR)
+
+    def line(self, batch_id: str, custom_id: str) -> ApiError | None:
+        """The injected error of one batch line, or None; a mix of retryable and final kinds."""
+        seed = self._config.seed
+        if self._config.error_rate == 0:
+            return None
+        if draw(seed, "line", batch_id, custom_id) >= self._config.error_rate:
+            return None
+        u = draw(seed, "line-kind", batch_id, custom_id)
+        kind = SERVER_ERROR if u < 0.45 else RATE_LIMIT if u < 0.75 else INVALID_REQUEST
+        return line_fault(kind)
+
+    def expires(self, batch_id: str) -> bool:
+        """Whether this batch runs out of time with about half its lines done."""
+        return draw(self._config.seed, "expire", batch_id) < self._config.expire_rate
+
+
+def retry_after_headers(wait_s: float, *, with_ms: bool) -> list[tuple[str, str]]:
+    """`retry-after` in whole seconds (as providers send it) and, for OpenAI, milliseconds."""
+    headers = [("retry-after", str(max(1, math.ceil(wait_s))))]
+    if with_ms:
+        headers.append(("retry-after-ms", str(max(1, round(wait_s * 1000)))))
+    return headers
+
+
+#: the emulator's clock: Unix seconds (like `time.time`) or an aware datetime (like
+#: `batchwise.clock.ManualClock`), so a test can drive the scheduler and the emulator together
+EmulatorClock = Callable[[], float | datetime]
+
+
+@dataclass
+class Env:
+    """What every handler needs: the config, the clock and the store."""
+
+    config: EmulatorConfig
+    clock: EmulatorClock
+    state: State
+    faults: Faults
+
+    def now(self) -> float:
+        value = self.clock()
+        return value.timestamp() if isinstance(value, datetime) else float(value)
+
+    def realtime_gate(self) -> None:
+        """What every valid realtime call meets first: an injected error, then the latency."""
+        fault = self.faults.realtime()
+        if fault is not None:
+            raise fault
+        if self.config.latency_s:
+            time.sleep(self.config.latency_s)

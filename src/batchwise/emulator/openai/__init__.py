@@ -1,0 +1,1 @@
+"""The emulator's OpenAI API: Files, Batches, chat completions, responses and embeddings."""

@@ -1,0 +1,335 @@
+"""OpenAI request bodies: validated like the real API, answered deterministically.
+
+`plan()` checks a chat/responses/embeddings body and decides everything that does not depend
+on the prompt cache (tokens, answers); `_emulator_openai_render.render()` builds the response
+object from it. A batch stores the plan's usage at create time and renders lines again on
+download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batchwise.emulator.env import digest
+from batchwise.emulator.http import ApiError
+from batchwise.emulator.models import ModelInfo, resolve
+from batchwise.emulator.prompts import (
+    Prompt,
+    content_text,
+    joined,
+    openai_auto_prompt,
+)
+from batchwise.emulator.text import (
+    Generation,
+    default_json_schema,
+    estimate_tokens,
+    generate,
+    hidden_tokens,
+)
+
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+EMBEDDINGS = "/v1/embeddings"
+#: endpoints the emulator answers, in batches and realtime
+EMULATED = frozenset({CHAT, RESPONSES, EMBEDDINGS})
+#: endpoints the real Batch API accepts
+BATCH_ENDPOINTS = frozenset(
+    {
+        RESPONSES,
+        CHAT,
+        EMBEDDINGS,
+        "/v1/completions",
+        "/v1/moderations",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/videos",
+    }
+)
+#: embedding size when the request does not ask for one (small, to keep files small)
+DEFAULT_EMBEDDING_DIMS = 16
+_CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_RETENTION_TTL_S = {"24h": 86_400.0}
+
+
+@dataclass(frozen=True)
+class OpenAIPlan:
+    """Everything about an answer except what the prompt cache adds."""
+
+    endpoint: str
+    model: ModelInfo
+    prompt: Prompt
+    input_tokens: int
+    generations: tuple[Generation, ...] = ()
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(g.output_tokens for g in self.generations)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(g.reasoning_tokens for g in self.generations)
+
+
+def bad(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _model(body: Mapping[str, Any], kind: str, endpoint: str) -> ModelInfo:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise bad(
+            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+        )
+    info = resolve("openai", name)
+    if info is None:
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
+    if info.kind != kind:
+        raise ApiError(
+            404 if kind == "chat" else 400,
+            f"The model `{name}` is not supported by the {endpoint} endpoint.",
+            param="model",
+            code="model_not_supported",
+        )
+    return info
+
+
+def _int(body: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(
+            f"Invalid type for '{name}': expected an integer, but got "
+            f"{type(value).__name__} instead.",
+            param=name,
+            code="invalid_type",
+        )
+    if value < low:
+        raise bad(
+            f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, "
+            f"but got {value} instead.",
+            param=name,
+            code="integer_below_min_value",
+        )
+    if value > high:
+        raise bad(
+            f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, "
+            f"but got {value} instead.",
+            param=name,
+            code="integer_above_max_value",
+        )
+    return value
+
+
+def _common(body: Mapping[str, Any], model: ModelInfo) -> None:
+    if body.get("stream"):
+        raise bad(
+            "The emulator does not stream responses; send 'stream': false.",
+            param="stream",
+            code="unsupported_value",
+        )
+    temperature = body.get("temperature")
+    if model.reasoning and temperature is not None and temperature != 1:
+        raise bad(
+            f"Unsupported value: 'temperature' does not support {temperature} with this "
+            "model. Only the default (1) value is supported.",
+            param="temperature",
+            code="unsupported_value",
+        )
+    if temperature is not None and not (
+        isinstance(temperature, int | float) and 0 <= temperature <= 2
+    ):
+        raise bad(
+            "Invalid 'temperature': expected a number between 0 and 2.",
+            param="temperature",
+            code="invalid_value",
+        )
+
+
+def _key(endpoint: str, body: Mapping[str, Any], *extra: object) -> bytes:
+    return digest(endpoint, orjson.dumps(body, option=orjson.OPT_SORT_KEYS), *extra)
+
+
+def _schema(fmt: Any) -> Mapping[str, Any] | None:
+    """The JSON schema a `response_format` / `text.format` asks for, if any."""
+    if not isinstance(fmt, Mapping):
+        return None
+    if fmt.get("type") == "json_object":
+        return default_json_schema()
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema", fmt)
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        return schema if isinstance(schema, Mapping) else default_json_schema()
+    return None
+
+
+def _ttl(body: Mapping[str, Any]) -> dict[str, float]:
+    ttl = _RETENTION_TTL_S.get(str(body.get("prompt_cache_retention")))
+    return {} if ttl is None else {"ttl_s": ttl}
+
+
+def _hidden(key: bytes, model: ModelInfo, effort: Any) -> int:
+    """Reasoning tokens: only reasoning models spend them."""
+    return hidden_tokens(key, effort=str(effort) if effort else None) if model.reasoning else 0
+
+
+def plan_chat(body: Mapping[str, Any]) -> OpenAIPlan:
+    model = _model(body, "chat", CHAT)
+    _common(body, model)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad(
+            "Missing required parameter: 'messages'."
+            if messages is None
+            else "Invalid 'messages': expected a non-empty array.",
+            param="messages",
+            code="missing_required_parameter" if messages is None else "invalid_value",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in _CHAT_ROLES:
+            raise bad(
+                f"Invalid 'messages[{i}]': expected an object with a valid 'role'.",
+                param=f"messages[{i}]",
+                code="invalid_value",
+            )
+    if model.reasoning and body.get("max_tokens") is not None:
+        raise bad(
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            param="max_tokens",
+            code="unsupported_parameter",
+        )
+    high = model.max_output_tokens
+    cap = _int(body, "max_completion_tokens", low=1, high=high)
+    if cap is None:
+        cap = _int(body, "max_tokens", low=1, high=high)
+    n = _int(body, "n", low=1, high=128) or 1
+    text = joined(
+        (
+            str(m["role"]),
+            content_text(m.get("content"))
+            + (orjson.dumps(m["tool_calls"]).decode() if m.get("tool_calls") else ""),
+        )
+        for m in messages
+    )
+    if body.get("tools"):
+        text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
+    prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
+    effort = body.get("reasoning_effort")
+    schema = _schema(body.get("response_format"))
+    gens = []
+    for i in range(n):
+        key = _key(CHAT, body, i)
+        hidden = _hidden(key, model, effort)
+        gens.append(generate(key, cap=cap, reasoning_tokens=hidden, schema=schema))
+    return OpenAIPlan(CHAT, model, prompt, prompt.tokens, tuple(gens))
+
+
+def _input_text(items: Any) -> list[tuple[str, str]]:
+    if isinstance(items, str):
+        return [("user", items)]
+    out = []
+    for item in items:
+        if isinstance(item, Mapping) and "role" in item:
+            out.append((str(item["role"]), content_text(item.get("content"))))
+        else:
+            out.append(
+                (
+                    str(item.get("type", "item")) if isinstance(item, Mapping) else "item",
+                    orjson.dumps(item, option=orjson.OPT_SORT_KEYS).decode(),
+                )
+            )
+    return out
+
+
+def plan_responses(body: Mapping[str, Any]) -> OpenAIPlan:
+    model = _model(body, "chat", RESPONSES)
+    _common(body, model)
+    items = body.get("input")
+    if not (isinstance(items, str) and items) and not (isinstance(items, list) and items):
+        raise bad(
+            "Missing required parameter: 'input'."
+            if items is None
+            else "Invalid 'input': expected a non-empty string or array.",
+            param="input",
+            code="missing_required_parameter" if items is None else "invalid_value",
+        )
+    cap = _int(body, "max_output_tokens", low=16, high=model.max_output_tokens)
+    messages = _input_text(items)
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.insert(0, ("developer", instructions))
+    text = joined(messages)
+    if body.get("tools"):
+        text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
+    prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, Mapping) else None
+    text_cfg = body.get("text")
+    schema = _schema(text_cfg.get("format") if isinstance(text_cfg, Mapping) else None)
+    key = _key(RESPONSES, body)
+    hidden = _hidden(key, model, effort)
+    gen = generate(key, cap=cap, reasoning_tokens=hidden, schema=schema)
+    return OpenAIPlan(RESPONSES, model, prompt, prompt.tokens, (gen,))
+
+
+def embedding_inputs(value: Any) -> list[tuple[str, int]]:
+    """Each input as (text to embed, its tokens); 400 for anything the API rejects."""
+    single_tokens = isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    if isinstance(value, str) or single_tokens:
+        value = [value]
+    if not isinstance(value, list) or not value or len(value) > 2048:
+        raise bad(
+            "Invalid 'input': expected a string or an array of 1 to 2048 inputs.",
+            param="input",
+            code="invalid_value",
+        )
+    out = []
+    for item in value:
+        if isinstance(item, str) and item:
+            out.append((item, max(1, estimate_tokens(item))))
+        elif isinstance(item, list) and item and all(isinstance(t, int) for t in item):
+            out.append((orjson.dumps(item).decode(), len(item)))
+        else:
+            raise bad(
+                "'$.input' is invalid: inputs must be non-empty strings or token arrays.",
+                param="input",
+                code="invalid_value",
+            )
+    return out
+
+
+def plan_embeddings(body: Mapping[str, Any]) -> OpenAIPlan:
+    model = _model(body, "embedding", EMBEDDINGS)
+    inputs = embedding_inputs(body.get("input"))
+    if body.get("dimensions") is not None and not model.name.startswith("text-embedding-3"):
+        raise bad(
+            f"This model does not support specifying dimensions: {model.name}.",
+            param="dimensions",
+            code="unsupported_parameter",
+        )
+    _int(body, "dimensions", low=1, high=model.embedding_dims)
+    if body.get("encoding_format", "float") not in ("float", "base64"):
+        raise bad(
+            "Invalid 'encoding_format': expected 'float' or 'base64'.",
+            param="encoding_format",
+            code="invalid_value",
+        )
+    tokens = sum(t for _, t in inputs)
+    return OpenAIPlan(EMBEDDINGS, model, Prompt("", "auto"), tokens)
+
+
+_PLANNERS = {CHAT: plan_chat, RESPONSES: plan_responses, EMBEDDINGS: plan_embeddings}
+
+
+def plan(endpoint: str, body: Mapping[str, Any]) -> OpenAIPlan:
+    """Validate `body` for `endpoint` (raises `ApiError`) and decide the answer."""
+    return _PLANNERS[endpoint](body)

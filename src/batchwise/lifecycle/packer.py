@@ -1,0 +1,688 @@
+"""The packer: queued deferred requests become batch rows, per (provider, endpoint, model),
+within each provider's limits and each model's in-flight token budget.
+
+A group is flushed when it is full, when its oldest request has waited `max_wait_s`, when a
+request's deadline leaves no more room to wait, or on an explicit flush (drain). Deciding is a
+pure function (`plan`); `pack` applies a plan in one transaction per batch.
+
+Packing writes one row, the batch, whatever its size: its members are listed on it
+(`member_ids`) and stay `queued`, held by that list so no other batch takes them. The submitter
+links them (`queued → submitted`, compare-and-set) when the provider has accepted the batch, so
+each request row is rewritten once on its way into a batch, not once per step. Coalesced
+duplicates, which ride on a member's line, are the exception: they are moved to `packed` with
+the member they ride on.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from array import array
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from batchwise.config import Settings
+from batchwise.faults import crashpoint
+from batchwise.lifecycle import batch_files
+from batchwise.providers.base import BatchLimits, Provider
+from batchwise.states import BatchState, RequestState
+from batchwise.store.engine import (
+    Store,
+    batches_t,
+    chunked,
+    db_time,
+    driver_sql,
+    requests_t,
+)
+from batchwise.store.transitions import check_transition
+
+#: bytes a provider's line wrapper adds around a body (custom_id, url, keys), conservatively
+LINE_OVERHEAD_BYTES = 160
+_CUSTOM_ID = re.compile(r"b(\d+)-r(\d+)-([0-9a-f]{8})")
+#: (provider, endpoint, model)
+_GroupKey = tuple[str, str, str]
+#: PostgreSQL advisory lock key that makes packers take turns
+_PACK_LOCK_KEY = 0x7061636B  # "pack"
+#: batch states that hold provider capacity (enqueued tokens) for their model
+CAPACITY_STATES = (
+    BatchState.BUILDING,
+    BatchState.UPLOADING,
+    BatchState.SUBMITTED,
+    BatchState.IN_PROGRESS,
+    BatchState.FINALIZING,
+    BatchState.CANCELLING,
+)
+
+
+def line_custom_id(store_id: str, batch_id: int, request_id: int) -> str:
+    """The custom_id a request carries inside one batch: unique, names both rows, and the
+    store, so a line of another deployment's batch can never be taken for ours."""
+    return f"b{batch_id}-r{request_id}-{store_id}"
+
+
+def parse_custom_id(custom_id: str, store_id: str) -> tuple[int, int] | None:
+    """(batch id, request id) from a line custom_id, or None if it is not one of this store's."""
+    match = _CUSTOM_ID.fullmatch(custom_id)
+    if match is None or match[3] != store_id:
+        return None
+    return int(match[1]), int(match[2])
+
+
+def pack_ids(ids: Iterable[int]) -> bytes:
+    """Request ids as a `member_ids` value: sorted 64-bit little-endian integers."""
+    values = array("q", sorted(ids))
+    if sys.byteorder != "little":  # pragma: no cover - big-endian machines
+        values.byteswap()
+    return values.tobytes()
+
+
+def unpack_ids(data: bytes | memoryview | None) -> list[int]:
+    if not data:
+        return []
+    values = array("q")
+    values.frombytes(bytes(data))
+    if sys.byteorder != "little":  # pragma: no cover - big-endian machines
+        values.byteswap()
+    return values.tolist()
+
+
+def held_ids(conn: Connection) -> set[int]:
+    """Queued requests that a batch has packed but not linked yet: not free to pack."""
+    held: set[int] = set()
+    for data in conn.execute(
+        sa.select(batches_t.c.member_ids).where(batches_t.c.member_ids.is_not(None))
+    ).scalars():
+        held.update(unpack_ids(data))
+    return held
+
+
+def batch_members(conn: Connection, batch_id: int) -> list[int]:
+    """The requests listed on a batch row (empty once they are linked)."""
+    data = conn.execute(
+        sa.select(batches_t.c.member_ids).where(batches_t.c.id == batch_id)
+    ).scalar_one_or_none()
+    return unpack_ids(data)
+
+
+def move_members(conn: Connection, batch_id: int, dst: RequestState, *, now: datetime) -> int:
+    """Move a batch's listed members that are still queued into `dst` in that batch (one
+    statement per 5,000, compare-and-set: one cancelled or rescued meanwhile keeps its state),
+    and clear the list. Returns how many moved."""
+    members = batch_members(conn, batch_id)
+    if not members:
+        return 0
+    check_transition(RequestState.QUEUED, dst)
+    stamp = db_time(conn, now)
+    moved = 0
+    for chunk in chunked(members, 5000):
+        moved += conn.exec_driver_sql(
+            driver_sql(
+                conn,
+                "UPDATE requests SET state = ?, batch_id = ?, updated_at = ? "
+                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+            ),
+            (dst.value, batch_id, stamp, *chunk),
+        ).rowcount
+    conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
+    return moved
+
+
+@dataclass(frozen=True)
+class Group:
+    """The queued requests of one (provider, endpoint, model)."""
+
+    provider: str
+    endpoint: str
+    model: str
+    count: int
+    size_bytes: int
+    est_tokens: int
+    oldest_queued_at: datetime
+    earliest_deadline: datetime
+
+
+@dataclass(frozen=True)
+class Flush:
+    group: Group
+    #: full | max_wait | deadline | explicit
+    reason: str
+    #: why a last batch that is not full goes too (the group's deadline, max_wait, drain), or
+    #: None if only full batches go
+    tail: str | None
+
+
+def plan(
+    groups: list[Group],
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    turnaround_s: Callable[[str, str], float],
+    inflight_tokens: Mapping[tuple[str, str], int],
+    drain: bool = False,
+) -> list[Flush]:
+    """Which groups to flush now, and why. Pure."""
+    flushes = []
+    for group in groups:
+        limit = limits[group.provider]
+        budget = token_budget(settings, group.model)
+        if inflight_tokens.get((group.provider, group.model), 0) >= budget:
+            continue  # the provider would refuse it (token_limit_exceeded); wait for capacity
+        due = None
+        if drain:
+            due = "explicit"
+        elif (group.earliest_deadline - now).total_seconds() <= (
+            turnaround_s(group.provider, group.model)
+            + settings.rescue_margin_s
+            + settings.tick_interval_s
+        ):
+            due = "deadline"
+        elif (now - group.oldest_queued_at).total_seconds() >= settings.max_wait_s:
+            due = "max_wait"
+        if group.count >= limit.max_requests or group.size_bytes >= limit.max_bytes:
+            flushes.append(Flush(group, "full", tail=due))
+        elif due is not None:
+            flushes.append(Flush(group, due, tail=due))
+    return flushes
+
+
+def token_budget(settings: Settings, model: str) -> int:
+    return settings.inflight_token_budget.get(model, settings.default_inflight_token_budget)
+
+
+def queued_groups(
+    conn: Connection, now: datetime, held: Collection[int] = frozenset()
+) -> list[Group]:
+    """Queued requests that may be packed now (a budget may hold some back), by group.
+
+    Requests `held` by a batch are taken out of the counts and sizes exactly, but may still
+    set a group's oldest and earliest times: they are linked within a tick, unless submitting
+    their batch keeps failing, and then flushing the rest a little early is harmless."""
+    t = requests_t
+    query = (
+        sa.select(
+            t.c.provider,
+            t.c.endpoint,
+            t.c.model,
+            sa.func.count(),
+            sa.func.sum(t.c.size_bytes + LINE_OVERHEAD_BYTES),
+            sa.func.sum(t.c.est_input_tokens),
+            sa.func.min(t.c.updated_at),
+            sa.func.min(t.c.deadline),
+        )
+        .where(
+            t.c.state == RequestState.QUEUED.value,
+            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now),
+        )
+        .group_by(t.c.provider, t.c.endpoint, t.c.model)
+        .order_by(t.c.provider, t.c.endpoint, t.c.model)
+    )
+    taken: dict[tuple[str, str, str], list[int]] = {}
+    for chunk in chunked(sorted(held), 5000):
+        for provider, endpoint, model, count, size, tokens in conn.execute(
+            query.with_only_columns(*query.selected_columns[:6]).where(t.c.id.in_(chunk))
+        ):
+            counts = taken.setdefault((provider, endpoint, model), [0, 0, 0])
+            counts[0] += count
+            counts[1] += int(size or 0)
+            counts[2] += int(tokens or 0)
+    groups = []
+    for provider, endpoint, model, count, size, tokens, oldest, earliest in conn.execute(query):
+        minus = taken.get((provider, endpoint, model), (0, 0, 0))
+        if count > minus[0]:
+            groups.append(
+                Group(
+                    provider,
+                    endpoint,
+                    model,
+                    count - minus[0],
+                    int(size or 0) - minus[1],
+                    int(tokens or 0) - minus[2],
+                    oldest,
+                    earliest,
+                )
+            )
+    return groups
+
+
+def inflight_tokens(conn: Connection) -> dict[tuple[str, str], int]:
+    b = batches_t
+    rows = conn.execute(
+        sa.select(b.c.provider, b.c.model, sa.func.sum(b.c.est_input_tokens))
+        .where(b.c.state.in_([s.value for s in CAPACITY_STATES]))
+        .group_by(b.c.provider, b.c.model)
+    )
+    return {(p, m): int(n or 0) for p, m, n in rows}
+
+
+def pack(
+    store: Store,
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    turnaround_s: Callable[[str, str], float],
+    drain: bool = False,
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
+    provider_for: Callable[[str], Provider] | None = None,
+) -> list[int]:
+    """Flush every group that is due into batch rows; returns the new batch ids.
+
+    `coalesce(use_case, step, business_unit)` says whether identical requests of those tags
+    share one batch line (dedupe); the others ride on it and take its answer. With
+    `provider_for`, each batch's file is written as its rows are read (`packed_file_path`),
+    so the submitter need not read them again; without it, the submitter builds the file."""
+    batch_files.sweep(store, settings)
+    with store.read() as conn:
+        inflight = inflight_tokens(conn)
+        flushes = (
+            _drain_flushes(conn, now=now, settings=settings, inflight=inflight) if drain else None
+        )
+        if flushes is None:
+            flushes = plan(
+                queued_groups(conn, now, held_ids(conn)),
+                now=now,
+                settings=settings,
+                limits=limits,
+                turnaround_s=turnaround_s,
+                inflight_tokens=inflight,
+                drain=drain,
+            )
+    created: list[int] = []
+    for flush in flushes:
+        created += _pack_flush(
+            store,
+            flush,
+            inflight,
+            now=now,
+            settings=settings,
+            limits=limits,
+            coalesce=coalesce,
+            provider_for=provider_for,
+        )
+    return created
+
+
+def _pack_flush(
+    store: Store,
+    flush: Flush,
+    inflight: Mapping[tuple[str, str], int],
+    *,
+    now: datetime,
+    settings: Settings,
+    limits: Mapping[str, BatchLimits],
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None,
+    provider_for: Callable[[str], Provider] | None,
+) -> list[int]:
+    group = flush.group
+    batch_ids = _pack_group(
+        store,
+        flush,
+        now=now,
+        settings=settings,
+        limit=limits[group.provider],
+        inflight=inflight.get((group.provider, group.model), 0),
+        coalesce=coalesce,
+        provider=None if provider_for is None else provider_for(group.provider),
+    )
+    if batch_ids:
+        crashpoint("after_pack")
+    return batch_ids
+
+
+def _drain_flushes(
+    conn: Connection, *, now: datetime, settings: Settings, inflight: Mapping[tuple[str, str], int]
+) -> list[Flush] | None:
+    """Every group, flushed, without the per-group sums `plan` needs: the groups come from
+    one DISTINCT over the queue, which SQL answers without a row reaching Python; the group
+    of the first queued request goes first. Groups without token budget left wait. None if
+    that first group has none (then `plan` decides, as without drain)."""
+    stamp = db_time(conn, now)
+    first = conn.exec_driver_sql(
+        driver_sql(
+            conn,
+            "SELECT provider, endpoint, model FROM requests WHERE state = 'queued' "
+            "AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id LIMIT 1",
+        ),
+        (stamp,),
+    ).first()
+    if first is None:
+        return []
+    groups = {
+        (str(p), str(e), str(m))
+        for p, e, m in conn.exec_driver_sql(
+            driver_sql(
+                conn,
+                "SELECT DISTINCT provider, endpoint, model FROM requests "
+                "WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)",
+            ),
+            (stamp,),
+        )
+    }
+
+    def has_budget(key: _GroupKey) -> bool:
+        # Without it the provider would refuse the batch (token_limit_exceeded): wait.
+        return inflight.get((key[0], key[2]), 0) < token_budget(settings, key[2])
+
+    key = (str(first[0]), str(first[1]), str(first[2]))
+    if not has_budget(key):
+        return None
+    return [
+        Flush(Group(provider, endpoint, model, 0, 0, 0, now, now), "explicit", "explicit")
+        for provider, endpoint, model in [key, *sorted(groups - {key})]
+        if has_budget((provider, endpoint, model))
+    ]
+
+
+_GROUP_SQL = (
+    "SELECT r.id, r.size_bytes, r.est_input_tokens{body}{tags} "
+    "FROM requests r{join} WHERE r.state = 'queued' "
+    "AND r.provider = ? AND r.endpoint = ? AND r.model = ? "
+    "AND (r.not_before IS NULL OR r.not_before <= ?) ORDER BY r.deadline, r.id"
+)
+#: the body as UTF-8 bytes, ready to write
+_BODY_BYTES = {"sqlite": "CAST(b.body AS BLOB)", "postgresql": "convert_to(b.body, 'UTF8')"}
+
+
+class LineFormat:
+    """A provider's batch line with the custom_id and body left open, learnt by asking the
+    provider for one line: writing a line is then one bytes formatting operation."""
+
+    _PROBE_ID = "b0-r0-probe"
+    _PROBE_BODY = b'{"probe":0}'
+
+    def __init__(self, provider: Provider, endpoint: str, store_id: str) -> None:
+        probe = provider.batch_line(self._PROBE_ID, endpoint, self._PROBE_BODY)
+        head, found_id, rest = probe.partition(b'"' + self._PROBE_ID.encode() + b'"')
+        middle, found_body, tail = rest.rpartition(self._PROBE_BODY)
+        if not found_id or not found_body:  # pragma: no cover - a provider that rewrites bodies
+            raise ValueError(f"{provider.name}: batch lines do not splice the body as given")
+        literal = (head, middle, tail)
+        head, middle, tail = (part.replace(b"%", b"%%") for part in literal)
+        self.template = b'%sb%%d-r%%d-%s"%s%%s%s\n' % (
+            head + b'"',
+            store_id.encode(),
+            middle,
+            tail,
+        )
+        self._check(provider, endpoint, store_id)
+
+    def line(self, batch_id: int, request_id: int, body: bytes) -> bytes:
+        return self.template % (batch_id, request_id, body)
+
+    def _check(self, provider: Provider, endpoint: str, store_id: str) -> None:
+        expected = provider.batch_line(line_custom_id(store_id, 7, 42), endpoint, b'{"a":"%d"}')
+        if self.line(7, 42, b'{"a":"%d"}') != expected + b"\n":  # pragma: no cover - a bug
+            raise ValueError(f"{provider.name}: batch line template does not match")
+
+
+@dataclass
+class _Cut:
+    """The batch being filled while a group's rows are read (its row exists already, so its
+    id can go into the file's lines)."""
+
+    batch_id: int
+    ids: list[int]
+    file: BinaryIO | None = None
+    path: Path | None = None
+
+
+def _pack_group(
+    store: Store,
+    flush: Flush,
+    *,
+    now: datetime,
+    settings: Settings,
+    limit: BatchLimits,
+    inflight: int,
+    coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
+    provider: Provider | None = None,
+) -> list[int]:
+    """Cut a group into batch rows listing their members, in one transaction.
+
+    The rows are read once, in deadline order, and cut wherever the provider's limits or
+    the token budget say; a batch that is not full is written only if the whole group is due.
+    With a `provider`, each batch's file is written from the same read, under a temporary
+    name until the transaction commits. On PostgreSQL packers take turns (an advisory lock),
+    so the requests other batches hold (`held_ids`) are known for certain meanwhile.
+
+    The hot loop: each row is only what the loop needs (every column read costs a Python
+    object per row), so a batch's earliest deadline is taken from its first member in SQL.
+    """
+    group = flush.group
+    budget = token_budget(settings, group.model) - inflight
+    created: list[_Cut] = []
+    lines = None if provider is None else LineFormat(provider, group.endpoint, store.store_id)
+    cut: _Cut | None = None
+    try:
+        with store.write() as conn:
+            if store.is_postgres:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PACK_LOCK_KEY})")
+            held = held_ids(conn)
+            sql = _GROUP_SQL.format(
+                body=f", {_BODY_BYTES[conn.dialect.name]}" if lines else ", NULL",
+                join=" JOIN request_bodies b ON b.id = r.id" if lines else "",
+                tags=", r.body_hash, r.use_case, r.step, r.business_unit"
+                if coalesce
+                else ", NULL, NULL, NULL, NULL",
+            )
+            params = (group.provider, group.endpoint, group.model, db_time(conn, now))
+            rows = _stream(conn, driver_sql(conn, sql), params)
+            #: identical requests ride on the first of them (coalesced): (follower, leader)
+            followers: list[tuple[int, int]] = []
+            leaders: dict[str, int] = {}
+            capped = False
+            max_requests, max_bytes = limit.max_requests, limit.max_bytes
+            overhead = LINE_OVERHEAD_BYTES
+            template = lines.template if lines is not None else b""
+            write = None
+            batch_id, ids = 0, []
+            # The current batch's totals are locals here, handed to `_close_cut`: this is the
+            # hot loop of packing.
+            count = size = tokens = 0
+            for rid, row_bytes, est, body, body_hash, use_case, step, unit in rows:
+                if held and rid in held:
+                    continue
+                if coalesce is not None and coalesce(use_case, step, unit):
+                    leader = leaders.setdefault(body_hash, rid)
+                    if leader != rid:
+                        followers.append((rid, leader))
+                        continue
+                line_bytes = row_bytes + overhead
+                if count:
+                    if tokens + est > budget:
+                        capped = True  # the provider would refuse more of this model now
+                        break
+                    if count >= max_requests or size + line_bytes > max_bytes:
+                        assert cut is not None
+                        _close_cut(conn, cut, "full", size, tokens)
+                        created.append(cut)
+                        budget -= tokens
+                        cut, count, size, tokens = None, 0, 0, 0
+                if cut is None:
+                    cut = _open_cut(conn, store, settings, flush, lines, now=now)
+                    write = cut.file.write if cut.file is not None else None
+                    batch_id, ids = cut.batch_id, cut.ids
+                ids.append(rid)
+                count += 1
+                size += line_bytes
+                tokens += est
+                if write is not None:
+                    write(template % (batch_id, rid, body))
+            _close_stream(rows)
+            if cut is not None and (flush.tail is not None or capped):
+                _close_cut(conn, cut, flush.tail or flush.reason, size, tokens)
+                created.append(cut)
+            elif cut is not None:
+                # Not due yet: its row goes, and followers of its leaders stay queued with them.
+                conn.execute(sa.delete(batches_t).where(batches_t.c.id == cut.batch_id))
+                kept = set(cut.ids)
+                followers = [(rid, leader) for rid, leader in followers if leader not in kept]
+                _discard(cut)
+            cut = None
+            if followers:
+                _ride(conn, followers, [c.batch_id for c in created], now=now)
+    except BaseException:
+        for unfinished in (*created, *([cut] if cut is not None else [])):
+            _discard(unfinished)
+        raise
+    for done in created:  # committed: the files take their names
+        if done.path is not None:
+            done.path.replace(batch_files.packed_file_path(settings, store.store_id, done.batch_id))
+    return [c.batch_id for c in created]
+
+
+def _stream(conn: Connection, sql: str, params: tuple[Any, ...]) -> Iterable[Any]:
+    """Rows of a big read: on SQLite straight from a cursor of the same connection (the read
+    is in the writer's transaction), which iterates in C; elsewhere a server-side cursor."""
+    if conn.dialect.name == "sqlite":
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        cursor = driver.cursor()
+        cursor.arraysize = 5000
+        return cursor.execute(sql, params)  # type: ignore[no-any-return]
+    return conn.exec_driver_sql(
+        sql, params, execution_options={"stream_results": True, "max_row_buffer": 5000}
+    )
+
+
+def _close_stream(rows: Iterable[Any]) -> None:
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
+
+
+def _open_cut(
+    conn: Connection,
+    store: Store,
+    settings: Settings,
+    flush: Flush,
+    lines: LineFormat | None,
+    *,
+    now: datetime,
+) -> _Cut:
+    group = flush.group
+    batch_id = conn.execute(
+        sa.insert(batches_t)
+        .values(
+            provider=group.provider,
+            endpoint=group.endpoint,
+            model=group.model,
+            state=BatchState.BUILDING.value,
+            flush_reason=flush.reason,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(batches_t.c.id)
+    ).scalar_one()
+    cut = _Cut(int(batch_id), [])
+    if lines is not None:
+        cut.path = batch_files.private_path(settings, store.store_id, cut.batch_id, "partial")
+        cut.path.parent.mkdir(parents=True, exist_ok=True)
+        cut.file = open(cut.path, "wb")  # noqa: SIM115 - closed by _close_cut or _discard
+    return cut
+
+
+def _close_cut(conn: Connection, cut: _Cut, reason: str, size: int, tokens: int) -> None:
+    if cut.file is not None:
+        cut.file.close()
+    conn.execute(
+        sa.update(batches_t)
+        .where(batches_t.c.id == cut.batch_id)
+        .values(
+            request_count=len(cut.ids),
+            size_bytes=size,
+            est_input_tokens=tokens,
+            # rows come in deadline order: the first member's is the earliest
+            earliest_deadline=sa.select(requests_t.c.deadline)
+            .where(requests_t.c.id == cut.ids[0])
+            .scalar_subquery(),
+            flush_reason=reason,
+            member_ids=pack_ids(cut.ids),
+        )
+    )
+
+
+def _discard(cut: _Cut) -> None:
+    if cut.file is not None:
+        cut.file.close()
+    if cut.path is not None:
+        cut.path.unlink(missing_ok=True)
+
+
+def _ride(
+    conn: Connection, followers: list[tuple[int, int]], batch_ids: list[int], *, now: datetime
+) -> None:
+    """Coalesced duplicates move to `packed` in the batch that holds their leader."""
+    where: dict[int, int] = {}
+    for batch_id in batch_ids:
+        where.update(dict.fromkeys(batch_members(conn, batch_id), batch_id))
+    check_transition(RequestState.QUEUED, RequestState.PACKED)
+    stamp = db_time(conn, now)
+    moved = conn.exec_driver_sql(
+        driver_sql(
+            conn,
+            "UPDATE requests SET state = 'packed', batch_id = ?, dedupe_of = ?, "
+            "updated_at = ? WHERE id = ? AND state = 'queued'",
+        ),
+        [(where[leader], leader, stamp, rid) for rid, leader in followers],
+    ).rowcount
+    if moved != len(followers):  # pragma: no cover - under the write lock: a bug, not a race
+        raise RuntimeError("queued requests changed under the write lock")
+
+
+def write_batch_file(
+    store: Store, *, batch_id: int, provider: Provider, endpoint: str, path: Path
+) -> tuple[int, int]:
+    """Stream a batch's requests into a JSONL file in the provider's format.
+
+    Rows are read with a server-side cursor in chunks, so memory stays flat however big the
+    batch. Returns (lines, bytes). Written to a temporary name and renamed, so a crash never
+    leaves a half file under the final name.
+    """
+    tmp = path.with_suffix(".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = size = 0
+    store_id = store.store_id
+    with open(tmp, "wb") as out:
+        for rid, body in _batch_bodies(store, batch_id):
+            data = provider.batch_line(
+                line_custom_id(store_id, batch_id, rid), endpoint, body.encode()
+            )
+            out.write(data)
+            out.write(b"\n")
+            lines += 1
+            size += len(data) + 1
+    tmp.replace(path)
+    return lines, size
+
+
+#: a batch's listed members that are still waiting for it (not cancelled, rescued, ...)
+_MEMBER_BODIES = (
+    "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
+    "WHERE r.id IN ({marks}) AND r.state = 'queued' ORDER BY r.id"
+)
+#: members linked one by one, by a batchwise before `member_ids` (coalesced rows never have lines)
+_LINKED_BODIES = (
+    "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
+    "WHERE r.batch_id = ? AND r.finished_at IS NULL AND r.state = 'packed' "
+    "AND r.dedupe_of IS NULL ORDER BY r.id"
+)
+
+
+def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
+    """(id, body) of the requests a batch file holds, in chunks, so memory stays flat."""
+    with store.read() as conn:
+        members = batch_members(conn, batch_id)
+        for chunk in chunked(members, 5000):
+            sql = _MEMBER_BODIES.format(marks=", ".join("?" for _ in chunk))
+            yield from conn.exec_driver_sql(driver_sql(conn, sql), tuple(chunk))
+        rows = _stream(conn, driver_sql(conn, _LINKED_BODIES), (batch_id,))
+        yield from rows
+        _close_stream(rows)

@@ -1,0 +1,448 @@
+"""The realtime lane: requests classified realtime, and rescued ones, are called now.
+
+Work is claimed with a lease on the row (`SELECT … FOR UPDATE SKIP LOCKED` on PostgreSQL, the
+write lock on SQLite), so any number of dispatchers can run; a dispatcher that dies leaves a
+lease that expires and the request is taken up again. Calls run with bounded concurrency; a
+provider that rate-limits is paused for the time it asks. The outcome is applied by
+compare-and-set on the lease: if someone else answered first, this call is recorded as cost
+only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from batchwise.clock import Clock
+from batchwise.config import Settings
+from batchwise.costs import ledger
+from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
+from batchwise.errors import ProviderError, RateLimited
+from batchwise.faults import crashpoint
+from batchwise.intake.classify import human_s
+from batchwise.providers.base import CallResult, Provider
+from batchwise.states import CALLS_SQL, RequestState
+from batchwise.store import ledger as ledger_table
+from batchwise.store.engine import (
+    Store,
+    bodies_t,
+    db_time,
+    ledger_t,
+    requests_t,
+    reserve_ids,
+    responses_t,
+)
+from batchwise.store.events import record_event
+from batchwise.store.leases import lease_until
+from batchwise.store.transitions import check_transition
+
+log = logging.getLogger(__name__)
+
+_S = RequestState
+_t = requests_t
+#: waiting for a realtime call (the predicate of the ix_requests_calls index)
+_CLAIMABLE = sa.text(CALLS_SQL)
+_COLUMNS = (
+    _t.c.id,
+    _t.c.state,
+    _t.c.provider,
+    _t.c.endpoint,
+    _t.c.model,
+    _t.c.attempts,
+    _t.c.lane,
+    _t.c.use_case,
+    _t.c.step,
+    _t.c.business_unit,
+    _t.c.task_id,
+    _t.c.deadline,
+    _t.c.batch_id,
+    _t.c.body_hash,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Claim:
+    """A request this worker holds the lease on."""
+
+    request: dict[str, Any]
+    worker: str
+
+    @property
+    def id(self) -> int:
+        return int(self.request["id"])
+
+
+def _free(now: datetime) -> sa.ColumnElement[bool]:
+    return sa.or_(_t.c.lease_expires_at.is_(None), _t.c.lease_expires_at < now)
+
+
+def claim(
+    store: Store,
+    *,
+    now: datetime,
+    settings: Settings,
+    worker: str,
+    limit: int,
+    request_id: int | None = None,
+    skip_providers: frozenset[str] = frozenset(),
+) -> list[Claim]:
+    """Lease up to `limit` requests waiting for a realtime call (or exactly `request_id`)."""
+    query = sa.select(_t.c.id).where(_CLAIMABLE, _free(now))
+    if request_id is not None:
+        query = query.where(_t.c.id == request_id)
+    if skip_providers:
+        query = query.where(_t.c.provider.not_in(sorted(skip_providers)))
+    query = query.order_by(_t.c.deadline, _t.c.id).limit(limit)
+    if store.is_postgres:
+        query = query.with_for_update(skip_locked=True)
+    with store.write() as conn:
+        ids = list(conn.execute(query).scalars())
+        if not ids:
+            return []
+        orphaned = list(
+            conn.execute(
+                sa.select(_t.c.id).where(_t.c.id.in_(ids), _t.c.lease_owner.is_not(None))
+            ).scalars()
+        )
+        if orphaned:
+            record_event(
+                conn,
+                at=now,
+                kind="lease_takeover",
+                severity="warning",
+                message=f"{len(orphaned)} realtime request(s) taken over from a worker whose "
+                "lease expired; a call it made may have been billed without being recorded",
+                data={"request_ids": orphaned[:1000]},
+            )
+        rows = (
+            conn.execute(
+                sa.update(_t)
+                .where(_t.c.id.in_(ids), _CLAIMABLE, _free(now))
+                .values(lease_owner=worker, lease_expires_at=lease_until(now, settings.lease_s))
+                .returning(*_COLUMNS)
+            )
+            .mappings()
+            .all()
+        )
+        claimed = [dict(row) for row in rows]
+        bodies = {
+            rid: body
+            for rid, body in conn.execute(
+                sa.select(bodies_t.c.id, bodies_t.c.body).where(
+                    bodies_t.c.id.in_([r["id"] for r in claimed])
+                )
+            )
+        }
+    for request in claimed:
+        request["body"] = bodies[request["id"]]
+    return [Claim(request, worker) for request in claimed]
+
+
+def call(provider: Provider, claim_: Claim) -> CallResult | ProviderError:
+    """Make the call; a provider error is returned, not raised, so a pool can collect it."""
+    try:
+        return provider.call(claim_.request["endpoint"], orjson.loads(claim_.request["body"]))
+    except ProviderError as exc:
+        return exc
+
+
+def apply_outcome(
+    store: Store,
+    book: PriceBook,
+    claim_: Claim,
+    outcome: CallResult | ProviderError,
+    *,
+    now: datetime,
+    settings: Settings,
+) -> str:
+    """Record a call's outcome; returns what happened: succeeded, late, retry, failed, lost."""
+    request = claim_.request
+    rid, state = claim_.id, RequestState(request["state"])
+    kind = "rescue" if state is _S.RESCUED else "realtime"
+    mine = sa.and_(_t.c.id == rid, _t.c.state == state.value, _t.c.lease_owner == claim_.worker)
+    with store.write() as conn:
+        if isinstance(outcome, CallResult):
+            usage = _usage(request, outcome.body)
+            response_id = reserve_ids(conn, responses_t, 1)[0]
+            conn.execute(
+                sa.insert(responses_t).values(
+                    id=response_id,
+                    request_id=rid,
+                    batch_id=None,
+                    kind=kind,
+                    outcome="succeeded",
+                    status_code=outcome.status_code,
+                    body=orjson.dumps(outcome.body).decode(),
+                    provider_request_id=outcome.provider_request_id,
+                    created_at=now,
+                    input_tokens=usage.input_tokens if usage else 0,
+                    output_tokens=usage.output_tokens if usage else 0,
+                )
+            )
+            check_transition(state, _S.SUCCEEDED)
+            won = (
+                conn.execute(
+                    sa.update(_t)
+                    .where(mine)
+                    .values(
+                        state=_S.SUCCEEDED.value,
+                        response_id=response_id,
+                        finished_at=now,
+                        updated_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        deadline_miss=_miss(request["deadline"], now, kind),
+                    )
+                ).rowcount
+                == 1
+            )
+            entry_kind = (
+                (ledger.Kind.RESCUE if kind == "rescue" else ledger.Kind.REALTIME)
+                if won
+                else ledger.Kind.RETRY
+            )
+            ledger_table.record(
+                conn,
+                [
+                    ledger.entry(
+                        book,
+                        kind=entry_kind,
+                        request=request,
+                        usage=usage,
+                        at=now,
+                        stored_at=db_time(conn, now),
+                        response_id=response_id,
+                    )
+                ],
+            )
+            return "succeeded" if won else "late"
+        attempts = request["attempts"] + 1
+        error = str(outcome)
+        if outcome.retryable and attempts < settings.max_attempts:
+            delay = outcome.retry_after_s or min(300.0, 2.0**attempts)
+            updated = conn.execute(
+                sa.update(_t)
+                .where(mine)
+                .values(
+                    attempts=attempts,
+                    error=error,
+                    error_code=outcome.code,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=now + timedelta(seconds=delay),
+                )
+            ).rowcount
+            return "retry" if updated else "lost"
+        check_transition(state, _S.FAILED)
+        why = error if not outcome.retryable else f"gave up after {attempts} attempts: {error}"
+        updated = conn.execute(
+            sa.update(_t)
+            .where(mine)
+            .values(
+                state=_S.FAILED.value,
+                attempts=attempts,
+                error=why,
+                error_code=outcome.code,
+                finished_at=now,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                deadline_miss=_miss(request["deadline"], now, f"{kind} call failed"),
+            )
+        ).rowcount
+        return "failed" if updated else "lost"
+
+
+def _usage(request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
+    raw = body.get("usage")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return normalise_usage(request["provider"], request["endpoint"], raw)
+    except (ProviderError, ValueError) as exc:
+        log.warning("request %s: unreadable usage: %s", request["id"], exc)
+        return None
+
+
+def _miss(deadline: datetime, now: datetime, how: str) -> str | None:
+    if now <= deadline:
+        return None
+    return f"{how} finished {human_s((now - deadline).total_seconds())} after the deadline"
+
+
+def fan_out(store: Store, leader: Claim, followers: list[Claim], *, now: datetime) -> list[str]:
+    """Give a leader's answer to the identical requests that rode on its call, at no cost; if it
+    has none, release them to be called on their own."""
+    results = []
+    with store.write() as conn:
+        answer = conn.execute(
+            sa.select(
+                _t.c.response_id,
+                ledger_t.c.realtime_nusd,
+                ledger_t.c.input_tokens,
+                ledger_t.c.output_tokens,
+            )
+            .select_from(_t.outerjoin(ledger_t, ledger_t.c.response_id == _t.c.response_id))
+            .where(_t.c.id == leader.id, _t.c.state == _S.SUCCEEDED.value)
+        ).first()
+        stamp = db_time(conn, now)
+        entries = []
+        for follower in followers:
+            state = RequestState(follower.request["state"])
+            mine = sa.and_(
+                _t.c.id == follower.id,
+                _t.c.state == state.value,
+                _t.c.lease_owner == follower.worker,
+            )
+            if answer is None:
+                conn.execute(
+                    sa.update(_t).where(mine).values(lease_owner=None, lease_expires_at=None)
+                )
+                results.append("released")
+                continue
+            check_transition(state, _S.DEDUPLICATED)
+            response_id, realtime, tokens_in, tokens_out = answer
+            done = conn.execute(
+                sa.update(_t)
+                .where(mine)
+                .values(
+                    state=_S.DEDUPLICATED.value,
+                    response_id=response_id,
+                    dedupe_of=leader.id,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+            if done:
+                entries.append(
+                    ledger.dedupe_entry(
+                        follower.request,
+                        stored_at=stamp,
+                        source_response_id=response_id,
+                        realtime_nusd=realtime,
+                        input_tokens=tokens_in or 0,
+                        output_tokens=tokens_out or 0,
+                    )
+                )
+            results.append("deduplicated" if done else "lost")
+        ledger_table.record(conn, entries)
+    return results
+
+
+class Dispatcher:
+    """Runs realtime calls with bounded concurrency, for the embedded runner.
+
+    Celery workers instead call `dispatch_one` for each request id they are sent.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        provider_for: Callable[[str], Provider],
+        book: PriceBook,
+        *,
+        settings: Settings,
+        clock: Clock,
+        worker: str,
+        coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
+    ) -> None:
+        self.store = store
+        self.coalesce = coalesce
+        self.provider_for = provider_for
+        self.book = book
+        self.settings = settings
+        self.clock = clock
+        self.worker = worker
+        self._paused: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.realtime_concurrency, thread_name_prefix="batchwise-realtime"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _paused_providers(self) -> frozenset[str]:
+        moment = time.monotonic()
+        with self._lock:
+            return frozenset(p for p, until in self._paused.items() if until > moment)
+
+    def run_once(self) -> dict[str, int]:
+        """Claim what is waiting (up to the concurrency × 4), call it all, apply outcomes."""
+        counts: dict[str, int] = {}
+        claims = claim(
+            self.store,
+            now=self.clock(),
+            settings=self.settings,
+            worker=self.worker,
+            limit=self.settings.realtime_concurrency * 4,
+            skip_providers=self._paused_providers(),
+        )
+        calls, riders = self._coalesced(claims)
+        for result in self._pool.map(self._one, calls):
+            counts[result] = counts.get(result, 0) + 1
+        for leader, followers in riders.items():
+            for result in fan_out(self.store, leader, followers, now=self.clock()):
+                counts[result] = counts.get(result, 0) + 1
+        return counts
+
+    def _coalesced(self, claims: list[Claim]) -> tuple[list[Claim], dict[Claim, list[Claim]]]:
+        """One call per identical request (where dedupe is on); the others ride on it."""
+        if self.coalesce is None:
+            return claims, {}
+        calls: list[Claim] = []
+        leaders: dict[tuple[str, str, str], Claim] = {}
+        riders: dict[Claim, list[Claim]] = {}
+        for claim_ in claims:
+            r = claim_.request
+            if self.coalesce(r["use_case"], r["step"], r["business_unit"]):
+                key = (r["provider"], r["endpoint"], r["body_hash"])
+                leader = leaders.setdefault(key, claim_)
+                if leader is not claim_:
+                    riders.setdefault(leader, []).append(claim_)
+                    continue
+            calls.append(claim_)
+        return calls, riders
+
+    def _one(self, claim_: Claim) -> str:
+        outcome = call(self.provider_for(claim_.request["provider"]), claim_)
+        crashpoint("after_realtime_call")
+        if isinstance(outcome, RateLimited) and outcome.retryable:
+            with self._lock:
+                self._paused[claim_.request["provider"]] = time.monotonic() + (
+                    outcome.retry_after_s or 1.0
+                )
+        return apply_outcome(
+            self.store, self.book, claim_, outcome, now=self.clock(), settings=self.settings
+        )
+
+
+def dispatch_one(
+    store: Store,
+    provider_for: Callable[[str], Provider],
+    book: PriceBook,
+    request_id: int,
+    *,
+    settings: Settings,
+    clock: Clock,
+    worker: str,
+) -> str:
+    """Claim and call one request (a Celery task's body); 'skipped' if it is not claimable."""
+    claims = claim(
+        store, now=clock(), settings=settings, worker=worker, limit=1, request_id=request_id
+    )
+    if not claims:
+        return "skipped"
+    outcome = call(provider_for(claims[0].request["provider"]), claims[0])
+    return apply_outcome(store, book, claims[0], outcome, now=clock(), settings=settings)

@@ -1,0 +1,306 @@
+"""One scheduler tick: flush → submit → poll → reconcile → rescue (→ realtime calls).
+
+A plain function over (store, providers, settings, clock): the embedded runner loops over it,
+Celery beat runs the same steps as tasks, and tests call it with a clock they move by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import sqlalchemy as sa
+
+from batchwise.clock import Clock
+from batchwise.config import Settings
+from batchwise.costs import alerts
+from batchwise.costs.guards import Guards
+from batchwise.costs.pricing import PriceBook
+from batchwise.intake.classify import expected_turnaround
+from batchwise.jobs import runs as jobs
+from batchwise.jobs.runs import JobsReport
+from batchwise.lifecycle.packer import pack
+from batchwise.lifecycle.poller import poll_due
+from batchwise.lifecycle.realtime import Dispatcher
+from batchwise.lifecycle.reconcile import ReconcileReport, reconcile_due
+from batchwise.lifecycle.rescue import record_missed_deadlines, rescue_due
+from batchwise.lifecycle.submitter import claim_next_batch, submit_batch
+from batchwise.providers.base import BatchLimits, Provider
+from batchwise.states import (
+    BATCHED_SQL,
+    CALLS_SQL,
+    LIVE_SQL,
+    QUEUED_SQL,
+    BatchState,
+)
+from batchwise.store.engine import Store, batches_t, requests_t, worker_id
+
+log = logging.getLogger(__name__)
+
+
+class Providers:
+    """The adapters in use, created on first need from settings (or given, for tests)."""
+
+    def __init__(self, settings: Settings, given: Mapping[str, Provider] | None = None) -> None:
+        self.settings = settings
+        self._providers: dict[str, Provider] = dict(given or {})
+
+    def __call__(self, name: str) -> Provider:
+        provider = self._providers.get(name)
+        if provider is None:
+            from batchwise.providers import make_provider
+
+            provider = self._providers[name] = make_provider(name, self.settings)
+        return provider
+
+    def limits(self) -> dict[str, BatchLimits]:
+        return _Limits(self)
+
+    def close(self) -> None:
+        for provider in self._providers.values():
+            provider.close()
+        self._providers.clear()
+
+
+class _Limits(dict[str, BatchLimits]):
+    """A mapping that asks the provider for its limits only when a group of it is seen."""
+
+    def __init__(self, providers: Providers) -> None:
+        super().__init__()
+        self._providers = providers
+
+    def __missing__(self, name: str) -> BatchLimits:
+        limits = self[name] = self._providers(name).limits
+        return limits
+
+
+@dataclass
+class TickReport:
+    """What a tick did, for progress displays and `--until-idle`."""
+
+    packed: list[int] = field(default_factory=list)
+    submitted: int = 0
+    polled: int = 0
+    reconciled: list[ReconcileReport] = field(default_factory=list)
+    rescued: int = 0
+    missed: int = 0
+    realtime: dict[str, int] = field(default_factory=dict)
+    jobs: JobsReport | None = None
+    anomalies: list[alerts.Anomaly] = field(default_factory=list)
+
+    @property
+    def did_work(self) -> bool:
+        return bool(
+            self.packed
+            or self.submitted
+            or self.reconciled
+            or self.rescued
+            or self.realtime
+            or (self.jobs is not None and self.jobs.did_work)
+        )
+
+
+class Scheduler:
+    """Holds what ticks share: store, providers, prices, clock and the realtime pool."""
+
+    def __init__(
+        self,
+        store: Store,
+        providers: Providers,
+        *,
+        settings: Settings,
+        clock: Clock,
+        book: PriceBook | None = None,
+        worker: str | None = None,
+        realtime: bool = True,
+    ) -> None:
+        self.store = store
+        self.providers = providers
+        self.settings = settings
+        self.clock = clock
+        self.book = book or PriceBook.from_settings(settings)
+        self.guards = Guards.from_settings(settings)
+        self.worker = worker or worker_id()
+        self.dispatcher = (
+            Dispatcher(
+                store,
+                providers,
+                self.book,
+                settings=settings,
+                clock=clock,
+                worker=self.worker,
+                coalesce=self.dedupes if self.guards.dedupe_anywhere else None,
+            )
+            if realtime
+            else None
+        )
+        self._turnarounds: dict[tuple[str, str], float] = {}
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+
+    def turnaround_s(self, provider: str, model: str) -> float:
+        """Expected turnaround for (provider, model), from history; cached per tick."""
+        key = (provider, model)
+        if key not in self._turnarounds:
+            with self.store.read() as conn:
+                history = [
+                    float(v)
+                    for v in conn.execute(
+                        sa.select(batches_t.c.turnaround_s)
+                        .where(
+                            batches_t.c.provider == provider,
+                            batches_t.c.model == model,
+                            batches_t.c.turnaround_s.is_not(None),
+                        )
+                        .order_by(batches_t.c.id.desc())
+                        .limit(500)
+                    ).scalars()
+                ]
+            self._turnarounds[key] = expected_turnaround(provider, self.settings, history).seconds
+        return self._turnarounds[key]
+
+    # --- the steps, each usable alone (Celery runs them as separate tasks) -------------------
+
+    def flush(self, *, drain: bool = False) -> list[int]:
+        return pack(
+            self.store,
+            now=self.clock(),
+            settings=self.settings,
+            limits=self.providers.limits(),
+            turnaround_s=self.turnaround_s,
+            drain=drain,
+            coalesce=self.dedupes if self.guards.dedupe_anywhere else None,
+            provider_for=self.providers,
+        )
+
+    def dedupes(self, use_case: str | None, step: str | None, business_unit: str | None) -> bool:
+        """Whether identical requests with these tags may share one answer."""
+        return bool(self.guards.policy(use_case, step, business_unit).dedupe_window_s)
+
+    def submit(self) -> int:
+        """Submit batches one claim at a time until none is waiting."""
+        submitted = 0
+        while True:
+            batch = claim_next_batch(
+                self.store, now=self.clock(), settings=self.settings, worker=self.worker
+            )
+            if batch is None:
+                return submitted
+            info = submit_batch(
+                self.store,
+                self.providers(batch.provider),
+                batch,
+                clock=self.clock,
+                settings=self.settings,
+                worker=self.worker,
+            )
+            submitted += info is not None
+
+    def poll(self, *, cap_s: float | None = None) -> int:
+        cap = self.settings.tick_interval_s if cap_s is None else cap_s
+        return len(poll_due(self.store, self.providers, now=self.clock(), cap_s=cap))
+
+    def reconcile(self) -> list[ReconcileReport]:
+        return reconcile_due(
+            self.store,
+            self.providers,
+            self.book,
+            now=self.clock(),
+            settings=self.settings,
+            worker=self.worker,
+            clock=self.clock,
+        )
+
+    def rescue(self) -> tuple[int, int]:
+        rescued = rescue_due(
+            self.store, now=self.clock(), settings=self.settings, turnaround_s=self.turnaround_s
+        )
+        return rescued, record_missed_deadlines(self.store, now=self.clock())
+
+    def tick(self, *, drain: bool = False, poll_cap_s: float | None = None) -> TickReport:
+        """One pass of every step. `drain` flushes every group now instead of waiting."""
+        self._turnarounds.clear()
+        report = TickReport()
+        report.jobs = jobs.tick(self)  # first, so a new run's requests are packed this tick
+        report.packed = self.flush(drain=drain)
+        report.submitted = self.submit()
+        report.polled = self.poll(cap_s=poll_cap_s)
+        report.reconciled = self.reconcile()
+        report.rescued, report.missed = self.rescue()
+        if self.dispatcher is not None:
+            report.realtime = self.dispatcher.run_once()
+        report.anomalies = alerts.tick(self)  # last: it sees this tick's ledger entries
+        return report
+
+    # --- draining -----------------------------------------------------------------------------
+
+    def pending(self) -> dict[str, int]:
+        """Live requests by state, plus batches not yet reconciled."""
+        states: dict[str, int] = {}
+        with self.store.read() as conn:
+            for queue in (BATCHED_SQL, QUEUED_SQL, CALLS_SQL):  # one partial index each
+                states.update(
+                    conn.execute(
+                        sa.select(requests_t.c.state, sa.func.count())
+                        .where(sa.text(queue))
+                        .group_by(requests_t.c.state)
+                    ).all()
+                )
+            open_batches = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(batches_t)
+                .where(batches_t.c.state != BatchState.RECONCILED.value)
+            ).scalar_one()
+        return {**{k: int(v) for k, v in states.items()}, "open_batches": int(open_batches)}
+
+    def idle(self) -> bool:
+        """True when every request is terminal and every batch reconciled."""
+        with self.store.read() as conn:
+            live = conn.execute(
+                sa.select(requests_t.c.id).where(sa.text(LIVE_SQL)).limit(1)
+            ).first()
+            if live is not None:
+                return False
+            open_batch = conn.execute(
+                sa.select(batches_t.c.id)
+                .where(batches_t.c.state != BatchState.RECONCILED.value)
+                .limit(1)
+            ).first()
+        return open_batch is None
+
+    def run(
+        self,
+        *,
+        until_idle: bool = False,
+        interval_s: float | None = None,
+        on_tick: Callable[[TickReport], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """Tick forever (or until idle). The interval is the tick period and caps poll backoff;
+        a tick that did work is followed at once by another."""
+        interval = self.settings.tick_interval_s if interval_s is None else interval_s
+        while not should_stop():
+            report = self.tick(drain=until_idle, poll_cap_s=interval)
+            if on_tick is not None:
+                on_tick(report)
+            if until_idle and self.idle():
+                return
+            if not report.did_work:
+                sleep(interval)

@@ -1,0 +1,356 @@
+"""The submitter: batch rows in `building` become provider batches, exactly once.
+
+The batch row exists before any provider call, and its id travels in the provider batch's
+metadata. A submitter that takes over a batch someone else started (a crash, an expired lease)
+first looks for a provider batch carrying that id and adopts it, so no batch row is ever
+submitted twice (invariant 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from batchwise.clock import Clock
+from batchwise.config import Settings
+from batchwise.errors import ProviderError
+from batchwise.faults import crashpoint
+from batchwise.lifecycle import batch_files
+from batchwise.lifecycle.packer import batch_members, move_members, write_batch_file
+from batchwise.providers.base import BatchInfo, BatchStatus, Provider
+from batchwise.states import BatchState, RequestState
+from batchwise.store.engine import Store, batches_t, chunked, driver_sql, requests_t
+from batchwise.store.leases import LeaseKeeper, claim_one, lease_until
+from batchwise.store.transitions import transition_requests
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "batchwise_batch"
+#: how far the provider's clock may be from ours when matching a batch by creation time
+_CLOCK_SKEW = timedelta(seconds=30)
+#: submit attempts for one batch before its requests go back to the queue
+MAX_SUBMIT_ATTEMPTS = 5
+
+STATUS_TO_STATE = {
+    BatchStatus.VALIDATING: BatchState.SUBMITTED,
+    BatchStatus.IN_PROGRESS: BatchState.IN_PROGRESS,
+    BatchStatus.FINALIZING: BatchState.FINALIZING,
+    BatchStatus.CANCELLING: BatchState.CANCELLING,
+    BatchStatus.COMPLETED: BatchState.COMPLETED,
+    BatchStatus.FAILED: BatchState.FAILED,
+    BatchStatus.EXPIRED: BatchState.EXPIRED,
+    BatchStatus.CANCELLED: BatchState.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    provider: str
+    endpoint: str
+    model: str
+    request_count: int
+    attempts: int
+    upload_started_at: datetime
+    create_started_at: datetime | None
+
+
+def metadata_value(store_id: str, batch_id: int) -> str:
+    """Names one batch row of one store: the id alone could repeat across deployments."""
+    return f"{store_id}:{batch_id}"
+
+
+def claim_next_batch(
+    store: Store, *, now: datetime, settings: Settings, worker: str
+) -> Claimed | None:
+    """Take the next batch that needs submitting and is not held by a live lease.
+
+    One at a time: a worker holds the lease only on the batch it is working on, so a slow
+    upload never lets someone else's lease on a waiting batch lapse.
+    """
+    b = batches_t
+    free = sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now)
+    due = sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now)
+    claimable = sa.or_(
+        b.c.state == BatchState.BUILDING.value,
+        sa.and_(b.c.state == BatchState.UPLOADING.value, free, due),
+    )
+    row = claim_one(
+        store,
+        b,
+        claimable,
+        values={
+            "state": BatchState.UPLOADING.value,
+            "lease_owner": worker,
+            "lease_expires_at": lease_until(now, settings.lease_s),
+            "upload_started_at": sa.func.coalesce(b.c.upload_started_at, now),
+            "submit_attempts": b.c.submit_attempts + 1,
+            "updated_at": now,
+        },
+        returning=(
+            b.c.id,
+            b.c.provider,
+            b.c.endpoint,
+            b.c.model,
+            b.c.request_count,
+            b.c.submit_attempts,
+            b.c.upload_started_at,
+            b.c.create_started_at,
+        ),
+    )
+    return None if row is None else Claimed(*row)
+
+
+def submit_batch(
+    store: Store,
+    provider: Provider,
+    batch: Claimed,
+    *,
+    clock: Clock,
+    settings: Settings,
+    worker: str,
+) -> BatchInfo | None:
+    """Submit (or adopt) one claimed batch; returns the provider batch, or None if it is
+    left for a later attempt or failed. The lease is kept alive while it works."""
+    keeper = LeaseKeeper(store, batches_t, batch.id, worker, lease_s=settings.lease_s, clock=clock)
+    with keeper:
+        key = metadata_value(store.store_id, batch.id)
+        if batch.create_started_at is not None:
+            # An earlier attempt started the create call: the batch may exist. Look first.
+            adopted = _find_existing(store, provider, batch, key, batch.create_started_at)
+            if adopted is not None:
+                log.warning(
+                    "batch %s: adopting provider batch %s created by an earlier attempt",
+                    batch.id,
+                    adopted.id,
+                )
+                _record(store, batch, adopted, now=clock(), worker=worker)
+                return adopted
+        # A name of our own: after a takeover two workers may build the same batch's file.
+        path = batch_files.private_path(settings, store.store_id, batch.id)
+        try:
+            taken = _take_packed_file(store, batch, settings, path)
+            if taken is not None:
+                lines, size = taken
+            else:
+                lines, size = write_batch_file(
+                    store, batch_id=batch.id, provider=provider, endpoint=batch.endpoint, path=path
+                )
+            if lines == 0:  # every request was cancelled or rescued while packed
+                _finish_empty(store, batch, now=clock(), worker=worker)
+                return None
+            crashpoint("before_submit")
+            if not _mark_create_started(store, batch, now=clock(), worker=worker):
+                return None
+            try:
+                info = provider.submit_batch(
+                    path, endpoint=batch.endpoint, metadata={METADATA_KEY: key}
+                )
+            except ProviderError as exc:
+                _submit_failed(store, batch, exc, now=clock(), settings=settings, worker=worker)
+                return None
+            crashpoint("after_create")
+            _record(store, batch, info, now=clock(), worker=worker, size_bytes=size)
+            return info
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _take_packed_file(
+    store: Store, batch: Claimed, settings: Settings, path: Path
+) -> tuple[int, int] | None:
+    """The file the packer wrote for this batch, moved to `path` (so only one submitter takes
+    it), if every member it lists is still waiting; (lines, bytes), or None to build one."""
+    packed = batch_files.packed_file_path(settings, store.store_id, batch.id)
+    if not packed.exists():
+        return None
+    with store.read() as conn:
+        members = batch_members(conn, batch.id)
+        waiting = 0
+        for chunk in chunked(members, 5000):
+            waiting += conn.exec_driver_sql(
+                driver_sql(
+                    conn,
+                    "SELECT count(*) FROM requests "
+                    f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+                ),
+                tuple(chunk),
+            ).scalar_one()
+    if not members or waiting != len(members):
+        packed.unlink(missing_ok=True)  # one was cancelled or rescued meanwhile: rebuild
+        return None
+    try:
+        packed.replace(path)
+    except FileNotFoundError:  # another submitter took it first
+        return None
+    return len(members), path.stat().st_size
+
+
+def _mark_create_started(store: Store, batch: Claimed, *, now: datetime, worker: str) -> bool:
+    """Commit that a create call is about to be made; False if our lease was lost."""
+    b = batches_t
+    with store.write() as conn:
+        return bool(
+            conn.execute(
+                sa.update(b)
+                .where(b.c.id == batch.id, b.c.lease_owner == worker)
+                .values(
+                    create_started_at=sa.func.coalesce(b.c.create_started_at, now), updated_at=now
+                )
+            ).rowcount
+        )
+
+
+def _find_existing(
+    store: Store, provider: Provider, batch: Claimed, key: str, create_started_at: datetime
+) -> BatchInfo | None:
+    with store.read() as conn:
+        known = set(
+            conn.execute(
+                sa.select(batches_t.c.provider_batch_id).where(
+                    batches_t.c.provider == batch.provider,
+                    batches_t.c.provider_batch_id.is_not(None),
+                )
+            ).scalars()
+        )
+    found = [
+        info
+        for info in provider.find_batches(
+            METADATA_KEY,
+            key,
+            created_after=create_started_at - _CLOCK_SKEW,
+            request_count=batch.request_count,
+        )
+        if info.id not in known
+    ]
+    if not found:
+        return None
+    # Metadata matches are exact; size-and-time candidates (Anthropic) are ranked by how close
+    # their creation is to our create call.
+    return min(
+        found,
+        key=lambda info: (
+            abs(((info.created_at or create_started_at) - create_started_at).total_seconds()),
+            info.id,
+        ),
+    )
+
+
+def _record(
+    store: Store,
+    batch: Claimed,
+    info: BatchInfo,
+    *,
+    now: datetime,
+    worker: str,
+    size_bytes: int | None = None,
+) -> None:
+    b = batches_t
+    values: dict[str, object] = {
+        "state": STATUS_TO_STATE[info.status].value,
+        "provider_batch_id": info.id,
+        "provider_status": info.provider_status,
+        "submitted_at": now,
+        "updated_at": now,
+        "next_poll_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "result_refs": orjson.dumps(dict(info.result_refs)).decode(),
+        "last_error": None,
+    }
+    if size_bytes is not None:
+        values["size_bytes"] = size_bytes
+    with store.write() as conn:
+        updated = conn.execute(
+            sa.update(b).where(b.c.id == batch.id, b.c.lease_owner == worker).values(**values)
+        ).rowcount
+        if updated != 1:
+            # Someone took the batch over; they will find this provider batch by its metadata.
+            log.warning(
+                "batch %s: lease lost before recording provider batch %s", batch.id, info.id
+            )
+            return
+        link_members(conn, batch.id, now=now)
+
+
+def link_members(conn: Connection, batch_id: int, *, now: datetime) -> int:
+    """The provider has the batch: its listed members become `submitted` in it, and so do the
+    requests riding on it as `packed`. Returns how many moved."""
+    moved = move_members(conn, batch_id, RequestState.SUBMITTED, now=now)
+    riding = list(
+        conn.execute(
+            sa.select(requests_t.c.id).where(
+                requests_t.c.batch_id == batch_id,
+                requests_t.c.state == RequestState.PACKED.value,
+            )
+        ).scalars()
+    )
+    moved += len(
+        transition_requests(
+            conn, riding, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now
+        )
+    )
+    return moved
+
+
+def _finish_empty(store: Store, batch: Claimed, *, now: datetime, worker: str) -> None:
+    b = batches_t
+    with store.write() as conn:
+        conn.execute(
+            sa.update(b)
+            .where(b.c.id == batch.id, b.c.lease_owner == worker)
+            .values(
+                state=BatchState.RECONCILED.value,
+                request_count=0,
+                member_ids=None,
+                reconciled_at=now,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+
+
+def _submit_failed(
+    store: Store,
+    batch: Claimed,
+    exc: ProviderError,
+    *,
+    now: datetime,
+    settings: Settings,
+    worker: str,
+) -> None:
+    """A retryable failure waits and tries again (looking for the batch first); a final one,
+    or too many tries, fails the batch and the reconciler puts its requests back in the queue."""
+    b = batches_t
+    give_up = not exc.retryable or batch.attempts >= MAX_SUBMIT_ATTEMPTS
+    delay = exc.retry_after_s or min(600.0, 5.0 * 2 ** (batch.attempts - 1))
+    values: dict[str, object] = {
+        "last_error": str(exc),
+        "error_code": exc.code,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if give_up:
+        values.update(state=BatchState.FAILED.value, ended_at=now)
+        log.error("batch %s: submit failed for good: %s", batch.id, exc)
+    else:
+        values["next_poll_at"] = now + timedelta(seconds=delay)
+        log.warning(
+            "batch %s: submit failed (attempt %s), retrying in %.0fs: %s",
+            batch.id,
+            batch.attempts,
+            delay,
+            exc,
+        )
+    with store.write() as conn:
+        conn.execute(
+            sa.update(b).where(b.c.id == batch.id, b.c.lease_owner == worker).values(**values)
+        )

@@ -1,0 +1,117 @@
+"""Exporting finished results as JSONL in each provider's own batch output format, keyed by the
+caller's `custom_id`, so code written for the provider's batch files keeps working."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO, Any
+
+import orjson
+import sqlalchemy as sa
+
+from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
+from batchwise.store.engine import Store, requests_t, responses_t
+
+FORMATS = ("openai", "anthropic")
+_r, _p = requests_t, responses_t
+
+
+def export(
+    store: Store, out: IO[bytes], *, fmt: str | None = None, provider: str | None = None
+) -> int:
+    """Write one line per finished request; returns the number of lines. `fmt` None writes
+    each request in its own provider's format."""
+    count = 0
+    for row in _finished(store, provider):
+        line = to_line(row, fmt or row["provider"])
+        out.write(orjson.dumps(line))
+        out.write(b"\n")
+        count += 1
+    return count
+
+
+def _finished(store: Store, provider: str | None) -> Iterator[dict[str, Any]]:
+    query = (
+        sa.select(
+            _r.c.id,
+            _r.c.custom_id,
+            _r.c.provider,
+            _r.c.state,
+            _r.c.error,
+            _r.c.error_code,
+            _p.c.id.label("response_id"),
+            _p.c.body,
+            _p.c.status_code,
+            _p.c.provider_request_id,
+        )
+        .select_from(_r.outerjoin(_p, _p.c.id == _r.c.response_id))
+        .where(_r.c.state.in_([s.value for s in TERMINAL_REQUEST_STATES]))
+        .order_by(_r.c.id)
+        .execution_options(yield_per=2000)
+    )
+    if provider is not None:
+        query = query.where(_r.c.provider == provider)
+    with store.read() as conn:
+        for partition in conn.execute(query).mappings().partitions():
+            for row in partition:
+                yield dict(row)
+
+
+def to_line(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """One request as a result line of `fmt` ("openai" or "anthropic")."""
+    answered = row["state"] in (RequestState.SUCCEEDED.value, RequestState.DEDUPLICATED.value)
+    body = orjson.loads(row["body"]) if answered and row["body"] else None
+    code = row["error_code"] or row["state"]
+    message = row["error"] or row["state"]
+    if fmt == "openai":
+        line_id = f"batch_req_{row['response_id'] or row['id']}"
+        if body is not None:
+            return {
+                "id": line_id,
+                "custom_id": row["custom_id"],
+                "error": None,
+                "response": {
+                    "status_code": row["status_code"] or 200,
+                    "request_id": row["provider_request_id"],
+                    "body": body,
+                },
+            }
+        return {
+            "id": line_id,
+            "custom_id": row["custom_id"],
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    if fmt == "anthropic":
+        if body is not None:
+            return {"custom_id": row["custom_id"], "result": {"type": "succeeded", "message": body}}
+        if row["state"] == RequestState.CANCELLED.value:
+            return {"custom_id": row["custom_id"], "result": {"type": "canceled"}}
+        return {
+            "custom_id": row["custom_id"],
+            "result": {
+                "type": "errored",
+                "error": {"type": "error", "error": {"type": code, "message": message}},
+            },
+        }
+    raise ValueError(f"unknown results format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def answer_text(body: dict[str, Any]) -> str:
+    """The text of a chat completion, Responses API or Messages answer."""
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return str((choices[0].get("message") or {}).get("content") or "")
+    content = body.get("content")
+    if isinstance(content, list):
+        return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    output = body.get("output")
+    if isinstance(output, list):
+        return "".join(
+            str(part.get("text", ""))
+            for item in output
+            if isinstance(item, dict)
+            for part in item.get("content") or []
+            if isinstance(part, dict)
+        )
+    return ""

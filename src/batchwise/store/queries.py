@@ -1,0 +1,79 @@
+"""Read-side queries for the API and the CLI: status counts and request views."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import sqlalchemy as sa
+
+from batchwise.store.engine import Store, requests_t, responses_t
+
+if TYPE_CHECKING:
+    from batchwise.api import RequestView
+
+_NAMED = ("use_case", "step", "business_unit", "task_id")
+
+
+def status_counts(store: Store) -> dict[str, Any]:
+    """{"total": N, "by_lane": {lane: N}, "by_state": {state: N}}."""
+    t = requests_t
+    by_lane: dict[str, int] = {}
+    by_state: dict[str, int] = {}
+    total = 0
+    with store.read() as conn:
+        rows = conn.execute(
+            sa.select(t.c.lane, t.c.state, sa.func.count()).group_by(t.c.lane, t.c.state)
+        )
+        for lane, state, count in rows:
+            by_lane[lane] = by_lane.get(lane, 0) + count
+            by_state[state] = by_state.get(state, 0) + count
+            total += count
+    return {
+        "total": total,
+        "by_lane": dict(sorted(by_lane.items())),
+        "by_state": dict(sorted(by_state.items())),
+    }
+
+
+def request_view(store: Store, request: int | str) -> RequestView | None:
+    """One request by id or custom_id (the live one, else the most recent)."""
+    from batchwise.api import RequestView
+
+    t = requests_t
+    query = sa.select(t)
+    if isinstance(request, int) or (isinstance(request, str) and request.isdigit()):
+        query = query.where(t.c.id == int(request))
+    else:
+        query = query.where(t.c.custom_id == request).order_by(t.c.id.desc()).limit(1)
+    with store.read() as conn:
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            return None
+        result = None
+        if row["response_id"] is not None:
+            body = conn.execute(
+                sa.select(responses_t.c.body).where(responses_t.c.id == row["response_id"])
+            ).scalar()
+            result = orjson.loads(body) if body else None
+    tags = {k: row[k] for k in _NAMED if row[k] is not None}
+    tags.update(orjson.loads(row["tags"] or "{}"))
+    return RequestView(
+        id=row["id"],
+        custom_id=row["custom_id"],
+        provider=row["provider"],
+        endpoint=row["endpoint"],
+        model=row["model"],
+        lane=row["lane"],
+        state=row["state"],
+        reason=row["reason"],
+        tolerance=row["tolerance"],
+        deadline=row["deadline"],
+        attempts=row["attempts"],
+        tags=tags,
+        created_at=row["created_at"],
+        finished_at=row["finished_at"],
+        batch_id=row["batch_id"],
+        error=row["error"],
+        result=result,
+    )

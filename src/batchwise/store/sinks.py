@@ -1,0 +1,303 @@
+"""Bulk request writers ("sinks") for intake: one open write transaction each.
+
+Two interchangeable backends pass the same tests: `SQLiteSink` on the plain `sqlite3` module
+(the embedded default; no SQLAlchemy import, so `batchwise submit` starts fast) and
+`EngineSink` on a SQLAlchemy connection (PostgreSQL, or SQLite in tests).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from batchwise.errors import StoreError
+from batchwise.intake.ingest import REQUEST_COLUMNS, ROW, RequestSink
+from batchwise.states import LIVE_SQL
+from batchwise.store import dbapi
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from batchwise.store.engine import Store
+
+_TURNAROUND_HISTORY = 500
+_BODY = ROW["body"]
+#: the `requests` columns of an intake row: all but the body, which has its own table
+STORED_COLUMNS = REQUEST_COLUMNS[:_BODY] + REQUEST_COLUMNS[_BODY + 1 :]
+# SQLite statements take whole intake rows as they are, with no per-row copy: numbered
+# parameters (?N) pick each column's place in the row, and the ones a statement leaves out
+# are bound and ignored.
+_INSERT_SQL = (
+    f"INSERT INTO requests ({', '.join(STORED_COLUMNS)}) VALUES ("
+    + ", ".join(f"?{ROW[c] + 1}" for c in STORED_COLUMNS)
+    + f") /* ?{_BODY + 1} is the body: request_bodies */"
+)
+_BODY_SQL = "INSERT INTO request_bodies (id, body) VALUES (?, ?)"
+
+
+def stored_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Intake rows as `requests` rows (without the body)."""
+    b = _BODY
+    return [row[:b] + row[b + 1 :] for row in rows]
+
+
+def body_rows(rows: Sequence[tuple[Any, ...]], refused: Sequence[int]) -> list[tuple[Any, Any]]:
+    """(id, body) of the rows that were stored, for `request_bodies`."""
+    b = _BODY
+    if not refused:
+        return [(row[0], row[b]) for row in rows]
+    skip = set(refused)
+    return [(row[0], row[b]) for i, row in enumerate(rows) if i not in skip]
+
+
+def open_sink(url: str) -> RequestSink:
+    """The fastest sink for this database URL."""
+    if dbapi.is_sqlite(url) and dbapi.sqlite_path(url) != ":memory:":
+        return SQLiteSink(url)
+    from batchwise.store.engine import Store
+
+    return EngineSink(Store(url), owns_store=True)
+
+
+def _is_custom_id_conflict(exc: BaseException) -> bool:
+    text = str(exc)
+    return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
+
+
+class SQLiteSink:
+    """Writes to a SQLite file through `sqlite3`, inside one BEGIN IMMEDIATE transaction."""
+
+    def __init__(self, url: str) -> None:
+        path = dbapi.sqlite_path(url)
+        conn = dbapi.connect_sqlite(path)
+        if dbapi.schema_revision(conn.cursor()) != dbapi.SCHEMA_REVISION:
+            conn.close()
+            from batchwise.store.engine import Store
+
+            Store(url).close()  # creates or upgrades the schema, once
+            conn = dbapi.connect_sqlite(path)
+        self.conn = conn
+        conn.execute("BEGIN IMMEDIATE")
+        self._next_id = (
+            int(conn.execute("SELECT coalesce(max(id), 0) FROM requests").fetchone()[0]) + 1
+        )
+        self._open = True
+
+    def time_value(self, moment: datetime) -> Any:
+        return dbapi.sqlite_time(moment)
+
+    def reserve_ids(self, count: int) -> Sequence[int]:
+        first = self._next_id
+        self._next_id += count
+        return range(first, first + count)
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
+        # No savepoint: in SQLite it journals every page the chunk touches, which costs more
+        # than the inserts. A refused row aborts only its own statement; the rows before it
+        # stay, so we count them (ids are consecutive) and carry on after the refused one.
+        refused: list[int] = []
+        start = 0
+        while start < len(rows):
+            part = rows if start == 0 else rows[start:]
+            try:
+                self.conn.executemany(_INSERT_SQL, part)
+                break
+            except sqlite3.IntegrityError as exc:
+                if not _is_custom_id_conflict(exc):
+                    raise
+                (done,) = self.conn.execute(
+                    "SELECT count(*) FROM requests WHERE id BETWEEN ? AND ?",
+                    (part[0][0], part[-1][0]),
+                ).fetchone()
+                refused.append(start + done)
+                start += done + 1
+        self.conn.executemany(_BODY_SQL, body_rows(rows, refused))
+        return refused
+
+    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(custom_ids), 500):
+            part = custom_ids[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            for cid, rid in self.conn.execute(
+                f"SELECT custom_id, id FROM requests WHERE custom_id IN ({marks}) AND {LIVE_SQL}",
+                part,
+            ):
+                found[cid] = rid
+        return found
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, tuple(params)).fetchall()
+
+    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def turnarounds(self, provider: str, model: str) -> list[float]:
+        rows = self.conn.execute(
+            "SELECT turnaround_s FROM batches WHERE provider = ? AND model = ? "
+            "AND turnaround_s IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (provider, model, _TURNAROUND_HISTORY),
+        )
+        return [float(r[0]) for r in rows]
+
+    def commit(self) -> None:
+        if self._open:
+            self._open = False
+            self.conn.execute("COMMIT")
+            self.conn.close()
+
+    def rollback(self) -> None:
+        if self._open:
+            self._open = False
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            self.conn.close()
+
+
+class EngineSink:
+    """Writes through a SQLAlchemy connection (PostgreSQL's path; SQLite works too)."""
+
+    def __init__(
+        self, store: Store, *, owns_store: bool = False, conn: Connection | None = None
+    ) -> None:
+        """With `conn`, write inside the caller's open transaction and leave committing (or
+        rolling back) to the caller, so requests can be stored atomically with other rows."""
+        import sqlalchemy as sa
+
+        from batchwise.store.engine import bodies_t, requests_t
+
+        self._sa = sa
+        self._table = requests_t
+        self._bodies = bodies_t
+        self.store = store
+        self._owns_store = owns_store
+        self._external = conn is not None
+        self.conn = conn if conn is not None else store.engine.connect()
+        self.trans = None if conn is not None else self.conn.begin()
+        self._next_id: int | None = None
+        self._open = True
+
+    def time_value(self, moment: datetime) -> Any:
+        return moment
+
+    def reserve_ids(self, count: int) -> Sequence[int]:
+        sa = self._sa
+        if self.store.is_postgres:
+            rows = self.conn.execute(
+                sa.text(
+                    "SELECT nextval(pg_get_serial_sequence('requests', 'id')) "
+                    "FROM generate_series(1, :n)"
+                ),
+                {"n": count},
+            )
+            return sorted(int(r[0]) for r in rows)
+        if self._next_id is None:
+            top = self.conn.execute(sa.text("SELECT coalesce(max(id), 0) FROM requests")).scalar()
+            self._next_id = int(top or 0) + 1
+        first = self._next_id
+        self._next_id += count
+        return range(first, first + count)
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
+        sa = self._sa
+        refused: list[int] = []
+        stored = stored_rows(rows)
+        pending = list(range(len(rows)))
+        while pending:
+            try:
+                with self.conn.begin_nested():
+                    self.conn.execute(
+                        sa.insert(self._table),
+                        [dict(zip(STORED_COLUMNS, stored[i], strict=True)) for i in pending],
+                    )
+                break
+            except sa.exc.IntegrityError as exc:
+                if not _is_custom_id_conflict(exc):
+                    raise
+            # The savepoint undid the chunk: set aside rows whose custom_id is held by a live
+            # request or by an earlier row of the chunk, and insert the rest.
+            taken = self.live_custom_ids([rows[i][1] for i in pending])
+            seen: set[str] = set()
+            keep = []
+            for i in pending:
+                custom_id = rows[i][1]
+                if custom_id in taken or custom_id in seen:
+                    refused.append(i)
+                else:
+                    seen.add(custom_id)
+                    keep.append(i)
+            if len(keep) == len(pending):
+                raise StoreError("custom_id conflict that no row of the chunk explains")
+            pending = keep
+        refused.sort()
+        bodies = body_rows(rows, refused)
+        if bodies:
+            self.conn.execute(
+                sa.insert(self._bodies), [{"id": rid, "body": body} for rid, body in bodies]
+            )
+        return refused
+
+    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        t = self._table
+        found: dict[str, int] = {}
+        for start in range(0, len(custom_ids), 1000):
+            part = list(custom_ids[start : start + 1000])
+            query = self._sa.select(t.c.custom_id, t.c.id).where(
+                t.c.custom_id.in_(part), self._sa.text(LIVE_SQL)
+            )
+            found.update({cid: rid for cid, rid in self.conn.execute(query)})
+        return found
+
+    def _driver(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Datetimes as this database stores them (these statements skip SQLAlchemy's types)."""
+        from batchwise.store.engine import db_time
+
+        return tuple(db_time(self.conn, v) if isinstance(v, datetime) else v for v in values)
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        from batchwise.store.engine import driver_sql
+
+        rows = self.conn.exec_driver_sql(driver_sql(self.conn, sql), self._driver(params))
+        return [tuple(r) for r in rows]
+
+    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        from batchwise.store.engine import driver_sql
+
+        if rows:
+            self.conn.exec_driver_sql(
+                driver_sql(self.conn, sql), [self._driver(row) for row in rows]
+            )
+
+    def turnarounds(self, provider: str, model: str) -> list[float]:
+        rows = self.conn.execute(
+            self._sa.text(
+                "SELECT turnaround_s FROM batches WHERE provider = :p AND model = :m "
+                "AND turnaround_s IS NOT NULL ORDER BY id DESC LIMIT :n"
+            ),
+            {"p": provider, "m": model, "n": _TURNAROUND_HISTORY},
+        )
+        return [float(r[0]) for r in rows]
+
+    def _close(self) -> None:
+        self._open = False
+        if not self._external:
+            self.conn.close()
+        if self._owns_store:
+            self.store.close()
+
+    def commit(self) -> None:
+        if self._open:
+            if self.trans is not None:
+                self.trans.commit()
+            self._close()
+
+    def rollback(self) -> None:
+        if self._open:
+            if self.trans is not None:
+                self.trans.rollback()
+            elif self.conn.in_transaction():
+                # An invalid submission inside the caller's transaction: undo ours and theirs.
+                self.conn.rollback()
+            self._close()

@@ -1,0 +1,55 @@
+"""The one state machine: every request state change goes through these functions, which
+check `states.TRANSITIONS` and move rows compare-and-set (only rows still in the expected state
+move)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from batchwise.errors import TransitionError
+from batchwise.states import TRANSITIONS, RequestState
+from batchwise.store.engine import chunked, requests_t
+
+
+def check_transition(src: RequestState, dst: RequestState) -> None:
+    if dst not in TRANSITIONS[src]:
+        raise TransitionError(f"a request cannot move from {src.value} to {dst.value}")
+
+
+def transition_requests(
+    conn: Connection,
+    ids: Sequence[int],
+    *,
+    src: RequestState | Iterable[RequestState],
+    dst: RequestState,
+    now: datetime,
+    values: dict[str, Any] | None = None,
+    extra_where: Any = None,
+) -> list[int]:
+    """Move requests from `src` to `dst`, compare-and-set: only rows still in `src` move.
+
+    Returns the ids that moved, so a caller racing another worker knows exactly what it won.
+    """
+    sources = [src] if isinstance(src, RequestState) else list(src)
+    for s in sources:
+        check_transition(s, dst)
+    moved: list[int] = []
+    changes: dict[str, Any] = {"state": dst.value, "updated_at": now, **(values or {})}
+    if dst.terminal and "finished_at" not in changes:
+        changes["finished_at"] = now
+    for chunk in chunked(ids, 5000):
+        stmt = (
+            sa.update(requests_t)
+            .where(requests_t.c.id.in_(chunk))
+            .where(requests_t.c.state.in_([s.value for s in sources]))
+        )
+        if extra_where is not None:
+            stmt = stmt.where(extra_where)
+        stmt = stmt.values(**changes).returning(requests_t.c.id)
+        moved.extend(row[0] for row in conn.execute(stmt))
+    return moved
