@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -23,7 +21,8 @@ from batchwise.config import Settings
 from batchwise.errors import GuardRefused, NotFoundError, RequestFailed, ResultTimeout
 from batchwise.intake.ingest import Defaults, SubmitResult, submit_lines
 from batchwise.intake.tolerance import resolve_zone
-from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
+from batchwise.states import RequestState
+from batchwise.store.views import RequestView as RequestView  # re-exported: users name it here
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -31,57 +30,6 @@ if TYPE_CHECKING:
     from batchwise.costs.guards import Guards
     from batchwise.intake.ingest import RequestSink
     from batchwise.store.engine import Store
-
-
-@dataclass(frozen=True)
-class RequestView:
-    """A request as stored: what `Client.get` and `batchwise status ID` show."""
-
-    id: int
-    custom_id: str
-    provider: str
-    endpoint: str
-    model: str
-    lane: str
-    state: str
-    reason: str
-    tolerance: str
-    deadline: datetime
-    attempts: int
-    tags: dict[str, str]
-    created_at: datetime
-    finished_at: datetime | None
-    batch_id: int | None
-    error: str | None
-    result: dict[str, Any] | None
-
-    @property
-    def terminal(self) -> bool:
-        return RequestState(self.state) in TERMINAL_REQUEST_STATES
-
-    def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": self.id,
-            "custom_id": self.custom_id,
-            "provider": self.provider,
-            "endpoint": self.endpoint,
-            "model": self.model,
-            "lane": self.lane,
-            "state": self.state,
-            "reason": self.reason,
-            "tolerance": self.tolerance,
-            "deadline": self.deadline.isoformat(),
-            "attempts": self.attempts,
-            "tags": self.tags,
-            "created_at": self.created_at.isoformat(),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "batch_id": self.batch_id,
-        }
-        if self.result is not None:
-            data["result"] = self.result
-        if self.error is not None:
-            data["error"] = self.error
-        return data
 
 
 class Handle:

@@ -15,14 +15,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
 from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.lifecycle.runner import RunTotals, run_embedded
-from batchwise.store.engine import Store, batches_t, events_t, requests_t
+from batchwise.store import requests
+from batchwise.store.engine import Store
 
 WORKLOAD = "demo_workload.jsonl"
 DEMO_GUARDS = {"use_case": {"faq_answers": {"dedupe_window_s": 86400.0}}}
@@ -97,38 +97,10 @@ def _empty(folder: Path) -> Path:
 def summary(url: str) -> dict[str, Any]:
     """The demo's figures: requests by lane and state, batches, retries, rescues."""
     store = Store(url)
-    r, b, e = requests_t, batches_t, events_t
     try:
-        with store.read() as conn:
-            by_lane_state = [
-                tuple(row)
-                for row in conn.execute(
-                    sa.select(r.c.lane, r.c.state, sa.func.count())
-                    .group_by(r.c.lane, r.c.state)
-                    .order_by(r.c.lane, r.c.state)
-                )
-            ]
-            batches: dict[str, int] = dict(
-                conn.execute(sa.select(b.c.state, sa.func.count()).group_by(b.c.state)).all()
-            )
-            retried = conn.execute(sa.select(sa.func.count()).where(r.c.attempts > 0)).scalar_one()
-            rescued = conn.execute(
-                sa.select(sa.func.count()).where(r.c.rescued_at.is_not(None))
-            ).scalar_one()
-            missed = conn.execute(
-                sa.select(sa.func.count()).where(r.c.deadline_miss.is_not(None))
-            ).scalar_one()
-            events = conn.execute(sa.select(sa.func.count()).select_from(e)).scalar_one()
+        return requests.outcome_summary(store)
     finally:
         store.close()
-    return {
-        "by_lane_state": by_lane_state,
-        "batches": batches,
-        "retried": retried,
-        "rescued": rescued,
-        "deadline_misses": missed,
-        "events": events,
-    }
 
 
 def print_summary(url: str, *, seconds: float, console: Console) -> None:

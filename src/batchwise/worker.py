@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
 from celery import Celery, signals
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import ChannelError
@@ -44,8 +43,9 @@ from batchwise.lifecycle.poller import poll_due
 from batchwise.lifecycle.realtime import dispatch_one
 from batchwise.lifecycle.reconcile import ReconcileReport
 from batchwise.lifecycle.scheduler import Providers, Scheduler
-from batchwise.states import CALLS_SQL, RequestState
-from batchwise.store.engine import Store, requests_t, worker_id
+from batchwise.states import RequestState
+from batchwise.store import requests
+from batchwise.store.engine import Store, worker_id
 
 __all__ = [
     "DEFAULT_QUEUE",
@@ -85,7 +85,6 @@ ALERTS_PERIOD_S = 600.0
 SWEEP_LIMIT = 2000
 
 _S = RequestState
-_t = requests_t
 _CLAIMABLE = (_S.DISPATCHING.value, _S.RESCUED.value)
 
 
@@ -217,17 +216,15 @@ def dispatch(runtime: Runtime, request_id: int) -> Dispatched:
 def wait_s(store: Store, request_id: int, *, now: datetime) -> float | None:
     """Seconds until a live, unheld realtime request may be claimed (its not-before, which a
     retry records as an ownerless lease); None if it is held, finished or unknown."""
-    with store.read() as conn:
-        row = conn.execute(
-            sa.select(_t.c.state, _t.c.lease_owner, _t.c.lease_expires_at).where(
-                _t.c.id == request_id
-            )
-        ).first()
-    if row is None or row.state not in _CLAIMABLE or row.lease_owner is not None:
+    lease = requests.call_lease(store, request_id)
+    if lease is None:
         return None
-    if row.lease_expires_at is None:
+    state, owner, expires = lease
+    if state not in _CLAIMABLE or owner is not None:
+        return None
+    if expires is None:
         return 0.0
-    return max(0.0, float((row.lease_expires_at - now).total_seconds()))
+    return max(0.0, float((expires - now).total_seconds()))
 
 
 def sweep(
@@ -249,29 +246,9 @@ def sweep(
       The caller passes `lost_messages=False` while the realtime queue has a backlog, since
       such a request may simply be waiting in it.
     """
-    expired = sa.and_(
-        sa.text(CALLS_SQL),  # the ix_requests_calls predicate, verbatim
-        _t.c.lease_owner.is_not(None),
-        _t.c.lease_expires_at < now,
-        _t.c.updated_at < _t.c.lease_expires_at,
+    return requests.sweep_calls(
+        store, now=now, lease_s=settings.lease_s, lost_messages=lost_messages, limit=limit
     )
-    lost = sa.and_(
-        sa.text(CALLS_SQL),  # the ix_requests_calls predicate, verbatim
-        sa.or_(_t.c.lease_expires_at.is_(None), _t.c.lease_expires_at < now),
-        _t.c.updated_at < now - timedelta(seconds=settings.lease_s),
-    )
-    stale = sa.or_(expired, lost) if lost_messages else expired
-    query = sa.select(_t.c.id).where(stale).order_by(_t.c.deadline, _t.c.id).limit(limit)
-    if store.is_postgres:
-        query = query.with_for_update(skip_locked=True)
-    with store.write() as conn:
-        ids = list(conn.execute(query).scalars())
-        if not ids:
-            return []
-        touched = conn.execute(
-            sa.update(_t).where(_t.c.id.in_(ids), stale).values(updated_at=now).returning(_t.c.id)
-        ).scalars()
-        return sorted(touched)
 
 
 def flush_and_submit(runtime: Runtime) -> tuple[list[int], int]:
@@ -306,18 +283,7 @@ def rescue(runtime: Runtime) -> tuple[list[int], int]:
     rescued, missed = runtime.scheduler(clock=lambda: moment).rescue()
     if not rescued:
         return [], missed
-    with runtime.store.read() as conn:
-        ids = conn.execute(
-            sa.select(_t.c.id)
-            .where(
-                _t.c.state == _S.RESCUED.value,
-                _t.c.rescued_at == moment,
-                _t.c.lease_owner.is_(None),
-                _t.c.lease_expires_at.is_(None),
-            )
-            .order_by(_t.c.id)
-        ).scalars()
-        return list(ids), missed
+    return requests.rescued_at(runtime.store, moment), missed
 
 
 def run_due_jobs(runtime: Runtime) -> Any:

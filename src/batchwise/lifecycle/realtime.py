@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-import sqlalchemy as sa
 
 from batchwise.clock import Clock
 from batchwise.config import Settings
@@ -30,43 +29,14 @@ from batchwise.errors import ProviderError, RateLimited
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
 from batchwise.providers.base import CallResult, Provider
-from batchwise.states import CALLS_SQL, RequestState
+from batchwise.states import RequestState
 from batchwise.store import ledger as ledger_table
-from batchwise.store.engine import (
-    Store,
-    bodies_t,
-    db_time,
-    ledger_t,
-    requests_t,
-    reserve_ids,
-    responses_t,
-)
-from batchwise.store.events import record_event
-from batchwise.store.leases import lease_until
-from batchwise.store.transitions import check_transition
+from batchwise.store import requests
+from batchwise.store.engine import Store, db_time
 
 log = logging.getLogger(__name__)
 
 _S = RequestState
-_t = requests_t
-#: waiting for a realtime call (the predicate of the ix_requests_calls index)
-_CLAIMABLE = sa.text(CALLS_SQL)
-_COLUMNS = (
-    _t.c.id,
-    _t.c.state,
-    _t.c.provider,
-    _t.c.endpoint,
-    _t.c.model,
-    _t.c.attempts,
-    _t.c.lane,
-    _t.c.use_case,
-    _t.c.step,
-    _t.c.business_unit,
-    _t.c.task_id,
-    _t.c.deadline,
-    _t.c.batch_id,
-    _t.c.body_hash,
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,10 +51,6 @@ class Claim:
         return int(self.request["id"])
 
 
-def _free(now: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(_t.c.lease_expires_at.is_(None), _t.c.lease_expires_at < now)
-
-
 def claim(
     store: Store,
     *,
@@ -96,54 +62,15 @@ def claim(
     skip_providers: frozenset[str] = frozenset(),
 ) -> list[Claim]:
     """Lease up to `limit` requests waiting for a realtime call (or exactly `request_id`)."""
-    query = sa.select(_t.c.id).where(_CLAIMABLE, _free(now))
-    if request_id is not None:
-        query = query.where(_t.c.id == request_id)
-    if skip_providers:
-        query = query.where(_t.c.provider.not_in(sorted(skip_providers)))
-    query = query.order_by(_t.c.deadline, _t.c.id).limit(limit)
-    if store.is_postgres:
-        query = query.with_for_update(skip_locked=True)
-    with store.write() as conn:
-        ids = list(conn.execute(query).scalars())
-        if not ids:
-            return []
-        orphaned = list(
-            conn.execute(
-                sa.select(_t.c.id).where(_t.c.id.in_(ids), _t.c.lease_owner.is_not(None))
-            ).scalars()
-        )
-        if orphaned:
-            record_event(
-                conn,
-                at=now,
-                kind="lease_takeover",
-                severity="warning",
-                message=f"{len(orphaned)} realtime request(s) taken over from a worker whose "
-                "lease expired; a call it made may have been billed without being recorded",
-                data={"request_ids": orphaned[:1000]},
-            )
-        rows = (
-            conn.execute(
-                sa.update(_t)
-                .where(_t.c.id.in_(ids), _CLAIMABLE, _free(now))
-                .values(lease_owner=worker, lease_expires_at=lease_until(now, settings.lease_s))
-                .returning(*_COLUMNS)
-            )
-            .mappings()
-            .all()
-        )
-        claimed = [dict(row) for row in rows]
-        bodies = {
-            rid: body
-            for rid, body in conn.execute(
-                sa.select(bodies_t.c.id, bodies_t.c.body).where(
-                    bodies_t.c.id.in_([r["id"] for r in claimed])
-                )
-            )
-        }
-    for request in claimed:
-        request["body"] = bodies[request["id"]]
+    claimed = requests.claim_realtime(
+        store,
+        now=now,
+        worker=worker,
+        lease_s=settings.lease_s,
+        limit=limit,
+        request_id=request_id,
+        skip_providers=skip_providers,
+    )
     return [Claim(request, worker) for request in claimed]
 
 
@@ -168,42 +95,28 @@ def apply_outcome(
     request = claim_.request
     rid, state = claim_.id, RequestState(request["state"])
     kind = "rescue" if state is _S.RESCUED else "realtime"
-    mine = sa.and_(_t.c.id == rid, _t.c.state == state.value, _t.c.lease_owner == claim_.worker)
     with store.write() as conn:
         if isinstance(outcome, CallResult):
             usage = _usage(request, outcome.body)
-            response_id = reserve_ids(conn, responses_t, 1)[0]
-            conn.execute(
-                sa.insert(responses_t).values(
-                    id=response_id,
-                    request_id=rid,
-                    batch_id=None,
-                    kind=kind,
-                    outcome="succeeded",
-                    status_code=outcome.status_code,
-                    body=orjson.dumps(outcome.body).decode(),
-                    provider_request_id=outcome.provider_request_id,
-                    created_at=now,
-                    input_tokens=usage.input_tokens if usage else 0,
-                    output_tokens=usage.output_tokens if usage else 0,
-                )
+            response_id = requests.store_call_response(
+                conn,
+                rid,
+                kind=kind,
+                status_code=outcome.status_code,
+                body=orjson.dumps(outcome.body).decode(),
+                provider_request_id=outcome.provider_request_id,
+                now=now,
+                input_tokens=usage.input_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else 0,
             )
-            check_transition(state, _S.SUCCEEDED)
-            won = (
-                conn.execute(
-                    sa.update(_t)
-                    .where(mine)
-                    .values(
-                        state=_S.SUCCEEDED.value,
-                        response_id=response_id,
-                        finished_at=now,
-                        updated_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        deadline_miss=_miss(request["deadline"], now, kind),
-                    )
-                ).rowcount
-                == 1
+            won = requests.succeed_call(
+                conn,
+                rid,
+                state=state,
+                worker=claim_.worker,
+                response_id=response_id,
+                now=now,
+                deadline_miss=_miss(request["deadline"], now, kind),
             )
             entry_kind = (
                 (ledger.Kind.RESCUE if kind == "rescue" else ledger.Kind.REALTIME)
@@ -229,36 +142,30 @@ def apply_outcome(
         error = str(outcome)
         if outcome.retryable and attempts < settings.max_attempts:
             delay = outcome.retry_after_s or min(300.0, 2.0**attempts)
-            updated = conn.execute(
-                sa.update(_t)
-                .where(mine)
-                .values(
-                    attempts=attempts,
-                    error=error,
-                    error_code=outcome.code,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_expires_at=now + timedelta(seconds=delay),
-                )
-            ).rowcount
-            return "retry" if updated else "lost"
-        check_transition(state, _S.FAILED)
-        why = error if not outcome.retryable else f"gave up after {attempts} attempts: {error}"
-        updated = conn.execute(
-            sa.update(_t)
-            .where(mine)
-            .values(
-                state=_S.FAILED.value,
+            updated = requests.retry_call(
+                conn,
+                rid,
+                state=state,
+                worker=claim_.worker,
                 attempts=attempts,
-                error=why,
+                error=error,
                 error_code=outcome.code,
-                finished_at=now,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                deadline_miss=_miss(request["deadline"], now, f"{kind} call failed"),
+                now=now,
+                not_before=now + timedelta(seconds=delay),
             )
-        ).rowcount
+            return "retry" if updated else "lost"
+        why = error if not outcome.retryable else f"gave up after {attempts} attempts: {error}"
+        updated = requests.fail_call(
+            conn,
+            rid,
+            state=state,
+            worker=claim_.worker,
+            attempts=attempts,
+            error=why,
+            error_code=outcome.code,
+            now=now,
+            deadline_miss=_miss(request["deadline"], now, f"{kind} call failed"),
+        )
         return "failed" if updated else "lost"
 
 
@@ -284,46 +191,25 @@ def fan_out(store: Store, leader: Claim, followers: list[Claim], *, now: datetim
     has none, release them to be called on their own."""
     results = []
     with store.write() as conn:
-        answer = conn.execute(
-            sa.select(
-                _t.c.response_id,
-                ledger_t.c.realtime_nusd,
-                ledger_t.c.input_tokens,
-                ledger_t.c.output_tokens,
-            )
-            .select_from(_t.outerjoin(ledger_t, ledger_t.c.response_id == _t.c.response_id))
-            .where(_t.c.id == leader.id, _t.c.state == _S.SUCCEEDED.value)
-        ).first()
+        answer = requests.call_answer(conn, leader.id)
         stamp = db_time(conn, now)
         entries = []
         for follower in followers:
             state = RequestState(follower.request["state"])
-            mine = sa.and_(
-                _t.c.id == follower.id,
-                _t.c.state == state.value,
-                _t.c.lease_owner == follower.worker,
-            )
             if answer is None:
-                conn.execute(
-                    sa.update(_t).where(mine).values(lease_owner=None, lease_expires_at=None)
-                )
+                requests.release_call(conn, follower.id, state=state, worker=follower.worker)
                 results.append("released")
                 continue
-            check_transition(state, _S.DEDUPLICATED)
             response_id, realtime, tokens_in, tokens_out = answer
-            done = conn.execute(
-                sa.update(_t)
-                .where(mine)
-                .values(
-                    state=_S.DEDUPLICATED.value,
-                    response_id=response_id,
-                    dedupe_of=leader.id,
-                    finished_at=now,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            ).rowcount
+            done = requests.deduplicate_call(
+                conn,
+                follower.id,
+                state=state,
+                worker=follower.worker,
+                response_id=response_id,
+                dedupe_of=leader.id,
+                now=now,
+            )
             if done:
                 entries.append(
                     ledger.dedupe_entry(

@@ -11,31 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING
 
 from batchwise.config import Settings
 from batchwise.intake.classify import human_s
-from batchwise.states import (
-    BATCHED_SQL,
-    CALLS_SQL,
-    LIVE_BATCH_STATES,
-    QUEUED_SQL,
-    BatchState,
-    Lane,
-    RequestState,
-)
-from batchwise.store.engine import Store, batches_t, requests_t
+from batchwise.states import Lane, RequestState
+from batchwise.store import requests
+from batchwise.store.engine import Store
 from batchwise.store.events import record_event
-from batchwise.store.transitions import transition_requests
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 _S = RequestState
-_t, _b = requests_t, batches_t
-QUEUED, CALLS, BATCHED = sa.text(QUEUED_SQL), sa.text(CALLS_SQL), sa.text(BATCHED_SQL)
-#: batches whose members wait on the provider (or on the submitter)
-_OPEN = sorted(s.value for s in (*LIVE_BATCH_STATES, BatchState.BUILDING, BatchState.UPLOADING))
-_IN_BATCH = (_S.PACKED.value, _S.SUBMITTED.value)
 
 
 def rescue_due(
@@ -45,22 +33,10 @@ def rescue_due(
     rescued = 0
     margin = timedelta(seconds=settings.rescue_margin_s)
     with store.write() as conn:
-        groups = conn.execute(
-            sa.select(_t.c.provider, _t.c.endpoint, _t.c.model).where(QUEUED).distinct()
-        ).all()
-        for provider, endpoint, model in groups:
+        for provider, endpoint, model in requests.queued_groups(conn):
             horizon = now + margin + timedelta(seconds=turnaround_s(provider, model))
-            ids = list(
-                conn.execute(
-                    sa.select(_t.c.id).where(
-                        QUEUED,
-                        sa.or_(_t.c.not_before.is_(None), _t.c.not_before <= now),
-                        _t.c.provider == provider,
-                        _t.c.endpoint == endpoint,
-                        _t.c.model == model,
-                        _t.c.deadline <= horizon,
-                    )
-                ).scalars()
+            ids = requests.queued_due(
+                conn, provider=provider, endpoint=endpoint, model=model, now=now, horizon=horizon
             )
             rescued += _rescue(
                 conn,
@@ -71,7 +47,7 @@ def rescue_due(
                 f"(expected turnaround {human_s(turnaround_s(provider, model))})",
             )
         batch_ids: set[int] = set()
-        at_risk = _batched_due(conn, now + margin, batch_ids)
+        at_risk = requests.batched_due(conn, now + margin, batch_ids)
         for state in (_S.PACKED, _S.SUBMITTED):
             rescued += _rescue(
                 conn,
@@ -81,77 +57,18 @@ def rescue_due(
                 why="its batch has not returned and only the rescue margin "
                 f"({human_s(settings.rescue_margin_s)}) is left",
             )
-        for batch_id in batch_ids:  # what is left in those batches is due later
-            conn.execute(
-                sa.update(_b)
-                .where(_b.c.id == batch_id)
-                .values(
-                    earliest_deadline=sa.select(sa.func.min(_t.c.deadline))
-                    .where(
-                        _t.c.batch_id == batch_id,
-                        _t.c.finished_at.is_(None),
-                        _t.c.state.in_(_IN_BATCH),
-                    )
-                    .scalar_subquery()
-                )
-            )
+        # what is left in those batches is due later
+        requests.refresh_earliest_deadlines(conn, batch_ids)
     return rescued
 
 
-def _batched_due(
-    conn: sa.Connection, horizon: datetime, batch_ids: set[int] | None = None
-) -> list[sa.Row[Any]]:
-    """Live requests in open batches with a deadline at or before `horizon`: only batches whose
-    earliest deadline is that close are looked into."""
-    found = list(
-        conn.execute(
-            sa.select(_b.c.id).where(_b.c.state.in_(_OPEN), _b.c.earliest_deadline <= horizon)
-        ).scalars()
-    )
-    if batch_ids is not None:
-        batch_ids.update(found)
-    rows: list[sa.Row[Any]] = []
-    for batch_id in found:
-        rows.extend(
-            conn.execute(
-                sa.select(
-                    _t.c.id,
-                    _t.c.state,
-                    _t.c.lane,
-                    _t.c.attempts,
-                    _t.c.error,
-                    _t.c.task_id,
-                    _t.c.deadline_miss,
-                ).where(
-                    _t.c.batch_id == batch_id,
-                    _t.c.finished_at.is_(None),
-                    _t.c.state.in_(_IN_BATCH),
-                    _t.c.deadline <= horizon,
-                )
-            )
-        )
-    return rows
-
-
 def _rescue(
-    conn: sa.Connection, ids: list[int], state: RequestState, *, now: datetime, why: str
+    conn: Connection, ids: list[int], state: RequestState, *, now: datetime, why: str
 ) -> int:
     if not ids:
         return 0
     reason = f"rescued while {state.value}: {why}"
-    moved = transition_requests(
-        conn,
-        ids,
-        src=state,
-        dst=_S.RESCUED,
-        now=now,
-        values={
-            "rescued_at": now,
-            "rescue_reason": reason,
-            "lease_owner": None,
-            "lease_expires_at": None,
-        },
-    )
+    moved = requests.rescue(conn, ids, src=state, now=now, reason=reason)
     if moved:
         record_event(
             conn,
@@ -166,23 +83,11 @@ def _rescue(
 
 def record_missed_deadlines(store: Store, *, now: datetime) -> int:
     """Record, once, every live request whose deadline has passed, with where it is stuck."""
-    columns = (_t.c.id, _t.c.state, _t.c.lane, _t.c.attempts, _t.c.error, _t.c.task_id)
     with store.write() as conn:
-        rows = [
-            tuple(row)
-            for queue in (QUEUED, CALLS)  # each served by its own partial index
-            for row in conn.execute(
-                sa.select(*columns).where(queue, _t.c.deadline < now, _t.c.deadline_miss.is_(None))
-            )
-        ]
-        rows += [tuple(r)[:6] for r in _batched_due(conn, now) if r.deadline_miss is None]
+        rows = requests.unrecorded_misses(conn, now=now)
         for rid, state, lane, attempts, error, task_id in rows:
             cause = _cause(state, lane, attempts, error)
-            conn.execute(
-                sa.update(_t)
-                .where(_t.c.id == rid, _t.c.deadline_miss.is_(None))
-                .values(deadline_miss=cause)
-            )
+            requests.record_deadline_miss(conn, rid, cause=cause)
             record_event(
                 conn,
                 at=now,

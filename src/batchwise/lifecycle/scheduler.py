@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
-import sqlalchemy as sa
-
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.costs import alerts
@@ -29,14 +27,8 @@ from batchwise.lifecycle.reconcile import ReconcileReport, reconcile_due
 from batchwise.lifecycle.rescue import record_missed_deadlines, rescue_due
 from batchwise.lifecycle.submitter import claim_next_batch, submit_batch
 from batchwise.providers.base import BatchLimits, Provider
-from batchwise.states import (
-    BATCHED_SQL,
-    CALLS_SQL,
-    LIVE_SQL,
-    QUEUED_SQL,
-    BatchState,
-)
-from batchwise.store.engine import Store, batches_t, requests_t, worker_id
+from batchwise.store import requests
+from batchwise.store.engine import Store, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +150,7 @@ class Scheduler:
         """Expected turnaround for (provider, model), from history; cached per tick."""
         key = (provider, model)
         if key not in self._turnarounds:
-            with self.store.read() as conn:
-                history = [
-                    float(v)
-                    for v in conn.execute(
-                        sa.select(batches_t.c.turnaround_s)
-                        .where(
-                            batches_t.c.provider == provider,
-                            batches_t.c.model == model,
-                            batches_t.c.turnaround_s.is_not(None),
-                        )
-                        .order_by(batches_t.c.id.desc())
-                        .limit(500)
-                    ).scalars()
-                ]
+            history = requests.turnaround_history(self.store, provider=provider, model=model)
             self._turnarounds[key] = expected_turnaround(provider, self.settings, history).seconds
         return self._turnarounds[key]
 
@@ -252,37 +231,11 @@ class Scheduler:
 
     def pending(self) -> dict[str, int]:
         """Live requests by state, plus batches not yet reconciled."""
-        states: dict[str, int] = {}
-        with self.store.read() as conn:
-            for queue in (BATCHED_SQL, QUEUED_SQL, CALLS_SQL):  # one partial index each
-                states.update(
-                    conn.execute(
-                        sa.select(requests_t.c.state, sa.func.count())
-                        .where(sa.text(queue))
-                        .group_by(requests_t.c.state)
-                    ).all()
-                )
-            open_batches = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(batches_t)
-                .where(batches_t.c.state != BatchState.RECONCILED.value)
-            ).scalar_one()
-        return {**{k: int(v) for k, v in states.items()}, "open_batches": int(open_batches)}
+        return requests.pending_counts(self.store)
 
     def idle(self) -> bool:
         """True when every request is terminal and every batch reconciled."""
-        with self.store.read() as conn:
-            live = conn.execute(
-                sa.select(requests_t.c.id).where(sa.text(LIVE_SQL)).limit(1)
-            ).first()
-            if live is not None:
-                return False
-            open_batch = conn.execute(
-                sa.select(batches_t.c.id)
-                .where(batches_t.c.state != BatchState.RECONCILED.value)
-                .limit(1)
-            ).first()
-        return open_batch is None
+        return requests.settled(self.store)
 
     def run(
         self,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
 
 from batchwise.store.engine import Store, requests_t, responses_t
-
-if TYPE_CHECKING:
-    from batchwise.api import RequestView
+from batchwise.store.views import RequestView
 
 _NAMED = ("use_case", "step", "business_unit", "task_id")
 
@@ -38,8 +36,6 @@ def status_counts(store: Store) -> dict[str, Any]:
 
 def request_view(store: Store, request: int | str) -> RequestView | None:
     """One request by id or custom_id (the live one, else the most recent)."""
-    from batchwise.api import RequestView
-
     t = requests_t
     query = sa.select(t)
     if isinstance(request, int) or (isinstance(request, str) and request.isdigit()):
