@@ -346,6 +346,26 @@ def test_identical_pending_requests_share_one_provider_call(tmp_path: Path, db_u
         check_all(world.store, world.stats())
 
 
+def test_identical_rescued_requests_share_one_rescue_call(tmp_path: Path, db_url: str) -> None:
+    clock = ManualClock()
+    with make_world(tmp_path, db_url, clock=clock, extra=DEDUPE) as world:
+        # Given two identical deferred questions, with dedupe on, close to their deadline
+        world.enqueue([faq("Where is my order?") for _ in range(2)])
+        clock.advance(2 * 86400 - 600)
+        # When a tick rescues both (rescued -> deduplicated is an allowed move)
+        report = world.tick()
+        # Then one rescue call answers both, the other at no cost
+        assert report.rescued == 2
+        assert report.realtime == {"succeeded": 1, "deduplicated": 1}
+        world.drain()
+        follower, leader = sorted(rows(world.store, requests_t), key=lambda r: r["state"])
+        assert (follower["state"], leader["state"]) == ("deduplicated", "succeeded")
+        assert follower["dedupe_of"] == leader["id"]
+        assert follower["response_id"] == leader["response_id"]
+        assert world.stats()["realtime_calls"]["openai"] == 1
+        check_all(world.store, world.stats())
+
+
 def test_budget_estimates_use_the_configured_prices(
     db_url: str, settings: Settings, clock: ManualClock
 ) -> None:

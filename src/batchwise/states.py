@@ -64,7 +64,8 @@ TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
         {S.SUCCEEDED, S.QUEUED, S.FAILED, S.RESCUED, S.DEDUPLICATED, S.CANCELLED}
     ),
     S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
-    S.RESCUED: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    # rescued -> deduplicated: identical rescued requests ride on one realtime call
+    S.RESCUED: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.DEDUPLICATED: frozenset(),
