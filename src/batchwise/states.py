@@ -63,7 +63,8 @@ TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     S.SUBMITTED: frozenset(
         {S.SUCCEEDED, S.QUEUED, S.FAILED, S.RESCUED, S.DEDUPLICATED, S.CANCELLED}
     ),
-    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
+    # dispatching -> rejected: a cost guard refuses a realtime request after intake stored it
+    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.REJECTED, S.CANCELLED}),
     S.RESCUED: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
