@@ -11,7 +11,7 @@ from enum import StrEnum
 
 
 class RequestState(StrEnum):
-    """Where a request is in its life (DESIGN.md, "Request life")."""
+    """Where a request is in its life (docs/architecture.md, "Request life")."""
 
     #: deferred lane: waiting to be packed into a batch
     QUEUED = "queued"
@@ -85,7 +85,7 @@ class Lane(StrEnum):
 
 
 class BatchState(StrEnum):
-    """Where a batch is in its life (DESIGN.md, "Batch life")."""
+    """Where a batch is in its life (docs/architecture.md, "Batch life")."""
 
     #: row written, requests assigned; nothing sent to the provider yet
     BUILDING = "building"
