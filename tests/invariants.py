@@ -1,5 +1,5 @@
-"""DESIGN.md's invariants as checks over a store (and the emulator's record of what it was
-asked), shared by the lifecycle, crash and distributed tests."""
+"""The invariants of docs/architecture.md as checks over a store (and the emulator's record of
+what it was asked), shared by the lifecycle, crash and distributed tests."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from batchwise.cli.events import events, list_events
+from batchwise.cli.events import events
 from batchwise.cli.main import Context
 from batchwise.store.engine import Store
-from batchwise.store.events import record_event
+from batchwise.store.events import list_events, record_event
 
 NOW = datetime.now(UTC)
 

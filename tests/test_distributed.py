@@ -2,8 +2,8 @@
 several producer processes, and the emulator (with faults) as a process of its own.
 
 One worker is killed with SIGKILL mid-run; the other takes its work over once the dead
-worker's leases expire. Afterwards DESIGN.md's invariants 1-6 are checked on the store and
-against the emulator's own record of what it was asked.
+worker's leases expire. Afterwards the invariants 1-6 of docs/architecture.md are checked on
+the store and against the emulator's own record of what it was asked.
 
 Run as a script (`python test_distributed.py produce ...`), this module is a producer.
 """

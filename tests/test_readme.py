@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchwise.emulator.app import Emulator, EmulatorConfig
+from batchwise.emulator import Emulator, EmulatorConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text(encoding="utf-8")

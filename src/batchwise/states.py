@@ -11,7 +11,7 @@ from enum import StrEnum
 
 
 class RequestState(StrEnum):
-    """Where a request is in its life (DESIGN.md, "Request life")."""
+    """Where a request is in its life (docs/architecture.md, "Request life")."""
 
     #: deferred lane: waiting to be packed into a batch
     QUEUED = "queued"
@@ -63,7 +63,8 @@ TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     S.SUBMITTED: frozenset(
         {S.SUCCEEDED, S.QUEUED, S.FAILED, S.RESCUED, S.DEDUPLICATED, S.CANCELLED}
     ),
-    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
+    # dispatching -> rejected: a cost guard refuses a realtime request after intake stored it
+    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.REJECTED, S.CANCELLED}),
     # rescued -> deduplicated: identical rescued requests ride on one realtime call
     S.RESCUED: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
@@ -85,7 +86,7 @@ class Lane(StrEnum):
 
 
 class BatchState(StrEnum):
-    """Where a batch is in its life (DESIGN.md, "Batch life")."""
+    """Where a batch is in its life (docs/architecture.md, "Batch life")."""
 
     #: row written, requests assigned; nothing sent to the provider yet
     BUILDING = "building"

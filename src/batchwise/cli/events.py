@@ -1,92 +1,25 @@
 """`batchwise events`: what batchwise wanted a person to know, newest first.
 
 The `events` table holds rescues, missed deadlines, guard refusals, failed jobs and batches,
-anomaly alerts and the like. `list_events` is the read side (usable without click); the
-command parses, calls it, prints a rich table or JSON. Heavy modules are imported inside
-the command so that loading the CLI stays fast.
+anomaly alerts and the like. `batchwise.store.events.list_events` is the read side (usable
+without click); the command parses, calls it, prints a rich table or JSON. Heavy modules are
+imported inside the command so that loading the CLI stays fast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 
 if TYPE_CHECKING:
-    from batchwise.cli.main import Context
-    from batchwise.store.engine import Store
+    from batchwise.cli.context import Context
+    from batchwise.store.events import EventView
 
-__all__ = ["EventView", "events", "list_events"]
+__all__ = ["events"]
 
 _SEVERITY_STYLE = {"alert": "bold red", "warning": "yellow"}
-
-
-@dataclass(frozen=True)
-class EventView:
-    """One row of the `events` table, with its `data` decoded."""
-
-    id: int
-    at: datetime
-    kind: str
-    severity: str
-    message: str
-    request_id: int | None
-    batch_id: int | None
-    task_id: str | None
-    data: dict[str, Any]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "at": self.at.isoformat(),
-            "kind": self.kind,
-            "severity": self.severity,
-            "message": self.message,
-            "request_id": self.request_id,
-            "batch_id": self.batch_id,
-            "task_id": self.task_id,
-            "data": self.data,
-        }
-
-
-def list_events(
-    store: Store,
-    *,
-    kinds: Sequence[str] = (),
-    since: datetime | None = None,
-    limit: int = 50,
-) -> list[EventView]:
-    """The newest `limit` events (of `kinds`, if given; at or after `since`, if given)."""
-    import orjson
-    import sqlalchemy as sa
-
-    from batchwise.store.engine import events_t
-
-    t = events_t
-    query = sa.select(t).order_by(t.c.at.desc(), t.c.id.desc()).limit(limit)
-    if kinds:
-        query = query.where(t.c.kind.in_(list(kinds)))
-    if since is not None:
-        query = query.where(t.c.at >= since)
-    with store.read() as conn:
-        rows = conn.execute(query).mappings().all()
-    return [
-        EventView(
-            id=row["id"],
-            at=row["at"],
-            kind=row["kind"],
-            severity=row["severity"],
-            message=row["message"],
-            request_id=row["request_id"],
-            batch_id=row["batch_id"],
-            task_id=row["task_id"],
-            data=orjson.loads(row["data"] or "{}"),
-        )
-        for row in rows
-    ]
 
 
 def _table(rows: Sequence[EventView], *, more: bool) -> Any:
@@ -148,10 +81,11 @@ def events(
     """Guard events and alerts (rescues, missed deadlines, refusals, anomalies), newest first."""
     import orjson
 
-    from batchwise.cli.main import _client
+    from batchwise.cli.context import open_client
     from batchwise.cli.reports import parse_time_bound
     from batchwise.clock import system_clock
     from batchwise.costs.savings import wide_console
+    from batchwise.store.events import list_events
 
     wanted = tuple(dict.fromkeys(k.strip() for v in kinds for k in v.split(",") if k.strip()))
     start = None
@@ -160,7 +94,7 @@ def events(
             start = parse_time_bound(since, now=system_clock())
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--since") from exc
-    with _client(obj) as client:
+    with open_client(obj) as client:
         # one more than asked, to tell the reader whether older events were left out
         rows = list_events(client.store, kinds=wanted, since=start, limit=limit + 1)
     more, rows = len(rows) > limit, rows[:limit]

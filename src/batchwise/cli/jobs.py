@@ -1,8 +1,8 @@
 """`batchwise jobs …`: list cron jobs, run one now, show when one runs next.
 
-Registered onto the main group by `register(cli)`. Commands parse, call `batchwise.jobs.runs`,
-print. Nothing here imports `batchwise.cli.main` at run time, so it may import this module anywhere;
-the group's `Context` (the global `--db`) arrives as the click context object.
+Registered onto the main group by `register(cli)` (or found there through its table of lazy
+commands). Commands parse, call `batchwise.jobs.runs`, print. The group's `Context` (the global
+`--db`) arrives as the click context object.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from batchwise.cli.context import dumps, fail
+
 if TYPE_CHECKING:
-    from batchwise.cli.main import Context
+    from batchwise.cli.context import Context
     from batchwise.config import Settings
     from batchwise.jobs.runs import Job, LoadedJobs
     from batchwise.store.engine import Store
@@ -53,7 +55,7 @@ class JobsContext:
             return loaded.get(name)
         except NotFoundError as exc:
             broken = "; ".join(str(e) for e in loaded.errors)
-            raise _fail(exc, f"some job files did not load: {broken}" if broken else None) from exc
+            raise fail(exc, f"some job files did not load: {broken}" if broken else None) from exc
 
     @contextmanager
     def store(self) -> Iterator[Store]:
@@ -81,16 +83,6 @@ pass_jobs = click.make_pass_decorator(JobsContext)
 def jobs(ctx: click.Context, jobs_dir: Path | None) -> None:
     """Cron jobs: Python modules in the jobs folder that enqueue work on a schedule."""
     ctx.obj = JobsContext(ctx.obj, jobs_dir)
-
-
-def _fail(exc: Exception, hint: str | None = None) -> click.ClickException:
-    return click.ClickException(str(exc) + (f"\nhint: {hint}" if hint else ""))
-
-
-def _dumps(value: Any) -> str:
-    import orjson
-
-    return orjson.dumps(value).decode()
 
 
 def _when(moment: datetime, job: Job) -> str:
@@ -128,7 +120,7 @@ def list_jobs(obj: JobsContext, as_json: bool) -> None:
             }
         )
     if as_json:
-        click.echo(_dumps({"jobs": rows, "errors": [str(e) for e in loaded.errors]}))
+        click.echo(dumps({"jobs": rows, "errors": [str(e) for e in loaded.errors]}))
     else:
         table = [("NAME", "SCHEDULE", "TIME ZONE", "NEXT RUN", "LAST RUN")]
         for job, row in zip(loaded.jobs, rows, strict=True):
@@ -185,9 +177,9 @@ def run_job(obj: JobsContext, name: str, at: str | None, as_json: bool) -> None:
         try:
             record = run_now(store, job, settings=obj.settings(), now=datetime.now(UTC), at=moment)
         except BatchwiseError as exc:
-            raise _fail(exc, "see earlier runs with `batchwise jobs list`") from exc
+            raise fail(exc, "see earlier runs with `batchwise jobs list`") from exc
     if as_json:
-        click.echo(_dumps(record.as_dict()))
+        click.echo(dumps(record.as_dict()))
     else:
         line = f"run {record.id}: {record.requests} request(s), {record.state}"
         if record.output:
@@ -210,7 +202,7 @@ def next_runs(obj: JobsContext, name: str, count: int, as_json: bool) -> None:
     times = next_times(job.cron, job.zone, datetime.now(UTC), count)
     if as_json:
         click.echo(
-            _dumps(
+            dumps(
                 [{"local": t.astimezone(job.zone).isoformat(), "utc": t.isoformat()} for t in times]
             )
         )

@@ -3,8 +3,7 @@
 Added to the `batchwise` group by `register(cli)`. Like the rest of the CLI they parse, call
 the library, print; the library modules are imported inside the commands, so `batchwise
 submit` does not pay for SQLAlchemy queries, rich tables or an HTTP server it never uses.
-The group's `Context` (the global `--db`) arrives as the click context object; nothing here
-imports `batchwise.cli.main` at import time, so `cli.py` may import this module from anywhere.
+The group's `Context` (the global `--db`) arrives as the click context object.
 """
 
 from __future__ import annotations
@@ -16,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from batchwise.cli.context import dumps, open_client
+
 if TYPE_CHECKING:
-    from batchwise.cli.main import Context
+    from batchwise.cli.context import Context
     from batchwise.costs.savings import SavingsReport
     from batchwise.store.engine import Store
 
@@ -53,16 +54,8 @@ def parse_time_bound(text: str, *, now: datetime) -> datetime:
 
 @contextmanager
 def _store(obj: Context) -> Iterator[Store]:
-    from batchwise.cli.main import _client
-
-    with _client(obj) as client:
+    with open_client(obj) as client:
         yield client.store
-
-
-def _dumps(value: Any) -> str:
-    import orjson
-
-    return orjson.dumps(value).decode()
 
 
 def _console() -> Any:
@@ -154,7 +147,7 @@ def savings(
 
             write_html(html_file, report_data(store, by=keys, since=start, until=end, now=now))
     if as_json:
-        click.echo(_dumps(report.as_dict()))
+        click.echo(dumps(report.as_dict()))
     elif as_csv:
         click.echo(_csv(keys, report), nl=False)
     else:
@@ -175,7 +168,7 @@ def tasks(obj: Context, as_json: bool) -> None:
         rows = task_costs(store)
     summary = task_summary(rows)
     if as_json:
-        click.echo(_dumps({"summary": summary, "tasks": [t.as_dict() for t in rows]}))
+        click.echo(dumps({"summary": summary, "tasks": [t.as_dict() for t in rows]}))
     else:
         _console().print(tasks_table(rows, summary))
 
@@ -211,7 +204,7 @@ def forecast(obj: Context, volume: str, days: int, as_json: bool) -> None:
         except ForecastError as exc:
             raise click.ClickException(str(exc)) from exc
     if as_json:
-        click.echo(_dumps(result.as_dict()))
+        click.echo(dumps(result.as_dict()))
     else:
         _console().print(forecast_table(result))
 
@@ -243,7 +236,7 @@ def purge(obj: Context, older_than: str, dry_run: bool, as_json: bool) -> None:
     with _store(obj) as store:
         result = purge_bodies(store, older_than=age, now=system_clock(), dry_run=dry_run)
     if as_json:
-        click.echo(_dumps(result.as_dict()))
+        click.echo(dumps(result.as_dict()))
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(

@@ -64,20 +64,17 @@ def _settings(ctx: click.Context) -> Settings:
 def _check_store(settings: Settings) -> None:
     """Fail now, with the URL, rather than in every task: and create the schema once here,
     not in every pool process at the same moment."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from batchwise.errors import BatchwiseError
-    from batchwise.store.engine import Store
+    from batchwise.store.queries import check_database
 
     try:
-        store = Store(settings.resolved_database_url)
-    except (SQLAlchemyError, BatchwiseError) as exc:
+        check_database(settings.resolved_database_url)
+    except BatchwiseError as exc:
         raise click.ClickException(
             f"cannot open the database: {exc}\n"
             "hint: set BATCHWISE_DATABASE_URL (e.g. postgresql+psycopg://user:pass@host/db) "
             "or pass --db"
         ) from exc
-    store.close()
 
 
 @click.command()

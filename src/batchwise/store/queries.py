@@ -1,4 +1,5 @@
-"""Read-side queries for the API and the CLI: status counts and request views."""
+"""Read-side queries for the API and the CLI: status counts, request views, a batch's
+provider, and the check that a database opens."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from batchwise.store.engine import Store, requests_t, responses_t
+from batchwise.errors import StoreError
+from batchwise.store.engine import Store, batches_t, requests_t, responses_t
 from batchwise.store.views import RequestView
 
 _NAMED = ("use_case", "step", "business_unit", "task_id")
@@ -73,3 +75,26 @@ def request_view(store: Store, request: int | str) -> RequestView | None:
         error=row["error"],
         result=result,
     )
+
+
+def batch_provider(store: Store, batch_id: int) -> str | None:
+    """The provider a batch was sent to (to build its adapter), or None if no such batch."""
+    with store.read() as conn:
+        name: str | None = conn.execute(
+            sa.select(batches_t.c.provider).where(batches_t.c.id == batch_id)
+        ).scalar()
+    return name
+
+
+def check_database(url: str) -> None:
+    """Open the database at `url` (creating or upgrading its schema) and close it again.
+
+    A worker calls this once at start-up, so a bad URL fails there with the URL in the
+    message rather than in every task, and the schema is made once, not by every pool process
+    at the same moment. Raises `StoreError` when the database cannot be opened.
+    """
+    try:
+        store = Store(url)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(str(exc)) from exc
+    store.close()

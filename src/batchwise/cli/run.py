@@ -1,0 +1,149 @@
+"""The commands that run something in this process: `run` (the embedded scheduler),
+`demo` (a sample day against the emulator) and `emulator` (the local provider server)."""
+
+from __future__ import annotations
+
+import click
+
+from batchwise.cli.context import Context, fail, parse_duration_option, pass_ctx
+
+__all__ = ["COMMANDS", "demo", "emulator", "run"]
+
+
+@click.command()
+@click.option(
+    "--until-idle",
+    is_flag=True,
+    help="Flush every group at once and exit 0 when every request is terminal.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=None,
+    metavar="S",
+    help="Seconds between ticks; also caps the poll backoff. [default: 30]",
+)
+@pass_ctx
+def run(obj: Context, until_idle: bool, interval: float | None) -> None:
+    """Run the scheduler in this process (embedded mode: SQLite, no servers).
+
+    Ctrl-C finishes the current step and exits; nothing is lost.
+    """
+    from batchwise.errors import BatchwiseError
+    from batchwise.lifecycle.runner import run_embedded
+
+    try:
+        totals = run_embedded(obj.settings(), until_idle=until_idle, interval_s=interval)
+    except BatchwiseError as exc:
+        raise fail(exc) from exc
+    click.echo(
+        f"{'stopped' if totals.stopped else 'idle'} after {totals.ticks} tick(s): "
+        f"{totals.batches_submitted} batch(es) submitted, {totals.lines_reconciled} line(s) "
+        f"reconciled, {sum(totals.realtime.values())} realtime call(s), {totals.rescued} rescue(s)",
+        err=True,
+    )
+
+
+@click.command()
+@click.option("--turnaround", default="2s", show_default=True, help="Emulated batch turnaround.")
+@pass_ctx
+def demo(obj: Context, turnaround: str) -> None:
+    """Run a sample day of LLM work through batchwise against the local emulator.
+
+    No keys or network needed. Uses a fresh database unless --db is given.
+    """
+    from batchwise.demo import run_demo
+
+    settings = obj.settings()
+    run_demo(
+        settings,
+        database_url=obj.db,
+        turnaround_s=parse_duration_option(turnaround, "--turnaround"),
+    )
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8900, show_default=True, type=int, help="Port (0 = any free).")
+@click.option(
+    "--turnaround", default="2s", show_default=True, help="Batch turnaround (e.g. 2s, 1m)."
+)
+@click.option(
+    "--error-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of batch lines and calls that fail with a provider error.",
+)
+@click.option(
+    "--expire-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of batches that expire with partial output.",
+)
+@click.option(
+    "--rate-limit-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of HTTP calls answered 429 with retry-after.",
+)
+@click.option(
+    "--server-error-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of HTTP calls answered 500.",
+)
+@click.option("--latency", default="0s", show_default=True, help="Added latency per realtime call.")
+@click.option(
+    "--enqueued-token-limit",
+    type=int,
+    default=None,
+    help="Per-model enqueued-token limit; OpenAI batches over it fail with token_limit_exceeded.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep state on disk here so a restart continues (default: in memory).",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for fault injection.")
+def emulator(
+    host: str,
+    port: int,
+    turnaround: str,
+    error_rate: float,
+    expire_rate: float,
+    rate_limit_rate: float,
+    server_error_rate: float,
+    latency: str,
+    enqueued_token_limit: int | None,
+    state_dir: str | None,
+    seed: int,
+) -> None:
+    """Serve the OpenAI and Anthropic batch and realtime APIs locally, for demos and tests.
+
+    Point clients at it with OPENAI_BASE_URL=http://HOST:PORT/v1 and
+    ANTHROPIC_BASE_URL=http://HOST:PORT (any non-empty API key works).
+    """
+    from pathlib import Path
+
+    from batchwise.emulator import EmulatorConfig, run_server
+
+    config = EmulatorConfig(
+        turnaround_s=parse_duration_option(turnaround, "--turnaround"),
+        error_rate=error_rate,
+        expire_rate=expire_rate,
+        rate_limit_rate=rate_limit_rate,
+        server_error_rate=server_error_rate,
+        latency_s=parse_duration_option(latency, "--latency"),
+        enqueued_token_limit=enqueued_token_limit,
+        state_dir=Path(state_dir) if state_dir else None,
+        seed=seed,
+    )
+    run_server(host, port, config)
+
+
+COMMANDS = (run, demo, emulator)
