@@ -156,8 +156,8 @@ def run_one(size: int) -> dict[str, float]:
     from batchwise.clock import system_clock
     from batchwise.config import Settings
     from batchwise.lifecycle.batch_files import packed_file_path
-    from batchwise.lifecycle.packer import batch_members
     from batchwise.lifecycle.scheduler import Providers, Scheduler
+    from batchwise.store.batches import batch_members
     from batchwise.store.engine import Store, batches_t
 
     workdir = Path(tempfile.mkdtemp(prefix="bw-life-"))

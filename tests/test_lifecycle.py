@@ -10,9 +10,9 @@ import sqlalchemy as sa
 
 from batchwise.clock import ManualClock
 from batchwise.emulator.app import EmulatorConfig
-from batchwise.lifecycle.packer import unpack_ids
 from batchwise.lifecycle.reconcile import reconcile_due
 from batchwise.states import BatchState, RequestState
+from batchwise.store.batches import unpack_ids
 from batchwise.store.engine import batches_t, events_t, ledger_t, requests_t, responses_t
 from invariants import check_all, rows, snapshot
 from lifecycle_world import make_world, mixed_items

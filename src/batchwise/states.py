@@ -120,6 +120,29 @@ LIVE_BATCH_STATES = frozenset(
 ENDED_BATCH_STATES = frozenset(
     {BatchState.COMPLETED, BatchState.EXPIRED, BatchState.CANCELLED, BatchState.FAILED}
 )
+#: batch states that hold provider capacity (enqueued tokens) for their model: every state
+#: before the batch ended, so its requests may still be answered by it
+OPEN_BATCH_STATES = LIVE_BATCH_STATES | {BatchState.BUILDING, BatchState.UPLOADING}
+
+B = BatchState
+#: every allowed state change of a batch; anything else is a bug. Once the provider holds a
+#: batch its state is the provider's word: a submit (or adoption) and every poll record
+#: whatever the provider reports, so from `uploading` and the live states any live or ended
+#: state may follow, the same one included (a poll that finds the batch where it was).
+BATCH_TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
+    # the submitter claims it (packing writes the row as `building`)
+    B.BUILDING: frozenset({B.UPLOADING}),
+    # again `uploading`: claimed again after a lapsed lease or a retry delay; `failed`: the
+    # submit failed for good; `reconciled`: nothing was left to send (every member cancelled
+    # or rescued while it was packed)
+    B.UPLOADING: LIVE_BATCH_STATES | ENDED_BATCH_STATES | {B.UPLOADING, B.RECONCILED},
+    # polls, and `cancelling` when a cancel is asked for
+    **dict.fromkeys(LIVE_BATCH_STATES, LIVE_BATCH_STATES | ENDED_BATCH_STATES),
+    # the reconciler applied its results (or put its requests back in the queue)
+    **dict.fromkeys(ENDED_BATCH_STATES, frozenset({B.RECONCILED})),
+    B.RECONCILED: frozenset(),
+}
+del B
 
 
 def state_predicate(states: frozenset[RequestState] | set[RequestState]) -> str:

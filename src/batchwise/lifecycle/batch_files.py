@@ -22,10 +22,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
 from batchwise.states import BatchState
-from batchwise.store.engine import batches_t
+from batchwise.store import batches
 
 if TYPE_CHECKING:
     from batchwise.config import Settings
@@ -88,13 +86,7 @@ def sweep(store: Store, settings: Settings, *, max_age_s: float = MAX_AGE_S) -> 
     if not candidates:
         return removed
     with store.read() as conn:
-        states = dict(
-            conn.execute(
-                sa.select(batches_t.c.id, batches_t.c.state).where(
-                    batches_t.c.id.in_(list(candidates))
-                )
-            ).all()
-        )
+        states = batches.states_of(conn, candidates)
     for batch_id, files in candidates.items():
         for path, needed_while in files:
             if states.get(batch_id) not in needed_while:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING
 
 from batchwise.errors import NotFoundError
-from batchwise.lifecycle.packer import batch_members
-from batchwise.providers.base import Provider
-from batchwise.states import LIVE_BATCH_STATES, LIVE_REQUEST_STATES, BatchState, RequestState
-from batchwise.store.engine import Store, batches_t, requests_t
+from batchwise.states import LIVE_BATCH_STATES, LIVE_REQUEST_STATES, RequestState
+from batchwise.store import batches
 from batchwise.store.events import record_event
 from batchwise.store.transitions import transition_requests
+
+if TYPE_CHECKING:
+    from batchwise.providers.base import Provider
+    from batchwise.store.engine import Store
 
 
 def cancel_requests(
@@ -53,31 +54,14 @@ def cancel_requests(
 
 def cancel_batch(store: Store, provider: Provider, batch_id: int, *, now: datetime) -> list[int]:
     """Cancel a batch at the provider and every live request in it."""
-    b = batches_t
     with store.read() as conn:
-        row = conn.execute(
-            sa.select(b.c.state, b.c.provider_batch_id).where(b.c.id == batch_id)
-        ).first()
-        if row is None:
+        found = batches.find(conn, batch_id)
+        if found is None:
             raise NotFoundError(f"no batch with id {batch_id}")
-        ids = list(
-            conn.execute(
-                sa.select(requests_t.c.id).where(requests_t.c.batch_id == batch_id)
-            ).scalars()
-        )
-        ids += batch_members(conn, batch_id)  # packed, not linked yet
-    state, provider_batch_id = row
-    if provider_batch_id and BatchState(state) in LIVE_BATCH_STATES:
+        ids = batches.request_ids(conn, batch_id)  # linked, and listed but not linked yet
+    state, provider_batch_id = found
+    if provider_batch_id and state in LIVE_BATCH_STATES:
         info = provider.cancel(provider_batch_id)
         with store.write() as conn:
-            conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch_id, b.c.state.in_([s.value for s in LIVE_BATCH_STATES]))
-                .values(
-                    state=BatchState.CANCELLING.value,
-                    provider_status=info.provider_status,
-                    updated_at=now,
-                    next_poll_at=now,
-                )
-            )
+            batches.mark_cancelling(conn, batch_id, provider_status=info.provider_status, now=now)
     return cancel_requests(store, ids, now=now, why=f"cancelled with batch {batch_id}")

@@ -16,48 +16,27 @@ the member they ride on.
 from __future__ import annotations
 
 import re
-import sys
-from array import array
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
-from batchwise.config import Settings
 from batchwise.faults import crashpoint
 from batchwise.lifecycle import batch_files
 from batchwise.providers.base import BatchLimits, Provider
-from batchwise.states import BatchState, RequestState
-from batchwise.store.engine import (
-    Store,
-    batches_t,
-    chunked,
-    db_time,
-    driver_sql,
-    requests_t,
-)
-from batchwise.store.transitions import check_transition
+from batchwise.store import batches, packing
+from batchwise.store.packing import Group, GroupKey
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from batchwise.config import Settings
+    from batchwise.store.engine import Store
 
 #: bytes a provider's line wrapper adds around a body (custom_id, url, keys), conservatively
 LINE_OVERHEAD_BYTES = 160
 _CUSTOM_ID = re.compile(r"b(\d+)-r(\d+)-([0-9a-f]{8})")
-#: (provider, endpoint, model)
-_GroupKey = tuple[str, str, str]
-#: PostgreSQL advisory lock key that makes packers take turns
-_PACK_LOCK_KEY = 0x7061636B  # "pack"
-#: batch states that hold provider capacity (enqueued tokens) for their model
-CAPACITY_STATES = (
-    BatchState.BUILDING,
-    BatchState.UPLOADING,
-    BatchState.SUBMITTED,
-    BatchState.IN_PROGRESS,
-    BatchState.FINALIZING,
-    BatchState.CANCELLING,
-)
 
 
 def line_custom_id(store_id: str, batch_id: int, request_id: int) -> str:
@@ -72,79 +51,6 @@ def parse_custom_id(custom_id: str, store_id: str) -> tuple[int, int] | None:
     if match is None or match[3] != store_id:
         return None
     return int(match[1]), int(match[2])
-
-
-def pack_ids(ids: Iterable[int]) -> bytes:
-    """Request ids as a `member_ids` value: sorted 64-bit little-endian integers."""
-    values = array("q", sorted(ids))
-    if sys.byteorder != "little":  # pragma: no cover - big-endian machines
-        values.byteswap()
-    return values.tobytes()
-
-
-def unpack_ids(data: bytes | memoryview | None) -> list[int]:
-    if not data:
-        return []
-    values = array("q")
-    values.frombytes(bytes(data))
-    if sys.byteorder != "little":  # pragma: no cover - big-endian machines
-        values.byteswap()
-    return values.tolist()
-
-
-def held_ids(conn: Connection) -> set[int]:
-    """Queued requests that a batch has packed but not linked yet: not free to pack."""
-    held: set[int] = set()
-    for data in conn.execute(
-        sa.select(batches_t.c.member_ids).where(batches_t.c.member_ids.is_not(None))
-    ).scalars():
-        held.update(unpack_ids(data))
-    return held
-
-
-def batch_members(conn: Connection, batch_id: int) -> list[int]:
-    """The requests listed on a batch row (empty once they are linked)."""
-    data = conn.execute(
-        sa.select(batches_t.c.member_ids).where(batches_t.c.id == batch_id)
-    ).scalar_one_or_none()
-    return unpack_ids(data)
-
-
-def move_members(conn: Connection, batch_id: int, dst: RequestState, *, now: datetime) -> int:
-    """Move a batch's listed members that are still queued into `dst` in that batch (one
-    statement per 5,000, compare-and-set: one cancelled or rescued meanwhile keeps its state),
-    and clear the list. Returns how many moved."""
-    members = batch_members(conn, batch_id)
-    if not members:
-        return 0
-    check_transition(RequestState.QUEUED, dst)
-    stamp = db_time(conn, now)
-    moved = 0
-    for chunk in chunked(members, 5000):
-        moved += conn.exec_driver_sql(
-            driver_sql(
-                conn,
-                "UPDATE requests SET state = ?, batch_id = ?, updated_at = ? "
-                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
-            ),
-            (dst.value, batch_id, stamp, *chunk),
-        ).rowcount
-    conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
-    return moved
-
-
-@dataclass(frozen=True)
-class Group:
-    """The queued requests of one (provider, endpoint, model)."""
-
-    provider: str
-    endpoint: str
-    model: str
-    count: int
-    size_bytes: int
-    est_tokens: int
-    oldest_queued_at: datetime
-    earliest_deadline: datetime
 
 
 @dataclass(frozen=True)
@@ -196,71 +102,6 @@ def token_budget(settings: Settings, model: str) -> int:
     return settings.inflight_token_budget.get(model, settings.default_inflight_token_budget)
 
 
-def queued_groups(
-    conn: Connection, now: datetime, held: Collection[int] = frozenset()
-) -> list[Group]:
-    """Queued requests that may be packed now (a budget may hold some back), by group.
-
-    Requests `held` by a batch are taken out of the counts and sizes exactly, but may still
-    set a group's oldest and earliest times: they are linked within a tick, unless submitting
-    their batch keeps failing, and then flushing the rest a little early is harmless."""
-    t = requests_t
-    query = (
-        sa.select(
-            t.c.provider,
-            t.c.endpoint,
-            t.c.model,
-            sa.func.count(),
-            sa.func.sum(t.c.size_bytes + LINE_OVERHEAD_BYTES),
-            sa.func.sum(t.c.est_input_tokens),
-            sa.func.min(t.c.updated_at),
-            sa.func.min(t.c.deadline),
-        )
-        .where(
-            t.c.state == RequestState.QUEUED.value,
-            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now),
-        )
-        .group_by(t.c.provider, t.c.endpoint, t.c.model)
-        .order_by(t.c.provider, t.c.endpoint, t.c.model)
-    )
-    taken: dict[tuple[str, str, str], list[int]] = {}
-    for chunk in chunked(sorted(held), 5000):
-        for provider, endpoint, model, count, size, tokens in conn.execute(
-            query.with_only_columns(*query.selected_columns[:6]).where(t.c.id.in_(chunk))
-        ):
-            counts = taken.setdefault((provider, endpoint, model), [0, 0, 0])
-            counts[0] += count
-            counts[1] += int(size or 0)
-            counts[2] += int(tokens or 0)
-    groups = []
-    for provider, endpoint, model, count, size, tokens, oldest, earliest in conn.execute(query):
-        minus = taken.get((provider, endpoint, model), (0, 0, 0))
-        if count > minus[0]:
-            groups.append(
-                Group(
-                    provider,
-                    endpoint,
-                    model,
-                    count - minus[0],
-                    int(size or 0) - minus[1],
-                    int(tokens or 0) - minus[2],
-                    oldest,
-                    earliest,
-                )
-            )
-    return groups
-
-
-def inflight_tokens(conn: Connection) -> dict[tuple[str, str], int]:
-    b = batches_t
-    rows = conn.execute(
-        sa.select(b.c.provider, b.c.model, sa.func.sum(b.c.est_input_tokens))
-        .where(b.c.state.in_([s.value for s in CAPACITY_STATES]))
-        .group_by(b.c.provider, b.c.model)
-    )
-    return {(p, m): int(n or 0) for p, m, n in rows}
-
-
 def pack(
     store: Store,
     *,
@@ -280,13 +121,15 @@ def pack(
     so the submitter need not read them again; without it, the submitter builds the file."""
     batch_files.sweep(store, settings)
     with store.read() as conn:
-        inflight = inflight_tokens(conn)
+        inflight = batches.inflight_tokens(conn)
         flushes = (
             _drain_flushes(conn, now=now, settings=settings, inflight=inflight) if drain else None
         )
         if flushes is None:
             flushes = plan(
-                queued_groups(conn, now, held_ids(conn)),
+                packing.queued_groups(
+                    conn, now, batches.held_ids(conn), line_overhead_bytes=LINE_OVERHEAD_BYTES
+                ),
                 now=now,
                 settings=settings,
                 limits=limits,
@@ -343,51 +186,21 @@ def _drain_flushes(
     one DISTINCT over the queue, which SQL answers without a row reaching Python; the group
     of the first queued request goes first. Groups without token budget left wait. None if
     that first group has none (then `plan` decides, as without drain)."""
-    stamp = db_time(conn, now)
-    first = conn.exec_driver_sql(
-        driver_sql(
-            conn,
-            "SELECT provider, endpoint, model FROM requests WHERE state = 'queued' "
-            "AND (not_before IS NULL OR not_before <= ?) ORDER BY deadline, id LIMIT 1",
-        ),
-        (stamp,),
-    ).first()
+    first, groups = packing.queued_group_keys(conn, now)
     if first is None:
         return []
-    groups = {
-        (str(p), str(e), str(m))
-        for p, e, m in conn.exec_driver_sql(
-            driver_sql(
-                conn,
-                "SELECT DISTINCT provider, endpoint, model FROM requests "
-                "WHERE state = 'queued' AND (not_before IS NULL OR not_before <= ?)",
-            ),
-            (stamp,),
-        )
-    }
 
-    def has_budget(key: _GroupKey) -> bool:
+    def has_budget(key: GroupKey) -> bool:
         # Without it the provider would refuse the batch (token_limit_exceeded): wait.
         return inflight.get((key[0], key[2]), 0) < token_budget(settings, key[2])
 
-    key = (str(first[0]), str(first[1]), str(first[2]))
-    if not has_budget(key):
+    if not has_budget(first):
         return None
     return [
         Flush(Group(provider, endpoint, model, 0, 0, 0, now, now), "explicit", "explicit")
-        for provider, endpoint, model in [key, *sorted(groups - {key})]
+        for provider, endpoint, model in [first, *sorted(groups - {first})]
         if has_budget((provider, endpoint, model))
     ]
-
-
-_GROUP_SQL = (
-    "SELECT r.id, r.size_bytes, r.est_input_tokens{body}{tags} "
-    "FROM requests r{join} WHERE r.state = 'queued' "
-    "AND r.provider = ? AND r.endpoint = ? AND r.model = ? "
-    "AND (r.not_before IS NULL OR r.not_before <= ?) ORDER BY r.deadline, r.id"
-)
-#: the body as UTF-8 bytes, ready to write
-_BODY_BYTES = {"sqlite": "CAST(b.body AS BLOB)", "postgresql": "convert_to(b.body, 'UTF8')"}
 
 
 class LineFormat:
@@ -462,18 +275,8 @@ def _pack_group(
     cut: _Cut | None = None
     try:
         with store.write() as conn:
-            if store.is_postgres:
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PACK_LOCK_KEY})")
-            held = held_ids(conn)
-            sql = _GROUP_SQL.format(
-                body=f", {_BODY_BYTES[conn.dialect.name]}" if lines else ", NULL",
-                join=" JOIN request_bodies b ON b.id = r.id" if lines else "",
-                tags=", r.body_hash, r.use_case, r.step, r.business_unit"
-                if coalesce
-                else ", NULL, NULL, NULL, NULL",
-            )
-            params = (group.provider, group.endpoint, group.model, db_time(conn, now))
-            rows = _stream(conn, driver_sql(conn, sql), params)
+            packing.take_turn(conn)
+            held = batches.held_ids(conn)
             #: identical requests ride on the first of them (coalesced): (follower, leader)
             followers: list[tuple[int, int]] = []
             leaders: dict[str, int] = {}
@@ -486,48 +289,50 @@ def _pack_group(
             # The current batch's totals are locals here, handed to `_close_cut`: this is the
             # hot loop of packing.
             count = size = tokens = 0
-            for rid, row_bytes, est, body, body_hash, use_case, step, unit in rows:
-                if held and rid in held:
-                    continue
-                if coalesce is not None and coalesce(use_case, step, unit):
-                    leader = leaders.setdefault(body_hash, rid)
-                    if leader != rid:
-                        followers.append((rid, leader))
+            with packing.group_rows(
+                conn, group, now=now, bodies=lines is not None, tags=coalesce is not None
+            ) as rows:
+                for rid, row_bytes, est, body, body_hash, use_case, step, unit in rows:
+                    if held and rid in held:
                         continue
-                line_bytes = row_bytes + overhead
-                if count:
-                    if tokens + est > budget:
-                        capped = True  # the provider would refuse more of this model now
-                        break
-                    if count >= max_requests or size + line_bytes > max_bytes:
-                        assert cut is not None
-                        _close_cut(conn, cut, "full", size, tokens)
-                        created.append(cut)
-                        budget -= tokens
-                        cut, count, size, tokens = None, 0, 0, 0
-                if cut is None:
-                    cut = _open_cut(conn, store, settings, flush, lines, now=now)
-                    write = cut.file.write if cut.file is not None else None
-                    batch_id, ids = cut.batch_id, cut.ids
-                ids.append(rid)
-                count += 1
-                size += line_bytes
-                tokens += est
-                if write is not None:
-                    write(template % (batch_id, rid, body))
-            _close_stream(rows)
+                    if coalesce is not None and coalesce(use_case, step, unit):
+                        leader = leaders.setdefault(body_hash, rid)
+                        if leader != rid:
+                            followers.append((rid, leader))
+                            continue
+                    line_bytes = row_bytes + overhead
+                    if count:
+                        if tokens + est > budget:
+                            capped = True  # the provider would refuse more of this model now
+                            break
+                        if count >= max_requests or size + line_bytes > max_bytes:
+                            assert cut is not None
+                            _close_cut(conn, cut, "full", size, tokens)
+                            created.append(cut)
+                            budget -= tokens
+                            cut, count, size, tokens = None, 0, 0, 0
+                    if cut is None:
+                        cut = _open_cut(conn, store, settings, flush, lines, now=now)
+                        write = cut.file.write if cut.file is not None else None
+                        batch_id, ids = cut.batch_id, cut.ids
+                    ids.append(rid)
+                    count += 1
+                    size += line_bytes
+                    tokens += est
+                    if write is not None:
+                        write(template % (batch_id, rid, body))
             if cut is not None and (flush.tail is not None or capped):
                 _close_cut(conn, cut, flush.tail or flush.reason, size, tokens)
                 created.append(cut)
             elif cut is not None:
                 # Not due yet: its row goes, and followers of its leaders stay queued with them.
-                conn.execute(sa.delete(batches_t).where(batches_t.c.id == cut.batch_id))
+                batches.drop_unfilled(conn, cut.batch_id)
                 kept = set(cut.ids)
                 followers = [(rid, leader) for rid, leader in followers if leader not in kept]
                 _discard(cut)
             cut = None
             if followers:
-                _ride(conn, followers, [c.batch_id for c in created], now=now)
+                packing.ride(conn, followers, [c.batch_id for c in created], now=now)
     except BaseException:
         for unfinished in (*created, *([cut] if cut is not None else [])):
             _discard(unfinished)
@@ -536,26 +341,6 @@ def _pack_group(
         if done.path is not None:
             done.path.replace(batch_files.packed_file_path(settings, store.store_id, done.batch_id))
     return [c.batch_id for c in created]
-
-
-def _stream(conn: Connection, sql: str, params: tuple[Any, ...]) -> Iterable[Any]:
-    """Rows of a big read: on SQLite straight from a cursor of the same connection (the read
-    is in the writer's transaction), which iterates in C; elsewhere a server-side cursor."""
-    if conn.dialect.name == "sqlite":
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        cursor = driver.cursor()
-        cursor.arraysize = 5000
-        return cursor.execute(sql, params)  # type: ignore[no-any-return]
-    return conn.exec_driver_sql(
-        sql, params, execution_options={"stream_results": True, "max_row_buffer": 5000}
-    )
-
-
-def _close_stream(rows: Iterable[Any]) -> None:
-    close = getattr(rows, "close", None)
-    if close is not None:
-        close()
 
 
 def _open_cut(
@@ -568,20 +353,15 @@ def _open_cut(
     now: datetime,
 ) -> _Cut:
     group = flush.group
-    batch_id = conn.execute(
-        sa.insert(batches_t)
-        .values(
-            provider=group.provider,
-            endpoint=group.endpoint,
-            model=group.model,
-            state=BatchState.BUILDING.value,
-            flush_reason=flush.reason,
-            created_at=now,
-            updated_at=now,
-        )
-        .returning(batches_t.c.id)
-    ).scalar_one()
-    cut = _Cut(int(batch_id), [])
+    batch_id = batches.create(
+        conn,
+        provider=group.provider,
+        endpoint=group.endpoint,
+        model=group.model,
+        flush_reason=flush.reason,
+        now=now,
+    )
+    cut = _Cut(batch_id, [])
     if lines is not None:
         cut.path = batch_files.private_path(settings, store.store_id, cut.batch_id, "partial")
         cut.path.parent.mkdir(parents=True, exist_ok=True)
@@ -592,20 +372,8 @@ def _open_cut(
 def _close_cut(conn: Connection, cut: _Cut, reason: str, size: int, tokens: int) -> None:
     if cut.file is not None:
         cut.file.close()
-    conn.execute(
-        sa.update(batches_t)
-        .where(batches_t.c.id == cut.batch_id)
-        .values(
-            request_count=len(cut.ids),
-            size_bytes=size,
-            est_input_tokens=tokens,
-            # rows come in deadline order: the first member's is the earliest
-            earliest_deadline=sa.select(requests_t.c.deadline)
-            .where(requests_t.c.id == cut.ids[0])
-            .scalar_subquery(),
-            flush_reason=reason,
-            member_ids=pack_ids(cut.ids),
-        )
+    batches.close_cut(
+        conn, cut.batch_id, cut.ids, reason=reason, size_bytes=size, est_input_tokens=tokens
     )
 
 
@@ -614,27 +382,6 @@ def _discard(cut: _Cut) -> None:
         cut.file.close()
     if cut.path is not None:
         cut.path.unlink(missing_ok=True)
-
-
-def _ride(
-    conn: Connection, followers: list[tuple[int, int]], batch_ids: list[int], *, now: datetime
-) -> None:
-    """Coalesced duplicates move to `packed` in the batch that holds their leader."""
-    where: dict[int, int] = {}
-    for batch_id in batch_ids:
-        where.update(dict.fromkeys(batch_members(conn, batch_id), batch_id))
-    check_transition(RequestState.QUEUED, RequestState.PACKED)
-    stamp = db_time(conn, now)
-    moved = conn.exec_driver_sql(
-        driver_sql(
-            conn,
-            "UPDATE requests SET state = 'packed', batch_id = ?, dedupe_of = ?, "
-            "updated_at = ? WHERE id = ? AND state = 'queued'",
-        ),
-        [(where[leader], leader, stamp, rid) for rid, leader in followers],
-    ).rowcount
-    if moved != len(followers):  # pragma: no cover - under the write lock: a bug, not a race
-        raise RuntimeError("queued requests changed under the write lock")
 
 
 def write_batch_file(
@@ -651,7 +398,7 @@ def write_batch_file(
     lines = size = 0
     store_id = store.store_id
     with open(tmp, "wb") as out:
-        for rid, body in _batch_bodies(store, batch_id):
+        for rid, body in packing.batch_bodies(store, batch_id):
             data = provider.batch_line(
                 line_custom_id(store_id, batch_id, rid), endpoint, body.encode()
             )
@@ -661,28 +408,3 @@ def write_batch_file(
             size += len(data) + 1
     tmp.replace(path)
     return lines, size
-
-
-#: a batch's listed members that are still waiting for it (not cancelled, rescued, ...)
-_MEMBER_BODIES = (
-    "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
-    "WHERE r.id IN ({marks}) AND r.state = 'queued' ORDER BY r.id"
-)
-#: members linked one by one, by a batchwise before `member_ids` (coalesced rows never have lines)
-_LINKED_BODIES = (
-    "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
-    "WHERE r.batch_id = ? AND r.finished_at IS NULL AND r.state = 'packed' "
-    "AND r.dedupe_of IS NULL ORDER BY r.id"
-)
-
-
-def _batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
-    """(id, body) of the requests a batch file holds, in chunks, so memory stays flat."""
-    with store.read() as conn:
-        members = batch_members(conn, batch_id)
-        for chunk in chunked(members, 5000):
-            sql = _MEMBER_BODIES.format(marks=", ".join("?" for _ in chunk))
-            yield from conn.exec_driver_sql(driver_sql(conn, sql), tuple(chunk))
-        rows = _stream(conn, driver_sql(conn, _LINKED_BODIES), (batch_id,))
-        yield from rows
-        _close_stream(rows)

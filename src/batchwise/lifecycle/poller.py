@@ -11,16 +11,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-import orjson
-import sqlalchemy as sa
+from typing import TYPE_CHECKING
 
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.lifecycle.submitter import STATUS_TO_STATE
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
-from batchwise.states import LIVE_BATCH_STATES
-from batchwise.store.engine import Store, batches_t
+from batchwise.store import batches
+
+if TYPE_CHECKING:
+    from batchwise.store.engine import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,8 @@ def poll_due(
     store: Store, provider_for: Callable[[str], Provider], *, now: datetime, cap_s: float
 ) -> list[Polled]:
     """Poll every live batch whose next poll is due."""
-    b = batches_t
-    live = [s.value for s in LIVE_BATCH_STATES]
     with store.read() as conn:
-        due = conn.execute(
-            sa.select(b.c.id, b.c.provider, b.c.provider_batch_id, b.c.submitted_at)
-            .where(b.c.state.in_(live), sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now))
-            .order_by(b.c.next_poll_at, b.c.id)
-        ).all()
+        due = batches.due_for_poll(conn, now=now)
     polled = []
     for batch_id, provider, provider_batch_id, submitted_at in due:
         try:
@@ -76,43 +70,43 @@ def _apply(
     submitted_at: datetime,
     cap_s: float,
 ) -> Polled:
-    b = batches_t
     state = STATUS_TO_STATE[info.status]
-    values: dict[str, object] = {
-        "state": state.value,
-        "provider_status": info.provider_status,
-        "counts": orjson.dumps(info.counts.__dict__).decode(),
-        "result_refs": orjson.dumps(dict(info.result_refs)).decode(),
-        "poll_count": b.c.poll_count + 1,
-        "updated_at": now,
-    }
+    turnaround_s: float | None = None
+    # (code, text) of the batch-level errors the provider reported
+    error: tuple[str | None, str] | None = None
+    next_poll_at: datetime | None = None
     if info.status.terminal:
-        values.update(ended_at=now, next_poll_at=None)
         if info.status in (BatchStatus.COMPLETED, BatchStatus.EXPIRED):
             # Only batches that ran count as turnaround history; a fast failure would bias it.
-            values["turnaround_s"] = max(0.0, (now - submitted_at).total_seconds())
+            turnaround_s = max(0.0, (now - submitted_at).total_seconds())
         if info.errors:
-            values["error_code"] = info.errors[0].code
-            values["last_error"] = "; ".join(
-                f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
-                for e in info.errors
+            error = (
+                info.errors[0].code,
+                "; ".join(
+                    f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                    for e in info.errors
+                ),
             )
     else:
         age = (now - submitted_at).total_seconds()
-        values["next_poll_at"] = now + timedelta(seconds=poll_interval_s(age, cap_s=cap_s))
+        next_poll_at = now + timedelta(seconds=poll_interval_s(age, cap_s=cap_s))
     with store.write() as conn:
-        conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch_id, b.c.state.in_([s.value for s in LIVE_BATCH_STATES]))
-            .values(**values)
+        batches.record_poll(
+            conn,
+            batch_id,
+            state,
+            now=now,
+            provider_status=info.provider_status,
+            counts=info.counts.__dict__,
+            result_refs=info.result_refs,
+            next_poll_at=next_poll_at,
+            ended=info.status.terminal,
+            turnaround_s=turnaround_s,
+            error=error,
         )
     return Polled(batch_id, state.value, info.status.terminal)
 
 
 def _retry_later(store: Store, batch_id: int, *, now: datetime, delay_s: float) -> None:
     with store.write() as conn:
-        conn.execute(
-            sa.update(batches_t)
-            .where(batches_t.c.id == batch_id)
-            .values(next_poll_at=now + timedelta(seconds=delay_s), updated_at=now)
-        )
+        batches.poll_later(conn, batch_id, next_poll_at=now + timedelta(seconds=delay_s), now=now)

@@ -18,20 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from batchwise.clock import Clock
-from batchwise.config import Settings
 from batchwise.costs import ledger
 from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
-from batchwise.lifecycle.packer import move_members, parse_custom_id
+from batchwise.lifecycle.packer import parse_custom_id
 from batchwise.providers.base import (
     BatchInfo,
     BatchStatus,
@@ -40,21 +36,19 @@ from batchwise.providers.base import (
     Provider,
     RequestCounts,
 )
-from batchwise.states import ENDED_BATCH_STATES, TRANSITIONS, BatchState, RequestState
+from batchwise.states import BatchState, RequestState
+from batchwise.store import batches, responses
 from batchwise.store import ledger as ledger_table
 from batchwise.store.dbapi import as_datetime
-from batchwise.store.engine import (
-    Store,
-    batches_t,
-    db_time,
-    driver_sql,
-    insert_many,
-    reserve_ids,
-    responses_t,
-)
+from batchwise.store.engine import db_time
 from batchwise.store.events import record_event
-from batchwise.store.leases import LeaseKeeper, claim_one, lease_until
-from batchwise.store.transitions import check_transition
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from batchwise.clock import Clock
+    from batchwise.config import Settings
+    from batchwise.store.engine import Store
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +131,8 @@ def reconcile_due(
     results stream in; a batch whose results could not be read waits before the next try."""
     reports: list[ReconcileReport] = []
     while (batch := _claim_next(store, now=now, settings=settings, worker=worker)) is not None:
-        keeper = LeaseKeeper(
-            store,
-            batches_t,
-            batch.id,
-            worker,
-            lease_s=settings.lease_s,
-            clock=clock or (lambda: now),
+        keeper = batches.keep_lease(
+            store, batch.id, worker, lease_s=settings.lease_s, clock=clock or (lambda: now)
         )
         with keeper:
             reports.append(
@@ -155,30 +144,7 @@ def reconcile_due(
 
 
 def _claim_next(store: Store, *, now: datetime, settings: Settings, worker: str) -> _Batch | None:
-    b = batches_t
-    ended = [s.value for s in ENDED_BATCH_STATES]
-    claimable = sa.and_(
-        b.c.state.in_(ended),
-        sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now),
-        sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now),
-    )
-    row = claim_one(
-        store,
-        b,
-        claimable,
-        values={"lease_owner": worker, "lease_expires_at": lease_until(now, settings.lease_s)},
-        returning=(
-            b.c.id,
-            b.c.provider,
-            b.c.endpoint,
-            b.c.state,
-            b.c.provider_batch_id,
-            b.c.provider_status,
-            b.c.result_refs,
-            b.c.error_code,
-            b.c.last_error,
-        ),
-    )
+    row = batches.claim_for_reconcile(store, now=now, lease_s=settings.lease_s, worker=worker)
     return None if row is None else _Batch(*row)
 
 
@@ -195,11 +161,7 @@ def reconcile_batch(
     report = ReconcileReport(batch.id)
     if batch.state != BatchState.FAILED.value:
         with store.read() as conn:
-            seen = set(
-                conn.execute(
-                    sa.select(responses_t.c.request_id).where(responses_t.c.batch_id == batch.id)
-                ).scalars()
-            )
+            seen = responses.answered_ids(conn, batch.id)
         try:
             with gc_paused():
                 for chunk in _chunks(provider.fetch_results(batch.info()), CHUNK_LINES):
@@ -220,16 +182,12 @@ def reconcile_batch(
                     message=f"reading results of batch {batch.id} "
                     f"failed (the batch stays open and is read again): {exc}",
                 )
-                conn.execute(
-                    sa.update(batches_t)
-                    .where(batches_t.c.id == batch.id)
-                    .values(
-                        last_error=str(exc),
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        next_poll_at=now + timedelta(seconds=exc.retry_after_s or RETRY_READ_S),
-                        updated_at=now,
-                    )
+                batches.results_unreadable(
+                    conn,
+                    batch.id,
+                    error=str(exc),
+                    retry_at=now + timedelta(seconds=exc.retry_after_s or RETRY_READ_S),
+                    now=now,
                 )
             return report
     crashpoint("before_reconcile_finish")
@@ -320,18 +278,18 @@ def _apply_chunk(
     # order every chunk would touch, and write back, pages all over the tables.
     lines.sort(key=_REQUEST_ID)
     with store.write() as conn:
-        requests = _read_requests(conn, [rid for rid, _ in lines], lock=store.is_postgres)
+        requests = responses.read_requests(conn, [rid for rid, _ in lines])
         unknown.extend(o for rid, o in lines if rid not in requests)
         lines = [(rid, o) for rid, o in lines if rid in requests]
         step = _Step(book, batch, report, settings, now, db_time(conn, now))
         for (rid, outcome), response_id in zip(
-            lines, reserve_ids(conn, responses_t, len(lines)), strict=True
+            lines, responses.reserve_response_ids(conn, len(lines)), strict=True
         ):
             step.apply(requests[rid], outcome, response_id)
         # The requests first, while the pages just read are still in the cache.
-        _apply_updates(conn, step.answers, batch.id, _ANSWER_SQL)
-        _apply_updates(conn, step.updates, batch.id)
-        insert_many(conn, responses_t, RESPONSE_COLUMNS, step.responses)
+        responses.apply_answers(conn, step.answers, batch.id)
+        responses.apply_updates(conn, step.updates, batch.id)
+        responses.insert(conn, step.responses)
         ledger_table.record(conn, step.entries)
         if unknown:
             report.unknown += len(unknown)
@@ -339,53 +297,6 @@ def _apply_chunk(
 
 
 _REQUEST_ID = itemgetter(0)
-#: what the reconciler reads of each request
-_READ = (
-    "id", "state", "batch_id", "attempts", "lane", "provider", "model", "endpoint", "use_case",
-    "step", "business_unit", "task_id", "deadline", "dedupe_of",
-)  # fmt: skip
-RESPONSE_COLUMNS = (
-    "id", "request_id", "batch_id", "kind", "outcome", "status_code", "body", "error_code",
-    "error_message", "retryable", "provider_request_id", "input_tokens", "output_tokens",
-    "created_at",
-)  # fmt: skip
-#: allowed moves as (from, to) strings, for the per-line check
-_ALLOWED = frozenset((src.value, dst.value) for src, dsts in TRANSITIONS.items() for dst in dsts)
-check_transition(RequestState.SUBMITTED, RequestState.SUCCEEDED)
-check_transition(RequestState.RESCUED, RequestState.SUCCEEDED)
-_ANSWER_SQL = (
-    "UPDATE requests SET state = 'succeeded', response_id = ?, error = NULL, "
-    "error_code = NULL, finished_at = ?, deadline_miss = ?, updated_at = ?, dedupe_of = NULL "
-    "WHERE id = ? AND state = ?"
-)
-_UPDATE_SQL = (
-    "UPDATE requests SET state = ?, response_id = ?, attempts = ?, batch_id = ?, error = ?, "
-    "error_code = ?, finished_at = ?, deadline_miss = ?, updated_at = ?, dedupe_of = ? "
-    "WHERE id = ? AND state = ?"
-)
-
-
-def _read_requests(conn: Connection, ids: list[int], *, lock: bool) -> dict[int, dict[str, Any]]:
-    """The requests of a chunk, locked on PostgreSQL (SQLite holds the write lock already)."""
-    if not ids:
-        return {}
-    sql = f"SELECT {', '.join(_READ)} FROM requests WHERE id IN ({', '.join('?' for _ in ids)})" + (
-        " FOR UPDATE" if lock else ""
-    )
-    rows = conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids)).fetchall()
-    return {row[0]: dict(zip(_READ, row, strict=True)) for row in rows}
-
-
-def _apply_updates(
-    conn: Connection, updates: list[tuple[Any, ...]], batch_id: int, sql: str = _UPDATE_SQL
-) -> None:
-    if not updates:
-        return
-    matched = conn.exec_driver_sql(driver_sql(conn, sql), updates).rowcount
-    if matched != len(updates):  # the rows are locked: this is a bug, not a race
-        raise RuntimeError(
-            f"batch {batch_id}: {len(updates) - matched} request(s) moved under a lock"
-        )
 
 
 class _Step:
@@ -406,7 +317,7 @@ class _Step:
         self.responses: list[tuple[Any, ...]] = []
         self.entries: list[tuple[Any, ...]] = []
         self.updates: list[tuple[Any, ...]] = []
-        #: `_ANSWER_SQL` rows: the common case, a request its own batch answered
+        #: `responses.ANSWER_SQL` rows: the common case, a request its own batch answered
         self.answers: list[tuple[Any, ...]] = []
 
     def apply(self, request: dict[str, Any], outcome: LineOutcome, response_id: int) -> None:
@@ -479,7 +390,7 @@ class _Step:
 def answer_row(
     request: dict[str, Any], response_id: int, now: datetime, stored_now: Any
 ) -> tuple[Any, ...]:
-    """The `_ANSWER_SQL` parameters: `request` answered by its own batch (submitted, or
+    """The `responses.ANSWER_SQL` parameters: `request` answered by its own batch (submitted, or
     rescued meanwhile); what `update_row(request, SUCCEEDED, ...)` would write, in fewer
     columns (the batch and the attempts stay as they are)."""
     missed = None
@@ -503,12 +414,10 @@ def update_row(
     miss: str | None = None,
     dedupe_of: int | None = None,
 ) -> tuple[Any, ...]:
-    """The `_UPDATE_SQL` parameters moving `request` to `state`; `miss` names what finished
-    late, and is recorded only if the deadline has passed."""
+    """The `responses.UPDATE_SQL` parameters moving `request` to `state` (the store checks the
+    move); `miss` names what finished late, and is recorded only if the deadline has passed."""
     expected = request["state"]
     value, terminal = _TARGETS[state]
-    if (expected, value) not in _ALLOWED:
-        check_transition(RequestState(expected), state)  # raises, naming both
     missed = None
     if miss is not None and request["deadline"] < stored_now:
         late = (now - as_datetime(request["deadline"])).total_seconds()
@@ -545,16 +454,8 @@ def _finish(
         # Members still listed on a batch that ended before the provider had it (its submit
         # failed) join it as `packed`, so they leave it like any member below: queued again,
         # or failed after too many attempts. Only this rare path writes them one by one.
-        move_members(conn, batch.id, RequestState.PACKED, now=now)
-        sql = (
-            f"SELECT {', '.join(_READ)} FROM requests WHERE batch_id = ? "
-            "AND finished_at IS NULL AND (state = 'packed' OR state = 'submitted')"
-            + (" FOR UPDATE" if store.is_postgres else "")
-        )
-        leftovers = [
-            dict(zip(_READ, row, strict=True))
-            for row in conn.exec_driver_sql(driver_sql(conn, sql), (batch.id,))
-        ]
+        batches.move_members(conn, batch.id, RequestState.PACKED, now=now)
+        leftovers = responses.unanswered(conn, batch.id)
         stored_now = db_time(conn, now)
         updates: list[tuple[Any, ...]] = []
         followers = [r for r in leftovers if r["dedupe_of"] is not None]
@@ -591,7 +492,7 @@ def _finish(
                     )
                 )
                 report.requeued += 1
-        _apply_updates(conn, updates, batch.id)
+        responses.apply_updates(conn, updates, batch.id)
         if leftovers and batch.state == BatchState.COMPLETED.value:
             record_event(
                 conn,
@@ -612,17 +513,7 @@ def _finish(
                 message=f"batch {batch.id} failed ({batch.last_error or batch.error_code}); "
                 f"{len(leftovers)} request(s) re-queued or failed",
             )
-        conn.execute(
-            sa.update(batches_t)
-            .where(batches_t.c.id == batch.id)
-            .values(
-                state=BatchState.RECONCILED.value,
-                reconciled_at=now,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
+        batches.mark_reconciled(conn, batch.id, src=BatchState(batch.state), now=now)
 
 
 def _fan_out(
@@ -637,20 +528,7 @@ def _fan_out(
 ) -> None:
     """Coalesced duplicates take their leader's answer at no cost, or queue again on their own
     if it has none (no penalty: nothing was tried for them)."""
-    leaders = sorted({r["dedupe_of"] for r in followers})
-    marks = ", ".join("?" for _ in leaders)
-    answers = {
-        rid: (response_id, realtime, tokens_in, tokens_out)
-        for rid, response_id, realtime, tokens_in, tokens_out in conn.exec_driver_sql(
-            driver_sql(
-                conn,
-                "SELECT r.id, r.response_id, l.realtime_nusd, l.input_tokens, l.output_tokens "
-                "FROM requests r LEFT JOIN ledger l ON l.response_id = r.response_id "
-                f"WHERE r.id IN ({marks}) AND r.state = 'succeeded'",
-            ),
-            tuple(leaders),
-        )
-    }
+    answers = responses.leader_answers(conn, sorted({r["dedupe_of"] for r in followers}))
     entries = []
     for request in followers:
         answer = answers.get(request["dedupe_of"])

@@ -9,25 +9,23 @@ submitted twice (invariant 3).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import orjson
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
-from batchwise.clock import Clock
-from batchwise.config import Settings
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.lifecycle import batch_files
-from batchwise.lifecycle.packer import batch_members, move_members, write_batch_file
+from batchwise.lifecycle.packer import write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
-from batchwise.states import BatchState, RequestState
-from batchwise.store.engine import Store, batches_t, chunked, driver_sql, requests_t
-from batchwise.store.leases import LeaseKeeper, claim_one, lease_until
-from batchwise.store.transitions import transition_requests
+from batchwise.states import BatchState
+from batchwise.store import batches
+from batchwise.store.batches import Claimed
+
+if TYPE_CHECKING:
+    from batchwise.clock import Clock
+    from batchwise.config import Settings
+    from batchwise.store.engine import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +47,6 @@ STATUS_TO_STATE = {
 }
 
 
-@dataclass(frozen=True)
-class Claimed:
-    id: int
-    provider: str
-    endpoint: str
-    model: str
-    request_count: int
-    attempts: int
-    upload_started_at: datetime
-    create_started_at: datetime | None
-
-
 def metadata_value(store_id: str, batch_id: int) -> str:
     """Names one batch row of one store: the id alone could repeat across deployments."""
     return f"{store_id}:{batch_id}"
@@ -74,37 +60,7 @@ def claim_next_batch(
     One at a time: a worker holds the lease only on the batch it is working on, so a slow
     upload never lets someone else's lease on a waiting batch lapse.
     """
-    b = batches_t
-    free = sa.or_(b.c.lease_expires_at.is_(None), b.c.lease_expires_at < now)
-    due = sa.or_(b.c.next_poll_at.is_(None), b.c.next_poll_at <= now)
-    claimable = sa.or_(
-        b.c.state == BatchState.BUILDING.value,
-        sa.and_(b.c.state == BatchState.UPLOADING.value, free, due),
-    )
-    row = claim_one(
-        store,
-        b,
-        claimable,
-        values={
-            "state": BatchState.UPLOADING.value,
-            "lease_owner": worker,
-            "lease_expires_at": lease_until(now, settings.lease_s),
-            "upload_started_at": sa.func.coalesce(b.c.upload_started_at, now),
-            "submit_attempts": b.c.submit_attempts + 1,
-            "updated_at": now,
-        },
-        returning=(
-            b.c.id,
-            b.c.provider,
-            b.c.endpoint,
-            b.c.model,
-            b.c.request_count,
-            b.c.submit_attempts,
-            b.c.upload_started_at,
-            b.c.create_started_at,
-        ),
-    )
-    return None if row is None else Claimed(*row)
+    return batches.claim_for_upload(store, now=now, lease_s=settings.lease_s, worker=worker)
 
 
 def submit_batch(
@@ -118,8 +74,7 @@ def submit_batch(
 ) -> BatchInfo | None:
     """Submit (or adopt) one claimed batch; returns the provider batch, or None if it is
     left for a later attempt or failed. The lease is kept alive while it works."""
-    keeper = LeaseKeeper(store, batches_t, batch.id, worker, lease_s=settings.lease_s, clock=clock)
-    with keeper:
+    with batches.keep_lease(store, batch.id, worker, lease_s=settings.lease_s, clock=clock):
         key = metadata_value(store.store_id, batch.id)
         if batch.create_started_at is not None:
             # An earlier attempt started the create call: the batch may exist. Look first.
@@ -171,17 +126,8 @@ def _take_packed_file(
     if not packed.exists():
         return None
     with store.read() as conn:
-        members = batch_members(conn, batch.id)
-        waiting = 0
-        for chunk in chunked(members, 5000):
-            waiting += conn.exec_driver_sql(
-                driver_sql(
-                    conn,
-                    "SELECT count(*) FROM requests "
-                    f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
-                ),
-                tuple(chunk),
-            ).scalar_one()
+        members = batches.batch_members(conn, batch.id)
+        waiting = batches.count_waiting(conn, members)
     if not members or waiting != len(members):
         packed.unlink(missing_ok=True)  # one was cancelled or rescued meanwhile: rebuild
         return None
@@ -194,31 +140,15 @@ def _take_packed_file(
 
 def _mark_create_started(store: Store, batch: Claimed, *, now: datetime, worker: str) -> bool:
     """Commit that a create call is about to be made; False if our lease was lost."""
-    b = batches_t
     with store.write() as conn:
-        return bool(
-            conn.execute(
-                sa.update(b)
-                .where(b.c.id == batch.id, b.c.lease_owner == worker)
-                .values(
-                    create_started_at=sa.func.coalesce(b.c.create_started_at, now), updated_at=now
-                )
-            ).rowcount
-        )
+        return batches.mark_create_started(conn, batch.id, worker=worker, now=now)
 
 
 def _find_existing(
     store: Store, provider: Provider, batch: Claimed, key: str, create_started_at: datetime
 ) -> BatchInfo | None:
     with store.read() as conn:
-        known = set(
-            conn.execute(
-                sa.select(batches_t.c.provider_batch_id).where(
-                    batches_t.c.provider == batch.provider,
-                    batches_t.c.provider_batch_id.is_not(None),
-                )
-            ).scalars()
-        )
+        known = batches.known_provider_batch_ids(conn, batch.provider)
     found = [
         info
         for info in provider.find_batches(
@@ -251,70 +181,26 @@ def _record(
     worker: str,
     size_bytes: int | None = None,
 ) -> None:
-    b = batches_t
-    values: dict[str, object] = {
-        "state": STATUS_TO_STATE[info.status].value,
-        "provider_batch_id": info.id,
-        "provider_status": info.provider_status,
-        "submitted_at": now,
-        "updated_at": now,
-        "next_poll_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "result_refs": orjson.dumps(dict(info.result_refs)).decode(),
-        "last_error": None,
-    }
-    if size_bytes is not None:
-        values["size_bytes"] = size_bytes
     with store.write() as conn:
-        updated = conn.execute(
-            sa.update(b).where(b.c.id == batch.id, b.c.lease_owner == worker).values(**values)
-        ).rowcount
-        if updated != 1:
-            # Someone took the batch over; they will find this provider batch by its metadata.
-            log.warning(
-                "batch %s: lease lost before recording provider batch %s", batch.id, info.id
-            )
-            return
-        link_members(conn, batch.id, now=now)
-
-
-def link_members(conn: Connection, batch_id: int, *, now: datetime) -> int:
-    """The provider has the batch: its listed members become `submitted` in it, and so do the
-    requests riding on it as `packed`. Returns how many moved."""
-    moved = move_members(conn, batch_id, RequestState.SUBMITTED, now=now)
-    riding = list(
-        conn.execute(
-            sa.select(requests_t.c.id).where(
-                requests_t.c.batch_id == batch_id,
-                requests_t.c.state == RequestState.PACKED.value,
-            )
-        ).scalars()
-    )
-    moved += len(
-        transition_requests(
-            conn, riding, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now
+        recorded = batches.record_submitted(
+            conn,
+            batch.id,
+            worker=worker,
+            state=STATUS_TO_STATE[info.status],
+            provider_batch_id=info.id,
+            provider_status=info.provider_status,
+            result_refs=info.result_refs,
+            now=now,
+            size_bytes=size_bytes,
         )
-    )
-    return moved
+    if not recorded:
+        # Someone took the batch over; they will find this provider batch by its metadata.
+        log.warning("batch %s: lease lost before recording provider batch %s", batch.id, info.id)
 
 
 def _finish_empty(store: Store, batch: Claimed, *, now: datetime, worker: str) -> None:
-    b = batches_t
     with store.write() as conn:
-        conn.execute(
-            sa.update(b)
-            .where(b.c.id == batch.id, b.c.lease_owner == worker)
-            .values(
-                state=BatchState.RECONCILED.value,
-                request_count=0,
-                member_ids=None,
-                reconciled_at=now,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
+        batches.finish_empty(conn, batch.id, worker=worker, now=now)
 
 
 def _submit_failed(
@@ -328,21 +214,11 @@ def _submit_failed(
 ) -> None:
     """A retryable failure waits and tries again (looking for the batch first); a final one,
     or too many tries, fails the batch and the reconciler puts its requests back in the queue."""
-    b = batches_t
     give_up = not exc.retryable or batch.attempts >= MAX_SUBMIT_ATTEMPTS
     delay = exc.retry_after_s or min(600.0, 5.0 * 2 ** (batch.attempts - 1))
-    values: dict[str, object] = {
-        "last_error": str(exc),
-        "error_code": exc.code,
-        "updated_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
     if give_up:
-        values.update(state=BatchState.FAILED.value, ended_at=now)
         log.error("batch %s: submit failed for good: %s", batch.id, exc)
     else:
-        values["next_poll_at"] = now + timedelta(seconds=delay)
         log.warning(
             "batch %s: submit failed (attempt %s), retrying in %.0fs: %s",
             batch.id,
@@ -351,6 +227,17 @@ def _submit_failed(
             exc,
         )
     with store.write() as conn:
-        conn.execute(
-            sa.update(b).where(b.c.id == batch.id, b.c.lease_owner == worker).values(**values)
-        )
+        if give_up:
+            batches.fail_submit(
+                conn, batch.id, worker=worker, error=str(exc), error_code=exc.code, now=now
+            )
+        else:
+            batches.retry_submit_later(
+                conn,
+                batch.id,
+                worker=worker,
+                error=str(exc),
+                error_code=exc.code,
+                retry_at=now + timedelta(seconds=delay),
+                now=now,
+            )

@@ -161,7 +161,7 @@ class Batch(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("provider", "provider_batch_id", name="uq_batches_provider_batch_id"),
         Index("ix_batches_state", "state"),
-        # The few batches whose members are listed but not linked yet (the packer's `held_ids`).
+        # The few batches whose members are listed but not linked yet (`store.batches.held_ids`).
         Index("ix_batches_members", "id", **_where("member_ids IS NOT NULL")),
     )
 
@@ -183,7 +183,7 @@ class Batch(SQLModel, table=True):
     result_refs: str = Field(default="{}", sa_type=Text)
     #: why it flushed: full, max_wait, deadline, explicit
     flush_reason: str | None = Field(default=None, sa_type=String(32))
-    #: the requests packed into it and not yet linked to it (see `packer.pack_ids`): packing
+    #: the requests packed into it and not yet linked to it (see `batches.pack_ids`): packing
     #: writes this list instead of touching each request; the submitter links the requests
     #: (queued -> submitted) once the provider has the batch, and clears it
     member_ids: bytes | None = Field(default=None, sa_type=LargeBinary)

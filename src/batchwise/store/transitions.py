@@ -1,6 +1,6 @@
-"""The one state machine: every request state change goes through these functions, which
-check `states.TRANSITIONS` and move rows compare-and-set (only rows still in the expected state
-move)."""
+"""The one state machine: every request and batch state change goes through these functions,
+which check `states.TRANSITIONS` / `states.BATCH_TRANSITIONS` and move rows compare-and-set
+(only rows still in the expected state move)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchwise.errors import TransitionError
-from batchwise.states import TRANSITIONS, RequestState
-from batchwise.store.engine import chunked, requests_t
+from batchwise.states import BATCH_TRANSITIONS, TRANSITIONS, BatchState, RequestState
+from batchwise.store.engine import batches_t, chunked, requests_t
 
 
 def check_transition(src: RequestState, dst: RequestState) -> None:
@@ -53,3 +53,34 @@ def transition_requests(
         stmt = stmt.values(**changes).returning(requests_t.c.id)
         moved.extend(row[0] for row in conn.execute(stmt))
     return moved
+
+
+def check_batch_transition(src: BatchState, dst: BatchState) -> None:
+    if dst not in BATCH_TRANSITIONS[src]:
+        raise TransitionError(f"a batch cannot move from {src.value} to {dst.value}")
+
+
+def transition_batch(
+    conn: Connection,
+    batch_id: int,
+    *,
+    src: BatchState | Iterable[BatchState],
+    dst: BatchState,
+    now: datetime,
+    values: dict[str, Any] | None = None,
+    lease_owner: str | None = None,
+) -> bool:
+    """Move a batch from `src` to `dst`, compare-and-set: only a row still in `src` (and, given
+    `lease_owner`, still held by that worker) moves. Returns whether it moved.
+
+    `values` are further columns to set in the same statement; callers inside the store may
+    pass SQL expressions (`poll_count + 1`)."""
+    sources = [src] if isinstance(src, BatchState) else list(src)
+    for s in sources:
+        check_batch_transition(s, dst)
+    b = batches_t
+    stmt = sa.update(b).where(b.c.id == batch_id, b.c.state.in_([s.value for s in sources]))
+    if lease_owner is not None:
+        stmt = stmt.where(b.c.lease_owner == lease_owner)
+    stmt = stmt.values(**{"updated_at": now, **(values or {}), "state": dst.value})
+    return bool(conn.execute(stmt).rowcount)
