@@ -19,16 +19,11 @@ from batchwise.api import Client
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
 from batchwise.errors import IntakeError
-from batchwise.intake.ingest import (
-    REQUEST_COLUMNS,
-    Defaults,
-    Invalid,
-    body_key,
-    parse_line,
-    submit_lines,
-)
+from batchwise.intake.ingest import Defaults, parse_line, submit_lines
+from batchwise.intake.lines import Invalid
 from batchwise.intake.tolerance import resolve_zone
 from batchwise.store.engine import Store, bodies_t, requests_t
+from batchwise.store.intake_rows import REQUEST_COLUMNS, body_key
 from batchwise.store.sinks import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from invariants import request_rows
 

@@ -63,7 +63,8 @@ TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     S.SUBMITTED: frozenset(
         {S.SUCCEEDED, S.QUEUED, S.FAILED, S.RESCUED, S.DEDUPLICATED, S.CANCELLED}
     ),
-    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
+    # dispatching -> rejected: a cost guard refuses a realtime-lane request at intake
+    S.DISPATCHING: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.REJECTED, S.CANCELLED}),
     # rescued -> deduplicated: identical rescued requests ride on one realtime call
     S.RESCUED: frozenset({S.SUCCEEDED, S.FAILED, S.DEDUPLICATED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
