@@ -18,17 +18,12 @@ from hypothesis import strategies as st
 from batchwise.api import Client
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
-from batchwise.errors import IntakeError
-from batchwise.intake.ingest import (
-    REQUEST_COLUMNS,
-    Defaults,
-    Invalid,
-    body_key,
-    parse_line,
-    submit_lines,
-)
+from batchwise.errors import IntakeError, TransitionError
+from batchwise.intake.ingest import Defaults, parse_line, submit_lines
+from batchwise.intake.lines import Invalid
 from batchwise.intake.tolerance import resolve_zone
 from batchwise.store.engine import Store, bodies_t, requests_t
+from batchwise.store.intake_rows import REQUEST_COLUMNS, body_key
 from batchwise.store.sinks import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from invariants import request_rows
 
@@ -277,6 +272,23 @@ def test_open_sink_uses_the_fast_path_for_sqlite_files(tmp_path: Path) -> None:
     sink = open_sink(f"sqlite:///{tmp_path / 'x.db'}")
     try:
         assert isinstance(sink, SQLiteSink)
+    finally:
+        sink.rollback()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["sqlite3", "engine"])
+def test_sinks_check_guard_moves_against_the_transition_table(
+    tmp_path: Path, clock: ManualClock, fast: bool
+) -> None:
+    """A guard's refusal or dedupe hit is a state change like any other: a move that
+    `states.TRANSITIONS` does not allow is refused before any row is touched."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    sink = SQLiteSink(url) if fast else EngineSink(Store(url), owns_store=True)
+    try:
+        with pytest.raises(TransitionError, match="from succeeded to rejected"):
+            sink.reject([(1, "succeeded", "budget", "over budget")], at=clock())
+        with pytest.raises(TransitionError, match="from cancelled to deduplicated"):
+            sink.deduplicate([(1, "cancelled", 7)], at=clock())
     finally:
         sink.rollback()
 

@@ -23,10 +23,10 @@ import batchwise.store.schema
 from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.errors import SchemaError, TransitionError
-from batchwise.intake.ingest import body_key
 from batchwise.states import TERMINAL_REQUEST_STATES, TRANSITIONS, RequestState
 from batchwise.store import dbapi
 from batchwise.store.engine import Store, ensure_schema, requests_t
+from batchwise.store.intake_rows import body_key
 from batchwise.store.transitions import transition_requests
 
 

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from batchwise.costs.guards import Guards
-    from batchwise.intake.ingest import RequestSink
     from batchwise.store.engine import Store
+    from batchwise.store.intake_rows import RequestSink
 
 
 class Handle:

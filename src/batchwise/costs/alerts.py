@@ -30,15 +30,13 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 from weakref import WeakKeyDictionary
 
-import orjson
-import sqlalchemy as sa
-
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import NANO_PER_USD, format_usd
 from batchwise.errors import ConfigError
-from batchwise.store.engine import Store, events_t, ledger_t
+from batchwise.store import reports as store_reports
+from batchwise.store.engine import Store
 from batchwise.store.events import record_event
 
 if TYPE_CHECKING:
@@ -300,44 +298,14 @@ def hourly_usage(store: Store, *, start: datetime, end: datetime) -> dict[Step, 
     """Tokens (input + output) and actual cost per step and UTC hour for ledger entries in
     [start, end), summed in the database. Unpriced entries count their tokens and no cost;
     dedupe entries count nothing (their tokens were answered from the store, not sent)."""
-    t = ledger_t
-    # Constants are inlined so the GROUP BY repeats the SELECT expression verbatim (PostgreSQL
-    # rejects the grouping when the two carry different bind parameters).
-    if store.is_postgres:
-        # AT TIME ZONE 'UTC' first: date_trunc on a timestamptz would use the session's zone
-        bucket: Any = sa.func.date_trunc(
-            sa.literal_column("'hour'"),
-            sa.func.timezone(sa.literal_column("'UTC'"), t.c.at),
-            type_=sa.DateTime(),
-        )
-    else:  # SQLite keeps UTC text "YYYY-MM-DD HH:MM:SS.ffffff": the hour is its first 13 chars
-        bucket = sa.func.substr(
-            t.c.at, sa.literal_column("1"), sa.literal_column("13"), type_=sa.String()
-        )
-    query = (
-        sa.select(
-            t.c.step,
-            bucket,
-            sa.func.sum(t.c.input_tokens + t.c.output_tokens),
-            sa.func.sum(sa.func.coalesce(t.c.actual_nusd, 0)),
-        )
-        .where(t.c.at >= start, t.c.at < end, t.c.kind != Kind.DEDUPE.value)
-        .group_by(t.c.step, bucket)
-    )
     hourly: dict[Step, list[HourFigures]] = {}
     with store.read() as conn:
-        for step, hour, tokens, cost in conn.execute(query):
-            hourly.setdefault(step, []).append((_hour(hour), int(tokens or 0), int(cost or 0)))
+        rows = store_reports.hourly_usage(conn, start=start, end=end, skip_kind=Kind.DEDUPE.value)
+    for step, hour, tokens, cost in rows:
+        hourly.setdefault(step, []).append((hour, tokens, cost))
     for hours in hourly.values():
         hours.sort()
     return hourly
-
-
-def _hour(value: Any) -> datetime:
-    if isinstance(value, str):
-        return datetime.strptime(value, "%Y-%m-%d %H").replace(tzinfo=UTC)
-    assert isinstance(value, datetime)
-    return value.replace(tzinfo=UTC)
 
 
 def check_anomalies(
@@ -375,8 +343,7 @@ def _record_new(store: Store, anomalies: Sequence[Anomaly], *, now: datetime) ->
     writes start with BEGIN IMMEDIATE, PostgreSQL takes a transaction-scoped advisory lock.
     """
     with store.write() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        store_reports.serialise(conn, _LOCK_KEY)
         seen = _recorded(conn, since=min(a.hour for a in anomalies))
         new = [a for a in anomalies if (a.step, a.hour.isoformat()) not in seen]
         for anomaly in new:
@@ -394,14 +361,10 @@ def _record_new(store: Store, anomalies: Sequence[Anomaly], *, now: datetime) ->
 def _recorded(conn: Connection, *, since: datetime) -> set[tuple[Step, str]]:
     """(step, hour) of anomaly events recorded at or after `since` (an hour's alert is always
     recorded after the hour began)."""
-    rows = conn.execute(
-        sa.select(events_t.c.data).where(events_t.c.kind == ANOMALY_KIND, events_t.c.at >= since)
-    ).scalars()
-    keys: set[tuple[Step, str]] = set()
-    for raw in rows:
-        data = orjson.loads(raw or "{}")
-        keys.add((data.get("step"), str(data.get("hour"))))
-    return keys
+    return {
+        (data.get("step"), str(data.get("hour")))
+        for data in store_reports.event_data_since(conn, kind=ANOMALY_KIND, since=since)
+    }
 
 
 def _post_all(

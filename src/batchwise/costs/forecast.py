@@ -14,16 +14,16 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING, Any
 
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import format_usd
 from batchwise.costs.savings import money, rich_table, saving_pct, usd
 from batchwise.errors import BatchwiseError
-from batchwise.states import Lane
-from batchwise.store.engine import Store, ledger_t
+from batchwise.store import reports as store_reports
+
+if TYPE_CHECKING:
+    from batchwise.store.engine import Store
 
 _VOLUME = re.compile(r"^\s*(\d[\d_,]*)\s*([km])?\s*(?:/\s*(?:day|d))?\s*$", re.IGNORECASE)
 _MULTIPLIER = {None: 1, "k": 1_000, "m": 1_000_000}
@@ -144,34 +144,12 @@ def forecast(store: Store, *, volume_per_day: int, days: int = 30) -> Forecast:
     """
     if volume_per_day <= 0 or days <= 0:
         raise ForecastError("the volume and the number of days must be at least 1")
-    t = ledger_t
-    priced = sa.and_(t.c.actual_nusd.is_not(None), t.c.realtime_nusd.is_not(None))
-    # What the entry would have cost had every request gone realtime (see the module doc).
-    all_realtime = sa.case(
-        (t.c.kind == Kind.BATCH.value, t.c.realtime_nusd),
-        (t.c.kind == Kind.LATE_BATCH.value, 0),
-        else_=t.c.actual_nusd,
-    )
-    query = (
-        sa.select(
-            t.c.provider,
-            t.c.model,
-            t.c.lane,
-            sa.func.count(sa.distinct(t.c.request_id)).label("requests"),
-            sa.func.count(sa.distinct(sa.case((priced, t.c.request_id)))).label("priced"),
-            sa.func.coalesce(sa.func.sum(sa.case((priced, t.c.actual_nusd))), 0).label("actual"),
-            sa.func.coalesce(sa.func.sum(sa.case((priced, all_realtime))), 0).label("realtime"),
-        )
-        .group_by(t.c.provider, t.c.model, t.c.lane)
-        .order_by(t.c.provider, t.c.model, t.c.lane)
-    )
-    overall = sa.select(
-        sa.func.count(sa.distinct(t.c.request_id)),
-        sa.func.count(sa.distinct(sa.case((t.c.lane == Lane.DEFERRED.value, t.c.request_id)))),
-    )
     with store.read() as conn:
-        rows = conn.execute(query).all()
-        recorded, deferred = conn.execute(overall).one()
+        # What each entry would have cost had every request gone realtime (see the module doc).
+        rows = store_reports.ledger_mix(
+            conn, batch_kind=Kind.BATCH.value, late_batch_kind=Kind.LATE_BATCH.value
+        )
+        recorded, deferred = store_reports.ledger_request_counts(conn)
     if not rows:
         raise ForecastError(
             "the ledger is empty: there is no recorded mix to project from; run some work "

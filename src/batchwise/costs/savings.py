@@ -1,7 +1,8 @@
 """The savings ledger, read side: what the work cost, what realtime would have cost, by any tag.
 
-Every figure is one set-based `GROUP BY` over `ledger`, so a report is as cheap for a million
-entries as for ten, and its total is the plain sum of the rows (a test holds it to that). The
+Every figure is one set-based `GROUP BY` over `ledger` (the queries are `store.reports`'), so a
+report is as cheap for a million entries as for ten, and its total is the plain sum of the rows
+(a test holds it to that). The
 saving is computed here as realtime-equivalent minus actual and never stored. Unpriced entries
 (a model with no known price) are counted apart: their cost is unknown, which is not $0.
 """
@@ -12,17 +13,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from typing import TYPE_CHECKING, Any
 
 from batchwise.costs.pricing import format_usd
-from batchwise.states import LIVE_REQUEST_STATES, RequestState
-from batchwise.store.engine import Store, ledger_t, requests_t
+from batchwise.store import reports as store_reports
+from batchwise.store.reports import GROUP_KEYS as GROUP_KEYS  # the keys a report groups by
 
-#: the tags and columns a report can be grouped by
-GROUP_KEYS = ("use_case", "step", "business_unit", "model", "provider", "lane", "kind", "day")
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from batchwise.store.engine import Store
+
 _PCT = Decimal("0.01")
 
 
@@ -114,50 +115,6 @@ class SavingsReport:
         return {"total": self.total.as_dict(), "groups": [g.as_dict() for g in self.groups]}
 
 
-def _priced() -> Any:
-    return sa.and_(ledger_t.c.actual_nusd.is_not(None), ledger_t.c.realtime_nusd.is_not(None))
-
-
-def _sum(expr: Any) -> Any:
-    return sa.func.coalesce(sa.func.sum(expr), 0)
-
-
-def total_columns() -> list[Any]:
-    """The aggregate columns of a report row, labelled like `Totals`' fields."""
-    t, priced = ledger_t, _priced()
-    return [
-        sa.func.count(sa.distinct(t.c.request_id)).label("requests"),
-        sa.func.count().label("entries"),
-        _sum(sa.case((priced, 0), else_=1)).label("unpriced_entries"),
-        _sum(t.c.input_tokens).label("input_tokens"),
-        _sum(t.c.output_tokens).label("output_tokens"),
-        _sum(sa.case((priced, t.c.actual_nusd))).label("actual_nusd"),
-        _sum(sa.case((priced, t.c.realtime_nusd))).label("realtime_nusd"),
-    ]
-
-
-def key_column(key: str, dialect: str) -> Any:
-    """The SQL expression for a group key; `day` is the UTC calendar day of the entry."""
-    if key not in GROUP_KEYS:
-        raise ValueError(f"cannot group by {key!r}: expected some of {', '.join(GROUP_KEYS)}")
-    if key != "day":
-        return ledger_t.c[key].label(key)
-    at = ledger_t.c.at
-    if dialect == "postgresql":
-        day = sa.func.to_char(sa.func.timezone("UTC", at), "YYYY-MM-DD", type_=sa.String)
-    else:  # stored as fixed-width UTC text, see models.UTCDateTime
-        day = sa.func.substr(at, 1, 10, type_=sa.String)
-    return day.label("day")
-
-
-def time_filter(query: Any, since: datetime | None, until: datetime | None) -> Any:
-    if since is not None:
-        query = query.where(ledger_t.c.at >= since)
-    if until is not None:
-        query = query.where(ledger_t.c.at < until)
-    return query
-
-
 def _totals(row: Any) -> Totals:
     # PostgreSQL sums bigints as numeric (Decimal); the figures are integers either way.
     return Totals(
@@ -179,7 +136,7 @@ def totals(
     conn: Connection, *, since: datetime | None = None, until: datetime | None = None
 ) -> Totals:
     """The sums over every entry in the window."""
-    return _totals(conn.execute(time_filter(sa.select(*total_columns()), since, until)).one())
+    return _totals(store_reports.ledger_totals(conn, since=since, until=until))
 
 
 def grouped(
@@ -196,28 +153,9 @@ def grouped(
     """
     if not by:
         return totals(conn, since=since, until=until), []
-    keys = [key_column(k, conn.dialect.name) for k in by]
-    groups = time_filter(
-        sa.select(*keys, *total_columns(), sa.literal(0).label("is_total")), since, until
-    ).group_by(*keys)
-    total = time_filter(
-        sa.select(
-            *(sa.cast(sa.null(), sa.String).label(k) for k in by),
-            *total_columns(),
-            sa.literal(1).label("is_total"),
-        ),
-        since,
-        until,
-    )
-    found: list[Group] = []
-    total_row: Totals | None = None
-    for row in conn.execute(sa.union_all(groups, total)):
-        if row.is_total:
-            total_row = _totals(row)
-        else:
-            found.append(Group({k: row._mapping[k] for k in by}, _totals(row)))
-    assert total_row is not None  # an aggregate without GROUP BY always yields one row
-    return total_row, sorted(found, key=lambda g: _sort_key(g.keys))
+    total, rows = store_reports.ledger_grouped(conn, by, since=since, until=until)
+    found = [Group({k: row._mapping[k] for k in by}, _totals(row)) for row in rows]
+    return _totals(total), sorted(found, key=lambda g: _sort_key(g.keys))
 
 
 def savings_report(
@@ -230,7 +168,7 @@ def savings_report(
     """What the ledger says between `since` and `until`, grouped by `by` (any of GROUP_KEYS)."""
     keys = tuple(dict.fromkeys(by))
     for key in keys:
-        key_column(key, store.dialect)  # validate before touching the database
+        store_reports.check_group_key(key)  # before touching the database
     with store.read() as conn:
         total, groups = grouped(conn, keys, since=since, until=until)
     return SavingsReport(keys, since, until, total, groups)
@@ -274,29 +212,11 @@ _EMPTY = Totals(0, 0, 0, 0, 0, 0, 0)
 
 def task_costs(store: Store) -> list[TaskCost]:
     """Per `task_id`: request counts by outcome (from `requests`) and costs (from `ledger`)."""
-    r = requests_t
-    live = [s.value for s in LIVE_REQUEST_STATES]
-    counts = (
-        sa.select(
-            r.c.task_id,
-            sa.func.count().label("requests"),
-            _sum(sa.case((r.c.state == RequestState.SUCCEEDED.value, 1), else_=0)).label("ok"),
-            _sum(sa.case((r.c.state == RequestState.FAILED.value, 1), else_=0)).label("failed"),
-            _sum(sa.case((r.c.state.in_(live), 1), else_=0)).label("live"),
-        )
-        .where(r.c.task_id.is_not(None))
-        .group_by(r.c.task_id)
-    )
-    costs = (
-        sa.select(ledger_t.c.task_id, *total_columns())
-        .where(ledger_t.c.task_id.is_not(None))
-        .group_by(ledger_t.c.task_id)
-    )
     with store.read() as conn:
         # States first: a request's last entry commits with its terminal state, so a task
         # read as complete here already has all its entries when the ledger is read next.
-        states = conn.execute(counts).all()
-        money = {row.task_id: _totals(row) for row in conn.execute(costs)}
+        states = store_reports.task_request_counts(conn)
+        money = {row.task_id: _totals(row) for row in store_reports.task_ledger_totals(conn)}
     tasks = [
         TaskCost(
             row.task_id,

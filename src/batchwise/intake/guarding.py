@@ -3,7 +3,9 @@ runaway-loop limits, dedupe and budgets.
 
 Requests a guard refuses are still stored, as `rejected` with the reason (DESIGN.md's request
 life), and every refusal or change is recorded as an event, so nothing disappears silently.
-The checks read the store through the intake's sink, in set-based queries per chunk.
+The checks read the store through the intake's sink, in set-based queries per chunk (the SQL
+is the sink's: `store.guard_state`); every refusal or dedupe hit moves its request through a
+sink method that checks the move against `states.TRANSITIONS`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -27,9 +29,12 @@ from batchwise.costs.guards import (
     period_starts,
     shape,
 )
-from batchwise.intake.ingest import ROW, Invalid, RequestSink, body_key, infer_provider
+from batchwise.intake.lines import Invalid, infer_provider
 from batchwise.states import RequestState
-from batchwise.store.dbapi import as_datetime
+from batchwise.store.intake_rows import ROW
+
+if TYPE_CHECKING:
+    from batchwise.store.intake_rows import Answer, RequestSink
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +49,8 @@ class Outcome:
 
     #: the guard that refused it and why
     refused: tuple[str, str] | None = None
-    #: (request id, response id, realtime-equivalent nano-USD, tokens…) of the answer to reuse
-    dedupe_of: tuple[Any, ...] | None = None
+    #: the stored answer to reuse (see `store.intake_rows.Answer`)
+    dedupe_of: Answer | None = None
     #: hold until this time (a budget with the "wait" policy)
     hold_until: datetime | None = None
     original_model: str | None = None
@@ -115,12 +120,7 @@ class Keeper:
         if missing:
             for task_id in missing:
                 self.tasks[task_id] = TaskCount()
-            marks = ", ".join("?" for _ in missing)
-            for task_id, body in self.sink.query(
-                "SELECT r.task_id, b.body FROM requests r "
-                f"LEFT JOIN request_bodies b ON b.id = r.id WHERE r.task_id IN ({marks})",
-                missing,
-            ):
+            for task_id, body in self.sink.task_bodies(missing):
                 seen = self.tasks[task_id]
                 seen.requests += 1
                 if body is not None:
@@ -146,29 +146,16 @@ class Keeper:
                 )
                 windows[position] = window
         for (provider, endpoint), by_hash in wanted.items():
-            hashes = list(by_hash)
-            marks = ", ".join("?" for _ in hashes)
-            found = self.sink.query(
-                "SELECT r.body_hash, r.id, r.response_id, r.finished_at, l.realtime_nusd, "
-                "l.input_tokens, l.output_tokens FROM requests r "
-                "JOIN responses p ON p.id = r.response_id "
-                "LEFT JOIN ledger l ON l.response_id = r.response_id "
-                f"WHERE r.state = 'succeeded' AND r.body_key IN ({marks}) "
-                f"AND r.body_hash IN ({marks}) AND r.provider = ? AND r.endpoint = ? "
-                "AND p.body IS NOT NULL ORDER BY r.finished_at DESC",
-                [*(body_key(h) for h in hashes), *hashes, provider, endpoint],
-            )
-            best: dict[str, tuple[Any, ...]] = {}
-            for found_row in found:
-                best.setdefault(found_row[0], tuple(found_row[1:]))
+            best: dict[str, Answer] = {}
+            for answer in self.sink.answers(provider, endpoint, list(by_hash)):
+                best.setdefault(answer[0], answer)  # newest first
             for body_hash, positions in by_hash.items():
-                answer = best.get(body_hash)
-                if answer is None:
+                found = best.get(body_hash)
+                if found is None:
                     continue
                 for position in positions:
-                    finished = as_datetime(answer[2])
-                    if finished >= self.now - timedelta(seconds=windows[position]):
-                        self._outcome(position).dedupe_of = answer
+                    if found[3] >= self.now - timedelta(seconds=windows[position]):
+                        self._outcome(position).dedupe_of = found
 
     def _budgets(self, rows: list[tuple[Any, ...]]) -> None:
         for position, row in enumerate(rows):
@@ -231,17 +218,9 @@ class Keeper:
     def _spend(self, kind: str, name: str, period: str, start: datetime) -> int:
         key = (kind, name, period)
         if key not in self._spent:
-            (committed,) = self.sink.query(
-                f"SELECT coalesce(sum(actual_nusd), 0) FROM ledger WHERE {kind} = ? AND at >= ?",
-                [name, self.sink.time_value(start)],
-            )[0]
-            live = self.sink.query(
-                "SELECT r.est_input_tokens, r.provider, r.model, b.body FROM requests r "
-                "LEFT JOIN request_bodies b ON b.id = r.id "
-                f"WHERE r.finished_at IS NULL AND r.{kind} = ?",
-                [name],
-            )
-            self._spent[key] = int(committed) + sum(
+            committed = self.sink.spent_nusd(kind, name, since=start)
+            live = self.sink.unfinished_estimates(kind, name)
+            self._spent[key] = committed + sum(
                 self._estimate_values(tokens, provider, model, body)
                 for tokens, provider, model, body in live
             )
@@ -290,94 +269,53 @@ class Keeper:
         """Write the chunk's decisions for the rows that were stored; returns, by position,
         the state and refusal reason of each row a guard finished."""
         finished: dict[int, tuple[str, str | None]] = {}
-        now = self.sink.time_value(self.now)
-        rejected, deduped, held, routed, events = [], [], [], [], []
+        rejected: list[tuple[int, str, str, str]] = []
+        deduped: list[tuple[int, str, int]] = []
+        held: list[tuple[int, datetime]] = []
+        routed: list[tuple[str, int]] = []
+        events: list[tuple[str, str, str, int, str | None, str]] = []
         for position, outcome in sorted(self.outcomes.items()):
             if position not in stored:
                 continue
             row = rows[position]
-            rid, state = row[ROW["id"]], row[ROW["state"]]
+            rid, state, task_id = row[ROW["id"]], row[ROW["state"]], row[ROW["task_id"]]
             if outcome.original_model:
                 routed.append((outcome.original_model, rid))
             if outcome.refused:
                 guard, reason = outcome.refused
-                rejected.append(("rejected", reason, guard, now, now, rid, state))
+                rejected.append((rid, state, guard, reason))
                 finished[position] = (RequestState.REJECTED.value, reason)
-                events.append(
-                    (
-                        now,
-                        "guard",
-                        "alert",
-                        f"request {rid} refused by {guard}: {reason}",
-                        rid,
-                        row[ROW["task_id"]],
-                        orjson.dumps({"guard": guard}).decode(),
-                    )
-                )
+                message = f"request {rid} refused by {guard}: {reason}"
+                data = orjson.dumps({"guard": guard}).decode()
+                events.append(("guard", "alert", message, rid, task_id, data))
             elif outcome.dedupe_of:
-                source_id, response_id, _, realtime, tokens_in, tokens_out = outcome.dedupe_of
-                deduped.append(("deduplicated", response_id, now, now, rid, state))
+                _, source_id, response_id, _, realtime, tokens_in, tokens_out = outcome.dedupe_of
+                deduped.append((rid, state, response_id))
                 finished[position] = (RequestState.DEDUPLICATED.value, None)
-                events.append(
-                    (
-                        now,
-                        "dedupe",
-                        "info",
-                        f"request {rid} answered from request {source_id} at no cost",
-                        rid,
-                        row[ROW["task_id"]],
-                        "{}",
-                    )
-                )
-                self._dedupe_ledger.append((response_id, now, row, realtime, tokens_in, tokens_out))
-            else:
-                if outcome.hold_until is not None:
-                    held.append((self.sink.time_value(outcome.hold_until), rid))
+                message = f"request {rid} answered from request {source_id} at no cost"
+                events.append(("dedupe", "info", message, rid, task_id, "{}"))
+                self._dedupe_ledger.append((response_id, row, realtime, tokens_in, tokens_out))
+            elif outcome.hold_until is not None:
+                held.append((rid, outcome.hold_until))
             for change in outcome.changes:
-                events.append(
-                    (
-                        now,
-                        "guard",
-                        "info",
-                        f"request {rid}: {change}",
-                        rid,
-                        row[ROW["task_id"]],
-                        "{}",
-                    )
-                )
-        if routed:
-            self.sink.execute_many("UPDATE requests SET original_model = ? WHERE id = ?", routed)
-        if rejected:
-            self.sink.execute_many(
-                "UPDATE requests SET state = ?, error = ?, error_code = ?, finished_at = ?, "
-                "updated_at = ? WHERE id = ? AND state = ?",
-                rejected,
-            )
+                events.append(("guard", "info", f"request {rid}: {change}", rid, task_id, "{}"))
+        self.sink.set_original_models(routed)
+        self.sink.reject(rejected, at=self.now)
         if deduped:
-            self.sink.execute_many(
-                "UPDATE requests SET state = ?, response_id = ?, finished_at = ?, updated_at = ? "
-                "WHERE id = ? AND state = ?",
-                deduped,
-            )
+            self.sink.deduplicate(deduped, at=self.now)
             self._write_dedupe_ledger()
-        if held:
-            self.sink.execute_many("UPDATE requests SET not_before = ? WHERE id = ?", held)
-        if events:
-            self.sink.execute_many(
-                "INSERT INTO events (at, kind, severity, message, request_id, task_id, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                events,
-            )
+        self.sink.hold(held)
+        self.sink.record_events(events, at=self.now)
         self.outcomes.clear()
         return finished
 
     def _write_dedupe_ledger(self) -> None:
         """Each dedupe hit avoids what the original answer would cost in realtime."""
         from batchwise.costs import ledger
-        from batchwise.store import ledger as ledger_table
 
+        now = self.sink.time_value(self.now)
         entries = []
-        for response_id, now, row, realtime, tokens_in, tokens_out in self._dedupe_ledger:
+        for response_id, row, realtime, tokens_in, tokens_out in self._dedupe_ledger:
             request = {name: row[i] for name, i in ROW.items()}
             entries.append(
                 ledger.dedupe_entry(
@@ -389,10 +327,7 @@ class Keeper:
                     output_tokens=tokens_out or 0,
                 )
             )
-        marks = ", ".join("?" for _ in ledger_table.COLUMNS)
-        self.sink.execute_many(
-            f"INSERT INTO ledger ({', '.join(ledger_table.COLUMNS)}) VALUES ({marks})", entries
-        )
+        self.sink.record_ledger(entries)
         self._dedupe_ledger.clear()
 
     def _outcome(self, position: int) -> Outcome:

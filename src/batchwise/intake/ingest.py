@@ -17,15 +17,17 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from batchwise.config import Settings
 from batchwise.errors import IntakeError, LineError, ToleranceError
 from batchwise.intake.classify import Turnaround, classify, expected_turnaround
+from batchwise.intake.lines import Invalid, infer_provider
 from batchwise.intake.tolerance import parse_tolerance
 from batchwise.states import Lane, RequestState
+from batchwise.store.intake_rows import ROW, RequestSink
 
 if TYPE_CHECKING:
     from batchwise.costs.guards import Guards
@@ -57,61 +59,13 @@ NAMED_TAGS = ("use_case", "step", "business_unit", "task_id")
 DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
 CHUNK_ROWS = 2000
 
-_OPENAI_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-embedding-", "omni-moderation")
 _LINE_KEYS = frozenset({"tolerance", "provider", "tags"})
 _OPENAI_KEYS = frozenset({"custom_id", "method", "url", "body"}) | _LINE_KEYS
 _ANTHROPIC_KEYS = frozenset({"custom_id", "params"}) | _LINE_KEYS
 _SIMPLE_META = frozenset({"custom_id", "provider", "tolerance", "tags", "endpoint", "prompt"})
 _SORT = orjson.OPT_SORT_KEYS
 
-#: the columns intake writes, in the order of the row tuples it builds
-REQUEST_COLUMNS = (
-    "id",
-    "custom_id",
-    "provider",
-    "endpoint",
-    "model",
-    "body",
-    "body_hash",
-    "body_key",
-    "tolerance",
-    "deadline",
-    "lane",
-    "reason",
-    "state",
-    "attempts",
-    "use_case",
-    "step",
-    "business_unit",
-    "task_id",
-    "tags",
-    "size_bytes",
-    "est_input_tokens",
-    "created_at",
-    "updated_at",
-    "job_run_id",
-)
-
-
-#: position of each column in a row tuple
-ROW = {name: i for i, name in enumerate(REQUEST_COLUMNS)}
 _ID, _CUSTOM_ID, _LANE = ROW["id"], ROW["custom_id"], ROW["lane"]
-
-
-def body_key(body_hash: str) -> int:
-    """The first 64 bits of a body's sha256 (hex) as a signed integer, the dedupe index's key:
-    an index on it is a fraction of the size of one on the hash, and the full hash is compared
-    after the lookup."""
-    return int.from_bytes(bytes.fromhex(body_hash[:16]), "big", signed=True)
-
-
-class Invalid(Exception):
-    """One line's validation failure (internal; collected into `LineError`s)."""
-
-    def __init__(self, error: str, field: str | None = None) -> None:
-        super().__init__(error)
-        self.error = error
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -155,47 +109,6 @@ class SubmitResult:
                 for e in self.rejected
             ],
         }
-
-
-class RequestSink(Protocol):
-    """Where intake writes: one open write transaction (see `bulk`)."""
-
-    def time_value(self, moment: datetime) -> Any:
-        """The value this database stores for an aware datetime."""
-        ...
-
-    def reserve_ids(self, count: int) -> Sequence[int]: ...
-
-    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
-        """Insert the rows; return the positions of those refused because their custom_id is
-        held by a live request (or an earlier row); every other row is inserted."""
-        ...
-
-    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
-        """Live requests already holding any of these custom_ids: custom_id -> request id."""
-        ...
-
-    def turnarounds(self, provider: str, model: str) -> list[float]: ...
-
-    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """Run a query written with `?` placeholders inside the transaction."""
-        ...
-
-    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """executemany a statement written with `?` placeholders inside the transaction."""
-        ...
-
-    def commit(self) -> None: ...
-
-    def rollback(self) -> None: ...
-
-
-def infer_provider(model: str) -> str | None:
-    if model.startswith("claude"):
-        return "anthropic"
-    if model.startswith(_OPENAI_PREFIXES):
-        return "openai"
-    return None
 
 
 def _text(value: Any, name: str) -> str:

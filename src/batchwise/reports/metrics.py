@@ -12,13 +12,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING, Any
 
 from batchwise.costs.pricing import NANO_PER_USD
 from batchwise.states import LIVE_BATCH_STATES
-from batchwise.store.engine import Store, batches_t, ledger_t, requests_t
+from batchwise.store import reports as store_reports
+
+if TYPE_CHECKING:
+    from batchwise.store.engine import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_PORT = 9464
@@ -73,8 +74,6 @@ def _usd(nusd: Any) -> float:
 
 def collect(store: Store) -> list[Metric]:
     """Read the store once (one transaction) and return every metric family."""
-    r, b, t = requests_t, batches_t, ledger_t
-    priced = sa.and_(t.c.actual_nusd.is_not(None), t.c.realtime_nusd.is_not(None))
     requests = Metric("batchwise_requests", "gauge", "Requests by lane and state.")
     batches = Metric("batchwise_batches", "gauge", "Batches by state.")
     in_flight = Metric(
@@ -100,41 +99,24 @@ def collect(store: Store) -> list[Metric]:
         "Ledger entries whose model has no price; their cost is unknown, not zero.",
     )
     with store.read() as conn:
-        for lane, state, n in conn.execute(
-            sa.select(r.c.lane, r.c.state, sa.func.count())
-            .group_by(r.c.lane, r.c.state)
-            .order_by(r.c.lane, r.c.state)
-        ):
+        for lane, state, n in store_reports.request_counts(conn):
             requests.add(n, lane=lane, state=state)
         live = 0
-        for state, n in conn.execute(
-            sa.select(b.c.state, sa.func.count()).group_by(b.c.state).order_by(b.c.state)
-        ):
+        for state, n in store_reports.batch_counts(conn):
             batches.add(n, state=state)
             live += n if state in LIVE_BATCH_STATES else 0
         in_flight.add(live)
-        money = conn.execute(
-            sa.select(
-                t.c.use_case,
-                t.c.model,
-                sa.func.coalesce(sa.func.sum(sa.case((priced, t.c.actual_nusd))), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((priced, t.c.realtime_nusd))), 0),
-                sa.func.count(sa.case((priced, 1))),
-            )
-            .group_by(t.c.use_case, t.c.model)
-            .order_by(t.c.use_case, t.c.model)
-        )
-        for use_case, model, actual, realtime_nusd, priced_entries in money:
+        for use_case, model, actual, realtime_nusd, priced_entries in store_reports.ledger_money(
+            conn
+        ):
             if not priced_entries:
                 continue  # unknown cost: counted below, never exported as $0
             cost.add(_usd(actual), use_case=use_case, model=model)
             realtime.add(_usd(realtime_nusd), use_case=use_case, model=model)
             saving.add(_usd(int(realtime_nusd) - int(actual)), use_case=use_case, model=model)
-        for kind, n in conn.execute(
-            sa.select(t.c.kind, sa.func.count()).group_by(t.c.kind).order_by(t.c.kind)
-        ):
+        for kind, n in store_reports.ledger_kind_counts(conn):
             entries.add(n, kind=kind)
-        unpriced.add(conn.execute(sa.select(sa.func.count()).where(sa.not_(priced))).scalar_one())
+        unpriced.add(store_reports.unpriced_entries(conn))
     return [requests, batches, in_flight, cost, realtime, saving, entries, unpriced]
 
 

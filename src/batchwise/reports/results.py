@@ -3,17 +3,16 @@ caller's `custom_id`, so code written for the provider's batch files keeps worki
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
-import sqlalchemy as sa
 
-from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
-from batchwise.store.engine import Store, requests_t, responses_t
+from batchwise.states import RequestState
+
+if TYPE_CHECKING:
+    from batchwise.store.engine import Store
 
 FORMATS = ("openai", "anthropic")
-_r, _p = requests_t, responses_t
 
 
 def export(
@@ -21,40 +20,16 @@ def export(
 ) -> int:
     """Write one line per finished request; returns the number of lines. `fmt` None writes
     each request in its own provider's format."""
+    # imported here: `answer_text` users (the status table, job results) need no SQLAlchemy
+    from batchwise.store.reports import finished_requests
+
     count = 0
-    for row in _finished(store, provider):
+    for row in finished_requests(store, provider):
         line = to_line(row, fmt or row["provider"])
         out.write(orjson.dumps(line))
         out.write(b"\n")
         count += 1
     return count
-
-
-def _finished(store: Store, provider: str | None) -> Iterator[dict[str, Any]]:
-    query = (
-        sa.select(
-            _r.c.id,
-            _r.c.custom_id,
-            _r.c.provider,
-            _r.c.state,
-            _r.c.error,
-            _r.c.error_code,
-            _p.c.id.label("response_id"),
-            _p.c.body,
-            _p.c.status_code,
-            _p.c.provider_request_id,
-        )
-        .select_from(_r.outerjoin(_p, _p.c.id == _r.c.response_id))
-        .where(_r.c.state.in_([s.value for s in TERMINAL_REQUEST_STATES]))
-        .order_by(_r.c.id)
-        .execution_options(yield_per=2000)
-    )
-    if provider is not None:
-        query = query.where(_r.c.provider == provider)
-    with store.read() as conn:
-        for partition in conn.execute(query).mappings().partitions():
-            for row in partition:
-                yield dict(row)
 
 
 def to_line(row: dict[str, Any], fmt: str) -> dict[str, Any]:

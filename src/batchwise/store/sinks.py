@@ -2,7 +2,8 @@
 
 Two interchangeable backends pass the same tests: `SQLiteSink` on the plain `sqlite3` module
 (the embedded default; no SQLAlchemy import, so `batchwise submit` starts fast) and
-`EngineSink` on a SQLAlchemy connection (PostgreSQL, or SQLite in tests).
+`EngineSink` on a SQLAlchemy connection (PostgreSQL, or SQLite in tests). Both answer the
+cost guards through `GuardQueries` (store.guard_state), on their own raw driver.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from batchwise.errors import StoreError
-from batchwise.intake.ingest import REQUEST_COLUMNS, ROW, RequestSink
 from batchwise.states import LIVE_SQL
 from batchwise.store import dbapi
+from batchwise.store.guard_state import GuardQueries
+from batchwise.store.intake_rows import REQUEST_COLUMNS, ROW, RequestSink
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -66,7 +68,7 @@ def _is_custom_id_conflict(exc: BaseException) -> bool:
     return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
 
 
-class SQLiteSink:
+class SQLiteSink(GuardQueries):
     """Writes to a SQLite file through `sqlite3`, inside one BEGIN IMMEDIATE transaction."""
 
     def __init__(self, url: str) -> None:
@@ -128,10 +130,10 @@ class SQLiteSink:
                 found[cid] = rid
         return found
 
-    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, tuple(params)).fetchall()
 
-    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         self.conn.executemany(sql, rows)
 
     def turnarounds(self, provider: str, model: str) -> list[float]:
@@ -156,7 +158,7 @@ class SQLiteSink:
             self.conn.close()
 
 
-class EngineSink:
+class EngineSink(GuardQueries):
     """Writes through a SQLAlchemy connection (PostgreSQL's path; SQLite works too)."""
 
     def __init__(
@@ -256,13 +258,13 @@ class EngineSink:
 
         return tuple(db_time(self.conn, v) if isinstance(v, datetime) else v for v in values)
 
-    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         from batchwise.store.engine import driver_sql
 
         rows = self.conn.exec_driver_sql(driver_sql(self.conn, sql), self._driver(params))
         return [tuple(r) for r in rows]
 
-    def execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _execute_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         from batchwise.store.engine import driver_sql
 
         if rows:

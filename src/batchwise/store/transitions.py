@@ -1,19 +1,22 @@
 """The one state machine: every request and batch state change goes through these functions,
 which check `states.TRANSITIONS` / `states.BATCH_TRANSITIONS` and move rows compare-and-set
-(only rows still in the expected state move)."""
+(only rows still in the expected state move).
+
+`check_transition` imports nothing heavy, so the SQLite intake sink (which never loads
+SQLAlchemy) checks its guard moves with it too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from typing import TYPE_CHECKING, Any
 
 from batchwise.errors import TransitionError
 from batchwise.states import BATCH_TRANSITIONS, TRANSITIONS, BatchState, RequestState
-from batchwise.store.engine import batches_t, chunked, requests_t
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 
 def check_transition(src: RequestState, dst: RequestState) -> None:
@@ -35,6 +38,10 @@ def transition_requests(
 
     Returns the ids that moved, so a caller racing another worker knows exactly what it won.
     """
+    import sqlalchemy as sa
+
+    from batchwise.store.engine import chunked, requests_t
+
     sources = [src] if isinstance(src, RequestState) else list(src)
     for s in sources:
         check_transition(s, dst)
@@ -75,6 +82,10 @@ def transition_batch(
 
     `values` are further columns to set in the same statement; callers inside the store may
     pass SQL expressions (`poll_count + 1`)."""
+    import sqlalchemy as sa
+
+    from batchwise.store.engine import batches_t
+
     sources = [src] if isinstance(src, BatchState) else list(src)
     for s in sources:
         check_batch_transition(s, dst)

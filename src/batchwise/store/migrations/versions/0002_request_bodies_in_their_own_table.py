@@ -72,7 +72,7 @@ def _fill_body_keys(conn: sa.Connection) -> None:
 
 
 def _key(body_hash: str) -> int:
-    """`intake.body_key`, copied: a migration must not change when the code does."""
+    """`store.intake_rows.body_key`, copied: a migration must not change when the code does."""
     return int.from_bytes(bytes.fromhex(body_hash[:16]), "big", signed=True)
 
 

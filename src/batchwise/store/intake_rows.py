@@ -1,0 +1,131 @@
+"""The row layout intake builds and the sinks store, and the interface every sink offers.
+
+Intake (`intake.ingest`, `intake.guarding`) builds one tuple per line in `REQUEST_COLUMNS`
+order and hands chunks of them to a sink; the sinks (`store.sinks`) store them as they are.
+Both sides import this module, so it imports nothing heavy (no SQLAlchemy, no sqlite3):
+`batchwise submit` on SQLite never loads SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+#: the columns intake writes, in the order of the row tuples it builds
+REQUEST_COLUMNS = (
+    "id",
+    "custom_id",
+    "provider",
+    "endpoint",
+    "model",
+    "body",
+    "body_hash",
+    "body_key",
+    "tolerance",
+    "deadline",
+    "lane",
+    "reason",
+    "state",
+    "attempts",
+    "use_case",
+    "step",
+    "business_unit",
+    "task_id",
+    "tags",
+    "size_bytes",
+    "est_input_tokens",
+    "created_at",
+    "updated_at",
+    "job_run_id",
+)
+
+#: position of each column in a row tuple
+ROW = {name: i for i, name in enumerate(REQUEST_COLUMNS)}
+
+#: the tag columns a budget can be kept for (`spent_nusd`, `unfinished_estimates`)
+BUDGET_TAGS = frozenset({"use_case", "step", "business_unit", "task_id"})
+
+#: a stored answer a dedupe guard may reuse: (body_hash, request id, response id,
+#: finished_at, realtime-equivalent nano-USD, input tokens, output tokens)
+Answer = tuple[str, int, int, datetime, int | None, int | None, int | None]
+
+
+def body_key(body_hash: str) -> int:
+    """The first 64 bits of a body's sha256 (hex) as a signed integer, the dedupe index's key:
+    an index on it is a fraction of the size of one on the hash, and the full hash is compared
+    after the lookup."""
+    return int.from_bytes(bytes.fromhex(body_hash[:16]), "big", signed=True)
+
+
+class RequestSink(Protocol):
+    """Where intake writes: one open write transaction (see `store.sinks`).
+
+    Besides storing rows, a sink answers the cost guards' questions and writes their
+    decisions (the methods after `turnarounds`), inside the same transaction.
+    """
+
+    def time_value(self, moment: datetime) -> Any:
+        """The value this database stores for an aware datetime."""
+        ...
+
+    def reserve_ids(self, count: int) -> Sequence[int]: ...
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
+        """Insert the rows; return the positions of those refused because their custom_id is
+        held by a live request (or an earlier row); every other row is inserted."""
+        ...
+
+    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Live requests already holding any of these custom_ids: custom_id -> request id."""
+        ...
+
+    def turnarounds(self, provider: str, model: str) -> list[float]: ...
+
+    def task_bodies(self, task_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+        """(task_id, body) of every stored request of these tasks (body None once purged)."""
+        ...
+
+    def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:
+        """Succeeded requests with one of these bodies whose answer is still stored, newest
+        first."""
+        ...
+
+    def spent_nusd(self, tag: str, value: str, *, since: datetime) -> int:
+        """Actual nano-USD in the ledger for entries tagged `tag` = `value` since `since`."""
+        ...
+
+    def unfinished_estimates(self, tag: str, value: str) -> list[tuple[int, str, str, str | None]]:
+        """(est_input_tokens, provider, model, body) of the unfinished requests tagged
+        `tag` = `value`: money in flight."""
+        ...
+
+    def set_original_models(self, rows: Sequence[tuple[str, int]]) -> None:
+        """Record (original model, request id) for requests a routing rule sent elsewhere."""
+        ...
+
+    def reject(self, rows: Sequence[tuple[int, str, str, str]], *, at: datetime) -> None:
+        """Move (request id, from state, guard, reason) to `rejected`, compare-and-set."""
+        ...
+
+    def deduplicate(self, rows: Sequence[tuple[int, str, int]], *, at: datetime) -> None:
+        """Move (request id, from state, response id) to `deduplicated`, compare-and-set."""
+        ...
+
+    def hold(self, rows: Sequence[tuple[int, datetime]]) -> None:
+        """Keep (request id, not before) requests back until that time."""
+        ...
+
+    def record_events(
+        self, rows: Sequence[tuple[str, str, str, int, str | None, str]], *, at: datetime
+    ) -> None:
+        """Insert (kind, severity, message, request id, task id, data JSON) events."""
+        ...
+
+    def record_ledger(self, entries: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ledger entries laid out as `store.ledger.COLUMNS`."""
+        ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
