@@ -21,16 +21,12 @@ import sqlalchemy as sa
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import format_usd
 from batchwise.costs.savings import money, rich_table, saving_pct, usd
-from batchwise.errors import BatchwiseError
+from batchwise.errors import ForecastError
 from batchwise.states import Lane
 from batchwise.store.engine import Store, ledger_t
 
 _VOLUME = re.compile(r"^\s*(\d[\d_,]*)\s*([km])?\s*(?:/\s*(?:day|d))?\s*$", re.IGNORECASE)
 _MULTIPLIER = {None: 1, "k": 1_000, "m": 1_000_000}
-
-
-class ForecastError(BatchwiseError):
-    """Raised when there is nothing to forecast from, or the volume cannot be read."""
 
 
 def parse_volume(text: str) -> int:
