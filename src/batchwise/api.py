@@ -312,10 +312,10 @@ class Client:
         """A request by id, or by custom_id (the live one, else the most recent)."""
         from batchwise.store import queries
 
-        view = queries.request_view(self.store, request)
-        if view is None:
+        fields = queries.request_view(self.store, request)
+        if fields is None:
             raise NotFoundError(f"no request with id or custom_id {request!r}")
-        return view
+        return RequestView(**fields)
 
     def status(self) -> dict[str, Any]:
         """Counts by lane and by state: {"total", "by_lane", "by_state"}."""

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
 
 from batchwise.store.engine import Store, requests_t, responses_t
-
-if TYPE_CHECKING:
-    from batchwise.api import RequestView
 
 _NAMED = ("use_case", "step", "business_unit", "task_id")
 
@@ -36,10 +33,9 @@ def status_counts(store: Store) -> dict[str, Any]:
     }
 
 
-def request_view(store: Store, request: int | str) -> RequestView | None:
-    """One request by id or custom_id (the live one, else the most recent)."""
-    from batchwise.api import RequestView
-
+def request_view(store: Store, request: int | str) -> dict[str, Any] | None:
+    """One request by id or custom_id (the live one, else the most recent): the fields of
+    `api.RequestView`, tags merged and the answer parsed."""
     t = requests_t
     query = sa.select(t)
     if isinstance(request, int) or (isinstance(request, str) and request.isdigit()):
@@ -58,7 +54,7 @@ def request_view(store: Store, request: int | str) -> RequestView | None:
             result = orjson.loads(body) if body else None
     tags = {k: row[k] for k in _NAMED if row[k] is not None}
     tags.update(orjson.loads(row["tags"] or "{}"))
-    return RequestView(
+    return dict(
         id=row["id"],
         custom_id=row["custom_id"],
         provider=row["provider"],
