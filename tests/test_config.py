@@ -68,6 +68,6 @@ def test_a_wrong_jobs_table_is_an_error_at_load(
 
 
 def test_extra_holds_only_the_tables_their_modules_parse() -> None:
-    with pytest.raises(ConfigError, match="set jobs_dir, jobs_output_dir"):
+    with pytest.raises(ConfigError, match=r"\[jobs\] is jobs_dir, jobs_output_dir"):
         Settings(extra={"jobs": {"folder": "x"}})
     assert Settings(extra={"guards": {}, "routing": {}, "alerts": {}}).extra

@@ -98,14 +98,12 @@ class Settings:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.extra) - _OWN_SECTIONS)
         if unknown:
+            hint = ""
+            if "jobs" in unknown:
+                hint = " ([jobs] is jobs_dir, jobs_output_dir, jobs_grace_s and job_tables)"
             raise ConfigError(
-                f"Settings.extra holds only the {', '.join(sorted(_OWN_SECTIONS))} tables, not "
-                f"{unknown[0]!r}"
-                + (
-                    " (set jobs_dir, jobs_output_dir, jobs_grace_s, job_tables)"
-                    if "jobs" in unknown
-                    else ""
-                )
+                f"Settings.extra holds only the {', '.join(sorted(_OWN_SECTIONS))} tables, "
+                f"not {unknown[0]!r}{hint}"
             )
 
     def __repr__(self) -> str:
