@@ -486,6 +486,11 @@ def scheduler(loaded: Store, tmp_path: Path) -> Iterator[Scheduler]:
         yield scheduler
 
 
+def tick(scheduler: Scheduler) -> list[Anomaly]:
+    """What the scheduler's tick does for alerts."""
+    return alerts.tick(scheduler.store, settings=scheduler.settings, now=scheduler.clock())
+
+
 def statements(store: Store) -> list[str]:
     seen: list[str] = []
     sa.event.listen(store.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
@@ -497,15 +502,15 @@ def test_tick_checks_once_per_hour_and_costs_no_sql_in_between(scheduler: Schedu
     assert isinstance(clock, ManualClock)
     sql = statements(scheduler.store)
     # Given a first tick that checks the hour 11:00
-    assert alerts.tick(scheduler) == [NO_STEP, SUMMARISE]
+    assert tick(scheduler) == [NO_STEP, SUMMARISE]
     # When ticking again within the same hour: no SQL at all
     sql.clear()
     clock.set(hour(13, 9, 59))
-    assert alerts.tick(scheduler) == []
+    assert tick(scheduler) == []
     assert sql == []
     # When the next hour has passed and settled, 12:00 is checked (classify spiked at 12:05)
     clock.set(hour(13, 10))
-    (found,) = alerts.tick(scheduler)
+    (found,) = tick(scheduler)
     assert (found.step, found.hour, found.tokens) == ("classify", hour(12, 0), 900_000)
     assert sql
 
@@ -517,11 +522,11 @@ def test_tick_never_raises_and_retries_a_failed_check(
     with scheduler.store.write() as conn:
         conn.execute(sa.text("DROP TABLE ledger"))
     with caplog.at_level(logging.ERROR, logger="batchwise.costs.alerts"):
-        assert alerts.tick(scheduler) == []
+        assert tick(scheduler) == []
     assert "the anomaly check failed; it is retried next tick" in caplog.text
     # Then the next tick in the same hour tries again
     sql = statements(scheduler.store)
-    assert alerts.tick(scheduler) == []
+    assert tick(scheduler) == []
     assert sql
 
 
@@ -536,10 +541,10 @@ def test_tick_reports_bad_settings_once_an_hour(
         ) as scheduler,
         caplog.at_level(logging.ERROR, logger="batchwise.costs.alerts"),
     ):
-        assert alerts.tick(scheduler) == []
-        assert alerts.tick(scheduler) == []
+        assert tick(scheduler) == []
+        assert tick(scheduler) == []
         clock.advance(hours=1)
-        assert alerts.tick(scheduler) == []
+        assert tick(scheduler) == []
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert (
         errors

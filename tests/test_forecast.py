@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batchwise.costs.forecast import ForecastError, forecast, parse_volume
+from batchwise.costs.forecast import forecast, parse_volume
+from batchwise.errors import ForecastError
 from batchwise.store.engine import Store, ledger_t
 
 AT = datetime(2026, 11, 1, 12, tzinfo=UTC)

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from batchwise.config import Settings
 from batchwise.jobs import runs as jobs
 from batchwise.jobs.runs import Job, JobResult, Run, RunExists, RunState
-from batchwise.jobs.schedule import Trigger
 from batchwise.lifecycle.cancel import cancel_requests
+from batchwise.states import Trigger
 from batchwise.store.engine import Store, requests_t, responses_t
 from batchwise.store.jobs import claim_delivery
 from jobs_helpers import events, items, nightly, requests_of, runs, tick, utc
@@ -408,6 +408,14 @@ def test_run_now_runs_at_most_once_per_time_and_can_run_a_skipped_occurrence(
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs"
 
 
+def scheduler_jobs(world: Any) -> jobs.JobsReport:
+    """The jobs step of the world's scheduler tick, alone."""
+    scheduler = world.scheduler
+    return jobs.run_due(
+        scheduler.store, settings=scheduler.settings, now=scheduler.clock(), worker=scheduler.worker
+    )
+
+
 @pytest.mark.slow
 def test_the_portfolio_job_end_to_end_through_the_emulator(
     tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
@@ -427,19 +435,20 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
     monkeypatch.delenv("BATCHWISE_JOBS_DIR", raising=False)  # the settings name the folder
     # London is on GMT in November, so 01:00 local is 01:00 UTC.
     clock = ManualClock(utc(2026, 11, 29, 0, 58))
-    extra = {"jobs": {"folder": str(folder), "output_dir": str(reports)}}
-    with make_world(tmp_path, db_url, clock=clock, extra=extra) as world:
+    with make_world(
+        tmp_path, db_url, clock=clock, jobs_dir=folder, jobs_output_dir=reports
+    ) as world:
         # Given a scheduler that has seen the job before its time
-        assert not jobs.tick(world.scheduler).started
+        assert not scheduler_jobs(world).started
         # When the clock passes 01:00
         clock.set(utc(2026, 11, 29, 1, 0, 10))
-        report = jobs.tick(world.scheduler)
+        report = scheduler_jobs(world)
         [run] = report.started
         assert run.requests == len(portfolios) == 10 and not report.errors
-        assert not jobs.tick(world.scheduler).delivered, "not before the answers are in"
+        assert not scheduler_jobs(world).delivered, "not before the answers are in"
         # Then the work goes through the deferred lane, as provider batches
         world.drain()
-        jobs.tick(world.scheduler)
+        scheduler_jobs(world)
         stored = requests_of(world.store, run.id)
         assert {(r["lane"], r["state"]) for r in stored} == {("deferred", "succeeded")}
         stats = world.stats()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,11 +128,13 @@ def test_a_folder_loads_every_job_and_collects_the_broken_ones(tmp_path: Path) -
 def test_the_jobs_folder_comes_from_env_then_settings_then_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    configured = Settings(home=tmp_path, extra={"jobs": {"folder": str(tmp_path / "cfg")}})
+    (tmp_path / "config.toml").write_text(f'[jobs]\nfolder = "{tmp_path / "cfg"}"\n')
+    home = {"BATCHWISE_HOME": str(tmp_path)}
+    configured = Settings.from_env(home)
     plain = Settings(home=tmp_path)
     env = {"BATCHWISE_JOBS_DIR": str(tmp_path / "env")}
-    from_env = Settings.from_env({**env, "BATCHWISE_HOME": str(tmp_path)})
-    assert jobs_folder(replace(configured, jobs_dir=from_env.jobs_dir)) == (tmp_path / "env", True)
+    from_env = Settings.from_env({**env, **home})
+    assert jobs_folder(from_env) == (tmp_path / "env", True)
     assert jobs_folder(configured) == (tmp_path / "cfg", True)
     assert jobs_folder(plain) == (Path("jobs"), False)
     # The default folder may be absent; a configured one must exist.
@@ -152,7 +153,7 @@ def test_a_scheduler_reloads_a_changed_job_and_keeps_going_past_a_broken_one(
     settings = Settings(
         home=tmp_path,
         database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-        extra={"jobs": {"folder": str(folder)}},
+        jobs_dir=folder,
     )
     write(folder, "good.py", GOOD)
     bad = write(folder, "bad.py", 'SCHEDULE = "0 1 * * *"\nTIMEZONE = "Nowhere"\n' + GOOD)

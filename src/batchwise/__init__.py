@@ -2,6 +2,7 @@
 
 Importing the package builds nothing and imports little; names are loaded on first use so
 that `batchwise submit` does not pay for Celery, httpx or the ORM when it does not need them.
+The public names are the client API and every error of the tree drawn in `batchwise.errors`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,25 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchwiseError",
     "Client",
+    "ConfigError",
+    "ForecastError",
+    "GuardRefused",
     "Handle",
     "IntakeError",
+    "JobError",
+    "JobLoadError",
+    "NotFoundError",
+    "ProviderDataError",
+    "ProviderError",
+    "RateLimited",
     "RequestFailed",
     "ResultTimeout",
+    "RunExists",
+    "SchemaError",
     "Settings",
+    "StoreError",
     "ToleranceError",
+    "TransitionError",
     "__version__",
 ]
 
@@ -27,10 +41,23 @@ _LAZY = {
     "Handle": "batchwise.api",
     "Settings": "batchwise.config",
     "BatchwiseError": "batchwise.errors",
+    "ConfigError": "batchwise.errors",
+    "ForecastError": "batchwise.errors",
+    "GuardRefused": "batchwise.errors",
     "IntakeError": "batchwise.errors",
+    "JobError": "batchwise.errors",
+    "JobLoadError": "batchwise.errors",
+    "NotFoundError": "batchwise.errors",
+    "ProviderDataError": "batchwise.errors",
+    "ProviderError": "batchwise.errors",
+    "RateLimited": "batchwise.errors",
     "RequestFailed": "batchwise.errors",
     "ResultTimeout": "batchwise.errors",
+    "RunExists": "batchwise.errors",
+    "SchemaError": "batchwise.errors",
+    "StoreError": "batchwise.errors",
     "ToleranceError": "batchwise.errors",
+    "TransitionError": "batchwise.errors",
 }
 
 if TYPE_CHECKING:
@@ -38,10 +65,23 @@ if TYPE_CHECKING:
     from batchwise.config import Settings
     from batchwise.errors import (
         BatchwiseError,
+        ConfigError,
+        ForecastError,
+        GuardRefused,
         IntakeError,
+        JobError,
+        JobLoadError,
+        NotFoundError,
+        ProviderDataError,
+        ProviderError,
+        RateLimited,
         RequestFailed,
         ResultTimeout,
+        RunExists,
+        SchemaError,
+        StoreError,
         ToleranceError,
+        TransitionError,
     )
 
 

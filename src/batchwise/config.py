@@ -38,8 +38,17 @@ class Settings:
     anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
     #: IANA zone for `by HH:MM` tolerances; None means the machine's local zone
     timezone: str | None = None
-    #: folder of cron job modules (BATCHWISE_JOBS_DIR); None means `[jobs] folder`, else ./jobs
+
+    # --- cron jobs ([jobs]) -------------------------------------------------------------------
+    #: folder of cron job modules: BATCHWISE_JOBS_DIR, else `[jobs] folder`; None means ./jobs
     jobs_dir: Path | None = None
+    #: where jobs write their reports (`[jobs] output_dir`); None means `home / "reports"`
+    jobs_output_dir: Path | None = None
+    #: an occurrence this late (seconds) still runs on time; older ones were missed and follow
+    #: the job's catch-up policy (`[jobs] grace_s`)
+    jobs_grace_s: float = 300.0
+    #: each job's own settings, by job name (the `[jobs.NAME]` tables), given to its `Run`
+    job_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     # --- classification -------------------------------------------------------------------
     #: expected batch turnaround per provider before the store has history (seconds)
@@ -82,8 +91,20 @@ class Settings:
     #: negotiated rates: "provider:model" -> {"input_mtok": ..., "output_mtok": ..., ...}
     price_overrides: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
-    #: the raw settings-file tables, for modules that own their own sections (guards, jobs)
+    #: the raw settings-file tables of the modules that parse their own sections
+    #: (`[guards]`, `[routing]`, `[alerts]`)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.extra) - _OWN_SECTIONS)
+        if unknown:
+            hint = ""
+            if "jobs" in unknown:
+                hint = " ([jobs] is jobs_dir, jobs_output_dir, jobs_grace_s and job_tables)"
+            raise ConfigError(
+                f"Settings.extra holds only the {', '.join(sorted(_OWN_SECTIONS))} tables, "
+                f"not {unknown[0]!r}{hint}"
+            )
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -166,7 +187,7 @@ _SECTIONS = {
     "pricing": {"batch_discount"},
 }
 _TOP = {"database_url", "broker_url", "timezone", "openai_base_url", "anthropic_base_url"}
-_OWN_SECTIONS = {"guards", "jobs", "routing", "alerts"}
+_OWN_SECTIONS = {"guards", "routing", "alerts"}
 
 
 def _load_file(path: Path) -> dict[str, Any]:
@@ -194,6 +215,8 @@ def _load_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [prices] must be a table of 'provider:model' tables")
             values["price_overrides"] = value
+        elif key == "jobs":
+            values.update(_jobs_table(path, value))
         elif key in _OWN_SECTIONS:
             extra[key] = value
         elif key in {"openai_api_key", "anthropic_api_key"}:
@@ -205,4 +228,37 @@ def _load_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown setting {key!r}")
     if extra:
         values["extra"] = extra
+    return values
+
+
+def _jobs_table(path: Path, table: Any) -> dict[str, Any]:
+    """The `[jobs]` table: `folder`, `output_dir`, `grace_s`, and one `[jobs.NAME]` table per
+    job that wants settings of its own (any keys: the job reads them from `run.config`)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [jobs] must be a table")
+    values: dict[str, Any] = {}
+    job_tables: dict[str, Mapping[str, Any]] = {}
+    for key, value in table.items():
+        if key in {"folder", "output_dir"}:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(
+                    f"{path}: jobs.{key} = {value!r} is invalid: expected a folder path string"
+                )
+            values["jobs_dir" if key == "folder" else "jobs_output_dir"] = Path(value).expanduser()
+        elif key == "grace_s":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(
+                    f"{path}: jobs.grace_s = {value!r} is invalid: expected a number of seconds "
+                    "of 0 or more (like 300)"
+                )
+            values["jobs_grace_s"] = float(value)
+        elif isinstance(value, dict):
+            job_tables[key] = value
+        else:
+            raise ConfigError(
+                f"{path}: unknown key jobs.{key} (expected folder, output_dir, grace_s, "
+                f"or a [jobs.{key}] table of that job's own settings)"
+            )
+    if job_tables:
+        values["job_tables"] = job_tables
     return values

@@ -2,6 +2,7 @@
 
 BatchwiseError
 ├── ConfigError            settings or a settings file are wrong
+│   └── JobLoadError       a job module or definition is invalid (names the file and attribute)
 ├── ToleranceError         a latency tolerance or deadline cannot be parsed, or is past
 ├── IntakeError            a submission has invalid lines (carries every `LineError`)
 ├── StoreError             the store refused a change
@@ -11,6 +12,9 @@ BatchwiseError
 ├── RequestFailed          `Handle.result()` on a request that ended without an answer
 ├── ResultTimeout          `Handle.result()` waited longer than its timeout
 ├── GuardRefused           a cost guard refused a request (limit, budget, context size)
+├── JobError               a cron job cannot run as asked (invalid items from `requests()`)
+│   └── RunExists          a manual run found the job already has a run for that time
+├── ForecastError          nothing to forecast from, or the volume cannot be read
 └── ProviderError          a provider call failed (carries provider, status, retryability)
     ├── RateLimited        429 / overloaded; retryable unless the quota is exhausted
     └── ProviderDataError  the provider answered something we cannot read (garbage JSONL, HTML…)
@@ -19,6 +23,7 @@ BatchwiseError
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class BatchwiseError(Exception):
@@ -27,6 +32,10 @@ class BatchwiseError(Exception):
 
 class ConfigError(BatchwiseError):
     """Raised when a setting or the settings file is invalid."""
+
+
+class JobLoadError(ConfigError):
+    """Raised when a job module or definition is invalid; names the file and the attribute."""
 
 
 class ToleranceError(BatchwiseError, ValueError):
@@ -95,6 +104,26 @@ class GuardRefused(BatchwiseError):
     def __init__(self, guard: str, message: str) -> None:
         self.guard = guard
         super().__init__(message)
+
+
+class JobError(BatchwiseError):
+    """Raised when a job cannot run as asked (its items are invalid, the run already exists)."""
+
+
+class RunExists(JobError):
+    """Raised by a manual run when the job already has a run for that scheduled time."""
+
+    def __init__(self, job: str, scheduled_for: datetime, run_id: int, state: str) -> None:
+        self.run_id = run_id
+        self.state = state
+        super().__init__(
+            f"job {job!r} already has run {run_id} ({state}) for "
+            f"{scheduled_for.isoformat()}; a job runs at most once per scheduled time"
+        )
+
+
+class ForecastError(BatchwiseError):
+    """Raised when there is nothing to forecast from, or the volume cannot be read."""
 
 
 class ProviderError(BatchwiseError):

@@ -1,4 +1,4 @@
-"""The states requests and batches move through, and the allowed moves.
+"""The states requests, batches and cron job runs move through, and the allowed moves.
 
 States are plain strings in the database (no DB enums), so adding one needs no migration. The
 allowed moves live in one `TRANSITIONS` table that the store and the tests both read. This
@@ -170,3 +170,37 @@ BATCHED_SQL = "batch_id IS NOT NULL AND finished_at IS NULL"
 CALLS_SQL = state_predicate({RequestState.DISPATCHING, RequestState.RESCUED})
 #: requests waiting to be packed
 QUEUED_SQL = "state = 'queued'"
+
+
+class RunState(StrEnum):
+    """Where a job run is (the `state` of a `job_runs` row)."""
+
+    #: its requests are stored; waiting for all of them to be terminal
+    SUBMITTED = "submitted"
+    #: `on_results` is running under a lease
+    DELIVERING = "delivering"
+    #: delivered; `output` says where
+    DONE = "done"
+    #: `requests()` (nothing stored) or `on_results` failed; `error` says how
+    FAILED = "failed"
+    #: an occurrence not run; `trigger` says why (missed, superseded)
+    SKIPPED = "skipped"
+    #: not a run: when a scheduler first saw the job, so history is not back-filled
+    SEEN = "seen"
+
+
+class Trigger(StrEnum):
+    """Why a run row exists: for runs, what started it; for skipped rows, why not."""
+
+    #: its occurrence came while a scheduler was running
+    SCHEDULE = "schedule"
+    #: the latest occurrence missed while no scheduler ran (CATCH_UP = "once")
+    CATCH_UP = "catch_up"
+    #: `batchwise jobs run` or `run_now`
+    MANUAL = "manual"
+    #: skipped: missed while no scheduler ran (CATCH_UP = "skip")
+    MISSED = "missed"
+    #: skipped: missed, and a later occurrence ran instead (CATCH_UP = "once")
+    SUPERSEDED = "superseded"
+    #: not a run: when a scheduler first saw the job; its history starts here
+    FIRST_SEEN = "first_seen"

@@ -191,8 +191,9 @@ def forecast(obj: Context, volume: str, days: int, as_json: bool) -> None:
     The mix (share of requests and average cost per request by provider, model and lane) is
     read from the whole ledger; "all realtime" prices the same work with no batch API.
     """
-    from batchwise.costs.forecast import ForecastError, forecast_table, parse_volume
     from batchwise.costs.forecast import forecast as project
+    from batchwise.costs.forecast import forecast_table, parse_volume
+    from batchwise.errors import ForecastError
 
     try:
         per_day = parse_volume(volume)

@@ -27,10 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import NANO_PER_USD, format_usd
@@ -438,31 +437,21 @@ def _record_webhook_failure(
 # --- the scheduler's hook --------------------------------------------------------------------
 
 
-class SchedulerLike(Protocol):
-    """What `tick` needs of a `scheduler.Scheduler` (a protocol, to avoid an import cycle)."""
-
-    store: Store
-    settings: Settings
-    clock: Clock
-
-
 #: the last hour checked, per store object: in practice once per process (a store lives as
 #: long as its process's scheduler or worker runtime), and nothing outlives the store
 _checked: WeakKeyDictionary[Store, datetime] = WeakKeyDictionary()
 
 
-def tick(scheduler: SchedulerLike) -> list[Anomaly]:
+def tick(store: Store, *, settings: Settings, now: datetime) -> list[Anomaly]:
     """Check the last complete hour if this process has not yet; the scheduler calls this every
     tick. Costs a dictionary look-up when nothing is due, and never raises: a broken `[alerts]`
     table or a failed check is logged, and batch work goes on."""
-    now = scheduler.clock()
     hour = last_complete_hour(now)
-    store = scheduler.store
     last = _checked.get(store)
     if last is not None and last >= hour:
         return []
     try:
-        found = check_anomalies(store, now=now, settings=scheduler.settings)
+        found = check_anomalies(store, now=now, settings=settings)
     except ConfigError as exc:
         # reported once an hour rather than every tick, until someone fixes the file
         log.error("anomaly alerts are skipped until the settings are fixed: %s", exc)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import format_usd
 from batchwise.costs.savings import money, rich_table, saving_pct, usd
-from batchwise.errors import BatchwiseError
+from batchwise.errors import ForecastError
 from batchwise.store import reports as store_reports
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 _VOLUME = re.compile(r"^\s*(\d[\d_,]*)\s*([km])?\s*(?:/\s*(?:day|d))?\s*$", re.IGNORECASE)
 _MULTIPLIER = {None: 1, "k": 1_000, "m": 1_000_000}
-
-
-class ForecastError(BatchwiseError):
-    """Raised when there is nothing to forecast from, or the volume cannot be read."""
 
 
 def parse_volume(text: str) -> int:

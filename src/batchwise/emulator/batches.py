@@ -11,9 +11,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from batchwise.emulator.env import Env, rng
+from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError, anthropic_error_type
 from batchwise.emulator.prompts import CacheUse, PrefixCache, Prompt
+from batchwise.emulator.seeded import rng
 from batchwise.emulator.state import LineRow
 
 #: bytes per chunk when streaming a result file

@@ -1,28 +1,21 @@
-"""The emulator's shared runtime: configuration, seeded randomness and fault injection.
-
-Every random choice the emulator makes is a hash of the seed and of what it is about (a batch
-id, a custom_id, the n-th HTTP call), so a run can be replayed and a line retried in a new
-batch gets a fresh draw.
+"""The emulator's shared runtime: configuration, fault injection, and the `Env` every handler
+gets (config, clock, state, faults). Fault draws come from `seeded`, so a run can be replayed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from batchwise.emulator.http import ApiError
+from batchwise.emulator.seeded import draw
+from batchwise.emulator.state import State
 from batchwise.errors import ConfigError
-
-if TYPE_CHECKING:
-    from batchwise.emulator.state import State
 
 _RATES = ("error_rate", "expire_rate", "rate_limit_rate", "server_error_rate")
 
@@ -74,30 +67,6 @@ class EmulatorConfig:
             f"enqueued_token_limit={self.enqueued_token_limit}, state_dir={self.state_dir!r}, "
             f"seed={self.seed}, api_key={key!r})"
         )
-
-
-def digest(*parts: object, size: int = 16) -> bytes:
-    """A stable hash of `parts` (their `str`), the root of all emulator randomness."""
-    h = hashlib.blake2b(digest_size=size)
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode())
-        h.update(b"\x1f")
-    return h.digest()
-
-
-def draw(*parts: object) -> float:
-    """A uniform number in [0, 1) determined by `parts`."""
-    return int.from_bytes(digest(*parts, size=8), "big") / 2.0**64
-
-
-def rng(*parts: object) -> random.Random:
-    """A `random.Random` seeded by `parts`, for choices that need more than one draw."""
-    return random.Random(int.from_bytes(digest(*parts), "big"))
-
-
-def hex_id(*parts: object, length: int = 24) -> str:
-    """A stable hexadecimal id of `length` characters derived from `parts`."""
-    return digest(*parts, size=max(1, (length + 1) // 2)).hex()[:length]
 
 
 RATE_LIMIT = "rate_limit"

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from batchwise.emulator.env import hex_id
+from batchwise.emulator.seeded import hex_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);

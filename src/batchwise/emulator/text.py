@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from batchwise.emulator.env import digest, rng
+from batchwise.emulator.seeded import digest, rng
 
 _WORD_LIST = (
     "act add age ago aid aim air all and any arm art ask bad bag bed big bit box boy bus "

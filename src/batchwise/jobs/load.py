@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from batchwise.errors import BatchwiseError, ConfigError, NotFoundError, ToleranceError
+from batchwise.errors import JobLoadError, NotFoundError, ToleranceError
 from batchwise.jobs.schedule import CatchUp, check_deadline, normalise_schedule
 from batchwise.states import RequestState
 
@@ -43,26 +43,6 @@ if TYPE_CHECKING:
 #: the environment variable naming the jobs folder (read by `jobs_folder` and the CLI)
 JOBS_DIR_ENV = "BATCHWISE_JOBS_DIR"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-
-
-class JobLoadError(ConfigError):
-    """Raised when a job module or definition is invalid; names the file and the attribute."""
-
-
-class JobError(BatchwiseError):
-    """Raised when a job cannot run as asked (its items are invalid, the run already exists)."""
-
-
-class RunExists(JobError):
-    """Raised by a manual run when the job already has a run for that scheduled time."""
-
-    def __init__(self, job: str, scheduled_for: datetime, run_id: int, state: str) -> None:
-        self.run_id = run_id
-        self.state = state
-        super().__init__(
-            f"job {job!r} already has run {run_id} ({state}) for "
-            f"{scheduled_for.isoformat()}; a job runs at most once per scheduled time"
-        )
 
 
 def _no_requests(run: Run) -> Iterable[Mapping[str, Any]]:
@@ -183,9 +163,10 @@ class Run:
     def output_dir(self) -> Path:
         """Where to write reports: `output_dir` of `[jobs.NAME]`, else of `[jobs]`, else
         `<home>/reports`."""
-        jobs = self.settings.extra.get("jobs") or {}
-        chosen = self.config.get("output_dir") or jobs.get("output_dir")
-        return Path(chosen).expanduser() if chosen else self.settings.home / "reports"
+        chosen = self.config.get("output_dir")
+        if chosen:
+            return Path(chosen).expanduser()
+        return self.settings.jobs_output_dir or self.settings.home / "reports"
 
     def write_output(self, filename: str, text: str) -> str:
         """Write `text` to `output_dir / filename` through a temporary file and a rename, so
@@ -225,20 +206,17 @@ class JobResult:
 
 
 def job_config(settings: Settings, name: str) -> Mapping[str, Any]:
-    table = (settings.extra.get("jobs") or {}).get(name)
-    return table if isinstance(table, Mapping) else {}
+    """The job's own `[jobs.NAME]` table, or an empty mapping."""
+    return settings.job_tables.get(name) or {}
 
 
 def jobs_folder(settings: Settings) -> tuple[Path, bool]:
     """The jobs folder and whether it was configured (a configured folder must exist).
 
-    `BATCHWISE_JOBS_DIR` (`Settings.jobs_dir`) > `[jobs] folder` in the settings file > `./jobs`.
+    `Settings.jobs_dir` (`BATCHWISE_JOBS_DIR` > `[jobs] folder` in the settings file) > `./jobs`.
     """
     if settings.jobs_dir is not None:
         return settings.jobs_dir, True
-    configured = (settings.extra.get("jobs") or {}).get("folder")
-    if configured:
-        return Path(str(configured)).expanduser(), True
     return Path("jobs"), False
 
 

@@ -1,17 +1,19 @@
 """Cron jobs: due runs started at most once however many schedulers race, and their results
 delivered once every request is finished.
 
-Each tick (`tick(scheduler)`, or `run_due` from a Celery task) does, per job:
+Each pass (`run_due`, called by the scheduler's tick and by the Celery jobs task) does, per job:
 
 1. find the occurrences since the job's last recorded row (or since a scheduler first saw it)
-   and plan them with the job's catch-up policy (`jobs_schedule.plan_due`);
+   and plan them with the job's catch-up policy (`jobs.schedule.plan_due`);
 2. start each run in one transaction: the `job_runs` row, then the job's request items through
-   `Client.submit_items` on the same connection. The unique (job, scheduled_for) key picks one
-   winner among racing schedulers; a crash or a failing `requests()` leaves no requests;
+   intake (`submit_lines` into a sink on the same connection). The unique (job, scheduled_for)
+   key picks one winner among racing schedulers; a crash or a failing `requests()` leaves no
+   requests;
 3. deliver runs whose requests are all terminal: take a lease on the run row, call
    `on_results`, record the output path or the failure.
 
-Job modules and their format: see `jobs_load`. Cron and deadline maths: see `jobs_schedule`.
+Job modules and their format: see `jobs.load`. Cron and deadline maths: see `jobs.schedule`.
+The SQL of run rows: `store.jobs`.
 """
 
 from __future__ import annotations
@@ -22,41 +24,32 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+import orjson
 
-from batchwise.clock import Clock
 from batchwise.config import Settings
-from batchwise.errors import IntakeError
-from batchwise.intake.ingest import CUSTOM_ID, Defaults
+from batchwise.costs.guards import Guards
+from batchwise.errors import IntakeError, JobError, JobLoadError, RunExists
+from batchwise.intake.ingest import CUSTOM_ID, Defaults, submit_lines
+from batchwise.intake.tolerance import resolve_zone
 from batchwise.jobs.load import (
     Job,
-    JobError,
-    JobLoadError,
     JobResult,
     LoadedJobs,
     Run,
-    RunExists,
     cached_folder,
     jobs_folder,
     load_file,
     load_folder,
 )
-from batchwise.jobs.schedule import (
-    DEFAULT_GRACE_S,
-    CatchUp,
-    Trigger,
-    occurrences_between,
-    plan_due,
-    run_deadline,
-)
-from batchwise.store.engine import Store, job_runs_t, worker_id
+from batchwise.jobs.schedule import CatchUp, occurrences_between, plan_due, run_deadline
+from batchwise.reports.results import answer_text
+from batchwise.states import RequestState, RunState, Trigger
+from batchwise.store.engine import Store, worker_id
 from batchwise.store.events import record_event
 from batchwise.store.jobs import (
     RunRecord,
-    RunState,
     claim_delivery,
     finish_delivery,
     last_runs,
@@ -64,10 +57,15 @@ from batchwise.store.jobs import (
     record_failed_start,
     record_skipped,
     run_at,
-    run_results,
+    run_requests,
     scheduling_anchor,
+    set_run_requests,
     start_row,
 )
+from batchwise.store.sinks import EngineSink
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 __all__ = [
     "Job",
@@ -89,19 +87,9 @@ __all__ = [
     "run_due",
     "run_now",
     "start_run",
-    "tick",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class SchedulerLike(Protocol):
-    """What `tick` needs of a `scheduler.Scheduler` (a protocol, to avoid an import cycle)."""
-
-    store: Store
-    settings: Settings
-    clock: Clock
-    worker: str
 
 
 @dataclass
@@ -129,17 +117,6 @@ def load_jobs(settings: Settings) -> LoadedJobs:
     return cached_folder(folder, required=required)
 
 
-def tick(scheduler: SchedulerLike, *, jobs: Sequence[Job] | None = None) -> JobsReport:
-    """Start due runs and deliver finished ones; the scheduler calls this every tick."""
-    return run_due(
-        scheduler.store,
-        settings=scheduler.settings,
-        now=scheduler.clock(),
-        jobs=jobs,
-        worker=scheduler.worker,
-    )
-
-
 def run_due(
     store: Store,
     *,
@@ -148,14 +125,16 @@ def run_due(
     jobs: Sequence[Job] | None = None,
     worker: str | None = None,
 ) -> JobsReport:
-    """One pass over `jobs` (default: the jobs folder). Errors of one job are reported and
-    logged, never raised, so one broken job cannot stop the scheduler or the others."""
+    """Start due runs and deliver finished ones: one pass over `jobs` (default: the jobs
+    folder). The scheduler calls this every tick, first, so a new run's requests are packed in
+    the same tick. Errors of one job are reported and logged, never raised, so one broken job
+    cannot stop the scheduler or the others."""
     report = JobsReport()
     if jobs is None:
         loaded = load_jobs(settings)
         jobs = loaded.jobs
         report.errors.extend(str(e) for e in loaded.errors)
-    grace_s = float((settings.extra.get("jobs") or {}).get("grace_s", DEFAULT_GRACE_S))
+    grace_s = settings.jobs_grace_s
     for job in jobs:
         try:
             _schedule(store, job, settings=settings, now=now, grace_s=grace_s, report=report)
@@ -209,11 +188,7 @@ def start_run(
     """Record the run and store its requests in one transaction; None if another scheduler
     has it. A failing `requests()` or an invalid item stores nothing and records the run as
     failed with the error."""
-    from batchwise.api import Client
-
     deadline = run_deadline(job.deadline, scheduled_for=scheduled_for, now=now, zone=job.zone)
-    client = Client(settings=settings, clock=lambda: now)
-    client._store = store  # share the store: the requests join our transaction
     manual = trigger is Trigger.MANUAL
     try:
         with store.write() as conn:
@@ -223,18 +198,21 @@ def start_run(
             if run_id is None:
                 return None
             run = Run(run_id, job, scheduled_for, trigger.value, deadline.deadline, settings, store)
-            result = client.submit_items(
+            # the requests join this transaction: all of them are stored with the run, or none
+            result = submit_lines(
                 _items(job, run),
+                EngineSink(store, conn=conn),
+                settings=settings,
+                now=now,
+                zone=resolve_zone(settings.timezone),
                 defaults=Defaults(
                     tolerance=deadline.tolerance, tags={"job": job.name}, job_run_id=run_id
                 ),
-                conn=conn,
+                skip_invalid=False,
+                collect_ids=True,
+                guards=Guards.from_settings(settings),
             )
-            conn.execute(
-                sa.update(job_runs_t)
-                .where(job_runs_t.c.id == run_id)
-                .values(requests=result.accepted)
-            )
+            set_run_requests(conn, run_id, result.accepted)
             if deadline.late:
                 _late_event(conn, run, now)
     except _JobCodeFailed as exc:
@@ -367,6 +345,28 @@ def _late_event(conn: Connection, run: Run, now: datetime) -> None:
 
 # --- delivery ---------------------------------------------------------------------------------
 
+_ANSWERED = {RequestState.SUCCEEDED.value, RequestState.DEDUPLICATED.value}
+
+
+def run_results(store: Store, run_id: int) -> list[JobResult]:
+    """Every request of a run as `on_results` receives it, in the order the job yielded them
+    (custom_ids without the run's prefix, answers parsed)."""
+    prefix = custom_id_prefix(run_id)
+    results = []
+    for row in run_requests(store, run_id):
+        body = orjson.loads(row.body) if row.body and row.state in _ANSWERED else None
+        results.append(
+            JobResult(
+                custom_id=row.custom_id.removeprefix(prefix),
+                request_id=row.id,
+                state=row.state,
+                text=answer_text(body) if body is not None else None,
+                body=body,
+                error=row.error,
+            )
+        )
+    return results
+
 
 def deliver_ready(
     store: Store,
@@ -416,7 +416,7 @@ def _deliver(
     output: str | None = None
     error: str | None = None
     if job.on_results is not None:
-        results = run_results(store, record.id, prefix=custom_id_prefix(record.id))
+        results = run_results(store, record.id)
         try:
             value = job.on_results(run, results)
         except Exception as exc:

@@ -22,11 +22,10 @@ from croniter import croniter
 
 from batchwise.errors import ToleranceError
 from batchwise.intake.tolerance import parse_tolerance
+from batchwise.states import Trigger
 
 #: most past occurrences one tick looks at; a longer outage's older ones are not recorded
 MAX_BACKLOG = 1000
-#: an occurrence found later than this after its time counts as missed, not just late
-DEFAULT_GRACE_S = 300.0
 
 
 class CatchUp(StrEnum):
@@ -36,23 +35,6 @@ class CatchUp(StrEnum):
     ONCE = "once"
     #: record every missed occurrence as skipped
     SKIP = "skip"
-
-
-class Trigger(StrEnum):
-    """Why a run row exists: for runs, what started it; for skipped rows, why not."""
-
-    #: its occurrence came while a scheduler was running
-    SCHEDULE = "schedule"
-    #: the latest occurrence missed while no scheduler ran (CATCH_UP = "once")
-    CATCH_UP = "catch_up"
-    #: `batchwise jobs run` or `run_now`
-    MANUAL = "manual"
-    #: skipped: missed while no scheduler ran (CATCH_UP = "skip")
-    MISSED = "missed"
-    #: skipped: missed, and a later occurrence ran instead (CATCH_UP = "once")
-    SUPERSEDED = "superseded"
-    #: not a run: when a scheduler first saw the job; its history starts here
-    FIRST_SEEN = "first_seen"
 
 
 _ALIASES = {

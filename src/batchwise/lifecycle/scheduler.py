@@ -216,7 +216,10 @@ class Scheduler:
         """One pass of every step. `drain` flushes every group now instead of waiting."""
         self._turnarounds.clear()
         report = TickReport()
-        report.jobs = jobs.tick(self)  # first, so a new run's requests are packed this tick
+        # jobs first, so a new run's requests are packed this tick
+        report.jobs = jobs.run_due(
+            self.store, settings=self.settings, now=self.clock(), worker=self.worker
+        )
         report.packed = self.flush(drain=drain)
         report.submitted = self.submit()
         report.polled = self.poll(cap_s=poll_cap_s)
@@ -224,7 +227,8 @@ class Scheduler:
         report.rescued, report.missed = self.rescue()
         if self.dispatcher is not None:
             report.realtime = self.dispatcher.run_once()
-        report.anomalies = alerts.tick(self)  # last: it sees this tick's ledger entries
+        # alerts last: they see this tick's ledger entries
+        report.anomalies = alerts.tick(self.store, settings=self.settings, now=self.clock())
         return report
 
     # --- draining -----------------------------------------------------------------------------

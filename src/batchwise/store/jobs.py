@@ -11,41 +11,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from batchwise.jobs.load import JobResult
-from batchwise.jobs.schedule import Trigger
-from batchwise.reports.results import answer_text
-from batchwise.states import LIVE_REQUEST_STATES, RequestState
+from batchwise.states import LIVE_REQUEST_STATES, RunState, Trigger
 from batchwise.store.engine import Store, job_runs_t, requests_t, responses_t
 from batchwise.store.events import record_event
 from batchwise.store.leases import lease_until
 
 _r = job_runs_t
 _LIVE = sorted(s.value for s in LIVE_REQUEST_STATES)
-_ANSWERED = {RequestState.SUCCEEDED.value, RequestState.DEDUPLICATED.value}
 
-
-class RunState(StrEnum):
-    """Where a job run is (the `state` of a `job_runs` row)."""
-
-    #: its requests are stored; waiting for all of them to be terminal
-    SUBMITTED = "submitted"
-    #: `on_results` is running under a lease
-    DELIVERING = "delivering"
-    #: delivered; `output` says where
-    DONE = "done"
-    #: `requests()` (nothing stored) or `on_results` failed; `error` says how
-    FAILED = "failed"
-    #: an occurrence not run; `trigger` says why (missed, superseded)
-    SKIPPED = "skipped"
-    #: not a run: when a scheduler first saw the job, so history is not back-filled
-    SEEN = "seen"
+__all__ = [
+    "RunRecord",
+    "RunRequest",
+    "RunState",
+    "claim_delivery",
+    "finish_delivery",
+    "job_runs",
+    "last_runs",
+    "ready_runs",
+    "record_failed_start",
+    "record_skipped",
+    "run_at",
+    "run_requests",
+    "scheduling_anchor",
+    "set_run_requests",
+    "start_row",
+]
 
 
 @dataclass(frozen=True)
@@ -143,6 +138,11 @@ def start_row(
     if run_id is None and take_skipped:
         run_id = _take_skipped(conn, job, scheduled_for, values)
     return run_id
+
+
+def set_run_requests(conn: Connection, run_id: int, requests: int) -> None:
+    """Record how many requests a run stored, in the transaction that stored them."""
+    conn.execute(sa.update(_r).where(_r.c.id == run_id).values(requests=requests))
 
 
 def _take_skipped(
@@ -312,8 +312,18 @@ def _failure_event(conn: Connection, job: str, run_id: int, now: datetime, messa
     )
 
 
-def run_results(store: Store, run_id: int, *, prefix: str) -> list[JobResult]:
-    """Every request of a run with its answer, in the order the job yielded them."""
+class RunRequest(NamedTuple):
+    """One request of a run, with its stored response body (raw JSON bytes), if any."""
+
+    id: int
+    custom_id: str
+    state: str
+    error: str | None
+    body: bytes | None
+
+
+def run_requests(store: Store, run_id: int) -> list[RunRequest]:
+    """Every request of a run with its response body, in the order the job yielded them."""
     q, p = requests_t, responses_t
     query = (
         sa.select(q.c.id, q.c.custom_id, q.c.state, q.c.error, p.c.body)
@@ -321,21 +331,8 @@ def run_results(store: Store, run_id: int, *, prefix: str) -> list[JobResult]:
         .where(q.c.job_run_id == run_id)
         .order_by(q.c.id)
     )
-    results = []
     with store.read() as conn:
-        for rid, custom_id, state, error, raw in conn.execute(query):
-            body = orjson.loads(raw) if raw and state in _ANSWERED else None
-            results.append(
-                JobResult(
-                    custom_id=custom_id.removeprefix(prefix),
-                    request_id=rid,
-                    state=state,
-                    text=answer_text(body) if body is not None else None,
-                    body=body,
-                    error=error,
-                )
-            )
-    return results
+        return [RunRequest(*row) for row in conn.execute(query)]
 
 
 def run_at(store: Store, job: str, scheduled_for: datetime) -> RunRecord | None:

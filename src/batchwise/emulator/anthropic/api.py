@@ -20,7 +20,7 @@ from batchwise.emulator.anthropic.bodies import (
     render_message,
 )
 from batchwise.emulator.batches import LineDraft, chunked, read_at, settle_lines
-from batchwise.emulator.env import Env, hex_id, retry_after_headers
+from batchwise.emulator.env import Env, retry_after_headers
 from batchwise.emulator.http import (
     ApiError,
     Request,
@@ -31,6 +31,7 @@ from batchwise.emulator.http import (
 )
 from batchwise.emulator.lifecycle import Phase, Timeline
 from batchwise.emulator.prompts import CacheUse, PrefixCache
+from batchwise.emulator.seeded import hex_id
 from batchwise.emulator.state import BatchRow, LineSummary
 
 log = logging.getLogger("batchwise.emulator")

@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
-from batchwise.emulator.env import digest, hex_id, rng
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.models import ModelInfo, resolve
 from batchwise.emulator.prompts import CacheUse, Prompt, anthropic_prompt
+from batchwise.emulator.seeded import digest, hex_id, rng
 from batchwise.emulator.text import Generation, generate
 
 #: fields a batch request's params may not use (validated when the batch runs)

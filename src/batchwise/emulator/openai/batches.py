@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from batchwise.emulator.batches import chunked, read_at, settle_lines
-from batchwise.emulator.env import Env, hex_id
+from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.lifecycle import Phase, Timeline
 from batchwise.emulator.models import resolve
@@ -25,6 +25,7 @@ from batchwise.emulator.openai.bodies import (
 from batchwise.emulator.openai.input import InputScan, check_metadata, scan_input
 from batchwise.emulator.openai.render import render
 from batchwise.emulator.prompts import PrefixCache
+from batchwise.emulator.seeded import hex_id
 from batchwise.emulator.state import BatchRow, FileRow, LineSummary
 
 _DAY_S = 86_400

@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 
-from batchwise.emulator.env import digest
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.models import ModelInfo, resolve
 from batchwise.emulator.prompts import (
@@ -23,6 +22,7 @@ from batchwise.emulator.prompts import (
     joined,
     openai_auto_prompt,
 )
+from batchwise.emulator.seeded import digest
 from batchwise.emulator.text import (
     Generation,
     default_json_schema,
