@@ -476,9 +476,7 @@ def test_every_request_state_change_is_in_the_transition_table(
 def test_every_batch_state_change_is_in_the_batch_transition_table(
     lifecycle_moves: set[tuple[str, str, str]],
 ) -> None:
-    table = getattr(states, "BATCH_TRANSITIONS", None)
-    if table is None:  # until the store-batches branch (which adds the table) is merged
-        pytest.skip("states.BATCH_TRANSITIONS does not exist yet")
+    table = states.BATCH_TRANSITIONS
     moves = {(src, dst) for tbl, src, dst in lifecycle_moves if tbl == "batches"}
     exercised = {("in_progress", "expired"), ("cancelling", "cancelled"), ("submitted", "failed")}
     assert exercised <= moves, f"the scenarios no longer make these moves: {exercised - moves}"

@@ -6,8 +6,6 @@ import re
 from enum import StrEnum
 from pathlib import Path
 
-import pytest
-
 from batchwise import states
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
@@ -34,23 +32,7 @@ def test_the_request_moves_in_the_doc_are_the_transition_table() -> None:
 
 
 def test_the_batch_moves_in_the_doc_are_the_batch_transition_table() -> None:
-    table = getattr(states, "BATCH_TRANSITIONS", None)
-    if table is None:
-        pytest.skip("states.BATCH_TRANSITIONS is not defined yet")
-    assert moves_in_doc("### Allowed batch moves") == moves_in_code(dict(table))
-
-
-#: modules the doc names that other branches of issue #11 add; empty this set once they merged
-ARRIVING = {
-    "guard_state.py",
-    "intake_rows.py",
-    "packing.py",
-    "responses.py",
-    "store/reports.py",
-    "store/requests.py",
-    "tests/test_architecture.py",
-    "views.py",
-}
+    assert moves_in_doc("### Allowed batch moves") == moves_in_code(dict(states.BATCH_TRANSITIONS))
 
 
 def test_every_module_the_doc_names_exists() -> None:
@@ -63,9 +45,7 @@ def test_every_module_the_doc_names_exists() -> None:
         if not any(src.joinpath(d, name).exists() for d in ("", *_packages(src)))
         and not (root / name).exists()
     }
-    assert not missing - ARRIVING, f"the doc names modules that do not exist: {missing}"
-    if missing:
-        pytest.skip(f"waiting for modules from other branches: {sorted(missing)}")
+    assert not missing, f"the doc names modules that do not exist: {missing}"
 
 
 def _packages(src: Path) -> list[str]:

@@ -12,7 +12,8 @@ import importlib
 
 import click
 
-from batchwise.cli import requests, run
+import batchwise.cli.requests as requests
+import batchwise.cli.run as run
 from batchwise.cli.context import Context, pass_ctx
 
 __all__ = ["LAZY_COMMANDS", "Context", "LazyGroup", "cli", "main", "pass_ctx"]
