@@ -367,7 +367,9 @@ class AnthropicApi:
             )
         return Response(
             200,
-            chunked(self._env.faults.malformed(batch.id, "results", self._result_lines(batch, now))),
+            chunked(
+                self._env.faults.malformed(batch.id, "results", self._result_lines(batch, now))
+            ),
             content_type="application/binary",
         )
 
