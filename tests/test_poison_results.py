@@ -11,13 +11,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import sqlalchemy as sa
 
 from batchwise.clock import ManualClock
 from batchwise.emulator.app import EmulatorConfig
+from batchwise.lifecycle import reconcile
 from batchwise.lifecycle.packer import parse_custom_id
 from batchwise.lifecycle.rescue import record_missed_deadlines
 from batchwise.store.engine import batches_t, events_t, ledger_t, requests_t, responses_t
-from invariants import check_all, rows
+from invariants import check_all, rows, snapshot
 from lifecycle_world import World, make_world, mixed_items
 
 pytestmark = pytest.mark.slow
@@ -104,7 +106,8 @@ def test_malformed_lines_are_recorded_and_only_their_requests_go_again(
             assert "test-key" not in event["message"]
         # … every good line is applied …
         store_id = world.store.store_id
-        answered = {parse_custom_id(c, store_id)[1] for c in good}  # type: ignore[index]
+        ids = [parse_custom_id(c, store_id) for c in good]
+        answered = {pair[1] for pair in ids if pair is not None and pair[0] == batch["id"]}
         requests = {r["id"]: r for r in rows(world.store, requests_t)}
         assert len(answered) == len(good) and answered < set(requests)
         assert all(requests[rid]["state"] == "succeeded" for rid in answered)
@@ -123,6 +126,52 @@ def test_malformed_lines_are_recorded_and_only_their_requests_go_again(
             answer = by_response[requests[request["id"]]["response_id"]]
             assert answer["batch_id"] not in (None, batch["id"])
         check_all(world.store, world.stats())
+
+
+def test_bad_lines_are_recorded_once_however_often_the_results_are_read(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconcile, "BAD_LINE_EVENTS", 2)  # past two, one event per chunk
+    config = EmulatorConfig(turnaround_s=1.0, malformed_line_rate=0.3, seed=7)
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        # Given a batch with more unreadable lines than get an event each, reconciled
+        world.enqueue(items_for("openai", 30))
+        world.tick(drain=True)
+        [batch] = rows(world.store, batches_t)
+        tick_until_reconciled(world, batch["id"])
+        bad, _ = split_lines(result_files(world, "openai", batch["provider_batch_id"]))
+        assert len(bad) > 2
+
+        def recorded() -> list[dict[str, Any]]:
+            return [e for e in rows(world.store, events_t) if e["kind"].startswith("bad_result")]
+
+        events = recorded()
+        assert [e["kind"] for e in events] == ["bad_result_line"] * 2 + ["bad_result_lines"]
+        summary = orjson.loads(events[-1]["data"])["lines"]
+        assert len(summary) == len(bad) - 2
+        named = {
+            (orjson.loads(e["data"])["source"], orjson.loads(e["data"])["line"]) for e in events[:2]
+        }
+        assert named | {tuple(x) for x in summary} == bad
+        before = snapshot(world.store)
+        # When its results are read again from the start
+        with world.store.write() as conn:
+            conn.execute(
+                sa.update(batches_t)
+                .where(batches_t.c.id == batch["id"])
+                .values(state="completed", reconciled_at=None)
+            )
+        [report] = reconcile.reconcile_due(
+            world.store,
+            world.scheduler.providers,
+            world.scheduler.book,
+            now=world.clock(),
+            settings=world.settings,
+            worker="again",
+        )
+        # Then every line is seen again but nothing is recorded or changed twice
+        assert report.complete and report.bad_lines == len(bad)
+        assert recorded() == events and snapshot(world.store) == before
 
 
 def unreadable_world(tmp_path: Path, db_url: str, clock: ManualClock) -> Any:

@@ -1,7 +1,8 @@
 """Deadline rescue: a deferred request whose batch will not be back in time goes realtime.
 
 A queued request is rescued when even a batch flushed now could not return before its
-deadline; a packed or submitted one when only the rescue margin is left. The request keeps its
+deadline; a packed or submitted one when only the rescue margin is left, whether its batch is
+still running or has ended with results that could not be read yet. The request keeps its
 batch: if the batch answers first, that answer is used and the rescue call is recorded as cost;
 if the rescue answers first, a later batch line is kept for the cost records only. A deadline
 that passes anyway is recorded with its cause (invariant 7).
