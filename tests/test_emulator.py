@@ -242,6 +242,64 @@ def test_line_faults_are_drawn_per_seed_batch_and_custom_id(make_rig: Callable[.
     assert errored(first) != once  # the same lines in a new batch (a retry) are drawn again
 
 
+def broken_lines(raw: bytes) -> dict[int, str]:
+    """Line number → how it is broken, for the lines of a result file that are not usable."""
+    broken = {}
+    for n, line in enumerate(raw.splitlines(), 1):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            broken[n] = "not json"
+            continue
+        if "custom_id" not in obj:
+            broken[n] = "no custom_id"
+        elif obj["custom_id"] == "":
+            broken[n] = "empty custom_id"
+    return broken
+
+
+def test_malformed_result_lines_are_seeded_per_file_line(make_rig: Callable[..., Rig]) -> None:
+    # Given an emulator that breaks a fifth of the result lines, and its twin
+    first, twin = (make_rig(turnaround_s=0.0, malformed_line_rate=0.2, seed=4) for _ in range(2))
+    wanted = ids(300)
+
+    def output(rig: Rig) -> tuple[str, bytes]:
+        batch = get_batch(rig, create_batch(rig, [chat_line(c) for c in wanted])["id"])
+        response = rig.openai.get(f"/files/{batch['output_file_id']}/content")
+        assert response.status_code == 200
+        return batch["output_file_id"], response.content
+
+    # When the output file is read
+    file_id, raw = output(first)
+    broken = broken_lines(raw)
+    # Then about a fifth of the lines are broken, in each of the three ways, and the rest whole
+    assert 30 <= len(broken) <= 90 and len(raw.splitlines()) == 300
+    assert set(broken.values()) == {"not json", "no custom_id", "empty custom_id"}
+    whole = [orjson.loads(x) for n, x in enumerate(raw.splitlines(), 1) if n not in broken]
+    assert {x["custom_id"] for x in whole} <= set(wanted)
+    assert all(x["response"]["status_code"] == 200 for x in whole)
+    # … the same file reads the same every time, the same seed breaks the same lines …
+    assert first.openai.get(f"/files/{file_id}/content").content == raw
+    assert output(twin)[1] == raw
+    # … and a new batch of the same lines is drawn again.
+    assert broken_lines(output(first)[1]) != broken
+
+
+def test_malformed_result_lines_reach_anthropic_results(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(turnaround_s=0.0, malformed_line_rate=0.3, seed=2)
+    items = [anthropic_item(c) for c in ids(60)]
+    created = rig.anthropic.post("/v1/messages/batches", json={"requests": items}).json()
+    ended = rig.anthropic.get(f"/v1/messages/batches/{created['id']}").json()
+    response = rig.anthropic.get(ended["results_url"])
+    assert response.status_code == 200 and len(response.content.splitlines()) == 60
+    assert 5 <= len(broken_lines(response.content)) <= 30
+
+
+def test_malformed_line_rate_is_checked() -> None:
+    with pytest.raises(ConfigError, match="malformed_line_rate"):
+        EmulatorConfig(malformed_line_rate=1.5)
+
+
 @pytest.mark.parametrize(
     ("bad_line", "code", "param"),
     [

@@ -49,6 +49,7 @@ def test_invariants_hold_under_every_fault(tmp_path: Path, db_url: str) -> None:
         rate_limit_rate=0.1,
         server_error_rate=0.05,
         seed=11,
+        malformed_line_rate=0.05,
     )
     with make_world(tmp_path, db_url, emulator_config=faults, max_attempts=4) as world:
         world.enqueue(mixed_items(200, realtime_every=4))
@@ -64,6 +65,7 @@ def test_invariants_hold_under_every_fault(tmp_path: Path, db_url: str) -> None:
             b["state"] == "reconciled" and b["provider_status"] == "expired"
             for b in rows(world.store, batches_t)
         )
+        assert any(e["kind"] == "bad_result_line" for e in rows(world.store, events_t))
         check_all(world.store, world.stats())
 
 

@@ -422,27 +422,34 @@ def test_fetching_results_of_a_running_batch_is_a_mistake() -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "problem"),
+    ("line", "problem", "named"),
     [
-        ({"custom_id": "a", "result": {"type": "mystery"}}, "unknown result type 'mystery'"),
-        ({"custom_id": "a"}, "no result object"),
-        ({"result": {"type": "expired"}}, "no custom_id"),
-        ({"custom_id": "a", "result": {"type": "succeeded"}}, "succeeded without message"),
+        ({"custom_id": "a", "result": {"type": "mystery"}}, "unknown result type 'mystery'", "a"),
+        ({"custom_id": "a"}, "no result object", "a"),
+        ({"result": {"type": "expired"}}, "no custom_id", ""),
+        ({"custom_id": "", "result": {"type": "expired"}}, "no custom_id", ""),
+        ({"custom_id": "a", "result": {"type": "succeeded"}}, "succeeded without message", "a"),
     ],
 )
-def test_malformed_lines_name_batch_and_line(line: dict[str, Any], problem: str) -> None:
-    provider, _ = results(jsonl({"custom_id": "x", "result": {"type": "expired"}}, line))
-    with pytest.raises(ProviderDataError, match=f"batch msgbatch_1: results line 2: {problem}"):
-        list(provider.fetch_results(ENDED))
+def test_malformed_lines_name_batch_and_line_and_reading_goes_on(
+    line: dict[str, Any], problem: str, named: str
+) -> None:
+    expired = {"custom_id": "x", "result": {"type": "expired"}}
+    provider, _ = results(jsonl(expired, line, {**expired, "custom_id": "y"}))
+    [x, bad, y] = provider.fetch_results(ENDED)
+    assert (x.custom_id, y.custom_id) == ("x", "y") and x.kind is OutcomeKind.EXPIRED
+    assert bad.kind is OutcomeKind.UNREADABLE and bad.custom_id == named
+    assert (bad.line, bad.source, bad.error_code) == (2, "results", "bad_result_line")
+    assert (bad.error_message or "").startswith(f"batch msgbatch_1: results line 2: {problem}")
+    assert bad.excerpt is not None and bad.excerpt.startswith("'{")
 
 
-def test_a_truncated_results_stream_fails_after_the_good_lines() -> None:
+def test_a_truncated_results_stream_ends_with_an_unreadable_line_after_the_good_ones() -> None:
     provider, _ = results(jsonl({"custom_id": "x", "result": {"type": "expired"}}) + b'{"custom_')
-    seen: list[str] = []
-    with pytest.raises(ProviderDataError, match=r"msgbatch_1: results line 2: .*cut off"):
-        for outcome in provider.fetch_results(ENDED):
-            seen.append(outcome.custom_id)
-    assert seen == ["x"]
+    [good, cut] = provider.fetch_results(ENDED)
+    assert good.custom_id == "x" and good.kind is OutcomeKind.EXPIRED
+    assert cut.kind is OutcomeKind.UNREADABLE and cut.custom_id == "" and cut.line == 2
+    assert "msgbatch_1: results line 2: not a JSON object (cut off" in (cut.error_message or "")
 
 
 def test_archived_results_are_a_final_error_naming_the_batch() -> None:

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from batchwise.errors import ProviderDataError, ProviderError, RateLimited
+from batchwise.providers.base import LineOutcome, OutcomeKind
 from batchwise.providers.http import (
     ApiKeyAuth,
     Dialect,
@@ -300,7 +301,7 @@ def jsonl_reply(*chunks: bytes, then: Exception | None = None, status: int = 200
     )
 
 
-def lines_of(http: HttpClient) -> list[tuple[int, dict[str, Any]]]:
+def lines_of(http: HttpClient) -> list[tuple[int, dict[str, Any] | LineOutcome]]:
     return list(http.iter_jsonl("/files/f/content", batch_id="batch_9", source="output"))
 
 
@@ -311,22 +312,34 @@ def test_lines_split_across_chunks_are_joined_and_blank_lines_skipped_but_counte
     assert lines_of(http) == [(1, {"a": 1}), (3, {"b": "x\ny"}), (4, {"c": 3})]
 
 
-def test_a_cut_off_last_line_names_the_batch_and_the_line() -> None:
-    http, _ = make_http(Script(jsonl_reply(b'{"a":1}\n{"b":2}\n{"c":')))
-    seen: list[int] = []
-    with pytest.raises(ProviderDataError) as caught:
-        for line_no, _obj in http.iter_jsonl("/f", batch_id="batch_9", source="output"):
-            seen.append(line_no)
-    assert seen == [1, 2]  # the good lines were delivered before the failure
-    message = str(caught.value)
+def test_a_cut_off_last_line_comes_as_an_unreadable_line_after_the_good_ones() -> None:
+    http, _ = make_http(Script(jsonl_reply(b'{"a":1}\n{"b":2}\n{"custom_id":"bw-7","c":')))
+    [one, two, (line_no, bad)] = lines_of(http)
+    assert (one, two) == ((1, {"a": 1}), (2, {"b": 2}))  # the good lines are delivered
+    assert line_no == 3 and isinstance(bad, LineOutcome)
+    assert bad.kind is OutcomeKind.UNREADABLE and (bad.line, bad.source) == (3, "output")
+    assert bad.custom_id == "bw-7"  # recovered from the broken text, to name its request
+    message = bad.error_message or ""
     assert "batch_9" in message and "output line 3" in message and "cut off" in message
+    assert bad.excerpt is not None and '"c":' in bad.excerpt
 
 
 @pytest.mark.parametrize("bad", [b"[1,2]", b"not json", b'"a string"'])
-def test_a_line_that_is_not_a_json_object_is_a_data_error(bad: bytes) -> None:
-    http, _ = make_http(Script(jsonl_reply(b'{"a":1}\n' + bad + b"\n")))
-    with pytest.raises(ProviderDataError, match=r"batch_9: output line 2: not a JSON object"):
-        lines_of(http)
+def test_a_line_that_is_not_a_json_object_is_unreadable_and_reading_goes_on(bad: bytes) -> None:
+    http, _ = make_http(Script(jsonl_reply(b'{"a":1}\n' + bad + b'\n{"c":3}\n')))
+    [first, (line_no, outcome), last] = lines_of(http)
+    assert first == (1, {"a": 1}) and last == (3, {"c": 3})
+    assert line_no == 2 and isinstance(outcome, LineOutcome) and outcome.custom_id == ""
+    assert outcome.error_message == "batch batch_9: output line 2: not a JSON object"
+    assert outcome.error_code == "bad_result_line" and outcome.excerpt == repr(bad.decode())
+
+
+def test_an_unreadable_line_never_shows_the_api_key() -> None:
+    leaked = b'{"a":1}\nAuthorization: Bearer ' + KEY.encode() + b"\n"
+    http, _ = make_http(Script(jsonl_reply(leaked)))
+    [_, (_, outcome)] = lines_of(http)
+    assert isinstance(outcome, LineOutcome) and outcome.excerpt is not None
+    assert KEY not in outcome.excerpt and "***" in outcome.excerpt
 
 
 def test_a_connection_reset_mid_download_is_a_retryable_error_naming_the_last_line() -> None:

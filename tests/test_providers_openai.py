@@ -457,28 +457,44 @@ def test_a_missing_output_file_is_an_error_naming_the_batch() -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "problem"),
+    ("line", "problem", "named"),
     [
-        ({"custom_id": "", "response": None, "error": {"code": "x"}}, "no custom_id"),
-        ({"custom_id": "a", "response": None, "error": None}, "neither a response nor an error"),
+        ({"custom_id": "", "response": None, "error": {"code": "x"}}, "no custom_id", ""),
+        ({"response": None, "error": {"code": "x"}}, "no custom_id", ""),
+        (
+            {"custom_id": "a", "response": None, "error": None},
+            "neither a response nor an error",
+            "a",
+        ),
         (
             {"custom_id": "a", "response": {"status_code": "200", "body": {}}},
             "response without an integer",
+            "a",
         ),
-        ({"custom_id": "a", "response": None, "error": {"message": "?"}}, "error without a code"),
+        (
+            {"custom_id": "a", "response": None, "error": {"message": "?"}},
+            "error without a code",
+            "a",
+        ),
     ],
 )
-def test_malformed_result_lines_name_batch_file_and_line(
-    line: dict[str, Any], problem: str
+def test_malformed_result_lines_name_batch_file_and_line_and_reading_goes_on(
+    line: dict[str, Any], problem: str, named: str
 ) -> None:
     provider = make(
-        files_handler({"file-out": jsonl(out_line("ok", 200, CHAT), line), "file-err": b""})
+        files_handler({"file-out": jsonl(out_line("ok", 200, CHAT), line), "file-err": jsonl(line)})
     )
-    with pytest.raises(ProviderDataError, match=f"batch batch_1: output line 2: {problem}"):
-        list(provider.fetch_results(ENDED))
+    [ok, out_bad, err_bad] = provider.fetch_results(ENDED)
+    assert ok.kind is OutcomeKind.SUCCEEDED and ok.custom_id == "ok"
+    for bad, where in ((out_bad, "output line 2"), (err_bad, "error line 1")):
+        assert bad.kind is OutcomeKind.UNREADABLE and bad.custom_id == named
+        assert bad.error_message is not None
+        assert bad.error_message.startswith(f"batch batch_1: {where}: {problem}")
+        assert bad.excerpt is not None and bad.excerpt.startswith("'{")
+    assert (out_bad.source, out_bad.line, err_bad.source, err_bad.line) == ("output", 2, "error", 1)
 
 
-def test_a_truncated_error_file_is_a_data_error_after_the_good_lines() -> None:
+def test_a_truncated_error_file_ends_with_an_unreadable_line_after_the_good_ones() -> None:
     provider = make(
         files_handler(
             {
@@ -487,11 +503,11 @@ def test_a_truncated_error_file_is_a_data_error_after_the_good_lines() -> None:
             }
         )
     )
-    seen: list[str] = []
-    with pytest.raises(ProviderDataError, match=r"error line 2: not a JSON object \(cut off"):
-        for outcome in provider.fetch_results(ENDED):
-            seen.append(outcome.custom_id)
-    assert seen == ["ok", "a"]
+    outcomes = list(provider.fetch_results(ENDED))
+    assert [o.custom_id for o in outcomes] == ["ok", "a", "b"]
+    last = outcomes[-1]
+    assert last.kind is OutcomeKind.UNREADABLE and (last.source, last.line) == ("error", 2)
+    assert "error line 2: not a JSON object (cut off" in (last.error_message or "")
 
 
 class ResetAfter(httpx.SyncByteStream):

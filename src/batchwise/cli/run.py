@@ -109,6 +109,13 @@ def demo(obj: Context, turnaround: str) -> None:
     default=None,
     help="Keep state on disk here so a restart continues (default: in memory).",
 )
+@click.option(
+    "--malformed-line-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of result-file lines that are not valid JSON or lack custom_id.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for fault injection.")
 def emulator(
     host: str,
@@ -121,6 +128,7 @@ def emulator(
     latency: str,
     enqueued_token_limit: int | None,
     state_dir: str | None,
+    malformed_line_rate: float,
     seed: int,
 ) -> None:
     """Serve the OpenAI and Anthropic batch and realtime APIs locally, for demos and tests.
@@ -142,6 +150,7 @@ def emulator(
         enqueued_token_limit=enqueued_token_limit,
         state_dir=Path(state_dir) if state_dir else None,
         seed=seed,
+        malformed_line_rate=malformed_line_rate,
     )
     run_server(host, port, config)
 

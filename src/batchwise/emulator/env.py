@@ -7,10 +7,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+import orjson
 
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.seeded import draw
@@ -43,8 +45,15 @@ class EmulatorConfig:
     seed: int = 0
     #: None accepts any non-empty key; otherwise exactly this one
     api_key: str | None = None
+    #: share of result-file lines that come out broken: cut off (not valid JSON), without
+    #: `custom_id`, or with `"custom_id": ""` (`--malformed-line-rate`)
+    malformed_line_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.malformed_line_rate <= 1.0:
+            raise ConfigError(
+                f"malformed_line_rate must be between 0 and 1, got {self.malformed_line_rate!r}"
+            )
         for name in _RATES:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -65,7 +74,8 @@ class EmulatorConfig:
             f"expire_rate={self.expire_rate}, rate_limit_rate={self.rate_limit_rate}, "
             f"server_error_rate={self.server_error_rate}, latency_s={self.latency_s}, "
             f"enqueued_token_limit={self.enqueued_token_limit}, state_dir={self.state_dir!r}, "
-            f"seed={self.seed}, api_key={key!r})"
+            f"seed={self.seed}, api_key={key!r}, "
+            f"malformed_line_rate={self.malformed_line_rate})"
         )
 
 
@@ -153,6 +163,34 @@ class Faults:
     def expires(self, batch_id: str) -> bool:
         """Whether this batch runs out of time with about half its lines done."""
         return draw(self._config.seed, "expire", batch_id) < self._config.expire_rate
+
+    def malformed(self, batch_id: str, source: str, lines: Iterable[bytes]) -> Iterator[bytes]:
+        """The lines of one result file (`source`: output, error, results), a seeded share of
+        them broken (`malformed_line_rate`), drawn per (batch, file, line number): a file
+        reads the same way on every download, as a provider's stored file would."""
+        rate, seed = self._config.malformed_line_rate, self._config.seed
+        if rate == 0:
+            yield from lines
+            return
+        for n, line in enumerate(lines, 1):
+            if draw(seed, "malformed", batch_id, source, n) >= rate:
+                yield line
+            else:
+                yield malform(line, draw(seed, "malformed-kind", batch_id, source, n))
+
+
+def malform(line: bytes, u: float) -> bytes:
+    """`line` (one JSON object and its newline) broken one of three ways, chosen by `u` in
+    [0, 1): cut off in the middle, its `custom_id` removed, or its `custom_id` emptied."""
+    text = line.rstrip(b"\n")
+    if u < 1 / 3:
+        return text[: len(text) // 2] + b"\n"
+    obj = orjson.loads(text)
+    if u < 2 / 3:
+        obj.pop("custom_id", None)
+    else:
+        obj["custom_id"] = ""
+    return orjson.dumps(obj) + b"\n"
 
 
 def retry_after_headers(wait_s: float, *, with_ms: bool) -> list[tuple[str, str]]:

@@ -6,6 +6,12 @@ them. A response is stored once per (request, batch), so applying the same resul
 changes nothing (invariant 4). Lines that finished in an expired or cancelled batch are kept
 (salvage); the rest go back to the queue. A batch becomes `reconciled` only after its whole
 result stream was read; a stream that breaks midway is picked up again on the next tick.
+
+Each line is read on its own: a line that cannot be read (not JSON, no `custom_id`, a shape
+we do not know) is recorded as a `bad_result_line` event naming the batch, the file, the line
+and an excerpt, and the reading goes on. The requests a batch left unanswered, whatever the
+reason (an unreadable line, a missing line, an expired or cancelled one), go back to the queue
+without spending an attempt: only an answer from the provider counts as one.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
 from operator import itemgetter
@@ -41,7 +47,7 @@ from batchwise.store import batches, responses
 from batchwise.store import ledger as ledger_table
 from batchwise.store.dbapi import as_datetime
 from batchwise.store.engine import db_time
-from batchwise.store.events import record_event
+from batchwise.store.events import batch_event_data, record_event
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -56,6 +62,9 @@ CHUNK_LINES = 5000
 #: wait before reading the results of a batch again after a broken stream
 RETRY_READ_S = 30.0
 TOKEN_LIMIT = "token_limit_exceeded"
+#: one event per unreadable result line, up to this many per batch; past it, one per chunk
+BAD_LINE_EVENTS = 100
+BAD_LINE, BAD_LINES = "bad_result_line", "bad_result_lines"
 _S = RequestState
 _STATE_TO_STATUS = {
     BatchState.COMPLETED.value: BatchStatus.COMPLETED,
@@ -65,6 +74,7 @@ _STATE_TO_STATUS = {
 }
 #: plain strings for the hot loop: an enum's `.value` is a Python-level property call
 _SUCCEEDED, _ERRORED = OutcomeKind.SUCCEEDED, OutcomeKind.ERRORED
+_UNREADABLE = OutcomeKind.UNREADABLE
 _OUTCOME_VALUES = {kind: kind.value for kind in OutcomeKind}
 _SUBMITTED, _RESCUED = _S.SUBMITTED.value, _S.RESCUED.value
 #: per target state: its value and whether it is terminal
@@ -90,6 +100,10 @@ class ReconcileReport:
     duplicates: int = 0
     #: coalesced duplicates answered by their leader's line
     deduplicated: int = 0
+    #: result lines that could not be read (each recorded once as an event)
+    bad_lines: int = 0
+    #: requests of this batch named by an unreadable line: what was wrong with it
+    unreadable: dict[int, str] = field(default_factory=dict)
     complete: bool = False
     error: str | None = None
 
@@ -162,11 +176,19 @@ def reconcile_batch(
     if batch.state != BatchState.FAILED.value:
         with store.read() as conn:
             seen = responses.answered_ids(conn, batch.id)
+            recorded = _recorded_bad_lines(conn, batch.id)
         try:
             with gc_paused():
                 for chunk in _chunks(provider.fetch_results(batch.info()), CHUNK_LINES):
                     _apply_chunk(
-                        store, book, batch, chunk, seen, report, now=now, settings=settings
+                        store,
+                        book,
+                        batch,
+                        chunk,
+                        (seen, recorded),
+                        report,
+                        now=now,
+                        settings=settings,
                     )
                     crashpoint("mid_reconcile")
         except ProviderError as exc:
@@ -254,24 +276,31 @@ def _apply_chunk(
     book: PriceBook,
     batch: _Batch,
     chunk: list[LineOutcome],
-    seen: set[int],
+    seen: tuple[set[int], set[tuple[str, int]]],
     report: ReconcileReport,
     *,
     now: datetime,
     settings: Settings,
 ) -> None:
+    """Apply one chunk of result lines; `seen` holds the requests already answered by this
+    batch and the unreadable lines already recorded, both updated here."""
+    answered, recorded = seen
     report.lines += len(chunk)
     lines: list[tuple[int, LineOutcome]] = []
     unknown: list[LineOutcome] = []
+    bad: list[LineOutcome] = []
     store_id, batch_id = store.store_id, batch.id
     for outcome in chunk:
+        if outcome.kind is _UNREADABLE:
+            bad.append(outcome)
+            continue
         ids = parse_custom_id(outcome.custom_id, store_id)
         if ids is None or ids[0] != batch_id:
             unknown.append(outcome)
-        elif ids[1] in seen:
+        elif ids[1] in answered:
             report.duplicates += 1
         else:
-            seen.add(ids[1])
+            answered.add(ids[1])
             lines.append((ids[1], outcome))
     # Providers return lines in any order. Applied in request order, the rows written (request
     # updates, responses, ledger entries and their indexes) land in neighbouring pages: in line
@@ -294,6 +323,8 @@ def _apply_chunk(
         if unknown:
             report.unknown += len(unknown)
             _report_unknown(conn, batch, unknown, now)
+        if bad:
+            _report_bad(conn, store_id, batch, bad, recorded, report, now)
 
 
 _REQUEST_ID = itemgetter(0)
@@ -446,6 +477,80 @@ def _report_unknown(
     )
 
 
+def _recorded_bad_lines(conn: Connection, batch_id: int) -> set[tuple[str, int]]:
+    """(file, line) of every unreadable line of the batch an earlier pass recorded."""
+    found: set[tuple[str, int]] = set()
+    for data in batch_event_data(conn, batch_id, kinds=(BAD_LINE, BAD_LINES)):
+        if "line" in data:
+            found.add((str(data.get("source")), int(data["line"])))
+        found.update((str(source), int(line)) for source, line in data.get("lines", ()))
+    return found
+
+
+def _report_bad(
+    conn: Connection,
+    store_id: str,
+    batch: _Batch,
+    bad: list[LineOutcome],
+    recorded: set[tuple[str, int]],
+    report: ReconcileReport,
+    now: datetime,
+) -> None:
+    """Note each unreadable line: the request it names (if one of this batch's) for `_finish`,
+    and an event the first time it is read (one per line, then one for the rest of a chunk
+    once the batch has `BAD_LINE_EVENTS` of them)."""
+    report.bad_lines += len(bad)
+    rest: list[LineOutcome] = []
+    for outcome in bad:
+        ids = parse_custom_id(outcome.custom_id, store_id) if outcome.custom_id else None
+        request_id = ids[1] if ids is not None and ids[0] == batch.id else None
+        problem = outcome.error_message or "unreadable"
+        if request_id is not None:
+            report.unreadable.setdefault(request_id, problem)
+        where = (outcome.source or "results", outcome.line or 0)
+        if where in recorded:
+            continue
+        recorded.add(where)
+        if len(recorded) > BAD_LINE_EVENTS:
+            rest.append(outcome)
+            continue
+        named = (
+            f"it names request {request_id}, which goes back to the queue"
+            if request_id is not None
+            else "no request of the batch can be named from it"
+        )
+        record_event(
+            conn,
+            at=now,
+            kind=BAD_LINE,
+            severity="warning",
+            batch_id=batch.id,
+            request_id=request_id,
+            message=f"batch {batch.id}: unreadable result line ({problem}): "
+            f"{outcome.excerpt}; {named}",
+            data={
+                "source": where[0],
+                "line": where[1],
+                "provider_batch_id": batch.provider_batch_id,
+                "custom_id": outcome.custom_id,
+                "problem": problem,
+                "excerpt": outcome.excerpt,
+            },
+        )
+    if rest:
+        shown = ", ".join(f"{o.source} line {o.line}" for o in rest[:10])
+        more = f" and {len(rest) - 10} more" if len(rest) > 10 else ""
+        record_event(
+            conn,
+            at=now,
+            kind=BAD_LINES,
+            severity="warning",
+            batch_id=batch.id,
+            message=f"batch {batch.id}: {len(rest)} more unreadable result line(s): {shown}{more}",
+            data={"lines": [[o.source or "results", o.line or 0] for o in rest]},
+        )
+
+
 def _finish(
     store: Store, batch: _Batch, report: ReconcileReport, *, now: datetime, settings: Settings
 ) -> None:
@@ -463,7 +568,8 @@ def _finish(
             leftovers = [r for r in leftovers if r["dedupe_of"] is None]
             _fan_out(conn, batch, followers, updates, report, now=now, stored_now=stored_now)
         for request in leftovers:
-            attempts, error = _leftover(batch, request)
+            attempts, error = _leftover(batch, request, report)
+            code = BAD_LINE if request["id"] in report.unreadable else batch.error_code
             if attempts >= settings.max_attempts:
                 updates.append(
                     update_row(
@@ -474,7 +580,7 @@ def _finish(
                         attempts=attempts,
                         batch_id=batch.id,
                         error=f"gave up after {attempts} attempts: {error}",
-                        error_code=batch.error_code,
+                        error_code=code,
                         miss="failed",
                     )
                 )
@@ -488,20 +594,23 @@ def _finish(
                         stored_now,
                         attempts=attempts,
                         error=error,
-                        error_code=batch.error_code,
+                        error_code=code,
                     )
                 )
                 report.requeued += 1
         responses.apply_updates(conn, updates, batch.id)
         if leftovers and batch.state == BatchState.COMPLETED.value:
+            unreadable = sum(r["id"] in report.unreadable for r in leftovers)
+            why = f" ({unreadable} named by an unreadable line)" if unreadable else ""
             record_event(
                 conn,
                 at=now,
                 kind="missing_result_lines",
                 severity="warning",
                 batch_id=batch.id,
-                message=f"batch {batch.id} completed without a "
-                f"result for {len(leftovers)} request(s); they were queued again",
+                message=f"batch {batch.id} completed without a readable result for "
+                f"{len(leftovers)} request(s){why}; they were queued again",
+                data={"request_ids": [r["id"] for r in leftovers[:1000]]},
             )
         if batch.state == BatchState.FAILED.value and leftovers:
             record_event(
@@ -572,12 +681,18 @@ def _fan_out(
     ledger_table.record(conn, entries)
 
 
-def _leftover(batch: _Batch, request: dict[str, Any]) -> tuple[int, str]:
-    """Attempts and error for a request its batch never answered."""
+def _leftover(batch: _Batch, request: dict[str, Any], report: ReconcileReport) -> tuple[int, str]:
+    """Attempts and error for a request its batch never answered. Only a failed batch spends
+    an attempt (the provider refused the batch, unless it was full); a line that is missing or
+    unreadable, like one that expired, is no answer from the provider and spends none."""
     if batch.state == BatchState.FAILED.value:
         capacity = batch.error_code == TOKEN_LIMIT  # the provider was full: not the request's fault
         reason = batch.last_error or batch.error_code or "no reason given"
         return request["attempts"] + (0 if capacity else 1), f"batch {batch.id} failed: {reason}"
+    problem = report.unreadable.get(request["id"])
+    if problem is not None:
+        return request["attempts"], f"its result line in batch {batch.id} was unreadable: {problem}"
     if batch.state == BatchState.COMPLETED.value:
-        return request["attempts"] + 1, f"missing from the results of batch {batch.id}"
+        bad = f" ({report.bad_lines} line(s) were unreadable)" if report.bad_lines else ""
+        return request["attempts"], f"missing from the results of batch {batch.id}{bad}"
     return request["attempts"], f"batch {batch.id} {batch.state} before it ran"

@@ -1,7 +1,8 @@
 """Deadline rescue: a deferred request whose batch will not be back in time goes realtime.
 
 A queued request is rescued when even a batch flushed now could not return before its
-deadline; a packed or submitted one when only the rescue margin is left. The request keeps its
+deadline; a packed or submitted one when only the rescue margin is left, whether its batch is
+still running or has ended with results that could not be read yet. The request keeps its
 batch: if the batch answers first, that answer is used and the rescue call is recorded as cost;
 if the rescue answers first, a later batch line is kept for the cost records only. A deadline
 that passes anyway is recorded with its cause (invariant 7).
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from batchwise.config import Settings
 from batchwise.intake.classify import human_s
-from batchwise.states import Lane, RequestState
+from batchwise.states import ENDED_BATCH_STATES, Lane, RequestState
 from batchwise.store import requests
 from batchwise.store.engine import Store
 from batchwise.store.events import record_event
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 _S = RequestState
+#: batch states whose results are waiting to be read
+_ENDED = frozenset(s.value for s in ENDED_BATCH_STATES)
 
 
 def rescue_due(
@@ -48,14 +51,28 @@ def rescue_due(
             )
         batch_ids: set[int] = set()
         at_risk = requests.batched_due(conn, now + margin, batch_ids)
+        left = f"only the rescue margin ({human_s(settings.rescue_margin_s)}) is left"
+        waiting = [row for row in at_risk if row.batch_state not in _ENDED]
         for state in (_S.PACKED, _S.SUBMITTED):
             rescued += _rescue(
                 conn,
-                [row.id for row in at_risk if row.state == state.value],
+                [row.id for row in waiting if row.state == state.value],
                 state,
                 now=now,
-                why="its batch has not returned and only the rescue margin "
-                f"({human_s(settings.rescue_margin_s)}) is left",
+                why=f"its batch has not returned and {left}",
+            )
+        # An ended batch whose results could not be read (yet) cannot answer in time either.
+        unread: dict[tuple[int, str], list[requests.Batched]] = {}
+        for row in at_risk:
+            if row.batch_state in _ENDED:
+                unread.setdefault((row.batch_id, row.state), []).append(row)
+        for (batch_id, state_value), rows in sorted(unread.items()):
+            rescued += _rescue(
+                conn,
+                [row.id for row in rows],
+                _S(state_value),
+                now=now,
+                why=f"{_unread(batch_id, rows[0].batch_state, rows[0].batch_error)} and {left}",
             )
         # what is left in those batches is due later
         requests.refresh_earliest_deadlines(conn, batch_ids)
@@ -85,25 +102,36 @@ def record_missed_deadlines(store: Store, *, now: datetime) -> int:
     """Record, once, every live request whose deadline has passed, with where it is stuck."""
     with store.write() as conn:
         rows = requests.unrecorded_misses(conn, now=now)
-        for rid, state, lane, attempts, error, task_id in rows:
-            cause = _cause(state, lane, attempts, error)
-            requests.record_deadline_miss(conn, rid, cause=cause)
+        for miss in rows:
+            cause = _cause(miss)
+            requests.record_deadline_miss(conn, miss.id, cause=cause)
             record_event(
                 conn,
                 at=now,
                 kind="deadline_missed",
                 severity="alert",
-                request_id=rid,
-                task_id=task_id,
-                message=f"request {rid} missed its deadline: {cause}",
+                request_id=miss.id,
+                batch_id=miss.batch_id,
+                task_id=miss.task_id,
+                message=f"request {miss.id} missed its deadline: {cause}",
             )
     return len(rows)
 
 
-def _cause(state: str, lane: str, attempts: int, error: str | None) -> str:
-    last = f"; last error: {error}" if error else ""
-    if state == _S.RESCUED.value:
-        return f"the rescue call has not succeeded yet (attempt {attempts}){last}"
-    if lane == Lane.REALTIME.value:
-        return f"the realtime call has not succeeded yet (attempt {attempts}){last}"
-    return f"still {state} in the deferred lane and not rescued in time{last}"
+def _cause(miss: requests.Miss) -> str:
+    last = f"; last error: {miss.error}" if miss.error else ""
+    if miss.state == _S.RESCUED.value:
+        why = f"; {miss.rescue_reason}" if miss.rescue_reason else ""
+        return f"the rescue call has not succeeded yet (attempt {miss.attempts}){last}{why}"
+    if miss.lane == Lane.REALTIME.value:
+        return f"the realtime call has not succeeded yet (attempt {miss.attempts}){last}"
+    if miss.batch_id is not None and miss.batch_state in _ENDED:
+        unread = _unread(miss.batch_id, miss.batch_state, miss.batch_error)
+        return f"still {miss.state}: {unread}, and it was not rescued in time{last}"
+    return f"still {miss.state} in the deferred lane and not rescued in time{last}"
+
+
+def _unread(batch_id: int, batch_state: str, error: str | None) -> str:
+    """Why the requests of an ended batch are still waiting on it."""
+    last = f" (last error: {error})" if error else ""
+    return f"its batch {batch_id} {batch_state} but its results have not been read{last}"

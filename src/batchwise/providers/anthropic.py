@@ -219,7 +219,10 @@ class AnthropicProvider(HttpProvider):
             return
         path, outcome, batch_id = self._results_path(batch), self._outcome, batch.id
         for line_no, obj in self._http.iter_jsonl(path, batch_id=batch_id, source="results"):
-            yield outcome(obj, batch_id=batch_id, line=line_no)
+            if isinstance(obj, dict):
+                yield outcome(obj, batch_id=batch_id, line=line_no)
+            else:  # a line that is not JSON, already an UNREADABLE outcome
+                yield obj
 
     def _results_path(self, batch: BatchInfo) -> str:
         """The results URL, but the API key goes only to the host we were configured with."""
@@ -267,14 +270,16 @@ class AnthropicProvider(HttpProvider):
     def _outcome(self, obj: dict[str, Any], *, batch_id: str, line: int) -> LineOutcome:
         custom_id, result = obj.get("custom_id"), obj.get("result")
         if not isinstance(custom_id, str) or not custom_id:
-            raise self._http.line_error(batch_id, "results", line, "no custom_id")
+            return self._http.bad_line(batch_id, "results", line, "no custom_id", raw=obj)
         if not isinstance(result, dict):
-            raise self._http.line_error(batch_id, "results", line, "no result object")
+            return self._http.bad_line(batch_id, "results", line, "no result object", raw=obj)
         kind = result.get("type")
         if kind == "succeeded":  # the usual line: no `where` dict to build and unpack
             message = result.get("message")
             if not isinstance(message, dict):
-                raise self._http.line_error(batch_id, "results", line, "succeeded without message")
+                return self._http.bad_line(
+                    batch_id, "results", line, "succeeded without message", raw=obj
+                )
             message_id = message.get("id")
             return LineOutcome(
                 custom_id=custom_id,
@@ -304,7 +309,9 @@ class AnthropicProvider(HttpProvider):
             return LineOutcome(kind=OutcomeKind.CANCELLED, error_code="canceled", **where)
         if kind == "expired":
             return LineOutcome(kind=OutcomeKind.EXPIRED, error_code="expired", **where)
-        raise self._http.line_error(batch_id, "results", line, f"unknown result type {kind!r}")
+        return self._http.bad_line(
+            batch_id, "results", line, f"unknown result type {kind!r}", raw=obj
+        )
 
 
 def _status(word: str, *, cancel_initiated: bool, expired: bool) -> BatchStatus:

@@ -101,6 +101,9 @@ class OutcomeKind(StrEnum):
     EXPIRED = "expired"
     #: the batch was cancelled before this line ran
     CANCELLED = "cancelled"
+    #: a result line that could not be read (not JSON, no `custom_id`, a shape we do not know);
+    #: `custom_id` is what could be recovered of it, or ""; `error_message` says what is wrong
+    UNREADABLE = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ class LineOutcome:
     line: int | None = None
     #: which result stream it came from: "output", "error" (OpenAI), "results" (Anthropic)
     source: str | None = None
+    #: the start of an UNREADABLE line as received, bounded, with the API key redacted
+    excerpt: str | None = None
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -191,8 +196,9 @@ class Provider(Protocol):
     def fetch_results(self, batch: BatchInfo) -> Iterator[LineOutcome]:
         """Stream every per-line outcome of a terminal batch (OpenAI: output and error files).
 
-        Lines are yielded as they are read, never collected. A line that cannot be parsed
-        raises `ProviderDataError` naming the batch and the line.
+        Lines are yielded as they are read, never collected. A line that cannot be read is
+        yielded as an `UNREADABLE` outcome naming its line, and reading goes on; a download
+        that fails raises `ProviderError`.
         """
         ...
 

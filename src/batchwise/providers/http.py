@@ -28,9 +28,10 @@ import httpx
 import orjson
 
 from batchwise.errors import ProviderDataError, ProviderError, RateLimited
-from batchwise.providers.base import BatchInfo, BatchLimits, CallResult
+from batchwise.providers.base import BatchInfo, BatchLimits, CallResult, LineOutcome, OutcomeKind
 
 __all__ = [
+    "BAD_RESULT_LINE",
     "DEFAULT_TIMEOUT_S",
     "ApiKeyAuth",
     "Dialect",
@@ -60,6 +61,10 @@ _OUR_FAULT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.Invalid
 CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ERROR_BODY_LIMIT_BYTES = 64 * 1024
 _EXCERPT_CHARS = 200
+#: a custom_id in a result line too broken to parse, so its request can still be named
+_CUSTOM_ID_IN_RAW = re.compile(rb'"custom_id"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
+#: the error code of an unreadable result line
+BAD_RESULT_LINE = "bad_result_line"
 
 
 def is_retryable_status(status_code: int) -> bool:
@@ -268,12 +273,13 @@ class HttpClient:
 
     def iter_jsonl(
         self, path: str, *, batch_id: str, source: str
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
+    ) -> Iterator[tuple[int, dict[str, Any] | LineOutcome]]:
         """(1-based line number, object) for each line of a JSONL download, as it arrives.
 
-        Raises `ProviderDataError` naming the batch and line for a line that is not a JSON
-        object (a cut-off last line included), and a retryable `ProviderError` naming the last
-        good line when the connection breaks mid-download.
+        A line that is not a JSON object (a cut-off last line included) comes as an
+        `UNREADABLE` outcome (see `bad_line`) in place of the object, and reading goes on. A
+        connection that breaks mid-download raises a retryable `ProviderError` naming the last
+        line read; an HTML page instead of JSONL raises `ProviderDataError`.
         """
         what = f"{source} results of batch {batch_id}"
         with self.stream("GET", path, what=what) as response:
@@ -297,14 +303,20 @@ class HttpClient:
                     except orjson.JSONDecodeError:
                         value = None
                     if not isinstance(value, dict):
-                        cut = "" if complete else " (cut off: the stream ended mid-line)"
-                        raise self.line_error(
-                            batch_id,
-                            source,
+                        cut = "" if complete else " (cut off: the file ends mid-line)"
+                        found = _CUSTOM_ID_IN_RAW.search(raw)
+                        yield (
                             line_no,
-                            f"not a JSON object{cut}: {self._excerpt(raw)}",
-                            request_id=request_id,
+                            self.bad_line(
+                                batch_id,
+                                source,
+                                line_no,
+                                f"not a JSON object{cut}",
+                                raw=raw,
+                                custom_id=found[1].decode() if found else "",
+                            ),
                         )
+                        continue
                     yield line_no, value
             except httpx.TransportError as exc:
                 raise ProviderError(
@@ -315,14 +327,30 @@ class HttpClient:
                     request_id=request_id,
                 ) from exc
 
-    def line_error(
-        self, batch_id: str, source: str, line: int, problem: str, *, request_id: str | None = None
-    ) -> ProviderDataError:
-        """The error for one unreadable result line, naming where it is."""
-        return ProviderDataError(
-            self.redact(f"batch {batch_id}: {source} line {line}: {problem}"),
-            provider=self.provider,
-            request_id=request_id,
+    def bad_line(
+        self,
+        batch_id: str,
+        source: str,
+        line: int,
+        problem: str,
+        *,
+        raw: bytes | dict[str, Any],
+        custom_id: str | None = None,
+    ) -> LineOutcome:
+        """The `UNREADABLE` outcome of one result line: where it is, what is wrong with it, a
+        bounded excerpt (API key redacted), and its custom_id when one could be read (taken
+        from `raw` when not given)."""
+        if custom_id is None:
+            found = raw.get("custom_id") if isinstance(raw, dict) else None
+            custom_id = found if isinstance(found, str) and CUSTOM_ID.fullmatch(found) else ""
+        return LineOutcome(
+            custom_id=custom_id,
+            kind=OutcomeKind.UNREADABLE,
+            error_code=BAD_RESULT_LINE,
+            error_message=self.redact(f"batch {batch_id}: {source} line {line}: {problem}"),
+            line=line,
+            source=source,
+            excerpt=self._excerpt(raw if isinstance(raw, bytes) else orjson.dumps(raw)),
         )
 
     # --- the retry loop ----------------------------------------------------------------------

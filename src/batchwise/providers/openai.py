@@ -214,7 +214,10 @@ class OpenAIProvider(HttpProvider):
                 f"/files/{file_id}/content", batch_id=batch_id, source=source
             )
             for line_no, obj in lines:
-                yield outcome(obj, batch_id=batch_id, source=source, line=line_no)
+                if isinstance(obj, dict):
+                    yield outcome(obj, batch_id=batch_id, source=source, line=line_no)
+                else:  # a line that is not JSON, already an UNREADABLE outcome
+                    yield obj
 
     # --- wire → normalised -------------------------------------------------------------------
 
@@ -262,13 +265,17 @@ class OpenAIProvider(HttpProvider):
     ) -> LineOutcome:
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
-            raise self._http.line_error(batch_id, source, line, "no custom_id")
+            return self._http.bad_line(batch_id, source, line, "no custom_id", raw=obj)
         response = obj.get("response")
         if isinstance(response, dict):
             status, body = response.get("status_code"), response.get("body")
             if not isinstance(status, int) or not isinstance(body, dict):
-                raise self._http.line_error(
-                    batch_id, source, line, "response without an integer status_code and a body"
+                return self._http.bad_line(
+                    batch_id,
+                    source,
+                    line,
+                    "response without an integer status_code and a body",
+                    raw=obj,
                 )
             request_id = response.get("request_id")
             if not isinstance(request_id, str):
@@ -304,7 +311,7 @@ class OpenAIProvider(HttpProvider):
             code = error.get("code")
             kind = _NOT_RUN.get(code, OutcomeKind.ERRORED) if isinstance(code, str) else None
             if kind is None:
-                raise self._http.line_error(batch_id, source, line, "error without a code")
+                return self._http.bad_line(batch_id, source, line, "error without a code", raw=obj)
             return LineOutcome(
                 kind=kind,
                 error_code=code,
@@ -314,7 +321,9 @@ class OpenAIProvider(HttpProvider):
                 line=line,
                 source=source,
             )
-        raise self._http.line_error(batch_id, source, line, "neither a response nor an error")
+        return self._http.bad_line(
+            batch_id, source, line, "neither a response nor an error", raw=obj
+        )
 
 
 def _from_unix(value: Any) -> datetime | None:

@@ -41,6 +41,21 @@ def record_event(
     )
 
 
+def batch_event_data(
+    conn: Connection, batch_id: int, *, kinds: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The decoded `data` of every event of `kinds` recorded for a batch, oldest first."""
+    import orjson
+
+    t = events_t
+    rows = conn.execute(
+        sa.select(t.c.data)
+        .where(t.c.batch_id == batch_id, t.c.kind.in_(list(kinds)))
+        .order_by(t.c.id)
+    ).scalars()
+    return [orjson.loads(data or "{}") for data in rows]
+
+
 @dataclass(frozen=True)
 class EventView:
     """One row of the `events` table, with its `data` decoded."""

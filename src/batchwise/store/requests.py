@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from batchwise.states import (
     BATCHED_SQL,
     CALLS_SQL,
+    ENDED_BATCH_STATES,
     LIVE_SQL,
     OPEN_BATCH_STATES,
     QUEUED_SQL,
@@ -62,8 +63,9 @@ _CALL_COLUMNS = (
     _t.c.batch_id,
     _t.c.body_hash,
 )
-#: batches whose members wait on the provider (or on the submitter)
-_OPEN = sorted(s.value for s in OPEN_BATCH_STATES)
+#: batches whose members wait on the provider, on the submitter, or on their results being
+#: read (an ended batch whose results cannot be read keeps its members waiting)
+_WAITING = sorted(s.value for s in (*OPEN_BATCH_STATES, *ENDED_BATCH_STATES))
 _IN_BATCH = (_S.PACKED.value, _S.SUBMITTED.value)
 
 
@@ -426,23 +428,40 @@ def queued_due(
     )
 
 
+class Batched(NamedTuple):
+    """A live request waiting on its batch, and that batch's state and last error."""
+
+    id: int
+    state: str
+    lane: str
+    attempts: int
+    error: str | None
+    task_id: str | None
+    deadline_miss: str | None
+    batch_id: int
+    batch_state: str
+    batch_error: str | None
+
+
 def batched_due(
     conn: Connection, horizon: datetime, batch_ids: set[int] | None = None
-) -> list[sa.Row[Any]]:
-    """Live requests in open batches with a deadline at or before `horizon` (id, state, lane,
-    attempts, error, task_id, deadline_miss): only batches whose earliest deadline is that
-    close are looked into. Their batch ids are added to `batch_ids`."""
-    found = list(
-        conn.execute(
-            sa.select(_b.c.id).where(_b.c.state.in_(_OPEN), _b.c.earliest_deadline <= horizon)
-        ).scalars()
-    )
+) -> list[Batched]:
+    """Live requests (packed or submitted) with a deadline at or before `horizon`, in batches
+    not reconciled yet: building, with the provider, or ended with their results still unread.
+    Only batches whose earliest deadline is that close are looked into; their ids are added to
+    `batch_ids`."""
+    found = conn.execute(
+        sa.select(_b.c.id, _b.c.state, _b.c.last_error).where(
+            _b.c.state.in_(_WAITING), _b.c.earliest_deadline <= horizon
+        )
+    ).all()
     if batch_ids is not None:
-        batch_ids.update(found)
-    rows: list[sa.Row[Any]] = []
-    for batch_id in found:
+        batch_ids.update(batch_id for batch_id, _, _ in found)
+    rows: list[Batched] = []
+    for batch_id, batch_state, batch_error in found:
         rows.extend(
-            conn.execute(
+            Batched(*row, batch_id, batch_state, batch_error)
+            for row in conn.execute(
                 sa.select(
                     _t.c.id,
                     _t.c.state,
@@ -503,20 +522,45 @@ def refresh_earliest_deadlines(conn: Connection, batch_ids: Iterable[int]) -> No
         )
 
 
-def unrecorded_misses(
-    conn: Connection, *, now: datetime
-) -> list[tuple[int, str, str, int, str | None, str | None]]:
-    """Live requests past their deadline with no miss recorded yet: (id, state, lane,
-    attempts, error, task_id)."""
-    columns = (_t.c.id, _t.c.state, _t.c.lane, _t.c.attempts, _t.c.error, _t.c.task_id)
+class Miss(NamedTuple):
+    """A live request past its deadline with no miss recorded yet, and where it waits."""
+
+    id: int
+    state: str
+    lane: str
+    attempts: int
+    error: str | None
+    task_id: str | None
+    rescue_reason: str | None = None
+    #: its batch, that batch's state and last error, for a request waiting on one
+    batch_id: int | None = None
+    batch_state: str | None = None
+    batch_error: str | None = None
+
+
+def unrecorded_misses(conn: Connection, *, now: datetime) -> list[Miss]:
+    """Live requests past their deadline with no miss recorded yet."""
+    columns = (
+        _t.c.id,
+        _t.c.state,
+        _t.c.lane,
+        _t.c.attempts,
+        _t.c.error,
+        _t.c.task_id,
+        _t.c.rescue_reason,
+    )
     rows = [
-        tuple(row)
+        Miss(*row)
         for queue in (_QUEUED, _CLAIMABLE)  # each served by its own partial index
         for row in conn.execute(
             sa.select(*columns).where(queue, _t.c.deadline < now, _t.c.deadline_miss.is_(None))
         )
     ]
-    rows += [tuple(r)[:6] for r in batched_due(conn, now) if r.deadline_miss is None]
+    rows += [
+        Miss(*r[:6], None, r.batch_id, r.batch_state, r.batch_error)
+        for r in batched_due(conn, now)
+        if r.deadline_miss is None
+    ]
     return rows
 
 

@@ -366,7 +366,11 @@ class AnthropicApi:
                 "available once processing_status is 'ended'.",
             )
         return Response(
-            200, chunked(self._result_lines(batch, now)), content_type="application/binary"
+            200,
+            chunked(
+                self._env.faults.malformed(batch.id, "results", self._result_lines(batch, now))
+            ),
+            content_type="application/binary",
         )
 
     def _result_lines(self, b: BatchRow, now: float) -> Iterator[bytes]:

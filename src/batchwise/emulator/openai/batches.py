@@ -313,14 +313,17 @@ class OpenAIBatches:
         """The output or error JSONL of an ended batch, streamed in processing order."""
         tl = self.timeline(batch)
         done = tl.done(now)
-        if f.kind == "output":
-            return chunked(self._output_lines(batch, tl, done))
-        code, message = (
-            ("batch_expired", _EXPIRED_MESSAGE)
-            if tl.phase(now) is Phase.EXPIRED
-            else ("batch_cancelled", _CANCELLED_MESSAGE)
-        )
-        return chunked(self._error_lines(batch, done, code, message))
+        source = "output" if f.kind == "output" else "error"
+        if source == "output":
+            lines = self._output_lines(batch, tl, done)
+        else:
+            code, message = (
+                ("batch_expired", _EXPIRED_MESSAGE)
+                if tl.phase(now) is Phase.EXPIRED
+                else ("batch_cancelled", _CANCELLED_MESSAGE)
+            )
+            lines = self._error_lines(batch, done, code, message)
+        return chunked(self._env.faults.malformed(batch.id, source, lines))
 
     def _output_lines(self, b: BatchRow, tl: Timeline, done: int) -> Iterator[bytes]:
         endpoint = b.endpoint or CHAT
