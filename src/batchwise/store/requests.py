@@ -19,8 +19,8 @@ from sqlalchemy.engine import Connection
 from batchwise.states import (
     BATCHED_SQL,
     CALLS_SQL,
+    LIVE_BATCH_STATES,
     LIVE_SQL,
-    OPEN_BATCH_STATES,
     QUEUED_SQL,
     BatchState,
     RequestState,
@@ -63,7 +63,7 @@ _CALL_COLUMNS = (
     _t.c.body_hash,
 )
 #: batches whose members wait on the provider (or on the submitter)
-_OPEN = sorted(s.value for s in OPEN_BATCH_STATES)
+_OPEN = sorted(s.value for s in (*LIVE_BATCH_STATES, BatchState.BUILDING, BatchState.UPLOADING))
 _IN_BATCH = (_S.PACKED.value, _S.SUBMITTED.value)
 
 
