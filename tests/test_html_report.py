@@ -229,3 +229,14 @@ def test_task_chart_is_capped(db_url: str) -> None:
     shown = values(page.marks["chart-tasks"], "actual")
     assert len(shown) == MAX_TASK_BARS
     assert shown[0] == (f"T{MAX_TASK_BARS + 5:03d}", f"0.{MAX_TASK_BARS + 5:09d}")  # dearest first
+
+
+def test_embedded_json_escapes_comment_openers_as_well_as_closing_tags(store: Store) -> None:
+    # Given text that would open an HTML comment or a script inside the data block
+    data = report_data(store, by=("use_case",), now=NOW)
+    data["note"] = "<!-- <script> </script>"
+    text = render_html(data)
+    # Then the block holds no "<" at all, and still reads back as the same data
+    block = text.split('id="report-data">', 1)[1].split("</script>", 1)[0]
+    assert "<!--" not in block and "<" not in block
+    assert json.loads(block)["note"] == "<!-- <script> </script>"

@@ -6,10 +6,11 @@ here and in the CLI only. API keys are kept out of `repr` so they never reach a 
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,8 @@ class Settings:
     default_inflight_token_budget: int = 2_000_000_000
     #: realtime calls in flight at once, per process
     realtime_concurrency: int = 8
-    #: how long a claim on a row lasts unless its holder renews it (seconds). A live holder's
-    #: heartbeat renews it every third of this, however long the work; a dead holder's work is
-    #: taken over this long after it stopped (at once when it ran on this host)
-    lease_s: float = 30.0
+    #: how long a worker's claim on a row lasts before another may take it over (seconds)
+    lease_s: float = 300.0
 
     # --- pricing ---------------------------------------------------------------------------
     #: batch price as a fraction of realtime, where the price table has no batch variant
@@ -202,7 +201,7 @@ def _load_file(path: Path) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     for key, value in data.items():
         if key in _TOP:
-            values[key] = value
+            values[key] = _checked(path, key, key, value)
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{key}] must be a table")
@@ -212,7 +211,7 @@ def _load_file(path: Path) -> dict[str, Any]:
                     raise ConfigError(
                         f"{path}: unknown key {key}.{sub} (expected one of {allowed})"
                     )
-                values[sub] = sub_value
+                values[sub] = _checked(path, f"{key}.{sub}", sub, sub_value)
         elif key == "prices":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [prices] must be a table of 'provider:model' tables")
@@ -231,6 +230,74 @@ def _load_file(path: Path) -> dict[str, Any]:
     if extra:
         values["extra"] = extra
     return values
+
+
+#: settings that must be above zero (the other numbers may be zero)
+_POSITIVE = {
+    "lease_s",
+    "tick_interval_s",
+    "completion_window_s",
+    "max_attempts",
+    "realtime_concurrency",
+    "turnaround_percentile",
+}
+#: settings that are fractions, at most 1 (for a mapping: each of its values)
+_FRACTIONS = {"turnaround_percentile", "batch_discount"}
+
+
+def _checked(path: Path, key: str, name: str, value: Any) -> Any:
+    """`value` if it has the type and range of the setting `name` (judged by its default);
+    else a `ConfigError` naming the file, the key, the value and what is expected."""
+    default = _default(name)
+    if isinstance(default, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{path}: {key} = {_shown(value)} is invalid: expected a table of name = number"
+            )
+        for sub, item in value.items():
+            _number(path, f"{key}.{sub}", name, item, whole=False)
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} = {_shown(value)} is invalid: expected true or false")
+        return value
+    if isinstance(default, int | float):
+        return _number(path, key, name, value, whole=isinstance(default, int))
+    if not isinstance(value, str):  # URLs, names: strings, or absent (None)
+        raise ConfigError(f"{path}: {key} = {_shown(value)} is invalid: expected a string")
+    return value
+
+
+def _number(path: Path, key: str, name: str, value: Any, *, whole: bool) -> Any:
+    kind = (int,) if whole else (int, float)
+    positive = name in _POSITIVE
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, kind)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+        and (name not in _FRACTIONS or value <= 1)
+    )
+    if not ok:
+        what = "a whole number" if whole else "a number"
+        low = "above 0" if positive else "0 or more"
+        high = ", at most 1" if name in _FRACTIONS else ""
+        raise ConfigError(
+            f"{path}: {key} = {_shown(value)} is invalid: expected {what} {low}{high}"
+        )
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def _default(name: str) -> Any:
+    spec = next(f for f in fields(Settings) if f.name == name)
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    return spec.default
 
 
 def _jobs_table(path: Path, table: Any) -> dict[str, Any]:

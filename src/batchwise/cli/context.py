@@ -64,7 +64,11 @@ def open_store(obj: Context) -> Iterator[Store]:
 
 def fail(exc: Exception, hint: str | None = None) -> click.ClickException:
     """A click error from a library error, with a hint on how to fix it when there is one."""
-    return click.ClickException(str(exc) + (f"\nhint: {hint}" if hint else ""))
+    from batchwise.text import visible
+
+    return click.ClickException(
+        visible(str(exc), keep_lines=True) + (f"\nhint: {hint}" if hint else "")
+    )
 
 
 def dumps(value: Any) -> str:

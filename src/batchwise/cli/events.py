@@ -27,6 +27,8 @@ def _table(rows: Sequence[EventView], *, more: bool) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from batchwise.text import visible
+
     caption = "older events not shown: raise --limit or narrow with --since" if more else None
     table = Table(
         title="events, newest first", title_justify="left", box=box.SIMPLE_HEAD, caption=caption
@@ -41,12 +43,12 @@ def _table(rows: Sequence[EventView], *, more: bool) -> Any:
         # Text cells: a message holding "[…]" must print as written, not as rich markup
         table.add_row(
             Text(f"{row.at:%Y-%m-%d %H:%M:%S}"),
-            Text(row.kind),
+            Text(visible(row.kind)),
             Text(row.severity, style=_SEVERITY_STYLE.get(row.severity, "")),
-            Text(row.message),
+            Text(visible(row.message, keep_lines=True)),
             Text("" if row.request_id is None else str(row.request_id)),
             Text("" if row.batch_id is None else str(row.batch_id)),
-            Text(row.task_id or ""),
+            Text(visible(row.task_id or "")),
         )
     return table
 
@@ -68,7 +70,7 @@ def _table(rows: Sequence[EventView], *, more: bool) -> Any:
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 1_000_000_000),
     default=50,
     show_default=True,
     help="Show at most N events.",

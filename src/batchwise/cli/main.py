@@ -9,6 +9,7 @@ imports the library inside its commands, so that `batchwise submit` starts fast.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -33,7 +34,18 @@ LAZY_COMMANDS = {
 
 
 class LazyGroup(click.Group):
-    """A group whose heavier commands are imported on first use."""
+    """A group whose heavier commands are imported on first use, and whose commands never
+    show a traceback: what escapes one becomes a one-line error (`cli.failures`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            from batchwise.cli.failures import passes_through, to_click
+
+            if passes_through(exc):
+                raise
+            raise to_click(exc, ctx) from exc
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})

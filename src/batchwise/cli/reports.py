@@ -28,6 +28,8 @@ _BY_HELP = (
     "Empty for the total only."
 )
 _TIME_HELP = "ISO date or datetime (UTC unless an offset is given), or a duration ago like 7d."
+#: the largest volume `forecast` projects (a larger one is a typo)
+MAX_VOLUME_PER_DAY = 10**12
 TIME_BOUND_FORMS = (
     "an ISO date (2026-11-01), an ISO datetime (UTC if no offset) or a duration meaning "
     "that long ago (7d, 12h, 1d12h)"
@@ -37,17 +39,23 @@ TIME_BOUND_FORMS = (
 def parse_time_bound(text: str, *, now: datetime) -> datetime:
     """A `--since`/`--until` value: an ISO date (midnight UTC) or datetime, or a duration
     meaning that long before `now`."""
-    from batchwise.intake.tolerance import parse_duration
+    from batchwise.intake.tolerance import DurationTooLong, parse_duration
 
     value = text.strip()
     if value[:4].isdigit() and value[4:5] == "-":
         try:
             moment = datetime.fromisoformat(value)
+            return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
         except ValueError as exc:
             raise ValueError(f"invalid time {text!r}: {exc}; expected {TIME_BOUND_FORMS}") from exc
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        except OverflowError:  # an offset that takes it past year 1 or 9999
+            raise ValueError(
+                f"invalid time {text!r}: out of the calendar's range; expected {TIME_BOUND_FORMS}"
+            ) from None
     try:
         return now - parse_duration(value)
+    except DurationTooLong as exc:
+        raise ValueError(str(exc).replace("duration", "time", 1)) from None
     except ValueError:
         raise ValueError(f"invalid time {text!r}: expected {TIME_BOUND_FORMS}") from None
 
@@ -88,8 +96,12 @@ def _group_keys(value: str) -> tuple[str, ...]:
 
 
 def _csv(by: tuple[str, ...], report: SavingsReport) -> str:
+    """The report as CSV; the group keys (tags, models) with control characters escaped, so
+    that the file printed or opened in a terminal cannot act on it."""
     import csv
     import io
+
+    from batchwise.text import visible
 
     data = report.as_dict()
     columns = list(data["total"])
@@ -97,7 +109,8 @@ def _csv(by: tuple[str, ...], report: SavingsReport) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["scope", *by, *columns])
     for group in data["groups"]:
-        writer.writerow(["group", *(group[k] for k in by), *(group[c] for c in columns)])
+        keys = (visible(group[k]) if isinstance(group[k], str) else group[k] for k in by)
+        writer.writerow(["group", *keys, *(group[c] for c in columns)])
     writer.writerow(["total", *("" for _ in by), *(data["total"][c] for c in columns)])
     return buf.getvalue()
 
@@ -181,7 +194,11 @@ def tasks(obj: Context, as_json: bool) -> None:
     help="Requests per day to project, e.g. 5000/day or 5k/day.",
 )
 @click.option(
-    "--days", type=click.IntRange(min=1), default=30, show_default=True, help="Period length."
+    "--days",
+    type=click.IntRange(1, 36500),
+    default=30,
+    show_default=True,
+    help="Period length.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
@@ -199,6 +216,15 @@ def forecast(obj: Context, volume: str, days: int, as_json: bool) -> None:
         per_day = parse_volume(volume)
     except ForecastError as exc:
         raise click.BadParameter(str(exc), param_hint="--volume") from exc
+    except ValueError:  # more digits than int() reads
+        raise click.BadParameter(
+            f"invalid volume {volume[:20]!r}…: {len(volume):,} characters, far too many",
+            param_hint="--volume",
+        ) from None
+    if per_day > MAX_VOLUME_PER_DAY:
+        raise click.BadParameter(
+            f"{volume!r} is more than {MAX_VOLUME_PER_DAY:,} requests a day", param_hint="--volume"
+        )
     with _store(obj) as store:
         try:
             result = project(store, volume_per_day=per_day, days=days)

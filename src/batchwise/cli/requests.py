@@ -15,6 +15,11 @@ from batchwise.cli.context import Context, dumps, fail, open_client, open_store,
 
 __all__ = ["COMMANDS", "cancel", "results", "status", "submit"]
 
+#: ids are 64-bit integers in the store
+_ID = click.IntRange(1, 2**63 - 1)
+#: the largest output cap any provider documents fits in 32 bits
+MAX_TOKENS = 2**31 - 1
+
 
 def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
     tags: dict[str, str] = {}
@@ -27,7 +32,9 @@ def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command()
-@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument(
+    "file", required=False, type=click.Path(exists=True, dir_okay=False, allow_dash=True)
+)
 @click.option(
     "--tolerance",
     "-t",
@@ -60,7 +67,7 @@ def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--prompt", default=None, help="The prompt of the single request.")
 @click.option(
     "--max-tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOKENS),
     default=None,
     help="Output cap of the single request.",
 )
@@ -102,7 +109,8 @@ def submit(
                     max_tokens=max_tokens,
                 )
             except IntakeError as exc:
-                raise click.ClickException("; ".join(str(e) for e in exc.errors)) from exc
+                click.echo(f"refused: {'; '.join(str(e) for e in exc.errors)}", err=True)
+                sys.exit(2)
             except BatchwiseError as exc:
                 raise fail(exc) from exc
         if as_json:
@@ -137,6 +145,12 @@ def submit(
             sys.exit(2)
         except BatchwiseError as exc:
             raise fail(exc) from exc
+    if not (result.accepted or result.rejected or result.refused):
+        shown = "stdin" if file == "-" else click.format_filename(file)
+        click.echo(
+            f"refused: no requests in {shown} (it is empty or holds only blank lines)", err=True
+        )
+        sys.exit(2)
     if as_json:
         click.echo(dumps(result.as_dict()))
         return
@@ -224,9 +238,9 @@ def results(obj: Context, out: str, fmt: str | None, provider: str | None) -> No
 
 
 @click.command()
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=_ID)
 @click.option(
-    "--batch", "batch_id", type=int, default=None, help="Cancel this batch and its requests."
+    "--batch", "batch_id", type=_ID, default=None, help="Cancel this batch and its requests."
 )
 @pass_ctx
 def cancel(obj: Context, ids: tuple[int, ...], batch_id: int | None) -> None:

@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from batchwise.cli.context import Context, fail, parse_duration_option, pass_ctx
 
 __all__ = ["COMMANDS", "demo", "emulator", "run"]
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
 
 
 @click.command()
@@ -18,8 +26,9 @@ __all__ = ["COMMANDS", "demo", "emulator", "run"]
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.05),
+    type=click.FloatRange(min=0.05, max=86400),
     default=None,
+    callback=_finite,
     metavar="S",
     help="Seconds between ticks; also caps the poll backoff. [default: 30]",
 )
@@ -64,7 +73,13 @@ def demo(obj: Context, turnaround: str) -> None:
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8900, show_default=True, type=int, help="Port (0 = any free).")
+@click.option(
+    "--port",
+    default=8900,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0 = any free).",
+)
 @click.option(
     "--turnaround", default="2s", show_default=True, help="Batch turnaround (e.g. 2s, 1m)."
 )

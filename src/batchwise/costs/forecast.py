@@ -21,6 +21,7 @@ from batchwise.costs.pricing import format_usd
 from batchwise.costs.savings import money, rich_table, saving_pct, usd
 from batchwise.errors import ForecastError
 from batchwise.store import reports as store_reports
+from batchwise.text import visible
 
 if TYPE_CHECKING:
     from batchwise.store.engine import Store
@@ -197,9 +198,9 @@ def forecast_table(result: Forecast) -> Any:
     )
     for g in result.groups:
         table.add_row(
-            escape(g.provider),
-            escape(g.model),
-            escape(g.lane),
+            escape(visible(g.provider)),
+            escape(visible(g.model)),
+            escape(visible(g.lane)),
             f"{g.requests:,}",
             f"{round(g.projected_requests):,}",
             money(g.avg_actual_nusd),

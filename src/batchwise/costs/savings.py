@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from batchwise.costs.pricing import format_usd
 from batchwise.store import reports as store_reports
 from batchwise.store.reports import GROUP_KEYS as GROUP_KEYS  # the keys a report groups by
+from batchwise.text import visible
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -333,7 +334,7 @@ def savings_table(report: SavingsReport, *, title: str | None = None, tokens: bo
         numbers + ["unpriced"] * unpriced,
     )
     for group in report.groups:
-        keys = (escape(v) if v is not None else "—" for v in group.keys.values())
+        keys = (escape(visible(str(v))) if v is not None else "—" for v in group.keys.values())
         table.add_row(*keys, *_row(group.totals, unpriced, tokens))
     table.add_section()
     labels = (["total"] + [""] * len(by))[: len(by)]
@@ -375,7 +376,7 @@ def tasks_table(tasks: Sequence[TaskCost], summary: dict[str, Any]) -> Any:
     for task in tasks:
         t = task.totals
         table.add_row(
-            escape(task.task_id),
+            escape(visible(task.task_id)),
             f"{task.requests:,}",
             f"{task.succeeded:,}",
             f"{task.failed:,}",

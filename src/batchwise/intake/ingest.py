@@ -136,6 +136,44 @@ def _describe(value: Any) -> str:
 
 _OPENAI_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _OPENAI_ENDPOINTS = ENDPOINTS["openai"]
+#: the largest output cap accepted: every documented model's cap fits in 32 bits many times
+#: over, and a larger number is a typo that would fail only at the provider, hours later
+MAX_TOKENS_CAP = 2**31 - 1
+#: numeric body fields and the ranges the providers document for them: (field, whole number
+#: only, lowest, highest); None (JSON null, "use the default") is accepted. Fields not listed
+#: are passed through unchecked: when a range is not documented, the provider decides.
+NUMERIC_RANGES: dict[str, tuple[tuple[str, bool, float, float | None], ...]] = {
+    "openai": (
+        ("temperature", False, 0, 2),
+        ("top_p", False, 0, 1),
+        ("presence_penalty", False, -2, 2),
+        ("frequency_penalty", False, -2, 2),
+        ("n", True, 1, 128),
+        ("top_logprobs", True, 0, 20),
+        ("dimensions", True, 1, None),
+    ),
+    "anthropic": (
+        ("temperature", False, 0, 1),
+        ("top_p", False, 0, 1),
+        ("top_k", True, 0, None),
+    ),
+}
+_RANGED = {p: frozenset(f for f, *_ in checks) for p, checks in NUMERIC_RANGES.items()}
+
+
+def _check_ranges(provider: str, body: dict[str, Any], prefix: str) -> None:
+    """Each numeric field present in `body` is a number of the right kind within its range."""
+    for key, whole, low, high in NUMERIC_RANGES[provider]:
+        value = body.get(key)
+        if value is None:
+            continue
+        kind = type(value)
+        if not (kind is int or (kind is float and not whole)) or not (
+            low <= value and (high is None or value <= high)
+        ):
+            what = "an integer" if whole else "a number"
+            span = f"≥ {low}" if high is None else f"from {low} to {high}"
+            raise Invalid(f"expected {what} {span}, got {_describe(value)}", f"{prefix}.{key}")
 
 
 def _check_body(provider: str, endpoint: str, body: Any, prefix: str) -> str:
@@ -165,16 +203,22 @@ def _check_body(provider: str, endpoint: str, body: Any, prefix: str) -> str:
         raise Invalid(f"{endpoint} needs an 'input'", f"{prefix}.input")
     if provider == "anthropic":
         cap = body.get("max_tokens")
-        if type(cap) is not int or cap < 1:
-            raise Invalid(f"expected an integer ≥ 1, got {_describe(cap)}", f"{prefix}.max_tokens")
+        if type(cap) is not int or not 1 <= cap <= MAX_TOKENS_CAP:
+            raise Invalid(
+                f"expected an integer ≥ 1 and ≤ {MAX_TOKENS_CAP}, got {_describe(cap)}",
+                f"{prefix}.max_tokens",
+            )
     else:
         for key in _OPENAI_CAPS:
             if key in body:
                 cap = body[key]
-                if type(cap) is not int or cap < 1:
+                if type(cap) is not int or not 1 <= cap <= MAX_TOKENS_CAP:
                     raise Invalid(
-                        f"expected an integer ≥ 1, got {_describe(cap)}", f"{prefix}.{key}"
+                        f"expected an integer ≥ 1 and ≤ {MAX_TOKENS_CAP}, got {_describe(cap)}",
+                        f"{prefix}.{key}",
                     )
+    if not _RANGED[provider].isdisjoint(body):
+        _check_ranges(provider, body, prefix)
     return model
 
 

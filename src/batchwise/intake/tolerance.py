@@ -24,6 +24,11 @@ _DURATION = re.compile(
     rf"(?:(?P<s>{_NUMBER})s)?(?:(?P<ms>{_NUMBER})ms)?$",
     re.IGNORECASE,
 )
+#: the longest duration or tolerance accepted: anything longer is a typo, and would overflow
+#: the date arithmetic
+MAX_DURATION = timedelta(days=36500)
+_MAX_TEXT = "36500d (100 years)"
+
 _BY = re.compile(r"^by\s+(?P<h>\d{1,2}):(?P<m>\d{2})$", re.IGNORECASE)
 _REALTIME = frozenset({"realtime", "0", "now"})
 
@@ -41,15 +46,36 @@ class Tolerance:
         return (self.deadline - now).total_seconds()
 
 
+class DurationTooLong(ValueError):
+    """Raised by `parse_duration` for a duration longer than `MAX_DURATION`."""
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for an error message, cut short if long."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "…"
+
+
 def parse_duration(text: str) -> timedelta:
     """Parse `90s`, `15m`, `1h30m`, `2d`, `1.5h`, `50ms` (units in descending order)."""
     match = _DURATION.match(text.strip())
     if not match or not any(match.groupdict().values()):
         raise ValueError(
-            f"invalid duration {text!r}: expected a number with a unit, "
+            f"invalid duration {_shown(text)}: expected a number with a unit, "
             "like 90s, 15m, 4h, 2d, 1h30m or 50ms"
         )
     parts = {k: float(v) for k, v in match.groupdict().items() if v}
+    seconds = (
+        parts.get("d", 0) * 86400
+        + parts.get("h", 0) * 3600
+        + parts.get("m", 0) * 60
+        + parts.get("s", 0)
+        + parts.get("ms", 0) / 1000
+    )
+    # compared as a float first: timedelta() itself overflows (OverflowError) on huge values
+    if not seconds <= MAX_DURATION.total_seconds():
+        raise DurationTooLong(
+            f"invalid duration {_shown(text)}: longer than the maximum, {_MAX_TEXT}"
+        )
     return timedelta(
         days=parts.get("d", 0),
         hours=parts.get("h", 0),
@@ -91,7 +117,10 @@ def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Toleranc
         return Tolerance(value, now, True)
     duration = _DURATION.match(value)
     if duration and any(duration.groupdict().values()):
-        delta = parse_duration(value)
+        try:
+            delta = parse_duration(value)
+        except ValueError as exc:
+            raise ToleranceError(str(exc).replace("duration", "tolerance", 1)) from None
         return Tolerance(value, now + delta, delta == timedelta(0))
     by = _BY.match(value)
     if by:
@@ -121,10 +150,19 @@ def parse_tolerance(text: str, *, now: datetime, zone: tzinfo = UTC) -> Toleranc
                 f"invalid tolerance {text!r}: a datetime needs a UTC offset "
                 "(like +01:00 or Z) so the deadline is unambiguous"
             )
-        deadline = moment.astimezone(UTC)
+        try:
+            deadline = moment.astimezone(UTC)
+        except OverflowError:
+            # at the calendar's edge (year 1 or 9999): past, or too far away, below
+            edge = datetime.max if moment.year > 1 else datetime.min
+            deadline = edge.replace(tzinfo=UTC)
         if deadline <= now:
             raise ToleranceError(
                 f"deadline {text!r} is already past (now {now.isoformat(timespec='seconds')})"
+            )
+        if deadline - now > MAX_DURATION:
+            raise ToleranceError(
+                f"invalid tolerance {text!r}: more than the maximum, {_MAX_TEXT}, away"
             )
         return Tolerance(value, deadline, False)
     raise ToleranceError(f"invalid tolerance {text!r}: expected {ACCEPTED_FORMS}")

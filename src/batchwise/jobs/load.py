@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from batchwise.errors import JobLoadError, NotFoundError, ToleranceError
+from batchwise.errors import JobError, JobLoadError, NotFoundError, ToleranceError
 from batchwise.jobs.schedule import CatchUp, check_deadline, normalise_schedule
 from batchwise.states import RequestState
 
@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 
 #: the environment variable naming the jobs folder (read by `jobs_folder` and the CLI)
 JOBS_DIR_ENV = "BATCHWISE_JOBS_DIR"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+#: a job name: it names files and folders, so it starts with a letter, digit or '_' (never
+#: '.' or '..') and holds no path separator
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def _no_requests(run: Run) -> Iterable[Mapping[str, Any]]:
@@ -77,7 +79,7 @@ class Job:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
             raise JobLoadError(
                 f"{where}: NAME {self.name!r} is invalid: use 1-128 letters, digits, '_', '.' "
-                "or '-'"
+                "or '-', starting with a letter, digit or '_'"
             )
         for attr, value in (
             ("SCHEDULE", self.schedule),
@@ -168,11 +170,17 @@ class Run:
             return Path(chosen).expanduser()
         return self.settings.jobs_output_dir or self.settings.home / "reports"
 
-    def write_output(self, filename: str, text: str) -> str:
+    def write_output(self, filename: str | os.PathLike[str], text: str) -> str:
         """Write `text` to `output_dir / filename` through a temporary file and a rename, so
-        a reader never sees half a report and a repeated delivery just rewrites it."""
-        path = self.output_dir / filename
+        a reader never sees half a report and a repeated delivery just rewrites it.
+
+        `filename` is relative (sub-folders allowed) and must stay inside the output folder:
+        an absolute path, a `..` part or a symlink leading out raises `JobError`.
+        """
+        path = self.output_path(filename)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not _inside(path.parent.resolve(), self.output_dir.resolve()):  # a symlink raced in
+            raise self._outside(filename)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as stream:
@@ -182,6 +190,36 @@ class Run:
             Path(tmp).unlink(missing_ok=True)
             raise
         return str(path)
+
+    def output_path(self, filename: str | os.PathLike[str]) -> Path:
+        """`output_dir / filename`, checked to stay inside the output folder (see
+        `write_output`)."""
+        relative = Path(filename)
+        if (
+            not str(filename)
+            or relative.is_absolute()
+            or relative.drive
+            or ".." in relative.parts
+            or relative.name in {"", ".", ".."}
+        ):
+            raise self._outside(filename)
+        folder = self.output_dir.resolve()
+        path = folder / relative
+        # resolve() follows every symlink on the way, the file itself included
+        if not _inside(path.resolve(), folder) or path.resolve() == folder:
+            raise self._outside(filename)
+        return path
+
+    def _outside(self, filename: str | os.PathLike[str]) -> JobError:
+        return JobError(
+            f"job {self.job.name!r}: write_output({str(filename)!r}) refused: give a file name "
+            f"relative to the output folder {self.output_dir} that stays inside it (no "
+            "absolute path, no '..', no symlink leading out)"
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 @dataclass(frozen=True)

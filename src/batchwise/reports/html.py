@@ -261,7 +261,8 @@ def render_html(data: dict[str, Any]) -> str:
         ("saving %", "—" if total["saving_pct"] is None else f"{total['saving_pct']}%"),
         ("requests", f"{total['requests']:,}"),
     ]
-    payload = orjson.dumps(data).decode().replace("</", "<\\/")
+    # every "<" as \u003c: no "</script>", "<!--" or "<script" can end or confuse the block
+    payload = orjson.dumps(data).decode().replace("<", "\\u003c")
     money = (("actual", "actual_cost_usd"), ("realtime equivalent", "realtime_cost_usd"))
     out = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',

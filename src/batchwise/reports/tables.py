@@ -1,4 +1,9 @@
-"""Human-readable output for the CLI: rich tables and panels."""
+"""Human-readable output for the CLI: rich tables and panels.
+
+Cells holding user or provider data (custom_ids, tags, errors, answers) are `Text`, never rich
+markup, with control characters escaped (`batchwise.text.visible`): a tag cannot clear the
+screen or restyle the table.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from batchwise.reports.results import answer_text
+from batchwise.text import visible
 
 if TYPE_CHECKING:
     from batchwise.api import RequestView
@@ -20,12 +27,12 @@ def print_status(counts: dict[str, Any]) -> None:
     table.add_column("by lane")
     table.add_column("requests", justify="right")
     for lane, n in counts["by_lane"].items():
-        table.add_row(lane, f"{n:,}")
+        table.add_row(Text(visible(str(lane))), f"{n:,}")
     states = Table()
     states.add_column("by state")
     states.add_column("requests", justify="right")
     for state, n in counts["by_state"].items():
-        states.add_row(state, f"{n:,}")
+        states.add_row(Text(visible(str(state))), f"{n:,}")
     console.print(table)
     console.print(states)
 
@@ -37,9 +44,9 @@ def print_request(view: RequestView) -> None:
     for key, value in view.as_dict().items():
         if key == "result":
             continue
-        table.add_row(key, _text(value))
+        table.add_row(key, Text(visible(_text(value))))
     if view.result is not None:
-        table.add_row("answer", answer_text(view.result))
+        table.add_row("answer", Text(visible(answer_text(view.result), keep_lines=True)))
     console.print(table)
 
 

@@ -7,8 +7,12 @@ both see identical pragmas. Nothing here imports SQLAlchemy.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import re
 import sqlite3
+import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +24,9 @@ SCHEMA_REVISION = "0002"
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 #: long enough to ride out another producer's whole-file transaction
 SQLITE_BUSY_TIMEOUT_MS = 120_000
+#: the store holds request and response bodies: its folder and files are the owner's only
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 
 def sqlite_time(value: datetime) -> str:
@@ -60,7 +67,8 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     can start with BEGIN IMMEDIATE and never hit a lock upgrade deadlock.
     """
     if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(path).parent)
+        private_file(Path(path))
     conn = sqlite3.connect(
         path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
     )
@@ -74,6 +82,83 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     # Checkpoint the WAL every ~40 MB rather than every 4 MB: bulk chunks are several MB each.
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
     return conn
+
+
+def private_dir(folder: Path) -> None:
+    """Create `folder` and its missing parents as 0700, whatever the umask.
+
+    Folders that already exist are left as they are: the store may live in a shared or
+    project folder the user chose, whose mode is theirs to set.
+    """
+    missing = []
+    here = folder
+    while not here.exists() and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:  # another process made it first: it set the mode too
+            continue
+        os.chmod(created, PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+
+
+def private_file(path: Path) -> None:
+    """Make the SQLite file and its -wal/-shm companions 0600, whatever the umask.
+
+    A new database file is created 0600 before SQLite opens it (SQLite then gives its -wal
+    and -shm files the database file's mode). Existing files that others can read are
+    tightened to 0600 when we own them; files of another user are left alone.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_IMODE(mode) & 0o077 and os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(mode) & ~0o077 | 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        companion = Path(f"{path}{suffix}")
+        try:
+            info = companion.stat()
+        except OSError:
+            continue
+        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+            # suppress: removed or handed over meanwhile
+            with contextlib.suppress(OSError):
+                os.chmod(companion, stat.S_IMODE(info.st_mode) & ~0o077 | 0o600)
+
+
+#: user:password@ in a URL, to mask the password before a URL is shown
+_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^/@]*@")
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password, if any, replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def _raised_by(exc: BaseException, package: str) -> bool:
+    return any(
+        cls.__module__ == package or cls.__module__.startswith(package + ".")
+        for cls in type(exc).__mro__
+    )
+
+
+def database_error(exc: BaseException) -> str | None:
+    """One line describing a database driver error (SQLite, PostgreSQL, or SQLAlchemy around
+    them), or None when `exc` is not one. The SQL and its parameters are left out: they may
+    hold request bodies."""
+    if _raised_by(exc, "sqlalchemy"):
+        orig = getattr(exc, "orig", None)
+        exc = orig if isinstance(orig, BaseException) else exc
+    elif not (_raised_by(exc, "sqlite3") or _raised_by(exc, "psycopg")):
+        return None
+    text = str(exc).strip()
+    if _raised_by(exc, "sqlalchemy"):  # no driver error inside: drop SQLAlchemy's [SQL: …]
+        text = text.split("[SQL:", 1)[0].split("(Background on this error", 1)[0].strip()
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    return first[:300]
 
 
 def _switch_to_wal(conn: sqlite3.Connection, path: str) -> None:

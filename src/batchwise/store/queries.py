@@ -40,8 +40,13 @@ def request_view(store: Store, request: int | str) -> RequestView | None:
     """One request by id or custom_id (the live one, else the most recent)."""
     t = requests_t
     query = sa.select(t)
-    if isinstance(request, int) or (isinstance(request, str) and request.isdigit()):
-        query = query.where(t.c.id == int(request))
+    if isinstance(request, str) and request.isascii() and request.isdigit():
+        # a number past 64 bits is no id: it can only be a custom_id
+        request = int(request) if int(request) < 2**63 else request
+    if isinstance(request, int):
+        if not 0 < request < 2**63:
+            return None
+        query = query.where(t.c.id == request)
     else:
         query = query.where(t.c.custom_id == request).order_by(t.c.id.desc()).limit(1)
     with store.read() as conn:
