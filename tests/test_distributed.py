@@ -28,11 +28,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.lifecycle.scheduler import Providers, Scheduler
 from batchwise.lifecycle.submitter import STATUS_TO_STATE
 from batchwise.states import TERMINAL_REQUEST_STATES, BatchState
 from batchwise.store.engine import Store, batches_t, requests_t
+from batchwise.store.holders import parse_owner
+from batchwise.worker import send_realtime
 from invariants import check_all, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -217,8 +220,13 @@ def progress(store: Store) -> tuple[int, int, int]:
     return int(total), int(done), int(batches)
 
 
+def held_by(owner: str, pids: set[int]) -> bool:
+    holder = parse_owner(owner)
+    return holder is not None and holder.pid in pids
+
+
 def live_claims(store: Store, pids: set[int]) -> set[int]:
-    """Realtime requests leased right now by one of `pids` (lease owner is host:pid:nonce)."""
+    """Realtime requests leased right now by one of `pids` (see `store.holders`)."""
     now = datetime.now(UTC)
     with store.read() as conn:
         rows = conn.execute(
@@ -228,7 +236,7 @@ def live_claims(store: Store, pids: set[int]) -> set[int]:
                 requests_t.c.lease_expires_at > now,
             )
         ).all()
-    return {rid for rid, owner in rows if int(owner.rsplit(":", 2)[1]) in pids}
+    return {rid for rid, owner in rows if held_by(owner, pids)}
 
 
 def wait_for(check: Any, timeout_s: float, what: str, cluster: Cluster) -> Any:
@@ -277,13 +285,17 @@ def reconcile_again(store: Store, settings: Settings) -> None:
 
 
 @contextmanager
-def cluster_env(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[Cluster]:
+def cluster_env(
+    tmp_path: Path, postgres_url: str, redis_url: str, *, lease_s: float | None = LEASE_S
+) -> Iterator[Cluster]:
+    """The environment of one run; `lease_s=None` keeps the default lease."""
     broker = redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}"
     queue = f"bwtest-{uuid.uuid4().hex[:10]}"
     config = tmp_path / "config.toml"
+    lease = "" if lease_s is None else f"lease_s = {lease_s}\n"
     config.write_text(
         "[scheduler]\n"
-        f"tick_interval_s = 1\nlease_s = {LEASE_S}\nmax_wait_s = 2\nmax_attempts = 4\n"
+        f"tick_interval_s = 1\n{lease}max_wait_s = 2\nmax_attempts = 4\n"
         "[classifier]\n"
         "turnaround_prior_s = {openai = 20, anthropic = 20}\nrescue_margin_s = 20\n"
     )
@@ -370,7 +382,7 @@ def test_two_workers_one_killed_lose_and_duplicate_nothing(
                         requests_t.c.state.in_(CLAIMABLE), requests_t.c.lease_owner.is_not(None)
                     )
                 ).all()
-                if int(owner.rsplit(":", 2)[1]) in doomed_pids
+                if held_by(owner, doomed_pids)
             }
         for proc in started:
             assert proc.wait(timeout=90) == 0, cluster.tails()
@@ -415,6 +427,60 @@ def test_two_workers_one_killed_lose_and_duplicate_nothing(
             f"the last {latest - killed_at} after the kill"
         )
         store.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_workers_calls_in_flight_are_finished_by_the_other_within_a_minute(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    with cluster_env(tmp_path, postgres_url, redis_url, lease_s=None) as cluster:
+        # Given slow realtime calls (3 s each), two workers, beat, and the default lease
+        url = start_emulator(cluster, turnaround_s=1.0, latency_s=3.0, seed=3)
+        cluster.env.update(OPENAI_BASE_URL=f"{url}/v1", ANTHROPIC_BASE_URL=url)
+        settings = Settings.from_env(cluster.env)
+        assert settings.lease_s >= 30.0  # the default: a takeover by lapse alone takes that long
+        store = Store(postgres_url)
+        queue = cluster.env["BATCHWISE_QUEUE"]
+        doomed = cluster.batchwise("worker-a", "worker", "-c", "4", "-n", "a@%h")
+        cluster.batchwise("worker-b", "worker", "-c", "4", "-n", "b@%h")
+        cluster.batchwise("beat", "beat")
+        items = [{**item(i), "tolerance": "realtime"} for i in range(24)]
+        with Client(settings=replace(settings, broker_url=None)) as client:
+            ids = [h.id for h in client.enqueue_many(items)]
+        assert send_realtime(settings, ids, queue=queue) == len(ids)
+
+        # When worker A is killed (with its pool) while its calls are in flight
+        claims = wait_for(
+            lambda: live_claims(store, group_pids(doomed.pid)), 60, "worker A's calls", cluster
+        )
+        cluster.kill("worker-a")
+        killed = time.monotonic()
+        killed_at = datetime.now(UTC)
+
+        # Then worker B finishes them, and everything else, within a minute of the kill
+        def finished() -> bool:
+            return progress(store)[:2] == (len(ids), len(ids))
+
+        wait_for(finished, 60, "worker B to finish worker A's requests", cluster)
+        all_done_s = time.monotonic() - killed
+        cluster.stop("worker-b", "beat")
+        with store.read() as conn:
+            rows = conn.execute(
+                sa.select(requests_t.c.state, requests_t.c.finished_at).where(
+                    requests_t.c.id.in_(sorted(claims))
+                )
+            ).all()
+        assert {state for state, _ in rows} == {"succeeded"}
+        takeover = max(moment for _, moment in rows) - killed_at
+        assert takeover < timedelta(seconds=60), takeover
+        stats = httpx.get(f"{url}/_emulator/stats", timeout=30).json()
+        check_all(store, stats)
+        store.close()
+        print(
+            f"\n{len(claims)} call(s) in flight on the killed worker, finished by the other "
+            f"{takeover.total_seconds():.1f} s after the kill; all {len(ids)} done in "
+            f"{all_done_s:.1f} s"
+        )
 
 
 if __name__ == "__main__":

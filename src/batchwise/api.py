@@ -25,8 +25,6 @@ from batchwise.states import RequestState
 from batchwise.store.views import RequestView as RequestView  # re-exported: users name it here
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
-
     from batchwise.costs.guards import Guards
     from batchwise.store.engine import Store
     from batchwise.store.intake_rows import RequestSink
@@ -190,16 +188,12 @@ class Client:
         skip_invalid: bool,
         collect_ids: bool = False,
         on_line: Callable[[int], None] | None = None,
-        conn: Connection | None = None,
     ) -> SubmitResult:
         from batchwise.store.sinks import EngineSink, open_sink
 
-        if conn is not None:
-            sink: RequestSink = EngineSink(self.store, conn=conn)
-        elif self._store is not None:
-            sink = EngineSink(self._store)
-        else:
-            sink = open_sink(self.database_url)
+        sink: RequestSink = (
+            EngineSink(self._store) if self._store is not None else open_sink(self.database_url)
+        )
         result = submit_lines(
             lines,
             sink,
@@ -212,23 +206,12 @@ class Client:
             on_line=on_line,
             guards=self.guards,
         )
-        if self.settings.broker_url and result.realtime_ids and conn is None:
+        if self.settings.broker_url and result.realtime_ids:
             # Distributed mode: hand realtime work to the workers now, not at the next sweep.
             from batchwise.worker import send_realtime
 
             send_realtime(self.settings, result.realtime_ids)
         return result
-
-    def submit_items(
-        self,
-        items: Iterable[Mapping[str, Any]],
-        *,
-        defaults: Defaults,
-        conn: Connection | None = None,
-    ) -> SubmitResult:
-        """Store items with explicit defaults (tolerance, provider, tags, job run), all or
-        none. With `conn`, inside that open transaction (the caller commits)."""
-        return self._submit(items, defaults, skip_invalid=False, collect_ids=True, conn=conn)
 
     # --- doing the work in this process ----------------------------------------------------
 

@@ -81,8 +81,10 @@ class Settings:
     default_inflight_token_budget: int = 2_000_000_000
     #: realtime calls in flight at once, per process
     realtime_concurrency: int = 8
-    #: how long a worker's claim on a row lasts before another may take it over (seconds)
-    lease_s: float = 300.0
+    #: how long a claim on a row lasts unless its holder renews it (seconds). A live holder's
+    #: heartbeat renews it every third of this, however long the work; a dead holder's work is
+    #: taken over this long after it stopped (at once when it ran on this host)
+    lease_s: float = 30.0
 
     # --- pricing ---------------------------------------------------------------------------
     #: batch price as a fraction of realtime, where the price table has no batch variant

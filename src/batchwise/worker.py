@@ -5,12 +5,14 @@ each task re-reads the store and is safe to run twice or concurrently, because e
 compare-and-set lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL). A lost, duplicated or
 redelivered message therefore costs a little work, never a wrong result.
 
-Progress does not depend on the broker keeping its messages. A worker that dies holding a
-request leaves a lease that expires `lease_s` after the claim; the first `sweep` after that
-(beat sends one every `sweep_interval_s`, at most half a lease) sends the request again on the
-steps queue, which workers drain before new work. So it is called again about
-`lease_s + sweep_interval_s` after the dead worker claimed it, not after Redis's one-hour
-visibility timeout for unacknowledged messages. Messages lost before any claim (prefetched by
+Progress does not depend on the broker keeping its messages. A worker process renews the
+claims of the work it runs (a heartbeat, every third of `lease_s`), so a claim lapses only
+when its holder stops: `lease_s` after a worker on another machine died, and at the next
+`sweep` (beat sends one every `sweep_interval_s`, at most half a lease) for a worker of the
+sweeping worker's own host, which it sees is gone. The sweep then sends the request again on
+the steps queue, which workers drain before new work: called again within
+`lease_s + sweep_interval_s` of the death, not after Redis's one-hour visibility timeout for
+unacknowledged messages. Messages lost before any claim (prefetched by
 a dead worker, a failed publish) are sent again once untouched for `lease_s` with the realtime
 queue drained.
 
@@ -39,13 +41,14 @@ from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
 from batchwise.costs.pricing import PriceBook
 from batchwise.errors import ConfigError
+from batchwise.lifecycle.holders import Heartbeat, new_owner, release_dead
 from batchwise.lifecycle.poller import poll_due
 from batchwise.lifecycle.realtime import dispatch_one
 from batchwise.lifecycle.reconcile import ReconcileReport
 from batchwise.lifecycle.scheduler import Providers, Scheduler
 from batchwise.states import RequestState
 from batchwise.store import requests
-from batchwise.store.engine import Store, worker_id
+from batchwise.store.engine import Store
 
 __all__ = [
     "DEFAULT_QUEUE",
@@ -127,6 +130,7 @@ class Runtime:
         self._store = store
         self._providers = providers
         self._book: PriceBook | None = None
+        self._heartbeat: Heartbeat | None = None
         _RUNTIMES.add(self)
 
     @property
@@ -150,6 +154,15 @@ class Runtime:
                 self._book = PriceBook.from_settings(self.settings)
             return self._book
 
+    @property
+    def heartbeat(self) -> Heartbeat:
+        """This process's heartbeat, renewing the claims of the tasks it runs."""
+        store = self.store
+        with self._lock:
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(store, lease_s=self.settings.lease_s, clock=self.clock)
+            return self._heartbeat
+
     def scheduler(self, clock: Clock | None = None) -> Scheduler:
         """A scheduler for one step: fresh per task, so no cache outlives the step."""
         return Scheduler(
@@ -165,15 +178,18 @@ class Runtime:
         with self._lock:
             if self._store is not None:
                 self._store.engine.dispose(close=False)
-            self._store = self._providers = self._book = None
+            # the parent's heartbeat thread did not survive the fork; this process makes its own
+            self._store = self._providers = self._book = self._heartbeat = None
 
     def close(self) -> None:
         with self._lock:
+            if self._heartbeat is not None:
+                self._heartbeat.close()
             if self._providers is not None:
                 self._providers.close()
             if self._store is not None:
                 self._store.close()
-            self._store = self._providers = self._book = None
+            self._store = self._providers = self._book = self._heartbeat = None
 
 
 def _after_fork(**_: Any) -> None:
@@ -198,16 +214,18 @@ class Dispatched:
 
 
 def dispatch(runtime: Runtime, request_id: int) -> Dispatched:
-    """Claim and call one realtime request; on a retryable error, say when it may run again."""
-    outcome = dispatch_one(
-        runtime.store,
-        runtime.providers,
-        runtime.book,
-        request_id,
-        settings=runtime.settings,
-        clock=runtime.clock,
-        worker=worker_id(),
-    )
+    """Claim and call one realtime request; on a retryable error, say when it may run again.
+    The claim is renewed by the process's heartbeat for as long as the call takes."""
+    with runtime.heartbeat.holding(new_owner()) as owner:
+        outcome = dispatch_one(
+            runtime.store,
+            runtime.providers,
+            runtime.book,
+            request_id,
+            settings=runtime.settings,
+            clock=runtime.clock,
+            worker=owner,
+        )
     if outcome != "retry":
         return Dispatched(outcome)
     return Dispatched(outcome, wait_s(runtime.store, request_id, now=runtime.clock()))
@@ -238,7 +256,8 @@ def sweep(
     """Realtime requests to send again; each is stamped (`updated_at = now`) by the same
     compare-and-set, so concurrent or repeated sweeps send it once.
 
-    Two kinds are taken:
+    First the claims of dead processes of this host are ended (`release_dead`), so a worker
+    killed here is taken over now rather than when its leases lapse. Then two kinds are taken:
     - *expired*: a claim whose lease ran out and that no sweep has sent since (the worker
       died mid-call, or is far slower than `lease_s`). Sent at the first sweep after expiry.
     - *lost* (only if `lost_messages`): claimable, not held, untouched for `lease_s`: a
@@ -246,6 +265,7 @@ def sweep(
       The caller passes `lost_messages=False` while the realtime queue has a backlog, since
       such a request may simply be waiting in it.
     """
+    release_dead(store, now=now)
     return requests.sweep_calls(
         store, now=now, lease_s=settings.lease_s, lost_messages=lost_messages, limit=limit
     )
@@ -254,8 +274,9 @@ def sweep(
 def flush_and_submit(runtime: Runtime) -> tuple[list[int], int]:
     """Pack due groups into batch rows, then submit every batch waiting for it."""
     scheduler = runtime.scheduler()
-    packed = scheduler.flush()
-    return packed, scheduler.submit()
+    with runtime.heartbeat.holding(scheduler.worker):
+        packed = scheduler.flush()
+        return packed, scheduler.submit()
 
 
 def poll(runtime: Runtime) -> tuple[int, int]:
@@ -270,7 +291,9 @@ def poll(runtime: Runtime) -> tuple[int, int]:
 
 
 def reconcile(runtime: Runtime) -> list[ReconcileReport]:
-    return runtime.scheduler().reconcile()
+    scheduler = runtime.scheduler()
+    with runtime.heartbeat.holding(scheduler.worker):
+        return scheduler.reconcile()
 
 
 def rescue(runtime: Runtime) -> tuple[list[int], int]:

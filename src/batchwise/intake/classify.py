@@ -1,8 +1,8 @@
 """Realtime or deferred: the classifier, with the reason it records.
 
 A request may wait for a batch only if its deadline leaves room for the wait until its group is
-flushed, the expected batch turnaround, and a realtime rescue after that (DESIGN.md,
-"Classification"). Pure functions over values; the caller supplies the observed history.
+flushed, the expected batch turnaround, and a realtime rescue after that (docs/architecture.md,
+"How a request travels"). Pure functions over values; the caller supplies the observed history.
 """
 
 from __future__ import annotations

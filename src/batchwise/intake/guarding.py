@@ -1,11 +1,11 @@
 """The cost guards at work on one submission: shaping each request, then, per chunk, the
 runaway-loop limits, dedupe and budgets.
 
-Requests a guard refuses are still stored, as `rejected` with the reason (DESIGN.md's request
-life), and every refusal or change is recorded as an event, so nothing disappears silently.
-The checks read the store through the intake's sink, in set-based queries per chunk (the SQL
-is the sink's: `store.guard_state`); every refusal or dedupe hit moves its request through a
-sink method that checks the move against `states.TRANSITIONS`.
+Requests a guard refuses are still stored, as `rejected` with the reason (docs/architecture.md,
+"Request life"), and every refusal or change is recorded as an event, so nothing disappears
+silently. The checks read the store through the intake's sink, in set-based queries per chunk
+(the SQL is the sink's: `store.guard_state`); every refusal or dedupe hit moves its request
+through a sink method that checks the move against `states.TRANSITIONS`.
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -44,13 +45,15 @@ from batchwise.jobs.load import (
     load_folder,
 )
 from batchwise.jobs.schedule import CatchUp, occurrences_between, plan_due, run_deadline
+from batchwise.lifecycle.holders import new_owner
 from batchwise.reports.results import answer_text
 from batchwise.states import RequestState, RunState, Trigger
-from batchwise.store.engine import Store, worker_id
+from batchwise.store.engine import Store
 from batchwise.store.events import record_event
 from batchwise.store.jobs import (
     RunRecord,
     claim_delivery,
+    delivery_keeper,
     finish_delivery,
     last_runs,
     ready_runs,
@@ -383,7 +386,7 @@ def deliver_ready(
     by_name = {job.name: job for job in jobs}
     if not by_name:
         return []
-    worker = worker or worker_id()
+    worker = worker or new_owner()
     delivered: list[RunRecord] = []
     try:
         ready = ready_runs(store, list(by_name), now=now, run_ids=run_ids)
@@ -417,8 +420,18 @@ def _deliver(
     error: str | None = None
     if job.on_results is not None:
         results = run_results(store, record.id)
+        # The user's code may take longer than a lease: keep the delivery claim alive meanwhile.
+        began = time.monotonic()
+        keeper = delivery_keeper(
+            store,
+            record.id,
+            worker=worker,
+            lease_s=settings.lease_s,
+            clock=lambda: now + timedelta(seconds=time.monotonic() - began),
+        )
         try:
-            value = job.on_results(run, results)
+            with keeper:
+                value = job.on_results(run, results)
         except Exception as exc:
             error = _summary(exc)
         else:

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
+from batchwise.lifecycle.holders import Heartbeat, release_dead
 from batchwise.lifecycle.scheduler import Providers, Scheduler, TickReport
 from batchwise.providers.base import Provider
 from batchwise.store.engine import Store
@@ -86,15 +87,22 @@ def run_embedded(
     console: Console | None = None,
     on_tick: Callable[[TickReport], None] | None = None,
 ) -> RunTotals:
-    """Run the scheduler in this process until stopped (or until every request is terminal)."""
+    """Run the scheduler in this process until stopped (or until every request is terminal).
+
+    It starts by taking over the claims of dead processes of this host (a runner killed
+    before it), and keeps its own claims alive with a heartbeat while it works."""
     store = Store(settings.resolved_database_url)
     registry = Providers(settings, providers)
     totals = RunTotals()
     stop = StopFlag()
     console = console or Console(stderr=True)
     try:
+        release_dead(store, now=clock())
         with (
-            Scheduler(store, registry, settings=settings, clock=clock) as scheduler,
+            Heartbeat(store, lease_s=settings.lease_s, clock=clock) as heartbeat,
+            Scheduler(
+                store, registry, settings=settings, clock=clock, heartbeat=heartbeat
+            ) as scheduler,
             stop.installed(),
         ):
             display = _Display(scheduler, totals) if show and console.is_terminal else None

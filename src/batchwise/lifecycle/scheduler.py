@@ -20,6 +20,7 @@ from batchwise.costs.pricing import PriceBook
 from batchwise.intake.classify import expected_turnaround
 from batchwise.jobs import runs as jobs
 from batchwise.jobs.runs import JobsReport
+from batchwise.lifecycle.holders import Heartbeat, new_owner
 from batchwise.lifecycle.packer import pack
 from batchwise.lifecycle.poller import poll_due
 from batchwise.lifecycle.realtime import Dispatcher
@@ -28,7 +29,7 @@ from batchwise.lifecycle.rescue import record_missed_deadlines, rescue_due
 from batchwise.lifecycle.submitter import claim_next_batch, submit_batch
 from batchwise.providers.base import BatchLimits, Provider
 from batchwise.store import requests
-from batchwise.store.engine import Store, worker_id
+from batchwise.store.engine import Store
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Scheduler:
         book: PriceBook | None = None,
         worker: str | None = None,
         realtime: bool = True,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -115,7 +117,10 @@ class Scheduler:
         self.clock = clock
         self.book = book or PriceBook.from_settings(settings)
         self.guards = Guards.from_settings(settings)
-        self.worker = worker or worker_id()
+        self.worker = worker or new_owner()
+        #: with a heartbeat, each tick claims under a fresh owner that it renews while the tick
+        #: runs: a claim a failed step leaves behind then lapses instead of being renewed on
+        self.heartbeat = heartbeat
         self.dispatcher = (
             Dispatcher(
                 store,
@@ -214,6 +219,15 @@ class Scheduler:
 
     def tick(self, *, drain: bool = False, poll_cap_s: float | None = None) -> TickReport:
         """One pass of every step. `drain` flushes every group now instead of waiting."""
+        if self.heartbeat is None:
+            return self._tick(drain=drain, poll_cap_s=poll_cap_s)
+        self.worker = new_owner()
+        if self.dispatcher is not None:
+            self.dispatcher.worker = self.worker
+        with self.heartbeat.holding(self.worker):
+            return self._tick(drain=drain, poll_cap_s=poll_cap_s)
+
+    def _tick(self, *, drain: bool, poll_cap_s: float | None) -> TickReport:
         self._turnarounds.clear()
         report = TickReport()
         # jobs first, so a new run's requests are packed this tick

@@ -7,8 +7,6 @@ failing on a lock upgrade; on PostgreSQL work is claimed with FOR UPDATE SKIP LO
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -74,11 +72,6 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     return sa.create_engine(url, pool_pre_ping=True)
-
-
-def worker_id() -> str:
-    """A name for this process in leases: host, pid and a random suffix."""
-    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Store:

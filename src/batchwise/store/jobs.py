@@ -8,7 +8,7 @@ lease expired`), and finished only by the lease holder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from batchwise.states import LIVE_REQUEST_STATES, RunState, Trigger
 from batchwise.store.engine import Store, job_runs_t, requests_t, responses_t
 from batchwise.store.events import record_event
-from batchwise.store.leases import lease_until
+from batchwise.store.leases import LeaseKeeper, lease_until
 
 _r = job_runs_t
 _LIVE = sorted(s.value for s in LIVE_REQUEST_STATES)
@@ -263,6 +263,18 @@ def claim_delivery(
             .returning(_r.c.id)
         ).scalar()
     return claimed is not None
+
+
+def delivery_keeper(
+    store: Store,
+    run_id: int,
+    *,
+    worker: str,
+    lease_s: float,
+    clock: Callable[[], datetime],
+) -> LeaseKeeper:
+    """Keeps `worker`'s delivery lease on a run alive while `on_results` runs (enter it)."""
+    return LeaseKeeper(store, job_runs_t, run_id, worker, lease_s=lease_s, clock=clock)
 
 
 def finish_delivery(
