@@ -172,3 +172,108 @@ def test_a_restarted_runner_takes_over_a_killed_runners_claims_at_once(
         )
     finally:
         store.close()
+
+
+def _faulty_emulator(state: Path) -> tuple[subprocess.Popen[str], str]:
+    command = [sys.executable, "-m", "batchwise", "emulator", "--port", "0", "--turnaround", "3s",
+               "--error-rate", "0.05", "--expire-rate", "0.3", "--rate-limit-rate", "0.05",
+               "--seed", "7", "--state-dir", str(state)]  # fmt: skip
+    with open(state / "emulator.log", "wb") as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert "listening on" in first, first
+    return proc, first.rsplit(" ", 1)[1].strip()
+
+
+def _faulty_workload(path: Path) -> Path:
+    lines = [
+        {
+            "custom_id": f"f{i}",
+            "model": ("gpt-4o-mini", "claude-haiku-4-5")[i % 2],
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": f"Name a colour for item {i}."}],
+            "tolerance": "realtime" if i % 4 == 0 else "24h",
+        }
+        for i in range(400)
+    ]
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    return path
+
+
+def _run_until_idle(env: dict[str, str]) -> float:
+    started = time.monotonic()
+    done = _batchwise(env, "run", "--until-idle", "--interval", "0.2", timeout=240)
+    assert done.returncode == 0, done.stderr
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(420)
+def test_five_sigkills_under_faults_then_a_restart_finishes_in_normal_time(
+    tmp_path: Path,
+) -> None:
+    """The issue's fault test: the runner SIGKILLed five times mid-run against an emulator
+    with 5 % errors, 30 % expiries and 5 % 429s, then restarted; the last run takes about as
+    long as an undisturbed run of the same work, not a lease (30 s) or more."""
+    (tmp_path / "emu").mkdir()
+    emulator, emulator_url = _faulty_emulator(tmp_path / "emu")
+    try:
+        # Given the same work done once undisturbed, as the measure of normal time
+        (tmp_path / "calm").mkdir()
+        calm_url = f"sqlite:///{tmp_path / 'calm' / 'batchwise.db'}"
+        calm = _env(tmp_path / "calm", calm_url, emulator_url)
+        work = _faulty_workload(tmp_path / "w.jsonl")
+        assert _batchwise(calm, "submit", str(work), timeout=60).returncode == 0
+        normal_s = _run_until_idle(calm)
+
+        # When another store's runner is killed five times mid-run, then started again
+        (tmp_path / "hurt").mkdir()
+        calm_batches = {
+            b["id"] for b in httpx.get(f"{emulator_url}/_emulator/stats").json()["batches"]
+        }
+        url = f"sqlite:///{tmp_path / 'hurt' / 'batchwise.db'}"
+        env = _env(tmp_path / "hurt", url, emulator_url)
+        assert _batchwise(env, "submit", str(work), timeout=60).returncode == 0
+        for kill in range(5):
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "batchwise", "run", "--until-idle", "--interval", "0.2"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0 + 0.3 * kill)  # past start-up, mid-work: a different moment each time
+            assert runner.poll() is None, "the runner finished before it could be killed"
+            runner.send_signal(signal.SIGKILL)
+            runner.wait(timeout=30)
+        store = Store(url)
+        try:
+            with store.read() as conn:
+                left = conn.execute(
+                    sa.select(sa.func.count()).where(requests_t.c.finished_at.is_(None))
+                ).scalar_one()
+        finally:
+            store.close()
+        assert left > 0, "the killed runs finished everything: nothing left to take over"
+        last_s = _run_until_idle(env)
+
+        # Then the restart finishes in about normal time, and nothing was lost or done twice
+        store = Store(url)
+        try:
+            with store.read() as conn:
+                states = set(conn.execute(sa.select(requests_t.c.state).distinct()).scalars())
+            assert states <= {s.value for s in TERMINAL_REQUEST_STATES}, states
+            stats = httpx.get(f"{emulator_url}/_emulator/stats", timeout=30).json()
+            stats["batches"] = [b for b in stats["batches"] if b["id"] not in calm_batches]
+            check_all(store, stats)
+        finally:
+            store.close()
+        print(
+            f"\nundisturbed {normal_s:.1f} s; after five SIGKILLs ({left} requests left), "
+            f"the restart {last_s:.1f} s"
+        )
+        assert last_s < max(2 * normal_s, normal_s + 10.0), (normal_s, last_s)
+    finally:
+        emulator.send_signal(signal.SIGTERM)
+        emulator.wait(timeout=10)
+        assert emulator.stdout is not None
+        emulator.stdout.close()
