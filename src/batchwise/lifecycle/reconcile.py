@@ -36,6 +36,7 @@ from batchwise.providers.base import (
     Provider,
     RequestCounts,
 )
+from batchwise.providers.error_kinds import batch_error_is_final
 from batchwise.states import BatchState, RequestState
 from batchwise.store import batches, responses
 from batchwise.store import ledger as ledger_table
@@ -462,9 +463,11 @@ def _finish(
         if followers:
             leftovers = [r for r in leftovers if r["dedupe_of"] is None]
             _fan_out(conn, batch, followers, updates, report, now=now, stored_now=stored_now)
+        # a batch refused for a reason that dooms every member (model_not_found) fails them now
+        doomed = batch.state == BatchState.FAILED.value and batch_error_is_final(batch.error_code)
         for request in leftovers:
             attempts, error = _leftover(batch, request)
-            if attempts >= settings.max_attempts:
+            if doomed or attempts >= settings.max_attempts:
                 updates.append(
                     update_row(
                         request,
@@ -473,7 +476,7 @@ def _finish(
                         stored_now,
                         attempts=attempts,
                         batch_id=batch.id,
-                        error=f"gave up after {attempts} attempts: {error}",
+                        error=error if doomed else f"gave up after {attempts} attempts: {error}",
                         error_code=batch.error_code,
                         miss="failed",
                     )

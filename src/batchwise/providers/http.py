@@ -789,6 +789,11 @@ class HttpProvider:
     def _parse_batch(self, obj: Any) -> BatchInfo:
         raise NotImplementedError
 
+    @property
+    def health(self) -> Health:
+        """Whether the provider is in a streak of transient failures (for displays)."""
+        return self._http.health
+
     def _realtime_path(self, endpoint: str) -> str:
         """Where `endpoint` lives relative to the base URL."""
         return endpoint
