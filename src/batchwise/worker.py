@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -123,6 +125,8 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.clock = clock
+        #: set on shutdown: provider calls in flight in this process are abandoned
+        self.stop = threading.Event()
         self._lock = threading.Lock()
         self._store = store
         self._providers = providers
@@ -140,7 +144,7 @@ class Runtime:
     def providers(self) -> Providers:
         with self._lock:
             if self._providers is None:
-                self._providers = Providers(self.settings)
+                self._providers = Providers(self.settings, stop=self.stop)
             return self._providers
 
     @property
@@ -184,6 +188,19 @@ def _after_fork(**_: Any) -> None:
 def _on_shutdown(**_: Any) -> None:
     for runtime in list(_RUNTIMES):
         runtime.close()
+
+
+def _bounded_shutdown(**_: Any) -> None:
+    """On SIGTERM or Ctrl-C (Celery's warm shutdown): abandon provider calls in flight in this
+    process, and if tasks still run `shutdown_timeout_s` later (in pool children, say), ask
+    for Celery's cold shutdown, which cancels them; their messages go back to the broker
+    (late acknowledgement) and their claims are taken up again, so nothing is lost."""
+    bound_s = min((r.settings.shutdown_timeout_s for r in _RUNTIMES), default=8.0)
+    for runtime in list(_RUNTIMES):
+        runtime.stop.set()
+    timer = threading.Timer(bound_s, os.kill, args=(os.getpid(), signal.SIGQUIT))
+    timer.daemon = True
+    timer.start()
 
 
 # --- the steps, as plain functions (the tasks below only call these) --------------------------
@@ -346,6 +363,9 @@ def create_app(
     signals.worker_process_init.connect(_after_fork, weak=False, dispatch_uid="batchwise.fork")
     signals.worker_process_shutdown.connect(
         _on_shutdown, weak=False, dispatch_uid="batchwise.shutdown"
+    )
+    signals.worker_shutting_down.connect(
+        _bounded_shutdown, weak=False, dispatch_uid="batchwise.bounded_shutdown"
     )
     return app
 
