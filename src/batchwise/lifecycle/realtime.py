@@ -140,13 +140,13 @@ def apply_outcome(
             )
             return "succeeded" if won else "late"
         error = str(outcome)
-        # `max_attempts` counts answers, not outages: a transient failure is free while the
-        # deadline still leaves room for the retry after it.
+        # `max_attempts` counts answers (a 429 included), not outages: no connection, a
+        # timeout, a 5xx or a garbage page is free while the deadline leaves room for a retry.
         delay = outcome.retry_after_s or min(300.0, 2.0 ** request["attempts"]) * (
             0.5 + random.random()
         )
         retry_at = now + timedelta(seconds=delay)
-        free = outcome.retryable and retry_at < request["deadline"]
+        free = _outage(outcome) and retry_at < request["deadline"]
         attempts = request["attempts"] + (0 if free else 1)
         if outcome.retryable and (free or attempts < settings.max_attempts):
             updated = requests.retry_call(
@@ -174,6 +174,14 @@ def apply_outcome(
             deadline_miss=_miss(request["deadline"], now, f"{kind} call failed"),
         )
         return "failed" if updated else "lost"
+
+
+def _outage(error: ProviderError) -> bool:
+    """Whether a failed call got no answer from the provider (as opposed to a refusal)."""
+    status = error.status_code
+    return error.retryable and (
+        status is None or status >= 500 or error.code == "unreadable_answer"
+    )
 
 
 def _usage(request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
