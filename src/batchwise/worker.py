@@ -20,6 +20,7 @@ This module imports Celery: import it only in distributed mode. `app` (for
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -40,7 +41,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
 from batchwise.costs.pricing import PriceBook
-from batchwise.errors import ConfigError
+from batchwise.errors import ConfigError, Stopped
 from batchwise.lifecycle.poller import poll_due
 from batchwise.lifecycle.realtime import dispatch_one
 from batchwise.lifecycle.reconcile import ReconcileReport
@@ -195,7 +196,7 @@ def _bounded_shutdown(**_: Any) -> None:
     process, and if tasks still run `shutdown_timeout_s` later (in pool children, say), ask
     for Celery's cold shutdown, which cancels them; their messages go back to the broker
     (late acknowledgement) and their claims are taken up again, so nothing is lost."""
-    bound_s = min((r.settings.shutdown_timeout_s for r in _RUNTIMES), default=8.0)
+    bound_s = min((r.settings.shutdown_timeout_s for r in _RUNTIMES), default=5.0)
     for runtime in list(_RUNTIMES):
         runtime.stop.set()
     timer = threading.Timer(bound_s, os.kill, args=(os.getpid(), signal.SIGQUIT))
@@ -459,7 +460,21 @@ def _register_tasks(app: Any, runtime: Runtime, *, realtime_q: str, steps_q: str
         (ALERTS, alerts_task),
     ):
         # not shared: a task shared with every app would run another app's closure
-        app.task(name=name, ignore_result=True, shared=False)(fn)
+        app.task(name=name, ignore_result=True, shared=False)(_abandoned_on_stop(fn))
+
+
+def _abandoned_on_stop(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A task that shutdown cut short ends quietly: its claims are taken up again."""
+
+    @functools.wraps(fn)
+    def task(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Stopped as exc:
+            log.info("%s", exc)
+            return "abandoned"
+
+    return task
 
 
 def queue_length(app: Any, name: str) -> int | None:
