@@ -86,6 +86,19 @@ class Settings:
     #: taken over this long after it stopped (at once when it ran on this host)
     lease_s: float = 30.0
 
+    # --- provider calls ([providers]): overall deadlines, retries included ---------------------
+    #: polls, creates, lists and cancels (seconds)
+    provider_timeout_s: float = 60.0
+    #: one realtime call, as the SDKs allow (seconds)
+    realtime_timeout_s: float = 600.0
+    #: an upload or download fails after this long without a byte moving (seconds) ...
+    transfer_stall_timeout_s: float = 60.0
+    #: ... or after this long in all (seconds)
+    transfer_timeout_s: float = 3600.0
+    #: after SIGTERM or Ctrl-C, `batchwise worker` waits this long for running tasks, then
+    #: cancels them (they are taken up again); `run` and `demo` abandon calls at once (seconds)
+    shutdown_timeout_s: float = 5.0
+
     # --- pricing ---------------------------------------------------------------------------
     #: batch price as a fraction of realtime, where the price table has no batch variant
     batch_discount: Mapping[str, float] = field(
@@ -188,6 +201,13 @@ _SECTIONS = {
         "lease_s",
     },
     "pricing": {"batch_discount"},
+    "providers": {
+        "provider_timeout_s",
+        "realtime_timeout_s",
+        "transfer_stall_timeout_s",
+        "transfer_timeout_s",
+        "shutdown_timeout_s",
+    },
 }
 _TOP = {"database_url", "broker_url", "timezone", "openai_base_url", "anthropic_base_url"}
 _OWN_SECTIONS = {"guards", "routing", "alerts"}

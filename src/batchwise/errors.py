@@ -15,6 +15,7 @@ BatchwiseError
 ├── JobError               a cron job cannot run as asked (invalid items from `requests()`)
 │   └── RunExists          a manual run found the job already has a run for that time
 ├── ForecastError          nothing to forecast from, or the volume cannot be read
+├── Stopped                the process is stopping: a provider call in flight was abandoned
 └── ProviderError          a provider call failed (carries provider, status, retryability)
     ├── RateLimited        429 / overloaded; retryable unless the quota is exhausted
     └── ProviderDataError  the provider answered something we cannot read (garbage JSONL, HTML…)
@@ -124,6 +125,14 @@ class RunExists(JobError):
 
 class ForecastError(BatchwiseError):
     """Raised when there is nothing to forecast from, or the volume cannot be read."""
+
+
+class Stopped(BatchwiseError):
+    """Raised inside a provider call (or its retry wait) once the process was asked to stop.
+
+    The call is abandoned; whatever it was for is left as the store says (claimed rows are
+    taken up again on restart).
+    """
 
 
 class ProviderError(BatchwiseError):

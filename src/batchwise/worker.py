@@ -22,9 +22,12 @@ This module imports Celery: import it only in distributed mode. `app` (for
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
+import os
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -40,7 +43,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
 from batchwise.costs.pricing import PriceBook
-from batchwise.errors import ConfigError
+from batchwise.errors import ConfigError, Stopped
 from batchwise.lifecycle.holders import Heartbeat, new_owner, release_dead
 from batchwise.lifecycle.poller import poll_due
 from batchwise.lifecycle.realtime import dispatch_one
@@ -126,6 +129,8 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.clock = clock
+        #: set on shutdown: provider calls in flight in this process are abandoned
+        self.stop = threading.Event()
         self._lock = threading.Lock()
         self._store = store
         self._providers = providers
@@ -144,7 +149,7 @@ class Runtime:
     def providers(self) -> Providers:
         with self._lock:
             if self._providers is None:
-                self._providers = Providers(self.settings)
+                self._providers = Providers(self.settings, stop=self.stop)
             return self._providers
 
     @property
@@ -200,6 +205,19 @@ def _after_fork(**_: Any) -> None:
 def _on_shutdown(**_: Any) -> None:
     for runtime in list(_RUNTIMES):
         runtime.close()
+
+
+def _bounded_shutdown(**_: Any) -> None:
+    """On SIGTERM or Ctrl-C (Celery's warm shutdown): abandon provider calls in flight in this
+    process, and if tasks still run `shutdown_timeout_s` later (in pool children, say), ask
+    for Celery's cold shutdown, which cancels them; their messages go back to the broker
+    (late acknowledgement) and their claims are taken up again, so nothing is lost."""
+    bound_s = min((r.settings.shutdown_timeout_s for r in _RUNTIMES), default=5.0)
+    for runtime in list(_RUNTIMES):
+        runtime.stop.set()
+    timer = threading.Timer(bound_s, os.kill, args=(os.getpid(), signal.SIGQUIT))
+    timer.daemon = True
+    timer.start()
 
 
 # --- the steps, as plain functions (the tasks below only call these) --------------------------
@@ -370,6 +388,9 @@ def create_app(
     signals.worker_process_shutdown.connect(
         _on_shutdown, weak=False, dispatch_uid="batchwise.shutdown"
     )
+    signals.worker_shutting_down.connect(
+        _bounded_shutdown, weak=False, dispatch_uid="batchwise.bounded_shutdown"
+    )
     return app
 
 
@@ -462,7 +483,21 @@ def _register_tasks(app: Any, runtime: Runtime, *, realtime_q: str, steps_q: str
         (ALERTS, alerts_task),
     ):
         # not shared: a task shared with every app would run another app's closure
-        app.task(name=name, ignore_result=True, shared=False)(fn)
+        app.task(name=name, ignore_result=True, shared=False)(_abandoned_on_stop(fn))
+
+
+def _abandoned_on_stop(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A task that shutdown cut short ends quietly: its claims are taken up again."""
+
+    @functools.wraps(fn)
+    def task(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Stopped as exc:
+            log.info("%s", exc)
+            return "abandoned"
+
+    return task
 
 
 def queue_length(app: Any, name: str) -> int | None:

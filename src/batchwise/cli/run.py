@@ -36,7 +36,8 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 def run(obj: Context, until_idle: bool, interval: float | None) -> None:
     """Run the scheduler in this process (embedded mode: SQLite, no servers).
 
-    Ctrl-C finishes the current step and exits; nothing is lost.
+    Ctrl-C or SIGTERM exits within seconds, abandoning provider calls in flight (their work
+    is taken up on the next start); nothing is lost. Provider outages are retried, not fatal.
     """
     from batchwise.errors import BatchwiseError
     from batchwise.lifecycle.runner import run_embedded
@@ -45,8 +46,14 @@ def run(obj: Context, until_idle: bool, interval: float | None) -> None:
         totals = run_embedded(obj.settings(), until_idle=until_idle, interval_s=interval)
     except BatchwiseError as exc:
         raise fail(exc) from exc
+    if totals.stopped:
+        why = f"stopped by {totals.reason}" + (
+            " before everything was terminal" if until_idle else ""
+        )
+    else:
+        why = "idle: every request is terminal" if until_idle else "idle"
     click.echo(
-        f"{'stopped' if totals.stopped else 'idle'} after {totals.ticks} tick(s): "
+        f"{why}, after {totals.ticks} tick(s): "
         f"{totals.batches_submitted} batch(es) submitted, {totals.lines_reconciled} line(s) "
         f"reconciled, {sum(totals.realtime.values())} realtime call(s), {totals.rescued} rescue(s)",
         err=True,
@@ -131,6 +138,28 @@ def demo(obj: Context, turnaround: str) -> None:
     type=click.FloatRange(0, 1),
     help="Share of result-file lines that are not valid JSON or lack custom_id.",
 )
+# network faults (issue 12): what a flaky provider, or a proxy in front of it, does
+@click.option(
+    "--slow-response-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of API answers whose body drips a byte a second (never finishing in time).",
+)
+@click.option(
+    "--outage",
+    default="0s",
+    show_default=True,
+    metavar="DURATION",
+    help="Refuse every connection for this long from start (e.g. 5s), then serve.",
+)
+@click.option(
+    "--html-error-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of API calls answered by an HTML page, half with status 200 and half 502.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for fault injection.")
 def emulator(
     host: str,
@@ -144,6 +173,9 @@ def emulator(
     enqueued_token_limit: int | None,
     state_dir: str | None,
     malformed_line_rate: float,
+    slow_response_rate: float,
+    outage: str,
+    html_error_rate: float,
     seed: int,
 ) -> None:
     """Serve the OpenAI and Anthropic batch and realtime APIs locally, for demos and tests.
@@ -164,6 +196,9 @@ def emulator(
         latency_s=parse_duration_option(latency, "--latency"),
         enqueued_token_limit=enqueued_token_limit,
         state_dir=Path(state_dir) if state_dir else None,
+        slow_response_rate=slow_response_rate,
+        outage_s=parse_duration_option(outage, "--outage"),
+        html_error_rate=html_error_rate,
         seed=seed,
         malformed_line_rate=malformed_line_rate,
     )

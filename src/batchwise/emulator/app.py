@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from types import FrameType, TracebackType
 from typing import Any
@@ -57,15 +57,32 @@ class Emulator:
         self._anthropic = AnthropicApi(env, cache)
         self._server: BackgroundServer | None = None
         self._url: str | None = None
+        self._closing = threading.Event()
 
     # -- WSGI -------------------------------------------------------------------------------
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
+        fault = (
+            self._env.faults.network() if str(environ.get("PATH_INFO")).startswith("/v1/") else None
+        )
+        if fault is not None and fault.startswith("html"):
+            # a proxy or captive portal answers instead of the provider: nothing reaches it
+            status = 200 if fault == "html_200" else 502
+            start_response(
+                f"{status} {_reason(status)}",
+                [("content-type", "text/html"), ("content-length", str(len(_HTML_PAGE)))],
+            )
+            return [_HTML_PAGE]
         response = self.handle(Request.from_environ(environ))
         headers = [("content-type", response.content_type), *response.headers]
         body: Iterable[bytes]
+        if fault == "slow":
+            whole = response.body if isinstance(response.body, bytes) else b"".join(response.body)
+            headers.append(("content-length", str(len(whole))))
+            start_response(f"{response.status} {_reason(response.status)}", headers)
+            return self._drip(whole)
         if isinstance(response.body, bytes):
             headers.append(("content-length", str(len(response.body))))
             body = [response.body]
@@ -95,6 +112,13 @@ class Emulator:
             },
             404,
         )
+
+    def _drip(self, body: bytes) -> Iterator[bytes]:
+        """`body` a byte a second (the slow-response fault), cut short when the server stops."""
+        for i in range(len(body)):
+            yield body[i : i + 1]
+            if self._closing.wait(1.0):
+                return
 
     def stats(self) -> dict[str, Any]:
         """Every batch ever created (oldest first), realtime calls and injected faults."""
@@ -130,6 +154,8 @@ class Emulator:
                     "realtime_error",
                     "line_error",
                     "expired_batch",
+                    "slow_response",
+                    "html_error",
                 )
             },
         }
@@ -140,7 +166,8 @@ class Emulator:
         """Serve on a background thread; return the base URL, e.g. "http://127.0.0.1:8900"."""
         if self._server is not None:
             raise RuntimeError(f"the emulator is already serving on {self._url}")
-        self._server = BackgroundServer(self, host, port)
+        self._closing.clear()
+        self._server = BackgroundServer(self, host, port, refuse_for_s=self.config.outage_s)
         shown = f"[{host}]" if ":" in host else host
         self._url = f"http://{shown}:{self._server.port}"
         return self._url
@@ -148,6 +175,7 @@ class Emulator:
     def stop(self) -> None:
         """Stop serving (state is kept; `start()` may be called again)."""
         if self._server is not None:
+            self._closing.set()  # dripping answers end now, so the server can stop
             self._server.stop()
             self._server = None
 
@@ -187,6 +215,12 @@ class Emulator:
     @property
     def anthropic_base_url(self) -> str:
         return self.url
+
+
+_HTML_PAGE = (
+    b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
+    b"<p>The proxy could not reach the upstream server (emulated).</p></body></html>"
+)
 
 
 def _reason(status: int) -> str:

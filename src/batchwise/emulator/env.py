@@ -19,7 +19,14 @@ from batchwise.emulator.seeded import draw
 from batchwise.emulator.state import State
 from batchwise.errors import ConfigError
 
-_RATES = ("error_rate", "expire_rate", "rate_limit_rate", "server_error_rate")
+_RATES = (
+    "error_rate",
+    "expire_rate",
+    "rate_limit_rate",
+    "server_error_rate",
+    "slow_response_rate",
+    "html_error_rate",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,13 @@ class EmulatorConfig:
     #: share of result-file lines that come out broken: cut off (not valid JSON), without
     #: `custom_id`, or with `"custom_id": ""` (`--malformed-line-rate`)
     malformed_line_rate: float = 0.0
+    # --- network faults (what a flaky provider or a proxy in front of it does) ---------------
+    #: share of API answers whose body drips a byte a second, never finishing in time
+    slow_response_rate: float = 0.0
+    #: refuse every connection for this many seconds from start, then serve
+    outage_s: float = 0.0
+    #: share of API calls answered by an HTML page (half with status 200, half with 502)
+    html_error_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.malformed_line_rate <= 1.0:
@@ -62,6 +76,8 @@ class EmulatorConfig:
             raise ConfigError("rate_limit_rate + server_error_rate must not exceed 1")
         if self.turnaround_s < 0 or self.latency_s < 0:
             raise ConfigError("turnaround_s and latency_s must not be negative")
+        if not (math.isfinite(self.outage_s) and self.outage_s >= 0):
+            raise ConfigError(f"outage_s must be 0 or more seconds, got {self.outage_s!r}")
         if self.enqueued_token_limit is not None and self.enqueued_token_limit < 1:
             raise ConfigError("enqueued_token_limit must be a positive number of tokens")
         if self.api_key == "":
@@ -74,7 +90,8 @@ class EmulatorConfig:
             f"expire_rate={self.expire_rate}, rate_limit_rate={self.rate_limit_rate}, "
             f"server_error_rate={self.server_error_rate}, latency_s={self.latency_s}, "
             f"enqueued_token_limit={self.enqueued_token_limit}, state_dir={self.state_dir!r}, "
-            f"seed={self.seed}, api_key={key!r}, "
+            f"seed={self.seed}, api_key={key!r}, slow_response_rate={self.slow_response_rate}, "
+            f"outage_s={self.outage_s}, html_error_rate={self.html_error_rate}, "
             f"malformed_line_rate={self.malformed_line_rate})"
         )
 
@@ -120,6 +137,22 @@ class Faults:
         self._state = state
         self._calls = itertools.count()
         self._realtime_calls = itertools.count()
+        self._network_calls = itertools.count()
+
+    def network(self) -> str | None:
+        """ "slow", "html_200", "html_502" for this API call, or None (drawn per call)."""
+        cfg = self._config
+        if cfg.slow_response_rate == 0 and cfg.html_error_rate == 0:
+            return None
+        n = next(self._network_calls)
+        u = draw(cfg.seed, "network", n)
+        if u < cfg.slow_response_rate:
+            self._state.bump("fault.slow_response")
+            return "slow"
+        if u < cfg.slow_response_rate + cfg.html_error_rate:
+            self._state.bump("fault.html_error")
+            return "html_200" if draw(cfg.seed, "html-status", n) < 0.5 else "html_502"
+        return None
 
     def http(self) -> ApiError | None:
         """A 429 or 500 for this HTTP call, or None."""

@@ -203,13 +203,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, address: tuple[str, int], app: WsgiApp) -> None:
+    def __init__(self, address: tuple[str, int], app: WsgiApp, *, activate: bool = True) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.app = app
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            if activate:
+                self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
 
     def track(self, conn: socket.socket, *, add: bool) -> None:
         with self._open_lock:
@@ -227,17 +234,35 @@ class _Server(ThreadingHTTPServer):
 
 
 class BackgroundServer:
-    """Serves a WSGI app on a thread until `stop()`."""
+    """Serves a WSGI app on a thread until `stop()`.
 
-    def __init__(self, app: WsgiApp, host: str, port: int) -> None:
-        self._server = _Server((host, port), app)
+    With `refuse_for_s`, the port is bound at once but listened on only after that many
+    seconds: until then a connection is refused, as by a provider in an outage.
+    """
+
+    def __init__(self, app: WsgiApp, host: str, port: int, *, refuse_for_s: float = 0.0) -> None:
+        self._server = _Server((host, port), app, activate=refuse_for_s <= 0)
+        self._stopping = threading.Event()
+        self._serving = False
+        self._lock = threading.Lock()
+        self._refuse_for_s = refuse_for_s
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
+            target=self._serve,
             name=f"batchwise-emulator-{self.port}",
             daemon=True,
         )
         self._thread.start()
+
+    def _serve(self) -> None:
+        if self._refuse_for_s > 0 and self._stopping.wait(self._refuse_for_s):
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            if self._refuse_for_s > 0:
+                self._server.server_activate()
+            self._serving = True
+        self._server.serve_forever(poll_interval=0.1)
 
     @property
     def port(self) -> int:
@@ -249,7 +274,11 @@ class BackgroundServer:
 
     def stop(self) -> None:
         """Stop accepting, close open connections and wait for request threads to end."""
-        self._server.shutdown()
+        with self._lock:
+            self._stopping.set()
+            serving = self._serving
+        if serving:
+            self._server.shutdown()
         self._server.close_connections()
         self._server.server_close()
         self._thread.join()

@@ -51,7 +51,8 @@ def poll_due(
         try:
             info = provider_for(provider).get_batch(provider_batch_id)
         except ProviderError as exc:
-            log.warning("batch %s: poll failed: %s", batch_id, exc)
+            # an outage is logged once per streak by the provider's client
+            (log.info if exc.retryable else log.warning)("batch %s: poll failed: %s", batch_id, exc)
             _retry_later(store, batch_id, now=now, delay_s=exc.retry_after_s or cap_s or MIN_POLL_S)
             continue
         crashpoint("before_poll_record")

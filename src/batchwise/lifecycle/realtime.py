@@ -11,6 +11,7 @@ only.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -138,10 +139,16 @@ def apply_outcome(
                 ],
             )
             return "succeeded" if won else "late"
-        attempts = request["attempts"] + 1
         error = str(outcome)
-        if outcome.retryable and attempts < settings.max_attempts:
-            delay = outcome.retry_after_s or min(300.0, 2.0**attempts)
+        # `max_attempts` counts answers (a 429 included), not outages: no connection, a
+        # timeout, a 5xx or a garbage page is free while the deadline leaves room for a retry.
+        delay = outcome.retry_after_s or min(300.0, 2.0 ** request["attempts"]) * (
+            0.5 + random.random()
+        )
+        retry_at = now + timedelta(seconds=delay)
+        free = _outage(outcome) and retry_at < request["deadline"]
+        attempts = request["attempts"] + (0 if free else 1)
+        if outcome.retryable and (free or attempts < settings.max_attempts):
             updated = requests.retry_call(
                 conn,
                 rid,
@@ -151,7 +158,7 @@ def apply_outcome(
                 error=error,
                 error_code=outcome.code,
                 now=now,
-                not_before=now + timedelta(seconds=delay),
+                not_before=retry_at,
             )
             return "retry" if updated else "lost"
         why = error if not outcome.retryable else f"gave up after {attempts} attempts: {error}"
@@ -167,6 +174,14 @@ def apply_outcome(
             deadline_miss=_miss(request["deadline"], now, f"{kind} call failed"),
         )
         return "failed" if updated else "lost"
+
+
+def _outage(error: ProviderError) -> bool:
+    """Whether a failed call got no answer from the provider (as opposed to a refusal)."""
+    status = error.status_code
+    return error.retryable and (
+        status is None or status >= 500 or error.code == "unreadable_answer"
+    )
 
 
 def _usage(request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:

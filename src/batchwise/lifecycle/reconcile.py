@@ -42,6 +42,7 @@ from batchwise.providers.base import (
     Provider,
     RequestCounts,
 )
+from batchwise.providers.error_kinds import batch_error_is_final
 from batchwise.states import BatchState, RequestState
 from batchwise.store import batches, responses
 from batchwise.store import ledger as ledger_table
@@ -567,10 +568,12 @@ def _finish(
         if followers:
             leftovers = [r for r in leftovers if r["dedupe_of"] is None]
             _fan_out(conn, batch, followers, updates, report, now=now, stored_now=stored_now)
+        # a batch refused for a reason that dooms every member (model_not_found) fails them now
+        doomed = batch.state == BatchState.FAILED.value and batch_error_is_final(batch.error_code)
         for request in leftovers:
             attempts, error = _leftover(batch, request, report)
             code = BAD_LINE if request["id"] in report.unreadable else batch.error_code
-            if attempts >= settings.max_attempts:
+            if doomed or attempts >= settings.max_attempts:
                 updates.append(
                     update_row(
                         request,
@@ -579,7 +582,7 @@ def _finish(
                         stored_now,
                         attempts=attempts,
                         batch_id=batch.id,
-                        error=f"gave up after {attempts} attempts: {error}",
+                        error=error if doomed else f"gave up after {attempts} attempts: {error}",
                         error_code=code,
                         miss="failed",
                     )

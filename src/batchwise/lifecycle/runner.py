@@ -1,14 +1,21 @@
 """The embedded runner: the scheduler loop in this process, on SQLite, with no servers.
 
-Ctrl-C (or SIGTERM) finishes the current step and exits; everything it had done is committed,
-and what it had not done is picked up by the next run. A second Ctrl-C stops at once, which is
-also safe: every step is a transaction and every provider call is recorded or retried.
+Ctrl-C (or SIGTERM) stops within a fraction of a second: a provider call in flight is abandoned
+(`Stopped`, raised by its socket reads, which check the stop event between short slices), the
+step it was in rolls back or leaves its claims, and the loop exits. Everything done before is
+committed, and what was not done is picked up by the next run. A second Ctrl-C stops at once,
+which is also safe: every step is a transaction and every provider call is recorded or retried.
+
+A provider that fails (an outage, timeouts, HTML pages, garbage JSON) never ends the loop: the
+steps retry it with backoff, its client logs the streak once, and the display shows it.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,10 +28,13 @@ from rich.table import Table
 
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
+from batchwise.errors import ProviderError, Stopped
 from batchwise.lifecycle.holders import Heartbeat, release_dead
 from batchwise.lifecycle.scheduler import Providers, Scheduler, TickReport
 from batchwise.providers.base import Provider
 from batchwise.store.engine import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +48,10 @@ class RunTotals:
     rescued: int = 0
     realtime: dict[str, int] = field(default_factory=dict)
     stopped: bool = False
+    #: why the run ended, for its last line: "idle", "SIGTERM", "SIGINT"
+    reason: str = "idle"
+    #: ticks a provider failure cut short (the loop went on)
+    provider_failures: int = 0
 
     def add(self, report: TickReport) -> None:
         self.ticks += 1
@@ -54,6 +68,10 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        #: the signal that set it, by name
+        self.signal: str | None = None
+        #: monotonic time it was set
+        self.at: float | None = None
 
     def __call__(self) -> bool:
         return self.event.is_set()
@@ -61,7 +79,13 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.event.is_set():
             raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.at = time.monotonic()
         self.event.set()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep between ticks; a stop ends the sleep at once."""
+        self.event.wait(seconds)
 
     @contextmanager
     def installed(self) -> Iterator[StopFlag]:
@@ -92,10 +116,11 @@ def run_embedded(
     It starts by taking over the claims of dead processes of this host (a runner killed
     before it), and keeps its own claims alive with a heartbeat while it works."""
     store = Store(settings.resolved_database_url)
-    registry = Providers(settings, providers)
-    totals = RunTotals()
     stop = StopFlag()
+    registry = Providers(settings, providers, stop=stop.event)
+    totals = RunTotals()
     console = console or Console(stderr=True)
+    interval = settings.tick_interval_s if interval_s is None else interval_s
     try:
         release_dead(store, now=clock())
         with (
@@ -105,7 +130,10 @@ def run_embedded(
             ) as scheduler,
             stop.installed(),
         ):
-            display = _Display(scheduler, totals) if show and console.is_terminal else None
+            display = (
+                _Display(scheduler, totals, registry) if show and console.is_terminal else None
+            )
+            live: Live | None = None
 
             def tick(report: TickReport) -> None:
                 totals.add(report)
@@ -114,31 +142,88 @@ def run_embedded(
                 if live is not None and display is not None:
                     live.update(display.render())
 
-            live: Live | None = None
+            def loop() -> None:
+                _loop(
+                    scheduler,
+                    totals,
+                    stop,
+                    until_idle=until_idle,
+                    interval_s=interval,
+                    on_tick=tick,
+                )
+
             if display is not None:
                 with Live(
                     display.render(), console=console, refresh_per_second=4, transient=False
                 ) as live:
-                    scheduler.run(
-                        until_idle=until_idle, interval_s=interval_s, on_tick=tick, should_stop=stop
-                    )
+                    loop()
             else:
-                scheduler.run(
-                    until_idle=until_idle, interval_s=interval_s, on_tick=tick, should_stop=stop
-                )
+                loop()
     finally:
         totals.stopped = stop()
+        if stop.signal is not None:
+            totals.reason = stop.signal
         registry.close()
         store.close()
     return totals
 
 
+def _loop(
+    scheduler: Scheduler,
+    totals: RunTotals,
+    stop: StopFlag,
+    *,
+    until_idle: bool,
+    interval_s: float,
+    on_tick: Callable[[TickReport], None],
+) -> None:
+    """Tick until idle or stopped; a provider failure that escapes a step costs one tick."""
+    while not stop():
+        try:
+            scheduler.run(
+                until_idle=until_idle,
+                interval_s=interval_s,
+                on_tick=on_tick,
+                should_stop=stop,
+                sleep=stop.wait,
+            )
+            return
+        except Stopped:
+            return
+        except ProviderError as exc:
+            totals.provider_failures += 1
+            # the provider's client already logged the streak; this only says the tick ended
+            log.info("tick cut short by a provider failure, trying again: %s", exc)
+            stop.wait(interval_s)
+
+
 class _Display:
     """The live progress panel: where requests and batches are, and what the run did."""
 
-    def __init__(self, scheduler: Scheduler, totals: RunTotals) -> None:
+    def __init__(self, scheduler: Scheduler, totals: RunTotals, providers: Providers) -> None:
         self.scheduler = scheduler
         self.totals = totals
+        self.providers = providers
+
+    def provider_rows(self) -> list[tuple[str, str]]:
+        """(provider, what is wrong) for each provider in a streak of failures."""
+        rows = []
+        now = time.monotonic()
+        for name, provider in sorted(self.providers.loaded().items()):
+            health = getattr(provider, "health", None)
+            since = getattr(health, "failing_since", None)
+            if since is None:
+                continue
+            error = str(getattr(health, "last_error", "") or "")
+            shown = error if len(error) <= 80 else error[:79] + "…"
+            rows.append(
+                (
+                    name,
+                    f"failing for {now - since:.0f} s ({getattr(health, 'failures', 0)} "
+                    f"failed call(s)), retrying: {shown}",
+                )
+            )
+        return rows
 
     def render(self) -> Any:
         pending = self.scheduler.pending()
@@ -160,4 +245,12 @@ class _Display:
         done.add_row("batch lines reconciled", f"{t.lines_reconciled:,}")
         done.add_row("realtime calls", f"{sum(t.realtime.values()):,}")
         done.add_row("rescues", f"{t.rescued:,}")
-        return Group(live, done)
+        problems = self.provider_rows()
+        if not problems:
+            return Group(live, done)
+        trouble = Table(title="providers", title_justify="left", show_edge=False)
+        trouble.add_column("provider")
+        trouble.add_column("state")
+        for name, text in problems:
+            trouble.add_row(name, f"[yellow]{text}[/]")
+        return Group(live, done, trouble)

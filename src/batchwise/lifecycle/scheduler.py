@@ -7,6 +7,7 @@ Celery beat runs the same steps as tasks, and tests call it with a clock they mo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +36,20 @@ log = logging.getLogger(__name__)
 
 
 class Providers:
-    """The adapters in use, created on first need from settings (or given, for tests)."""
+    """The adapters in use, created on first need from settings (or given, for tests).
 
-    def __init__(self, settings: Settings, given: Mapping[str, Provider] | None = None) -> None:
+    Once `stop` is set, the calls of the adapters made here are abandoned (`Stopped`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        given: Mapping[str, Provider] | None = None,
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.settings = settings
+        self.stop = stop
         self._providers: dict[str, Provider] = dict(given or {})
 
     def __call__(self, name: str) -> Provider:
@@ -46,8 +57,12 @@ class Providers:
         if provider is None:
             from batchwise.providers import make_provider
 
-            provider = self._providers[name] = make_provider(name, self.settings)
+            provider = self._providers[name] = make_provider(name, self.settings, stop=self.stop)
         return provider
+
+    def loaded(self) -> dict[str, Provider]:
+        """The adapters made so far, by name."""
+        return dict(self._providers)
 
     def limits(self) -> dict[str, BatchLimits]:
         return _Limits(self)

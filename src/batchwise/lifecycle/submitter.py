@@ -9,6 +9,7 @@ submitted twice (invariant 3).
 from __future__ import annotations
 
 import logging
+import random
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "batchwise_batch"
 #: how far the provider's clock may be from ours when matching a batch by creation time
 _CLOCK_SKEW = timedelta(seconds=30)
-#: submit attempts for one batch before its requests go back to the queue
-MAX_SUBMIT_ATTEMPTS = 5
+#: longest wait between submit attempts after transient failures (seconds)
+MAX_SUBMIT_DELAY_S = 600.0
 
 STATUS_TO_STATE = {
     BatchStatus.VALIDATING: BatchState.SUBMITTED,
@@ -77,8 +78,13 @@ def submit_batch(
     with batches.keep_lease(store, batch.id, worker, lease_s=settings.lease_s, clock=clock):
         key = metadata_value(store.store_id, batch.id)
         if batch.create_started_at is not None:
-            # An earlier attempt started the create call: the batch may exist. Look first.
-            adopted = _find_existing(store, provider, batch, key, batch.create_started_at)
+            # An earlier attempt started the create call: the batch may exist. Look first;
+            # a provider that cannot say now is a failed attempt like any other.
+            try:
+                adopted = _find_existing(store, provider, batch, key, batch.create_started_at)
+            except ProviderError as exc:
+                _submit_failed(store, batch, exc, now=clock(), settings=settings, worker=worker)
+                return None
             if adopted is not None:
                 log.warning(
                     "batch %s: adopting provider batch %s created by an earlier attempt",
@@ -212,14 +218,18 @@ def _submit_failed(
     settings: Settings,
     worker: str,
 ) -> None:
-    """A retryable failure waits and tries again (looking for the batch first); a final one,
-    or too many tries, fails the batch and the reconciler puts its requests back in the queue."""
-    give_up = not exc.retryable or batch.attempts >= MAX_SUBMIT_ATTEMPTS
-    delay = exc.retry_after_s or min(600.0, 5.0 * 2 ** (batch.attempts - 1))
+    """A transient failure (an outage, a timeout, a page from a proxy) waits, with backoff and
+    jitter, and tries again (looking for the batch first), however long the outage lasts: the
+    rescue takes requests whose deadline is at risk. A final one fails the batch, and the
+    reconciler puts its requests back in the queue (or fails them, if the error dooms them).
+    The provider's HTTP client logs an outage once per streak, so a retry is only noted."""
+    give_up = not exc.retryable
+    backoff = min(MAX_SUBMIT_DELAY_S, 5.0 * 2 ** min(max(batch.attempts - 1, 0), 10))
+    delay = exc.retry_after_s or backoff * (0.75 + 0.5 * random.random())
     if give_up:
         log.error("batch %s: submit failed for good: %s", batch.id, exc)
     else:
-        log.warning(
+        log.info(
             "batch %s: submit failed (attempt %s), retrying in %.0fs: %s",
             batch.id,
             batch.attempts,

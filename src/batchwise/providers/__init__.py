@@ -12,6 +12,8 @@ from batchwise.config import DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_OPENAI_BASE_URL
 from batchwise.errors import ConfigError
 
 if TYPE_CHECKING:
+    import threading
+
     import httpx
 
     from batchwise.config import Settings
@@ -23,12 +25,27 @@ __all__ = ["PROVIDERS", "make_provider"]
 PROVIDERS = ("openai", "anthropic")
 
 
-def make_provider(name: str, settings: Settings, *, client: httpx.Client | None = None) -> Provider:
-    """The adapter for `name`, with its key and base URL from `settings`.
+def make_provider(
+    name: str,
+    settings: Settings,
+    *,
+    client: httpx.Client | None = None,
+    stop: threading.Event | None = None,
+) -> Provider:
+    """The adapter for `name`, with its key, base URL and call deadlines from `settings`;
+    once `stop` is set its calls in flight are abandoned (`Stopped`).
 
     A missing key is an error against the provider's own API; against another base URL (the
     emulator, a proxy) the adapter sends no key, since such servers need none or add their own.
     """
+    from batchwise.providers.http import Timeouts
+
+    timeouts = Timeouts(
+        call_s=settings.provider_timeout_s,
+        realtime_s=settings.realtime_timeout_s,
+        transfer_stall_s=settings.transfer_stall_timeout_s,
+        transfer_s=settings.transfer_timeout_s,
+    )
     if name == "openai":
         from batchwise.providers.openai import OpenAIProvider
 
@@ -39,7 +56,13 @@ def make_provider(name: str, settings: Settings, *, client: httpx.Client | None 
             DEFAULT_OPENAI_BASE_URL,
             example_url="http://127.0.0.1:8900/v1",
         )
-        return OpenAIProvider(settings.openai_api_key, settings.openai_base_url, client=client)
+        return OpenAIProvider(
+            settings.openai_api_key,
+            settings.openai_base_url,
+            client=client,
+            timeouts=timeouts,
+            stop=stop,
+        )
     if name == "anthropic":
         from batchwise.providers.anthropic import AnthropicProvider
 
@@ -51,7 +74,11 @@ def make_provider(name: str, settings: Settings, *, client: httpx.Client | None 
             example_url="http://127.0.0.1:8900",
         )
         return AnthropicProvider(
-            settings.anthropic_api_key, settings.anthropic_base_url, client=client
+            settings.anthropic_api_key,
+            settings.anthropic_base_url,
+            client=client,
+            timeouts=timeouts,
+            stop=stop,
         )
     raise ConfigError(f"unknown provider {name!r} (expected one of {', '.join(PROVIDERS)})")
 

@@ -8,6 +8,7 @@ stream at the batch's `results_url`.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from batchwise.providers.base import (
     OutcomeKind,
     RequestCounts,
 )
+from batchwise.providers.error_kinds import ErrorKind, kind_of
 from batchwise.providers.http import (
     DEFAULT_TIMEOUT_S,
     ApiKeyAuth,
@@ -33,6 +35,7 @@ from batchwise.providers.http import (
     HttpClient,
     HttpProvider,
     RetryPolicy,
+    Timeouts,
     WireError,
     check_custom_id,
     splice_body,
@@ -130,12 +133,17 @@ class AnthropicProvider(HttpProvider):
         *,
         client: httpx.Client | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeouts: Timeouts | None = None,
+        stop: threading.Event | None = None,
         max_retries: int = 2,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`api_key=None` sends no key, for a local emulator or a proxy that adds its own."""
+        """`api_key=None` sends no key, for a local emulator or a proxy that adds its own.
+
+        `timeouts` bound each call by its kind; `stop`, once set, abandons calls in flight.
+        """
         self._http = HttpClient(
             DIALECT,
             base_url=base_url,
@@ -147,6 +155,8 @@ class AnthropicProvider(HttpProvider):
             },
             client=client,
             timeout_s=timeout_s,
+            timeouts=timeouts,
+            stop=stop,
             retry=RetryPolicy(max_retries=max_retries),
             sleep=sleep,
             rng=rng,
@@ -182,6 +192,7 @@ class AnthropicProvider(HttpProvider):
             content=lambda: body,
             headers={"content-type": "application/json", "content-length": str(body.length)},
             resend_if_unsure=False,
+            kind="transfer",
         )
         return self._info(created)
 
@@ -301,7 +312,10 @@ class AnthropicProvider(HttpProvider):
                 body=body,
                 error_code=code,
                 error_message=detail.get("message"),
-                retryable=code != "invalid_request_error",
+                retryable=kind_of(
+                    None, code if isinstance(code, str) else None, unknown=ErrorKind.TRANSIENT
+                )
+                is ErrorKind.TRANSIENT,
                 provider_request_id=request_id if isinstance(request_id, str) else None,
                 **where,
             )

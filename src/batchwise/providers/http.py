@@ -7,6 +7,14 @@
 The wait honours `retry-after-ms`, then `retry-after` (seconds or an HTTP date), capped so an
 absurd value cannot stall a worker; otherwise it is exponential backoff with jitter. The API key
 lives only in an `httpx.Auth` object whose `repr` hides it, and is scrubbed from every message.
+
+Every call is bounded by an overall deadline (connect, upload, headers and the whole body, with
+its retries), chosen by the kind of call (`Timeouts`): realtime calls long, polls and creates
+short, transfers (uploads, downloads) by progress (no byte for `transfer_stall_s`) under an
+overall cap. httpx's own timeouts are per read, so the client's sockets go through a
+`BoundedBackend` that slices every wait, checks the call's deadline and its stop event between
+slices, and bounds each connect and write by what is left. A stop event set (SIGTERM) abandons
+the call at once with `Stopped`.
 """
 
 from __future__ import annotations
@@ -16,28 +24,36 @@ import logging
 import math
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
+import httpcore
 import httpx
 import orjson
 
-from batchwise.errors import ProviderDataError, ProviderError, RateLimited
+from batchwise.errors import ProviderDataError, ProviderError, RateLimited, Stopped
 from batchwise.providers.base import BatchInfo, BatchLimits, CallResult, LineOutcome, OutcomeKind
+from batchwise.providers.error_kinds import ErrorKind, kind_of
 
 __all__ = [
     "BAD_RESULT_LINE",
     "DEFAULT_TIMEOUT_S",
     "ApiKeyAuth",
+    "BoundedBackend",
+    "CallKind",
     "Dialect",
+    "Health",
     "HttpClient",
     "HttpProvider",
     "RetryPolicy",
+    "Timeouts",
     "WireError",
     "check_custom_id",
     "is_retryable_status",
@@ -65,6 +81,199 @@ _EXCERPT_CHARS = 200
 _CUSTOM_ID_IN_RAW = re.compile(rb'"custom_id"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
 #: the error code of an unreadable result line
 BAD_RESULT_LINE = "bad_result_line"
+
+#: longest single wait on a socket before the deadline and the stop event are checked again
+_SLICE_S = 0.25
+
+#: what a call does, which sets its deadline: "call" (polls, creates, lists), "realtime",
+#: "transfer" (an upload or a download: bounded by progress, under an overall cap)
+CallKind = Literal["call", "realtime", "transfer"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Overall deadlines per kind of call, in seconds (retries included)."""
+
+    #: polls, creates, lists, cancels: small answers
+    call_s: float = DEFAULT_TIMEOUT_S
+    #: a realtime call, as the SDKs allow (10 minutes)
+    realtime_s: float = 600.0
+    #: uploads and downloads fail when no byte moved for this long ...
+    transfer_stall_s: float = 60.0
+    #: ... or when the whole transfer took longer than this
+    transfer_s: float = 3600.0
+    #: opening a connection
+    connect_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("call_s", "realtime_s", "transfer_stall_s", "transfer_s", "connect_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Timeouts.{name} must be a positive number, got {value!r}")
+
+    def total_s(self, kind: CallKind) -> float:
+        return {"call": self.call_s, "realtime": self.realtime_s, "transfer": self.transfer_s}[kind]
+
+
+class _Bound:
+    """The deadline, progress and stop event of the one call a thread is making."""
+
+    def __init__(
+        self, label: str, *, total_s: float, stall_s: float | None, stop: threading.Event | None
+    ) -> None:
+        self.label = label
+        self.total_s = total_s
+        self.stall_s = stall_s
+        self.stop = stop
+        now = time.monotonic()
+        self.deadline = now + total_s
+        self.last_progress = now
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise `Stopped` if the process is stopping, `httpcore.ReadTimeout` if out of time."""
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"{self.label}: abandoned, the process is stopping")
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise httpcore.ReadTimeout(f"no complete answer within {self.total_s:g} s")
+        if self.stall_s is not None and now - self.last_progress >= self.stall_s:
+            raise httpcore.ReadTimeout(f"no data for {self.stall_s:g} s")
+
+    def cap(self, timeout: float | None) -> float:
+        """`timeout` bounded by what is left of the call (at least a millisecond)."""
+        left = max(self.left_s(), 0.001)
+        return left if timeout is None else min(timeout, left)
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+
+_BOUND: ContextVar[_Bound | None] = ContextVar("batchwise_call_bound", default=None)
+
+
+@contextmanager
+def _active(bound: _Bound) -> Iterator[None]:
+    token = _BOUND.set(bound)
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    """A socket stream whose waits are sliced so the current call's bound is enforced."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        bound = _BOUND.get()
+        if bound is None:
+            return self._inner.read(max_bytes, timeout)
+        waited = 0.0
+        while True:
+            bound.check()
+            step = min(_SLICE_S, bound.cap(timeout))
+            try:
+                data = self._inner.read(max_bytes, step)
+            except httpcore.ReadTimeout:
+                waited += step
+                if timeout is not None and waited >= timeout:
+                    raise
+                continue
+            bound.progress()
+            return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        bound = _BOUND.get()
+        if bound is None:
+            self._inner.write(buffer, timeout)
+            return
+        bound.check()
+        self._inner.write(buffer, bound.cap(timeout))
+        bound.progress()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        bound = _BOUND.get()
+        if bound is not None:
+            bound.check()
+            timeout = bound.cap(timeout)
+        return _BoundedStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class BoundedBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, with every stream bounded by the current call's deadline."""
+
+    def __init__(self, inner: httpcore.NetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        bound = _BOUND.get()
+        if bound is not None:
+            bound.check()
+            timeout = bound.cap(timeout)
+        inner = self._inner.connect_tcp(
+            host, port, timeout, local_address=local_address, socket_options=socket_options
+        )
+        return _BoundedStream(inner)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:  # pragma: no cover - providers are reached over TCP
+        return _BoundedStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def bounded_transport() -> httpx.HTTPTransport:
+    """httpx's default transport with its sockets made by `BoundedBackend`."""
+    transport = httpx.HTTPTransport()
+    pool = transport._pool
+    pool._network_backend = BoundedBackend(pool._network_backend)
+    return transport
+
+
+class _BoundedBody(httpx.SyncByteStream):
+    """A streamed response body read under its call's bound, one chunk at a time."""
+
+    def __init__(self, inner: Any, bound: _Bound) -> None:
+        self._inner = inner
+        self._bound = bound
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunks = iter(self._inner)
+        while True:
+            with _active(self._bound):
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def is_retryable_status(status_code: int) -> bool:
@@ -130,6 +339,56 @@ class Dialect:
     quota_exhausted: Callable[[WireError], bool]
 
 
+@dataclass(frozen=True)
+class Health:
+    """How a provider has been answering lately, for logs and `run`'s display."""
+
+    #: monotonic time the current streak of transient failures began; None when answering
+    failing_since: float | None = None
+    #: transient failures in the current streak
+    failures: int = 0
+    last_error: str | None = None
+
+
+class _Streak:
+    """Logs a streak of transient failures once when it starts and once when it ends."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self._lock = threading.Lock()
+        self.health = Health()
+
+    def failed(self, exc: ProviderError) -> None:
+        with self._lock:
+            h = self.health
+            first = h.failing_since is None
+            self.health = Health(
+                failing_since=time.monotonic() if first else h.failing_since,
+                failures=h.failures + 1,
+                last_error=str(exc),
+            )
+        if first:
+            logger.warning(
+                "%s is failing (%s); retrying with backoff, logged again once it answers",
+                self.provider,
+                exc,
+            )
+
+    def answered(self) -> None:
+        if self.health.failing_since is None:  # the usual case: no lock needed
+            return
+        with self._lock:
+            h = self.health
+            self.health = Health()
+        if h.failing_since is not None:
+            logger.warning(
+                "%s answers again after %d failed call(s) over %.0f s",
+                self.provider,
+                h.failures,
+                time.monotonic() - h.failing_since,
+            )
+
+
 class ApiKeyAuth(httpx.Auth):
     """Adds the API key header per request, so no client, header dict or repr ever holds it."""
 
@@ -154,7 +413,8 @@ class HttpClient:
     """Sends requests for one provider with retries, and maps failures to `ProviderError`.
 
     An injected `client` is used as is (its own timeouts and transport) and is not closed here;
-    otherwise one client with connection reuse is built and owned.
+    otherwise one client with connection reuse is built and owned, whose sockets enforce each
+    call's overall deadline (`timeouts`) and give up at once when `stop` is set.
     """
 
     def __init__(
@@ -166,24 +426,45 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         client: httpx.Client | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeouts: Timeouts | None = None,
+        stop: threading.Event | None = None,
         retry: RetryPolicy | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dialect = dialect
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        self.timeouts = timeouts or Timeouts(call_s=timeout_s)
+        self.stop = stop
         self._auth = auth
         self._headers = dict(headers or {})
         self._owns_client = client is None
         self._client = client or httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            timeout=httpx.Timeout(
+                max(self.timeouts.realtime_s, self.timeouts.transfer_stall_s),
+                connect=self.timeouts.connect_s,
+            ),
             follow_redirects=False,
+            transport=bounded_transport(),
         )
-        self._sleep = sleep
+        self._sleep = sleep or self._wait
         self._rng = rng or random.Random()
         self._clock = clock
+        self._streak = _Streak(dialect.provider)
+
+    @property
+    def health(self) -> Health:
+        """The current streak of transient failures, if any."""
+        return self._streak.health
+
+    def _wait(self, delay_s: float) -> None:
+        """Sleep between retries; a stop ends the wait (and the call) at once."""
+        if self.stop is None:
+            time.sleep(delay_s)
+        elif self.stop.wait(delay_s):
+            raise Stopped("abandoned a retry: the process is stopping")
 
     @property
     def provider(self) -> str:
@@ -213,12 +494,14 @@ class HttpClient:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         resend_if_unsure: bool = True,
+        kind: CallKind = "call",
     ) -> httpx.Response:
         """Send until a 2xx answer, which is returned read; raise `ProviderError` otherwise.
 
         `content` and `files` are factories so that every attempt streams a fresh body from
         disk. With `resend_if_unsure=False` (creating a batch) a connection that broke after the
-        request went out is not resent: the caller must look for the batch instead.
+        request went out is not resent: the caller must look for the batch instead. `kind`
+        chooses the overall deadline (see `Timeouts`); past it, a retryable `ProviderError`.
         """
 
         def build() -> httpx.Request:
@@ -233,7 +516,7 @@ class HttpClient:
                 headers={**self._headers, **(headers or {})},
             )
 
-        return self._send(build, stream=False, resend_if_unsure=resend_if_unsure)
+        return self._send(build, stream=False, resend_if_unsure=resend_if_unsure, kind=kind)
 
     def request_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """`request()` for endpoints that answer a JSON object."""
@@ -241,19 +524,26 @@ class HttpClient:
         return self.json_object(response, what=f"{method} {response.request.url.path}")
 
     def json_object(self, response: httpx.Response, *, what: str) -> dict[str, Any]:
-        """The JSON object in a 2xx `response`; `ProviderDataError` for HTML or other garbage."""
+        """The JSON object in a 2xx `response`; a retryable `ProviderDataError` for HTML or
+        other garbage (a captive portal or a broken proxy answers 200 too: it is not the
+        request's fault)."""
         request_id = response.headers.get(self.dialect.request_id_header)
         try:
             value = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             value = None
         if not isinstance(value, dict):
-            raise ProviderDataError(
+            error = ProviderDataError(
                 f"{what}: expected a JSON object, got {self._describe(response, response.content)}",
                 provider=self.provider,
                 status_code=response.status_code,
+                code="unreadable_answer",
+                retryable=True,
                 request_id=request_id,
             )
+            self._streak.failed(error)
+            raise error
+        self._streak.answered()
         return value
 
     @contextmanager
@@ -265,7 +555,7 @@ class HttpClient:
                 method, self.url(path), headers={**self._headers, "accept": "application/binary"}
             )
 
-        response = self._send(build, stream=True, resend_if_unsure=True, what=what)
+        response = self._send(build, stream=True, resend_if_unsure=True, what=what, kind="transfer")
         try:
             yield response
         finally:
@@ -355,6 +645,15 @@ class HttpClient:
 
     # --- the retry loop ----------------------------------------------------------------------
 
+    def _bound(self, label: str, kind: CallKind) -> _Bound:
+        t = self.timeouts
+        return _Bound(
+            label,
+            total_s=t.total_s(kind),
+            stall_s=t.transfer_stall_s if kind == "transfer" else None,
+            stop=self.stop,
+        )
+
     def _send(
         self,
         build: Callable[[], httpx.Request],
@@ -362,32 +661,48 @@ class HttpClient:
         stream: bool,
         resend_if_unsure: bool,
         what: str | None = None,
+        kind: CallKind = "call",
     ) -> httpx.Response:
         retries = 0
         while True:
             request = build()
             label = what or f"{request.method} {request.url.path}"
+            # each attempt has the whole deadline; the waits between attempts are bounded by
+            # the retry policy and end at once on a stop
+            bound = self._bound(label, kind)
             try:
-                response = self._client.send(request, auth=self._auth, stream=stream)
+                with _active(bound):
+                    response = self._client.send(request, auth=self._auth, stream=stream)
             except httpx.TransportError as exc:
+                timed_out = isinstance(exc, httpx.TimeoutException)
                 sent = not isinstance(exc, _NOT_SENT)
                 may_retry = not isinstance(exc, _OUR_FAULT) and (resend_if_unsure or not sent)
                 reason = f"{type(exc).__name__}: {exc}"
+                delay = self.retry.backoff_s(retries, self._rng)
                 if may_retry and retries < self.retry.max_retries:
-                    delay = self.retry.backoff_s(retries, self._rng)
                     self._log_retry(label, reason, retries, delay)
                     self._sleep(delay)
                     retries += 1
                     continue
                 unsure = " (the request may have reached the provider)" if sent else ""
-                raise ProviderError(
-                    self.redact(f"{label}: connection failed{unsure}: {reason}"),
+                failed = "timed out" if timed_out else "connection failed"
+                lost = ProviderError(
+                    self.redact(f"{label}: {failed}{unsure}: {reason}"),
                     provider=self.provider,
+                    code="timeout" if timed_out else "connection_error",
                     retryable=not isinstance(exc, _OUR_FAULT),
-                ) from exc
+                )
+                if lost.retryable:
+                    self._streak.failed(lost)
+                raise lost from exc
+            if stream:
+                response.stream = _BoundedBody(response.stream, bound)
             if response.is_success:
+                if stream:  # a plain answer counts once its body is read (see json_object)
+                    self._streak.answered()
                 return response
-            body = _read_capped(response) if stream else response.content
+            with _active(bound):
+                body = _read_capped(response) if stream else response.content
             response.close()
             error = self._wire_error(response, body)
             retryable = self._retryable(error)
@@ -401,14 +716,19 @@ class HttpClient:
                 self._sleep(delay)
                 retries += 1
                 continue
-            raise self._error(label, error, retryable=retryable)
+            failure = self._error(label, error, retryable=retryable)
+            if retryable:
+                self._streak.failed(failure)
+            else:
+                self._streak.answered()  # an answer, if an unwelcome one
+            raise failure
 
     def _retryable(self, error: WireError) -> bool:
         if error.status_code in NEVER_RETRY_STATUSES or self.dialect.quota_exhausted(error):
             return False
         if error.should_retry is not None:
             return error.should_retry
-        return is_retryable_status(error.status_code)
+        return kind_of(error.status_code, error.code, error.type) is ErrorKind.TRANSIENT
 
     def _wire_error(self, response: httpx.Response, body: bytes) -> WireError:
         code = type_ = message = None
@@ -498,6 +818,11 @@ class HttpProvider:
     def _parse_batch(self, obj: Any) -> BatchInfo:
         raise NotImplementedError
 
+    @property
+    def health(self) -> Health:
+        """Whether the provider is in a streak of transient failures (for displays)."""
+        return self._http.health
+
     def _realtime_path(self, endpoint: str) -> str:
         """Where `endpoint` lives relative to the base URL."""
         return endpoint
@@ -505,7 +830,9 @@ class HttpProvider:
     def call(self, endpoint: str, body: Mapping[str, Any]) -> CallResult:
         """POST `body` to a realtime endpoint; transient failures are retried."""
         self._require_endpoint(endpoint)
-        response = self._http.request("POST", self._realtime_path(endpoint), json=dict(body))
+        response = self._http.request(
+            "POST", self._realtime_path(endpoint), json=dict(body), kind="realtime"
+        )
         return CallResult(
             body=self._http.json_object(response, what=f"POST {endpoint}"),
             status_code=response.status_code,
@@ -520,6 +847,8 @@ class HttpProvider:
             raise ProviderDataError(
                 self._http.redact(f"unreadable batch object ({exc!r}): {str(obj)[:200]}"),
                 provider=self.name,
+                code="unreadable_answer",
+                retryable=True,
             ) from exc
 
     def _batches_since(self, path: str, *, cursor: str, since: datetime) -> Iterator[BatchInfo]:
@@ -533,7 +862,12 @@ class HttpProvider:
             page = self._http.request_json("GET", path, params=params)
             items = page.get("data")
             if not isinstance(items, list):
-                raise ProviderDataError(f"GET {path} answered no data list", provider=self.name)
+                raise ProviderDataError(
+                    f"GET {path} answered no data list",
+                    provider=self.name,
+                    code="unreadable_answer",
+                    retryable=True,
+                )
             for item in items:
                 info = self._info(item)
                 if info.created_at is not None and info.created_at < since:

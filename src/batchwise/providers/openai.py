@@ -8,6 +8,7 @@ to requests on `custom_id`, never on order.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from batchwise.providers.base import (
     OutcomeKind,
     RequestCounts,
 )
+from batchwise.providers.error_kinds import ErrorKind, kind_of
 from batchwise.providers.http import (
     DEFAULT_TIMEOUT_S,
     ApiKeyAuth,
@@ -35,9 +37,9 @@ from batchwise.providers.http import (
     HttpClient,
     HttpProvider,
     RetryPolicy,
+    Timeouts,
     WireError,
     check_custom_id,
-    is_retryable_status,
     splice_body,
 )
 
@@ -53,8 +55,6 @@ _STATUS = {
     "expired": BatchStatus.EXPIRED,
     "cancelled": BatchStatus.CANCELLED,
 }
-#: error codes of a failed line that a later attempt may get past
-_RETRYABLE_CODES = frozenset({"server_error", "rate_limit_exceeded", "request_timeout"})
 #: codes of a line that never ran, from the error file (`response: null`)
 #: the stamp of whichever terminal state the batch reached
 _ENDED_STAMPS = ("completed_at", "failed_at", "expired_at", "cancelled_at")
@@ -90,12 +90,17 @@ class OpenAIProvider(HttpProvider):
         *,
         client: httpx.Client | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeouts: Timeouts | None = None,
+        stop: threading.Event | None = None,
         max_retries: int = 2,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`api_key=None` sends no key, for a local emulator or a proxy that adds its own."""
+        """`api_key=None` sends no key, for a local emulator or a proxy that adds its own.
+
+        `timeouts` bound each call by its kind; `stop`, once set, abandons calls in flight.
+        """
         self._http = HttpClient(
             DIALECT,
             base_url=base_url,
@@ -103,6 +108,8 @@ class OpenAIProvider(HttpProvider):
             headers={"user-agent": "batchwise", "accept": "application/json"},
             client=client,
             timeout_s=timeout_s,
+            timeouts=timeouts,
+            stop=stop,
             retry=RetryPolicy(max_retries=max_retries),
             sleep=sleep,
             rng=rng,
@@ -154,11 +161,15 @@ class OpenAIProvider(HttpProvider):
                 "/files",
                 data={"purpose": "batch"},
                 files=lambda: {"file": (input_path.name, fh, "application/jsonl")},
+                kind="transfer",
             )
         file_id = uploaded.get("id")
         if not isinstance(file_id, str):
             raise ProviderDataError(
-                f"upload of {input_path.name} answered no file id", provider=self.name
+                f"upload of {input_path.name} answered no file id",
+                provider=self.name,
+                code="unreadable_answer",
+                retryable=True,
             )
         crashpoint("after_upload")
         created = self._http.request_json(
@@ -292,15 +303,14 @@ class OpenAIProvider(HttpProvider):
                 )
             detail = body.get("error")
             detail = detail if isinstance(detail, dict) else {}
-            code = detail.get("code") or detail.get("type")
+            code, type_ = _str(detail.get("code")), _str(detail.get("type"))
             return LineOutcome(
                 kind=OutcomeKind.ERRORED,
                 body=body,
                 status_code=status,
-                error_code=code,
+                error_code=code or type_,
                 error_message=detail.get("message"),
-                retryable=code != "insufficient_quota"
-                and (is_retryable_status(status) or code in _RETRYABLE_CODES),
+                retryable=kind_of(status, code, type_) is ErrorKind.TRANSIENT,
                 provider_request_id=request_id,
                 custom_id=custom_id,
                 line=line,
@@ -316,7 +326,8 @@ class OpenAIProvider(HttpProvider):
                 kind=kind,
                 error_code=code,
                 error_message=error.get("message"),
-                retryable=kind is OutcomeKind.ERRORED and code in _RETRYABLE_CODES,
+                retryable=kind is OutcomeKind.ERRORED
+                and kind_of(None, code) is ErrorKind.TRANSIENT,
                 custom_id=custom_id,
                 line=line,
                 source=source,
@@ -324,6 +335,10 @@ class OpenAIProvider(HttpProvider):
         return self._http.bad_line(
             batch_id, source, line, "neither a response nor an error", raw=obj
         )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _from_unix(value: Any) -> datetime | None:
