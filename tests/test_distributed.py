@@ -483,6 +483,44 @@ def test_a_killed_workers_calls_in_flight_are_finished_by_the_other_within_a_min
         )
 
 
+@pytest.mark.timeout(240)
+def test_sigterm_stops_a_worker_within_10_seconds_while_its_calls_drip(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    with cluster_env(tmp_path, postgres_url, redis_url) as cluster:
+        # Given a provider whose every answer drips a byte a second, and a worker in the middle
+        # of realtime calls to it
+        url = start_emulator(cluster, turnaround_s=1.0, slow_response_rate=1.0, seed=5)
+        cluster.env.update(OPENAI_BASE_URL=f"{url}/v1", ANTHROPIC_BASE_URL=url)
+        settings = Settings.from_env(cluster.env)
+        store = Store(postgres_url)
+        queue = cluster.env["BATCHWISE_QUEUE"]
+        worker = cluster.batchwise("worker-a", "worker", "-c", "2", "-n", "a@%h")
+        items = [{**item(i), "tolerance": "realtime"} for i in range(6)]
+        with Client(settings=replace(settings, broker_url=None)) as client:
+            ids = [h.id for h in client.enqueue_many(items)]
+        assert send_realtime(settings, ids, queue=queue) == len(ids)
+        wait_for(lambda: live_claims(store, group_pids(worker.pid)), 60, "calls in flight", cluster)
+
+        # When the worker's main process gets SIGTERM (as a service manager sends it)
+        sent = time.monotonic()
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+        took_s = time.monotonic() - sent
+
+        # Then it is gone within 10 seconds, and none of its requests was failed for it
+        with store.read() as conn:
+            states = set(
+                conn.execute(
+                    sa.select(requests_t.c.state).where(requests_t.c.id.in_(ids))
+                ).scalars()
+            )
+        store.close()
+        print(f"\nworker: SIGTERM to exit {took_s:.2f} s with calls dripping")
+        assert took_s < 10.0, (took_s, cluster.tails())
+        assert "failed" not in states, (states, cluster.tails())
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] != ["produce"]:
         raise SystemExit("usage: test_distributed.py produce START COUNT QUEUE OUT")

@@ -97,7 +97,7 @@ class Settings:
     transfer_timeout_s: float = 3600.0
     #: after SIGTERM or Ctrl-C, `batchwise worker` waits this long for running tasks, then
     #: cancels them (they are taken up again); `run` and `demo` abandon calls at once (seconds)
-    shutdown_timeout_s: float = 5.0
+    shutdown_timeout_s: float = 3.0
 
     # --- pricing ---------------------------------------------------------------------------
     #: batch price as a fraction of realtime, where the price table has no batch variant

@@ -212,7 +212,7 @@ def _bounded_shutdown(**_: Any) -> None:
     process, and if tasks still run `shutdown_timeout_s` later (in pool children, say), ask
     for Celery's cold shutdown, which cancels them; their messages go back to the broker
     (late acknowledgement) and their claims are taken up again, so nothing is lost."""
-    bound_s = min((r.settings.shutdown_timeout_s for r in _RUNTIMES), default=5.0)
+    bound_s = min((r.settings.shutdown_timeout_s for r in _RUNTIMES), default=3.0)
     for runtime in list(_RUNTIMES):
         runtime.stop.set()
     timer = threading.Timer(bound_s, os.kill, args=(os.getpid(), signal.SIGQUIT))
