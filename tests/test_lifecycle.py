@@ -320,11 +320,11 @@ def test_packing_lists_members_and_the_submitter_links_them(tmp_path: Path, db_u
         check_all(world.store, world.stats())
 
 
-def test_a_batch_the_provider_never_took_gives_its_members_back(
+def test_a_batch_refused_for_a_wrong_key_fails_its_members_at_once(
     tmp_path: Path, db_url: str
 ) -> None:
-    """A create refused for good (a wrong key): the listed members go back to the queue, one
-    attempt spent each, until they fail with the reason; no batch keeps holding them."""
+    """A create refused for good (a wrong key) is a final error: the listed members fail at
+    once with the provider's message, after one create, and no batch keeps holding them."""
     config = EmulatorConfig(turnaround_s=1.0, api_key="someone-elses-key")
     with make_world(tmp_path, db_url, emulator_config=config, max_attempts=2) as world:
         ids = world.enqueue([i for i in mixed_items(20) if i["model"] == "gpt-4o-mini"])
@@ -333,16 +333,13 @@ def test_a_batch_the_provider_never_took_gives_its_members_back(
         assert (failed["state"], failed["provider_batch_id"]) == ("reconciled", None)
         assert failed["error_code"] == "invalid_api_key"
         requests = rows(world.store, requests_t)
-        assert {(r["state"], r["attempts"], r["batch_id"]) for r in requests} == {
-            ("queued", 1, None)
-        }
-        world.drain()
-        requests = rows(world.store, requests_t)
         assert sorted(r["id"] for r in requests) == sorted(ids)
-        assert {(r["state"], r["attempts"]) for r in requests} == {("failed", 2)}
-        assert all("gave up after 2 attempts" in r["error"] for r in requests)
+        assert {(r["state"], r["batch_id"]) for r in requests} == {("failed", failed["id"])}
+        assert all("gave up" not in r["error"] for r in requests)
+        assert all(r["error_code"] == "invalid_api_key" for r in requests)
+        world.drain()
         batches = rows(world.store, batches_t)
-        assert len(batches) == 2
+        assert len(batches) == 1
         assert {(b["state"], b["member_ids"]) for b in batches} == {("reconciled", None)}
 
 

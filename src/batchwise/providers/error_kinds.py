@@ -63,9 +63,19 @@ CODES: dict[str, ErrorKind] = {
 }
 
 #: codes of a batch that failed as a whole that doom every request in it (not one bad line):
-#: the model does not exist. A refused key or quota is the account's, not the requests': those
-#: go back to the queue, an attempt spent each, so fixing the key in time saves them.
-BATCH_FINAL_CODES = frozenset({"model_not_found", "model_not_supported"})
+#: the model does not exist, or the key or the account is refused. Sending the same batch again
+#: gets the same answer, so its requests fail at once with the provider's message.
+BATCH_FINAL_CODES = frozenset(
+    {
+        "model_not_found",
+        "model_not_supported",
+        "invalid_api_key",
+        "authentication_error",
+        "permission_error",
+        "insufficient_quota",
+        "billing_error",
+    }
+)
 
 #: statuses that are the request's fault; everything else at or above 500, 408, 409, 429 waits
 _FINAL_STATUSES = frozenset({400, 401, 402, 403, 404, 413, 422})
