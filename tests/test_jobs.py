@@ -55,7 +55,7 @@ def test_a_run_starts_at_its_time_not_before_and_only_once(
         "submitted",
     )
     stored = requests_of(store, run.id)
-    assert [r["custom_id"] for r in stored] == [f"run{run.id}-rec{i}" for i in range(3)]
+    assert [r["custom_id"] for r in stored] == [f"rec{i}" for i in range(3)]
     assert {r["deadline"] for r in stored} == {utc(2026, 11, 29, 7, 0)}
     assert {r["lane"] for r in stored} == {"deferred"}
     assert all(orjson.loads(r["tags"]) == {"job": "nightly"} for r in stored)
@@ -249,7 +249,7 @@ def test_a_failing_requests_function_stores_nothing_and_records_why(
     [
         ({"prompt": "no model"}, ["item 2", "'model'"]),
         (
-            {"model": "gpt-4o-mini", "prompt": "x", "custom_id": "has space"},
+            {"model": "gpt-4o-mini", "prompt": "x", "custom_id": ""},
             ["item 2", "custom_id"],
         ),
         ("not an object", ["item 2", "expected a dict", "got str"]),
@@ -470,7 +470,7 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
     text = path.read_text(encoding="utf-8")
     sections = text.split("\n## ")[1:]
     assert [s.split(" — ")[0] for s in sections] == [p["id"] for p in portfolios]
-    request_ids = {r["custom_id"].split("-", 1)[1]: r["id"] for r in stored}
+    request_ids = {r["custom_id"]: r["id"] for r in stored}
     for section, portfolio in zip(sections, portfolios, strict=True):
         summary = answer_text(orjson.loads(bodies[request_ids[portfolio["id"]]]))
         assert summary and summary.strip() in section

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmbiguousIdError",
     "BatchwiseError",
     "Client",
     "ConfigError",
@@ -31,6 +32,7 @@ __all__ = [
     "SchemaError",
     "Settings",
     "StoreError",
+    "Submission",
     "ToleranceError",
     "TransitionError",
     "__version__",
@@ -39,6 +41,8 @@ __all__ = [
 _LAZY = {
     "Client": "batchwise.api",
     "Handle": "batchwise.api",
+    "Submission": "batchwise.api",
+    "AmbiguousIdError": "batchwise.errors",
     "Settings": "batchwise.config",
     "BatchwiseError": "batchwise.errors",
     "ConfigError": "batchwise.errors",
@@ -61,9 +65,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from batchwise.api import Client, Handle
+    from batchwise.api import Client, Handle, Submission
     from batchwise.config import Settings
     from batchwise.errors import (
+        AmbiguousIdError,
         BatchwiseError,
         ConfigError,
         ForecastError,
