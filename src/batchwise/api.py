@@ -199,13 +199,22 @@ class Submission:
         """Its requests counted by state."""
         return self.view().counts
 
-    def wait(self, timeout: float | None = None, *, poll_s: float = 0.5) -> SubmissionView:
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        poll_s: float = 0.5,
+        on_poll: Callable[[SubmissionView], None] | None = None,
+    ) -> SubmissionView:
         """Block until every request is terminal; return the final view (`.failed` counts the
         lines that ended without an answer). Raises `ResultTimeout` after `timeout` seconds.
-        Something must be doing the work meanwhile (`batchwise run`, workers, `Client.run()`)."""
+        Only reads the store: something must be doing the work meanwhile (`batchwise run`,
+        workers, `Client.run()`). `on_poll` sees each view read (a progress bar)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             view = self.view()
+            if on_poll is not None:
+                on_poll(view)
             if view.done:
                 return view
             if deadline is not None and time.monotonic() >= deadline:
