@@ -143,9 +143,8 @@ def submit(
                     {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
                     for e in exc.errors
                 ]
-                click.echo(
-                    dumps({"accepted": 0, "realtime": 0, "deferred": 0, "rejected": rejected})
-                )
+                nothing = {"submission": None, "accepted": 0, "realtime": 0, "deferred": 0}
+                click.echo(dumps({**nothing, "rejected": rejected}))
             else:
                 click.echo(f"refused: {exc}", err=True)
             sys.exit(2)

@@ -45,7 +45,7 @@ def print_request(view: RequestView) -> None:
 
 def _when(view: SubmissionView, finished: bool) -> str:
     moment = view.finished_at if finished else view.created_at
-    return "—" if moment is None else moment.isoformat(sep=" ", timespec="seconds")
+    return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _counts(counts: dict[str, int]) -> str:
