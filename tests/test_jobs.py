@@ -21,6 +21,7 @@ from batchwise.lifecycle.cancel import cancel_requests
 from batchwise.states import Trigger
 from batchwise.store.engine import Store, requests_t, responses_t
 from batchwise.store.jobs import claim_delivery
+from batchwise.store.submissions import get_submission, submission_ids_of_run
 from jobs_helpers import events, items, nightly, requests_of, runs, tick, utc
 
 
@@ -65,6 +66,17 @@ def test_a_run_starts_at_its_time_not_before_and_only_once(
     # The next day runs again, reusing its custom_ids while yesterday's are still live
     [second] = tick(store, settings, utc(2026, 11, 30, 1, 0, 20), job).started
     assert second.requests == 3 and len(requests_of(store)) == 6
+    # Each run's requests are one submission of their own, named for the job
+    for each in (run, second):
+        [submission_id] = submission_ids_of_run(store, each.id)
+        view = get_submission(store, submission_id)
+        assert view is not None
+        assert (view.source, view.job_run_id, view.total, view.format) == (
+            "job:nightly",
+            each.id,
+            3,
+            "simple",
+        )
 
 
 def test_a_new_job_does_not_backfill_history(store: Store, settings: Settings) -> None:
