@@ -46,8 +46,13 @@ def request_view(
 
     t = requests_t
     query = sa.select(t)
-    by_id = isinstance(request, int) or request.isdigit()
+    # a number past 64 bits is no id: it can only be a custom_id
+    by_id = isinstance(request, int) or (
+        request.isascii() and request.isdigit() and int(request) < 2**63
+    )
     rid: int | None = int(request) if by_id else None
+    if rid is not None and not 0 < rid < 2**63:
+        return None
     if not isinstance(request, int) and (not by_id or submission_id is not None):
         found = requests_by_custom_id(store, request, submission_id=submission_id)
         if len(found) > 1:
