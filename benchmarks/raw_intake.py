@@ -32,9 +32,11 @@ COLUMNS = (
     "tags",
     "size_bytes",
     "est_input_tokens",
+    "input_format",
     "created_at",
     "updated_at",
     "job_run_id",
+    "submission_id",
 )
 #: a classifier reason of the length batchwise stores, so both write the same volume
 REASON = (
@@ -84,9 +86,11 @@ def main() -> None:
                     "{}",
                     len(body),
                     len(body) // 4,
+                    "openai",
                     now,
                     now,
                     None,
+                    1,
                 )
             )
             if len(rows) == 2000:

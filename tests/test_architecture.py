@@ -35,7 +35,7 @@ STORE = PACKAGE / "store"
 OWN_DATABASE = {PACKAGE / "emulator" / "state.py"}
 DB_LIBRARIES = {"sqlalchemy", "sqlmodel", "sqlite3", "psycopg", "psycopg2", "alembic"}
 #: the API names `batchwise` exports besides the errors
-API_NAMES = {"Client", "Handle", "Settings", "__version__"}
+API_NAMES = {"Client", "Handle", "Settings", "Submission", "__version__"}
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def test_run_prints_the_run_id_and_request_count_and_runs_once_per_time(
         [row] = runs(store)
         # --at without an offset is in the job's zone.
         assert row["scheduled_for"] == datetime(2026, 11, 29, 16, 0, tzinfo=UTC)
-        assert [r["custom_id"] for r in requests_of(store, 1)] == ["run1-d0", "run1-d1", "run1-d2"]
+        assert [r["custom_id"] for r in requests_of(store, 1)] == ["d0", "d1", "d2"]
     finally:
         store.close()
     again = invoke("run", "tokyo_digest", "--at", "2026-11-29T16:00:00+00:00")

@@ -146,9 +146,9 @@ BAD_LINES: list[tuple[Any, str | None, str]] = [
         "body.max_tokens",
         "integer ≥ 1",
     ),
-    (openai_line(1, custom_id="has space"), "custom_id", "letters, digits"),
-    (openai_line(1, custom_id="x" * 65), "custom_id", "letters, digits"),
-    (openai_line(1, custom_id=7), "custom_id", "letters, digits"),
+    (openai_line(1, custom_id=""), "custom_id", "non-empty string of at most 512"),
+    (openai_line(1, custom_id="x" * 513), "custom_id", "non-empty string of at most 512"),
+    (openai_line(1, custom_id=7), "custom_id", "non-empty string of at most 512"),
     (openai_line(1, tolerance="soonish"), "tolerance", "invalid tolerance"),
     (openai_line(1, tolerance="2020-01-01T00:00:00Z"), "tolerance", "already past"),
     (openai_line(1, tags=["a"]), "tags", "object of name"),
@@ -226,13 +226,32 @@ def test_duplicate_custom_id_across_chunks(client: Client, monkeypatch: pytest.M
     assert error.line == 8 and "used twice in this submission" in error.error
 
 
-def test_custom_id_colliding_with_a_live_request(client: Client) -> None:
-    client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
-    with pytest.raises(IntakeError) as info:
-        client._submit(jsonl(openai_line(2), openai_line(1)), Defaults(), skip_invalid=False)
-    (error,) = info.value.errors
-    assert error.line == 2 and "already used by live request 1" in error.error
-    assert len(rows(client)) == 1
+def test_two_live_submissions_may_use_the_same_custom_ids(client: Client) -> None:
+    """Two cookbook files both numbered task-0 … live side by side (issue #13): a custom_id
+    is unique within its submission only."""
+    first = client._submit(jsonl(openai_line(1)), Defaults(), skip_invalid=False)
+    second = client._submit(jsonl(openai_line(2), openai_line(1)), Defaults(), skip_invalid=False)
+    assert second.accepted == 2 and first.submission_id != second.submission_id
+    stored = rows(client)
+    assert [(r["custom_id"], r["submission_id"]) for r in stored] == [
+        ("req-1", first.submission_id),
+        ("req-2", second.submission_id),
+        ("req-1", second.submission_id),
+    ]
+    assert {r["input_format"] for r in stored} == {"openai"}
+
+
+def test_a_long_custom_id_any_characters(client: Client) -> None:
+    """batchwise sends its own ids to providers, so the caller's may be any string up to 512
+    characters, dots and colons included."""
+    ids = ["doc.00042:chunk-1", "with space/and ü", "x" * 512]
+    result = client._submit(
+        jsonl(*(openai_line(i, custom_id=c) for i, c in enumerate(ids))),
+        Defaults(),
+        skip_invalid=False,
+    )
+    assert result.accepted == 3
+    assert [r["custom_id"] for r in rows(client)] == ids
 
 
 def test_custom_id_of_a_finished_request_may_be_reused(client: Client) -> None:
@@ -321,8 +340,14 @@ class _MemorySink:
         self.rows.extend(rows)
         return []
 
-    def live_custom_ids(self, custom_ids: Any) -> dict[str, int]:
+    def live_custom_ids(self, submission_id: int, custom_ids: Any) -> dict[str, int]:
         return {}
+
+    def open_submission(self, **kwargs: Any) -> int:
+        return 1
+
+    def close_submission(self, submission_id: int, **kwargs: Any) -> None:
+        pass
 
     def turnarounds(self, provider: str, model: str) -> list[float]:
         return []
@@ -378,21 +403,20 @@ def test_validator_never_crashes_on_arbitrary_json(value: Any) -> None:
 )
 def test_validator_on_near_valid_lines(value: dict[str, Any]) -> None:
     try:
-        _, provider, _, model, body = parse_line(value, None)
+        _, provider, _, model, body, fmt = parse_line(value, None)
     except Invalid as exc:
         assert exc.error
     else:
         assert provider in ("openai", "anthropic") and isinstance(model, str) and model
         assert isinstance(body, dict) and body.get("model") == model
+        assert fmt in ("openai", "anthropic", "simple")
 
 
-@given(st.text(min_size=1, max_size=70))
+@given(st.text(max_size=520) | st.sampled_from(["", "x" * 512, "x" * 513]))
 def test_custom_id_rule(custom_id: str) -> None:
-    import re
-
     sink = _MemorySink()
     line = orjson.dumps(openai_line(1, custom_id=custom_id))
-    valid = re.fullmatch(r"[A-Za-z0-9_-]{1,64}", custom_id) is not None
+    valid = 0 < len(custom_id) <= 512
     if valid:
         submit_lines(
             [line], sink, settings=Settings(), now=ManualClock()(), zone=resolve_zone("UTC")

@@ -21,6 +21,7 @@ from batchwise.lifecycle.cancel import cancel_requests
 from batchwise.states import Trigger
 from batchwise.store.engine import Store, requests_t, responses_t
 from batchwise.store.jobs import claim_delivery
+from batchwise.store.submissions import get_submission, submission_ids_of_run
 from jobs_helpers import events, items, nightly, requests_of, runs, tick, utc
 
 
@@ -55,7 +56,7 @@ def test_a_run_starts_at_its_time_not_before_and_only_once(
         "submitted",
     )
     stored = requests_of(store, run.id)
-    assert [r["custom_id"] for r in stored] == [f"run{run.id}-rec{i}" for i in range(3)]
+    assert [r["custom_id"] for r in stored] == [f"rec{i}" for i in range(3)]
     assert {r["deadline"] for r in stored} == {utc(2026, 11, 29, 7, 0)}
     assert {r["lane"] for r in stored} == {"deferred"}
     assert all(orjson.loads(r["tags"]) == {"job": "nightly"} for r in stored)
@@ -65,6 +66,17 @@ def test_a_run_starts_at_its_time_not_before_and_only_once(
     # The next day runs again, reusing its custom_ids while yesterday's are still live
     [second] = tick(store, settings, utc(2026, 11, 30, 1, 0, 20), job).started
     assert second.requests == 3 and len(requests_of(store)) == 6
+    # Each run's requests are one submission of their own, named for the job
+    for each in (run, second):
+        [submission_id] = submission_ids_of_run(store, each.id)
+        view = get_submission(store, submission_id)
+        assert view is not None
+        assert (view.source, view.job_run_id, view.total, view.format) == (
+            "job:nightly",
+            each.id,
+            3,
+            "simple",
+        )
 
 
 def test_a_new_job_does_not_backfill_history(store: Store, settings: Settings) -> None:
@@ -249,7 +261,7 @@ def test_a_failing_requests_function_stores_nothing_and_records_why(
     [
         ({"prompt": "no model"}, ["item 2", "'model'"]),
         (
-            {"model": "gpt-4o-mini", "prompt": "x", "custom_id": "has space"},
+            {"model": "gpt-4o-mini", "prompt": "x", "custom_id": ""},
             ["item 2", "custom_id"],
         ),
         ("not an object", ["item 2", "expected a dict", "got str"]),
@@ -470,7 +482,7 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
     text = path.read_text(encoding="utf-8")
     sections = text.split("\n## ")[1:]
     assert [s.split(" — ")[0] for s in sections] == [p["id"] for p in portfolios]
-    request_ids = {r["custom_id"].split("-", 1)[1]: r["id"] for r in stored}
+    request_ids = {r["custom_id"]: r["id"] for r in stored}
     for section, portfolio in zip(sections, portfolios, strict=True):
         summary = answer_text(orjson.loads(bodies[request_ids[portfolio["id"]]]))
         assert summary and summary.strip() in section

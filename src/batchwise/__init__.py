@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmbiguousIdError",
     "BatchwiseError",
     "Client",
     "ConfigError",
@@ -32,6 +33,7 @@ __all__ = [
     "Settings",
     "Stopped",
     "StoreError",
+    "Submission",
     "ToleranceError",
     "TransitionError",
     "__version__",
@@ -40,6 +42,8 @@ __all__ = [
 _LAZY = {
     "Client": "batchwise.api",
     "Handle": "batchwise.api",
+    "Submission": "batchwise.api",
+    "AmbiguousIdError": "batchwise.errors",
     "Settings": "batchwise.config",
     "BatchwiseError": "batchwise.errors",
     "ConfigError": "batchwise.errors",
@@ -63,9 +67,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from batchwise.api import Client, Handle
+    from batchwise.api import Client, Handle, Submission
     from batchwise.config import Settings
     from batchwise.errors import (
+        AmbiguousIdError,
         BatchwiseError,
         ConfigError,
         ForecastError,

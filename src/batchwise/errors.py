@@ -9,6 +9,7 @@ BatchwiseError
 │   ├── SchemaError        the database schema is missing or newer than this code
 │   └── TransitionError    a state change found the row in an unexpected state
 ├── NotFoundError          no request, batch or job with that id
+│   └── AmbiguousIdError   a custom_id names requests of several submissions (lists them)
 ├── RequestFailed          `Handle.result()` on a request that ended without an answer
 ├── ResultTimeout          `Handle.result()` waited longer than its timeout
 ├── GuardRefused           a cost guard refused a request (limit, budget, context size)
@@ -83,6 +84,24 @@ class TransitionError(StoreError):
 
 class NotFoundError(BatchwiseError, LookupError):
     """Raised when no request, batch or job has the given id."""
+
+
+class AmbiguousIdError(NotFoundError):
+    """Raised when a custom_id names requests of several submissions and none was given;
+    carries the (submission id, name, source) of each, newest first."""
+
+    def __init__(self, custom_id: str, submissions: list[tuple[int, str | None, str]]) -> None:
+        self.custom_id = custom_id
+        self.submissions = submissions
+        shown = "; ".join(
+            f"{sid}" + (f" {name!r}" if name else "") + f" ({source})"
+            for sid, name, source in submissions[:20]
+        )
+        more = f"; and {len(submissions) - 20} more" if len(submissions) > 20 else ""
+        super().__init__(
+            f"custom_id {custom_id!r} is used in {len(submissions)} submissions: {shown}{more}; "
+            "say which one (--submission ID, or submission= in Python)"
+        )
 
 
 class RequestFailed(BatchwiseError):

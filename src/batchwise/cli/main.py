@@ -1,9 +1,9 @@
 """The `batchwise` command group: global options, the table of commands, `main`.
 
-Commands live one module per group (`requests`, `run`, `events`, `jobs`, `reports`,
-`worker`); each parses, calls the library, prints. The request and run commands import only
-click and are added at once; the other groups are imported on first use, and every module
-imports the library inside its commands, so that `batchwise submit` starts fast.
+Commands live one module per group (`requests`, `submissions`, `run`, `events`, `jobs`,
+`reports`, `worker`); each parses, calls the library, prints. The request and run commands
+import only click and are added at once; the other groups are imported on first use, and
+every module imports the library inside its commands, so that `batchwise submit` starts fast.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ LAZY_COMMANDS = {
     "beat": "batchwise.cli.worker:beat",
     "jobs": "batchwise.cli.jobs:jobs",
     "events": "batchwise.cli.events:events",
+    "submissions": "batchwise.cli.submissions:submissions",
+    "wait": "batchwise.cli.submissions:wait",
 }
 
 

@@ -63,6 +63,7 @@ def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
     help="Store the valid lines and list the rest (default: refuse the whole file).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--name", default=None, help="A name for this submission.")
 @click.option("--model", "-m", default=None, help="Submit one request for this model.")
 @click.option("--prompt", default=None, help="The prompt of the single request.")
 @click.option(
@@ -80,6 +81,7 @@ def submit(
     tags: tuple[str, ...],
     skip_invalid: bool,
     as_json: bool,
+    name: str | None,
     model: str | None,
     prompt: str | None,
     max_tokens: int | None,
@@ -88,7 +90,9 @@ def submit(
 
     Lines may be OpenAI batch lines, Anthropic batch lines, or simple lines
     {"model", "messages" | "prompt", ...}. A file with any invalid line is refused whole
-    (exit code 2) unless --skip-invalid.
+    (exit code 2) unless --skip-invalid. The lines form one submission (`--json` prints its
+    id as "submission"): follow it with `batchwise wait ID`, read it back with
+    `batchwise results --submission ID`.
     """
     from batchwise.errors import BatchwiseError, IntakeError
 
@@ -98,23 +102,31 @@ def submit(
     if model is not None:
         if file is not None:
             raise click.UsageError("give either FILE or --model/--prompt, not both")
+        from batchwise.api import request_item
+        from batchwise.errors import GuardRefused
+
+        item = request_item(
+            model=model, prompt=prompt, provider=provider, tolerance=tolerance,
+            tags=tag_map, max_tokens=max_tokens,
+        )  # fmt: skip
         with open_client(obj) as client:
             try:
-                handle = client.enqueue(
-                    model=model,
-                    prompt=prompt,
-                    provider=provider,
-                    tolerance=tolerance,
-                    tags=tag_map,
-                    max_tokens=max_tokens,
-                )
+                one = client.enqueue_many([item], name=name, source="prompt")
+                if one.refused:
+                    raise GuardRefused("guard", one.refused[0].error)
             except IntakeError as exc:
                 click.echo(f"refused: {'; '.join(str(e) for e in exc.errors)}", err=True)
                 sys.exit(2)
             except BatchwiseError as exc:
                 raise fail(exc) from exc
+        handle = one[0]
         if as_json:
-            click.echo(dumps({"id": handle.id, "lane": handle.lane, "state": handle.state}))
+            click.echo(
+                dumps({
+                    "id": handle.id, "lane": handle.lane, "state": handle.state,
+                    "submission": one.id,
+                })
+            )  # fmt: skip
         else:
             click.echo(handle.id)
         return
@@ -126,6 +138,8 @@ def submit(
         try:
             result = client.submit_file(
                 stream,
+                name=name,
+                origin=file,
                 tolerance=tolerance,
                 provider=provider,
                 tags=tag_map,
@@ -137,9 +151,8 @@ def submit(
                     {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
                     for e in exc.errors
                 ]
-                click.echo(
-                    dumps({"accepted": 0, "realtime": 0, "deferred": 0, "rejected": rejected})
-                )
+                nothing = {"submission": None, "accepted": 0, "realtime": 0, "deferred": 0}
+                click.echo(dumps({**nothing, "rejected": rejected}))
             else:
                 click.echo(f"refused: {exc}", err=True)
             sys.exit(2)
@@ -157,8 +170,8 @@ def submit(
     extra = f", answered from the store {result.deduplicated}" if result.deduplicated else ""
     extra += f", refused by cost guards {len(result.refused)}" if result.refused else ""
     click.echo(
-        f"accepted {result.accepted} (realtime {result.realtime}, deferred {result.deferred}"
-        f"{extra})"
+        f"submission {result.id}: accepted {result.accepted} (realtime {result.realtime}, "
+        f"deferred {result.deferred}{extra})"
     )
     if result.refused:
         click.echo(f"refused by cost guards ({len(result.refused)}, stored as rejected):", err=True)
@@ -173,13 +186,31 @@ def submit(
 @click.command()
 @click.argument("ids", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--submission",
+    "submission_id",
+    type=int,
+    default=None,
+    metavar="ID",
+    help="Show this submission, or look IDS up as its custom_ids.",
+)
 @pass_ctx
-def status(obj: Context, ids: tuple[str, ...], as_json: bool) -> None:
+def status(obj: Context, ids: tuple[str, ...], as_json: bool, submission_id: int | None) -> None:
     """Counts by lane and state, or the detail of requests by id or custom_id."""
     from batchwise.errors import NotFoundError
     from batchwise.reports import tables as report
 
     with open_client(obj) as client:
+        if not ids and submission_id is not None:
+            try:
+                shown = client.submission_view(submission_id)
+            except NotFoundError as exc:
+                raise fail(exc, "`batchwise submissions` lists them") from exc
+            if as_json:
+                click.echo(dumps(shown.as_dict()))
+            else:
+                report.print_submission(shown)
+            return
         if not ids:
             counts = client.status()
             if as_json:
@@ -188,7 +219,7 @@ def status(obj: Context, ids: tuple[str, ...], as_json: bool) -> None:
                 report.print_status(counts)
             return
         try:
-            views = [client.get(i) for i in ids]
+            views = [client.get(i, submission=submission_id) for i in ids]
         except NotFoundError as exc:
             raise fail(
                 exc, "ids are numbers shown by `batchwise submit`; custom_ids work too"
@@ -222,9 +253,29 @@ def status(obj: Context, ids: tuple[str, ...], as_json: bool) -> None:
     default=None,
     help="Only requests sent to this provider.",
 )
+@click.option(
+    "--submission",
+    "submission_id",
+    type=int,
+    default=None,
+    metavar="ID",
+    help="Only this submission's lines, each in the shape it came in (unless --format).",
+)
 @pass_ctx
-def results(obj: Context, out: str, fmt: str | None, provider: str | None) -> None:
-    """Export finished results as JSONL keyed by custom_id, in the provider's output format."""
+def results(
+    obj: Context, out: str, fmt: str | None, provider: str | None, submission_id: int | None
+) -> None:
+    """Export finished results as JSONL keyed by custom_id, in the provider's output format.
+
+    With --submission ID, one line per finished line of that submission, in input order and
+    in the shape it came in (an OpenAI batch output line, an Anthropic results line, a simple
+    result line); --format translates every answer to one provider's shape.
+    """
+    if submission_id is not None:
+        from batchwise.cli.submissions import export_one
+
+        export_one(obj, submission_id, out, fmt, provider)
+        return
     from batchwise.reports.results import export
 
     with open_store(obj) as store:

@@ -32,7 +32,7 @@ import orjson
 from batchwise.config import Settings
 from batchwise.costs.guards import Guards
 from batchwise.errors import IntakeError, JobError, JobLoadError, RunExists
-from batchwise.intake.ingest import CUSTOM_ID, Defaults, submit_lines
+from batchwise.intake.ingest import CUSTOM_ID_MAX, Defaults, custom_id_ok, submit_lines
 from batchwise.intake.tolerance import resolve_zone
 from batchwise.jobs.load import (
     Job,
@@ -209,7 +209,10 @@ def start_run(
                 now=now,
                 zone=resolve_zone(settings.timezone),
                 defaults=Defaults(
-                    tolerance=deadline.tolerance, tags={"job": job.name}, job_run_id=run_id
+                    tolerance=deadline.tolerance,
+                    tags={"job": job.name},
+                    job_run_id=run_id,
+                    source=f"job:{job.name}",
                 ),
                 skip_invalid=False,
                 collect_ids=True,
@@ -280,7 +283,8 @@ class _JobCodeFailed(Exception):
 
 
 def custom_id_prefix(run_id: int) -> str:
-    """Stored custom_ids are scoped to their run, so a daily job may reuse its ids."""
+    """The prefix runs stored before submissions (schema 0003) put on their custom_ids; a run's
+    requests now form their own submission, which scopes the ids as the job gave them."""
     return f"run{run_id}-"
 
 
@@ -297,7 +301,6 @@ def _items(job: Job, run: Run) -> Iterator[Any]:
         raise
     except Exception as exc:
         raise _JobCodeFailed(exc) from exc
-    prefix = custom_id_prefix(run.id)
     position = 0
     while True:
         try:
@@ -313,16 +316,13 @@ def _items(job: Job, run: Run) -> Iterator[Any]:
                 f", got {type(item).__name__} {str(item)[:40]!r}; nothing was stored"
             )
         custom_id = item.get("custom_id", str(position))
-        if not (
-            isinstance(custom_id, str)
-            and CUSTOM_ID.fullmatch(custom_id)
-            and len(prefix) + len(custom_id) <= 64
-        ):
+        if not custom_id_ok(custom_id):
             raise JobError(
-                f"requests() item {position}: custom_id {custom_id!r} is invalid: expected "
-                f"1-{64 - len(prefix)} letters, digits, '_' or '-'; nothing was stored"
+                f"requests() item {position}: custom_id {str(custom_id)[:80]!r} is invalid: "
+                f"expected a non-empty string of at most {CUSTOM_ID_MAX} characters; nothing "
+                "was stored"
             )
-        yield {**item, "custom_id": prefix + custom_id}
+        yield {**item, "custom_id": custom_id}
 
 
 def _summary(exc: BaseException) -> str:
@@ -353,7 +353,7 @@ _ANSWERED = {RequestState.SUCCEEDED.value, RequestState.DEDUPLICATED.value}
 
 def run_results(store: Store, run_id: int) -> list[JobResult]:
     """Every request of a run as `on_results` receives it, in the order the job yielded them
-    (custom_ids without the run's prefix, answers parsed)."""
+    (custom_ids as the job gave them, answers parsed)."""
     prefix = custom_id_prefix(run_id)
     results = []
     for row in run_requests(store, run_id):

@@ -1,18 +1,45 @@
-"""Exporting finished results as JSONL in each provider's own batch output format, keyed by the
-caller's `custom_id`, so code written for the provider's batch files keeps working."""
+"""Exporting finished results as JSONL in the providers' own batch output formats, keyed by
+the caller's `custom_id`, so code written for the provider's batch files keeps working.
+
+Three line shapes, one output line per finished request:
+
+- **openai**: an OpenAI batch output line `{"id", "custom_id", "response": {"status_code",
+  "request_id", "body"}, "error"}`. A failure has `error` set (`{"code", "message"}`) and
+  `response` null, or, for an HTTP-level failure, a non-200 `response` with the error body.
+- **anthropic**: an Anthropic results line `{"custom_id", "result": {"type": "succeeded",
+  "message"}}`, or `errored` (with the error), `canceled` or `expired`.
+- **simple**: `{"custom_id", "request_id", "state", "model", "text", "body", "error"}`, for
+  lines that came in simple (`{"model", "messages" | "prompt"}`).
+
+A submission's lines come back in the shape they came in (`submission_lines`), or all in one
+format: bodies are then translated for real (`reports.translate`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from batchwise.reports import translate
 from batchwise.states import RequestState
+from batchwise.store.views import ANSWERED_STATES
 
 if TYPE_CHECKING:
     from batchwise.store.engine import Store
 
 FORMATS = ("openai", "anthropic")
+#: every shape a result line can take (the input formats)
+SHAPES = ("openai", "anthropic", "simple")
+#: Anthropic's error types (`error.error.type` of an errored line)
+ANTHROPIC_ERROR_TYPES = frozenset({
+    "invalid_request_error", "authentication_error", "billing_error", "permission_error",
+    "not_found_error", "conflict_error", "request_too_large", "rate_limit_error", "api_error",
+    "timeout_error", "overloaded_error",
+})  # fmt: skip
+_EXPIRED_CODES = frozenset({"batch_expired", "expired"})
 
 
 def export(
@@ -32,44 +59,126 @@ def export(
     return count
 
 
+def submission_lines(
+    store: Store, submission_id: int, *, fmt: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The finished lines of a submission in input order, each in the shape its line came in
+    (requests stored before submissions: their provider's), or all in `fmt`."""
+    from batchwise.store.submissions import result_rows
+
+    if fmt is not None and fmt not in SHAPES:
+        raise ValueError(f"unknown results format {fmt!r}: expected one of {', '.join(SHAPES)}")
+    for row in result_rows(store, submission_id):
+        yield to_line(row, fmt or row["input_format"] or row["provider"])
+
+
+def export_submission(
+    store: Store, submission_id: int, out: IO[bytes], *, fmt: str | None = None
+) -> int:
+    """Write a submission's finished lines as JSONL (see `submission_lines`); returns the count."""
+    count = 0
+    for line in submission_lines(store, submission_id, fmt=fmt):
+        out.write(orjson.dumps(line))
+        out.write(b"\n")
+        count += 1
+    return count
+
+
+def _created(row: dict[str, Any]) -> int:
+    finished = row.get("finished_at")
+    return int(finished.timestamp()) if isinstance(finished, datetime) else 0
+
+
+def _failure(row: dict[str, Any]) -> tuple[str, str]:
+    """(code, message) of a request that ended without an answer."""
+    state = row["state"]
+    if state == RequestState.CANCELLED.value:
+        return "batch_cancelled", row["error"] or "cancelled by the user"
+    return row["error_code"] or state, row["error"] or state
+
+
 def to_line(row: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """One request as a result line of `fmt` ("openai" or "anthropic")."""
-    answered = row["state"] in (RequestState.SUCCEEDED.value, RequestState.DEDUPLICATED.value)
+    """One finished request as a result line of `fmt` ("openai", "anthropic" or "simple")."""
+    answered = row["state"] in ANSWERED_STATES
     body = orjson.loads(row["body"]) if answered and row["body"] else None
-    code = row["error_code"] or row["state"]
-    message = row["error"] or row["state"]
     if fmt == "openai":
-        line_id = f"batch_req_{row['response_id'] or row['id']}"
-        if body is not None:
-            return {
-                "id": line_id,
-                "custom_id": row["custom_id"],
-                "error": None,
-                "response": {
-                    "status_code": row["status_code"] or 200,
-                    "request_id": row["provider_request_id"],
-                    "body": body,
-                },
-            }
+        return _openai_line(row, body)
+    if fmt == "anthropic":
+        return _anthropic_line(row, body)
+    if fmt == "simple":
+        code, message = _failure(row)
+        return {
+            "custom_id": row["custom_id"],
+            "request_id": row["id"],
+            "state": row["state"],
+            "model": row.get("model"),
+            "text": answer_text(body) if body is not None else None,
+            "body": body,
+            "error": None if body is not None else {"code": code, "message": message},
+        }
+    raise ValueError(f"unknown results format {fmt!r}: expected one of {', '.join(SHAPES)}")
+
+
+def _openai_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, Any]:
+    line_id = f"batch_req_{row['response_id'] or row['id']}"
+    if body is not None:
         return {
             "id": line_id,
             "custom_id": row["custom_id"],
-            "response": None,
-            "error": {"code": code, "message": message},
-        }
-    if fmt == "anthropic":
-        if body is not None:
-            return {"custom_id": row["custom_id"], "result": {"type": "succeeded", "message": body}}
-        if row["state"] == RequestState.CANCELLED.value:
-            return {"custom_id": row["custom_id"], "result": {"type": "canceled"}}
-        return {
-            "custom_id": row["custom_id"],
-            "result": {
-                "type": "errored",
-                "error": {"type": "error", "error": {"type": code, "message": message}},
+            "response": {
+                "status_code": row["status_code"] or 200,
+                "request_id": row["provider_request_id"],
+                "body": translate.to_openai(body, created=_created(row)),
             },
+            "error": None,
         }
-    raise ValueError(f"unknown results format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    code, message = _failure(row)
+    status = row["status_code"]
+    response = None
+    if isinstance(status, int) and status >= 400:
+        # an HTTP-level failure: the provider's status and an error body, as OpenAI writes it
+        error = {"message": message, "type": code, "param": None, "code": code}
+        response = {
+            "status_code": status,
+            "request_id": row["provider_request_id"],
+            "body": {"error": error},
+        }
+    return {
+        "id": line_id,
+        "custom_id": row["custom_id"],
+        "response": response,
+        "error": {"code": code, "message": message},
+    }
+
+
+def _anthropic_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, Any]:
+    custom_id = row["custom_id"]
+    if body is not None:
+        return {
+            "custom_id": custom_id,
+            "result": {"type": "succeeded", "message": translate.to_anthropic(body)},
+        }
+    if row["state"] == RequestState.CANCELLED.value:
+        return {"custom_id": custom_id, "result": {"type": "canceled"}}
+    code, message = _failure(row)
+    if code in _EXPIRED_CODES:
+        return {"custom_id": custom_id, "result": {"type": "expired"}}
+    if code in ANTHROPIC_ERROR_TYPES:
+        kind = code
+    else:
+        kind = "invalid_request_error" if row["status_code"] == 400 else "api_error"
+        message = f"{code}: {message}" if code != message else message
+    return {
+        "custom_id": custom_id,
+        "result": {
+            "type": "errored",
+            "error": {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": row["provider_request_id"],
+            },
+        },
+    }
 
 
 def answer_text(body: dict[str, Any]) -> str:

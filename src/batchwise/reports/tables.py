@@ -17,7 +17,7 @@ from batchwise.reports.results import answer_text
 from batchwise.text import visible
 
 if TYPE_CHECKING:
-    from batchwise.api import RequestView
+    from batchwise.api import RequestView, SubmissionView
 
 console = Console()
 
@@ -47,6 +47,46 @@ def print_request(view: RequestView) -> None:
         table.add_row(key, Text(visible(_text(value))))
     if view.result is not None:
         table.add_row("answer", Text(visible(answer_text(view.result), keep_lines=True)))
+    console.print(table)
+
+
+def _when(view: SubmissionView, finished: bool) -> str:
+    moment = view.finished_at if finished else view.created_at
+    return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{state} {n:,}" for state, n in counts.items()) or "—"
+
+
+def print_submissions(views: list[SubmissionView]) -> None:
+    """The `batchwise submissions` table, newest first."""
+    table = Table(title=f"{len(views)} submission(s), newest first", title_justify="left")
+    for name, justify in (
+        ("id", "right"), ("name", "left"), ("source", "left"), ("format", "left"),
+        ("lines", "right"), ("by state", "left"), ("created", "left"), ("finished", "left"),
+    ):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for view in views:
+        table.add_row(
+            str(view.id), view.name or "—", view.source, view.format or "—", f"{view.total:,}",
+            _counts(view.counts), _when(view, False), _when(view, True),
+        )  # fmt: skip
+    console.print(table)
+
+
+def print_submission(view: SubmissionView) -> None:
+    """One submission: `batchwise status --submission ID`."""
+    table = Table(show_header=False, title=f"submission {view.id}", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in (
+        ("name", view.name), ("source", view.source), ("format", view.format),
+        ("lines", f"{view.total:,}"), ("unfinished", f"{view.unfinished:,}"),
+        ("by state", _counts(view.counts)), ("created", _when(view, False)),
+        ("finished", _when(view, True)),
+    ):  # fmt: skip
+        table.add_row(key, _text(value))
     console.print(table)
 
 

@@ -30,6 +30,7 @@ from batchwise.store.schema import (
     RequestBody,
     Response,
     StoreMeta,
+    Submission,
 )
 
 _READONLY = "batchwise_readonly"
@@ -44,6 +45,7 @@ events_t: sa.Table = Event.__table__  # type: ignore[attr-defined]
 ledger_t: sa.Table = LedgerEntry.__table__  # type: ignore[attr-defined]
 meta_t: sa.Table = StoreMeta.__table__  # type: ignore[attr-defined]
 job_runs_t: sa.Table = JobRun.__table__  # type: ignore[attr-defined]
+submissions_t: sa.Table = Submission.__table__  # type: ignore[attr-defined]
 
 
 def make_engine(url: str) -> Engine:

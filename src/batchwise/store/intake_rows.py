@@ -35,9 +35,11 @@ REQUEST_COLUMNS = (
     "tags",
     "size_bytes",
     "est_input_tokens",
+    "input_format",
     "created_at",
     "updated_at",
     "job_run_id",
+    "submission_id",
 )
 
 #: position of each column in a row tuple
@@ -73,11 +75,25 @@ class RequestSink(Protocol):
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         """Insert the rows; return the positions of those refused because their custom_id is
-        held by a live request (or an earlier row); every other row is inserted."""
+        held by a live request of the same submission (or an earlier row); every other row is
+        inserted."""
         ...
 
-    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
-        """Live requests already holding any of these custom_ids: custom_id -> request id."""
+    def live_custom_ids(self, submission_id: int, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Live requests of the submission already holding any of these custom_ids:
+        custom_id -> request id."""
+        ...
+
+    def open_submission(
+        self, *, name: str | None, source: str, job_run_id: int | None, at: datetime
+    ) -> int:
+        """Insert the submission's row (`store.submissions`); returns its id."""
+        ...
+
+    def close_submission(
+        self, submission_id: int, *, fmt: str | None, first_id: int | None, last_id: int | None
+    ) -> None:
+        """Record the format its lines came in and the range of ids intake gave them."""
         ...
 
     def turnarounds(self, provider: str, model: str) -> list[float]: ...

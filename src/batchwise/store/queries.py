@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from batchwise.errors import StoreError
+from batchwise.errors import AmbiguousIdError, StoreError
 from batchwise.store.engine import Store, batches_t, requests_t, responses_t
 from batchwise.store.views import RequestView
 
@@ -36,19 +36,37 @@ def status_counts(store: Store) -> dict[str, Any]:
     }
 
 
-def request_view(store: Store, request: int | str) -> RequestView | None:
-    """One request by id or custom_id (the live one, else the most recent)."""
+def request_view(
+    store: Store, request: int | str, *, submission_id: int | None = None
+) -> RequestView | None:
+    """One request by id, or by custom_id (the most recent with it). A custom_id used in several
+    submissions needs `submission_id` (else `AmbiguousIdError` lists them); with it, a number
+    is tried as a custom_id of that submission first, then as a request id."""
+    from batchwise.store.submissions import get_submission, requests_by_custom_id
+
     t = requests_t
     query = sa.select(t)
-    if isinstance(request, str) and request.isascii() and request.isdigit():
-        # a number past 64 bits is no id: it can only be a custom_id
-        request = int(request) if int(request) < 2**63 else request
-    if isinstance(request, int):
-        if not 0 < request < 2**63:
+    # a number past 64 bits is no id: it can only be a custom_id
+    by_id = isinstance(request, int) or (
+        request.isascii() and request.isdigit() and int(request) < 2**63
+    )
+    rid: int | None = int(request) if by_id else None
+    if rid is not None and not 0 < rid < 2**63:
+        return None
+    if not isinstance(request, int) and (not by_id or submission_id is not None):
+        found = requests_by_custom_id(store, request, submission_id=submission_id)
+        if len(found) > 1:
+            named = [get_submission(store, sid) for _, sid in found if sid is not None]
+            raise AmbiguousIdError(
+                request, [(s.id, s.name, s.source) for s in named if s is not None]
+            )
+        if found:
+            rid = found[0][0]
+        elif not by_id:
             return None
-        query = query.where(t.c.id == request)
-    else:
-        query = query.where(t.c.custom_id == request).order_by(t.c.id.desc()).limit(1)
+    query = query.where(t.c.id == rid)
+    if submission_id is not None:
+        query = query.where(t.c.submission_id == submission_id)
     with store.read() as conn:
         row = conn.execute(query).mappings().first()
         if row is None:
@@ -64,6 +82,7 @@ def request_view(store: Store, request: int | str) -> RequestView | None:
     return RequestView(
         id=row["id"],
         custom_id=row["custom_id"],
+        submission_id=row["submission_id"],
         provider=row["provider"],
         endpoint=row["endpoint"],
         model=row["model"],

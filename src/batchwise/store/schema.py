@@ -73,8 +73,15 @@ class Request(SQLModel, table=True):
 
     __tablename__ = "requests"
     __table_args__ = (
-        # A caller's custom_id names one live request at a time; finished ones may be reused.
-        Index("uq_requests_live_custom_id", "custom_id", unique=True, **_where(LIVE_SQL)),
+        # A caller's custom_id names one live request of its submission; two submissions may
+        # use the same ids side by side (two cookbook files both numbered task-0 … task-N).
+        Index(
+            "uq_requests_live_custom_id",
+            "submission_id",
+            "custom_id",
+            unique=True,
+            **_where(LIVE_SQL),
+        ),
         # The two work queues, each holding only the rows waiting in it, by deadline: the
         # packer's and the realtime lane's. Keys are narrow: each accepted request pays for
         # one entry at intake.
@@ -102,7 +109,9 @@ class Request(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    custom_id: str = Field(sa_type=String(64))
+    #: the caller's id, as given (any non-empty string up to 512 characters): providers are sent
+    #: batchwise's own ids, never this one
+    custom_id: str = Field(sa_type=String(512))
     provider: str = Field(sa_type=String(32))
     endpoint: str = Field(sa_type=String(64))
     model: str = Field(sa_type=String(128))
@@ -134,6 +143,11 @@ class Request(SQLModel, table=True):
     dedupe_of: int | None = Field(default=None)
     #: the cron job run that produced it, if any
     job_run_id: int | None = Field(default=None)
+    #: the submission it came in with (`submissions`); None only for rows written outside
+    #: intake (every intake path, and the 0003 upgrade, set it)
+    submission_id: int | None = Field(default=None)
+    #: the shape its line came in: openai | anthropic | simple (None before revision 0003)
+    input_format: str | None = Field(default=None, sa_type=String(16))
     #: bytes of the canonical body, so the packer can size batches without reading bodies
     size_bytes: int = Field(default=0, sa_type=Integer)
     #: estimated prompt tokens, for in-flight token budgets
@@ -152,6 +166,31 @@ class Request(SQLModel, table=True):
     deadline_miss: str | None = Field(default=None, sa_type=Text)
     lease_owner: str | None = Field(default=None, sa_type=String(64))
     lease_expires_at: datetime | None = _time(default=None)
+
+
+class Submission(SQLModel, table=True):
+    """One `submit` (file, stdin or single prompt), `Client` call or cron job run: the lines
+    that came in together. Counts by state and the finish time are derived from `requests`
+    (`store.submissions`), never stored."""
+
+    __tablename__ = "submissions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str | None = Field(default=None, sa_type=String(128))
+    #: where the lines came from: a file path, "-" (stdin), "prompt", "api", "job:NAME", or
+    #: "upgrade" (requests stored before revision 0003)
+    source: str = Field(sa_type=Text)
+    #: openai | anthropic | simple, or mixed (each request keeps its own `input_format`);
+    #: None while intake runs, or when nothing was stored
+    format: str | None = Field(default=None, sa_type=String(16))
+    #: the cron job run it belongs to, if any
+    job_run_id: int | None = Field(default=None)
+    #: the lowest and highest request ids intake gave its lines: every request of the
+    #: submission has an id in between, so reads scan that range of the primary key instead
+    #: of every intake insert paying for one more index
+    first_request_id: int | None = Field(default=None)
+    last_request_id: int | None = Field(default=None)
+    created_at: datetime = _time()
 
 
 class Batch(SQLModel, table=True):

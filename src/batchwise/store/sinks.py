@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from batchwise.errors import StoreError
-from batchwise.states import LIVE_SQL
 from batchwise.store import dbapi
 from batchwise.store.guard_state import GuardQueries
 from batchwise.store.intake_rows import REQUEST_COLUMNS, ROW, RequestSink
+from batchwise.store.submissions import SubmissionWrites
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 _TURNAROUND_HISTORY = 500
 _BODY = ROW["body"]
+_SUBMISSION = ROW["submission_id"]
 #: the `requests` columns of an intake row: all but the body, which has its own table
 STORED_COLUMNS = REQUEST_COLUMNS[:_BODY] + REQUEST_COLUMNS[_BODY + 1 :]
 # SQLite statements take whole intake rows as they are, with no per-row copy: numbered
@@ -68,7 +69,7 @@ def _is_custom_id_conflict(exc: BaseException) -> bool:
     return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
 
 
-class SQLiteSink(GuardQueries):
+class SQLiteSink(SubmissionWrites, GuardQueries):
     """Writes to a SQLite file through `sqlite3`, inside one BEGIN IMMEDIATE transaction."""
 
     def __init__(self, url: str) -> None:
@@ -118,18 +119,6 @@ class SQLiteSink(GuardQueries):
         self.conn.executemany(_BODY_SQL, body_rows(rows, refused))
         return refused
 
-    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for start in range(0, len(custom_ids), 500):
-            part = custom_ids[start : start + 500]
-            marks = ", ".join("?" for _ in part)
-            for cid, rid in self.conn.execute(
-                f"SELECT custom_id, id FROM requests WHERE custom_id IN ({marks}) AND {LIVE_SQL}",
-                part,
-            ):
-                found[cid] = rid
-        return found
-
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, tuple(params)).fetchall()
 
@@ -158,7 +147,7 @@ class SQLiteSink(GuardQueries):
             self.conn.close()
 
 
-class EngineSink(GuardQueries):
+class EngineSink(SubmissionWrites, GuardQueries):
     """Writes through a SQLAlchemy connection (PostgreSQL's path; SQLite works too)."""
 
     def __init__(
@@ -220,7 +209,9 @@ class EngineSink(GuardQueries):
                     raise
             # The savepoint undid the chunk: set aside rows whose custom_id is held by a live
             # request or by an earlier row of the chunk, and insert the rest.
-            taken = self.live_custom_ids([rows[i][1] for i in pending])
+            taken = self.live_custom_ids(
+                rows[pending[0]][_SUBMISSION], [rows[i][1] for i in pending]
+            )
             seen: set[str] = set()
             keep = []
             for i in pending:
@@ -240,17 +231,6 @@ class EngineSink(GuardQueries):
                 sa.insert(self._bodies), [{"id": rid, "body": body} for rid, body in bodies]
             )
         return refused
-
-    def live_custom_ids(self, custom_ids: Sequence[str]) -> dict[str, int]:
-        t = self._table
-        found: dict[str, int] = {}
-        for start in range(0, len(custom_ids), 1000):
-            part = list(custom_ids[start : start + 1000])
-            query = self._sa.select(t.c.custom_id, t.c.id).where(
-                t.c.custom_id.in_(part), self._sa.text(LIVE_SQL)
-            )
-            found.update({cid: rid for cid, rid in self.conn.execute(query)})
-        return found
 
     def _driver(self, values: Sequence[Any]) -> tuple[Any, ...]:
         """Datetimes as this database stores them (these statements skip SQLAlchemy's types)."""
