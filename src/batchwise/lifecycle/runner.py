@@ -21,6 +21,7 @@ from rich.table import Table
 
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
+from batchwise.lifecycle.drain import Held
 from batchwise.lifecycle.scheduler import Providers, Scheduler, TickReport
 from batchwise.providers.base import Provider
 from batchwise.store.engine import Store
@@ -37,6 +38,8 @@ class RunTotals:
     rescued: int = 0
     realtime: dict[str, int] = field(default_factory=dict)
     stopped: bool = False
+    #: with `until_idle`: what was left waiting for a known reason and time when the run ended
+    held: Held | None = None
 
     def add(self, report: TickReport) -> None:
         self.ticks += 1
@@ -79,6 +82,7 @@ def run_embedded(
     settings: Settings,
     *,
     until_idle: bool = False,
+    include_held: bool = False,
     interval_s: float | None = None,
     show: bool = True,
     clock: Clock = system_clock,
@@ -86,7 +90,9 @@ def run_embedded(
     console: Console | None = None,
     on_tick: Callable[[TickReport], None] | None = None,
 ) -> RunTotals:
-    """Run the scheduler in this process until stopped (or until every request is terminal)."""
+    """Run the scheduler in this process until stopped; with `until_idle`, until every request
+    is terminal or held for a known reason and time (`include_held`: until all are terminal).
+    What was left held is in the totals' `held`."""
     store = Store(settings.resolved_database_url)
     registry = Providers(settings, providers)
     totals = RunTotals()
@@ -111,18 +117,31 @@ def run_embedded(
                 with Live(
                     display.render(), console=console, refresh_per_second=4, transient=False
                 ) as live:
-                    scheduler.run(
-                        until_idle=until_idle, interval_s=interval_s, on_tick=tick, should_stop=stop
-                    )
+                    totals.held = _run(scheduler, until_idle, include_held, interval_s, tick, stop)
             else:
-                scheduler.run(
-                    until_idle=until_idle, interval_s=interval_s, on_tick=tick, should_stop=stop
-                )
+                totals.held = _run(scheduler, until_idle, include_held, interval_s, tick, stop)
     finally:
         totals.stopped = stop()
         registry.close()
         store.close()
     return totals
+
+
+def _run(
+    scheduler: Scheduler,
+    until_idle: bool,
+    include_held: bool,
+    interval_s: float | None,
+    tick: Callable[[TickReport], None],
+    stop: StopFlag,
+) -> Held | None:
+    return scheduler.run(
+        until_idle=until_idle,
+        include_held=include_held,
+        interval_s=interval_s,
+        on_tick=tick,
+        should_stop=stop,
+    )
 
 
 class _Display:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
-from batchwise.lifecycle import batch_files
+from batchwise.lifecycle import batch_files, capacity
 from batchwise.lifecycle.packer import write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState
 from batchwise.store import batches
 from batchwise.store.batches import Claimed
+from batchwise.store.events import record_event
 
 if TYPE_CHECKING:
     from batchwise.clock import Clock
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "batchwise_batch"
 #: how far the provider's clock may be from ours when matching a batch by creation time
 _CLOCK_SKEW = timedelta(seconds=30)
-#: submit attempts for one batch before its requests go back to the queue
-MAX_SUBMIT_ATTEMPTS = 5
+#: submit attempts (claims that may create a provider batch) per batch row and hour
+MAX_SUBMIT_ATTEMPTS = capacity.MAX_CREATIONS
 
 STATUS_TO_STATE = {
     BatchStatus.VALIDATING: BatchState.SUBMITTED,
@@ -212,10 +213,14 @@ def _submit_failed(
     settings: Settings,
     worker: str,
 ) -> None:
-    """A retryable failure waits and tries again (looking for the batch first); a final one,
-    or too many tries, fails the batch and the reconciler puts its requests back in the queue."""
-    give_up = not exc.retryable or batch.attempts >= MAX_SUBMIT_ATTEMPTS
+    """A retryable failure waits and tries again (looking for the batch first), at most
+    `capacity.MAX_CREATIONS` times an hour (`_hold`); a final one, or a refusal for capacity,
+    fails the batch and the reconciler puts its requests back in the queue (a capacity
+    refusal spends no attempt, and teaches the packer the limit)."""
+    give_up = not exc.retryable or exc.code == capacity.TOKEN_LIMIT
     delay = exc.retry_after_s or min(600.0, 5.0 * 2 ** (batch.attempts - 1))
+    if not give_up and _hold(store, batch, exc, now=now, worker=worker):
+        return
     if give_up:
         log.error("batch %s: submit failed for good: %s", batch.id, exc)
     else:
@@ -241,3 +246,35 @@ def _submit_failed(
                 retry_at=now + timedelta(seconds=delay),
                 now=now,
             )
+
+
+def _hold(store: Store, batch: Claimed, exc: ProviderError, *, now: datetime, worker: str) -> bool:
+    """Past `capacity.MAX_CREATIONS` tries within the hour, the batch is held until the hour
+    is over, with an event, instead of being tried again in a loop. False if it may retry."""
+    until = capacity.creation_hold(batch.attempts, batch.upload_started_at, now=now)
+    if until is None:
+        return False
+    log.error("batch %s: %s submit tries within the hour; held until %s", batch.id,
+              batch.attempts, until.isoformat())  # fmt: skip
+    with store.write() as conn:
+        if batches.retry_submit_later(
+            conn,
+            batch.id,
+            worker=worker,
+            error=str(exc),
+            error_code=exc.code,
+            retry_at=until,
+            now=now,
+        ):
+            record_event(
+                conn,
+                at=now,
+                kind="batch_held",
+                severity="warning",
+                batch_id=batch.id,
+                message=f"batch {batch.id} was tried {batch.attempts} times at "
+                f"{batch.provider} within the hour ({exc.code or 'error'}: {exc}); "
+                f"held until {until.isoformat()}",
+                data={"until": until.isoformat(), "attempts": batch.attempts},
+            )
+    return True
