@@ -181,6 +181,8 @@ def run_one(size: int) -> dict[str, float]:
             openai_api_key="bench",
             anthropic_base_url=url,
             anthropic_api_key="bench",
+            # the emulator has no enqueued-token limit here: pack all of it, as a big tier would
+            default_inflight_token_budget=2_000_000_000,
         )
         store = Store(settings.resolved_database_url)
         scheduler = Scheduler(

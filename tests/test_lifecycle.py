@@ -123,25 +123,21 @@ def test_token_limit_failure_requeues_without_losing_work(tmp_path: Path, db_url
     config = EmulatorConfig(turnaround_s=1.0, enqueued_token_limit=50, seed=2)
     items = [i for i in mixed_items(40) if i["model"] == "gpt-4o-mini"]
     with make_world(tmp_path, db_url, emulator_config=config) as world:
+        # Given no budget configured, the first batch is sized by the tier default (2M) …
         world.enqueue(items)
-        for _ in range(4):
-            world.tick(drain=True, advance_s=1)
-        failed = [
-            b for b in rows(world.store, batches_t) if b["error_code"] == "token_limit_exceeded"
-        ]
-        assert failed, "the emulator refuses a batch over its enqueued-token limit"
-        requests = rows(world.store, requests_t)
-        assert {r["state"] for r in requests} <= {"queued", "packed", "submitted"}
-        assert all(r["attempts"] == 0 for r in requests), "capacity is not the request's fault"
-        # With our own budget set under the provider's limit, batches are cut to fit and wait
-        # for capacity, and everything completes.
-        world.scheduler.settings = world.settings = world.settings.with_overrides(
-            inflight_token_budget={"gpt-4o-mini": 40}
-        )
         world.drain(max_ticks=200)
-        assert {r["state"] for r in rows(world.store, requests_t)} == {"succeeded"}
-        ok = [b for b in rows(world.store, batches_t) if b["error_code"] is None]
-        assert all(b["est_input_tokens"] <= 40 for b in ok)
+        batches = rows(world.store, batches_t)
+        refused = [b for b in batches if b["error_code"] == "token_limit_exceeded"]
+        # … so the emulator refuses it, and the limit its message names is learned.
+        assert len(refused) == 1 and refused[0]["request_count"] == len(items)
+        requests = rows(world.store, requests_t)
+        assert {r["state"] for r in requests} == {"succeeded"}
+        assert all(r["attempts"] == 0 for r in requests), "capacity is not the request's fault"
+        ok = [b for b in batches if b["error_code"] is None]
+        assert ok and all(0 < b["est_input_tokens"] <= 50 for b in ok)
+        events = [e for e in rows(world.store, events_t) if e["kind"] == "capacity_refused"]
+        assert len(events) == 1 and "limit now 50 tokens (provider)" in events[0]["message"]
+        check_all(world.store, world.stats())
 
 
 def test_packer_flush_triggers(tmp_path: Path, db_url: str) -> None:

@@ -413,8 +413,11 @@ class Client:
 
     # --- doing the work in this process ----------------------------------------------------
 
-    def run(self, *, until_idle: bool = True, interval_s: float = 1.0) -> None:
-        """Run the embedded scheduler here until every request is terminal (or forever).
+    def run(
+        self, *, until_idle: bool = True, include_held: bool = False, interval_s: float = 1.0
+    ) -> None:
+        """Run the embedded scheduler here until every request is terminal or held for a known
+        reason and time (`include_held`: until every one is terminal), or forever.
 
         For scripts and notebooks; services run `batchwise run` or Celery workers instead.
         """
@@ -424,6 +427,7 @@ class Client:
         run_embedded(
             self.settings,
             until_idle=until_idle,
+            include_held=include_held,
             interval_s=interval_s,
             show=False,
             clock=self.clock,
@@ -469,10 +473,14 @@ class Client:
         return list_submissions(self.store, limit=limit)
 
     def status(self) -> dict[str, Any]:
-        """Counts by lane and by state: {"total", "by_lane", "by_state"}."""
+        """Counts by lane and by state, and each model's open tokens against its capacity
+        estimate: {"total", "by_lane", "by_state", "capacity": [...]}."""
+        from batchwise.lifecycle import capacity
         from batchwise.store import queries
 
-        return queries.status_counts(self.store)
+        counts = queries.status_counts(self.store)
+        counts["capacity"] = capacity.status(self.store, self.settings, now=self.clock())
+        return counts
 
 
 def handles(client: Client, result: SubmitResult) -> list[Handle]:

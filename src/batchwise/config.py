@@ -78,7 +78,9 @@ class Settings:
     max_attempts: int = 3
     #: enqueued-token budget per model for in-flight batches; models not listed use the default
     inflight_token_budget: Mapping[str, int] = field(default_factory=dict)
-    default_inflight_token_budget: int = 2_000_000_000
+    #: one limit for every model not listed; 0: each model's documented tier default
+    #: (`lifecycle.capacity.TIER_DEFAULTS`), else none until the provider refuses a batch
+    default_inflight_token_budget: int = 0
     #: realtime calls in flight at once, per process
     realtime_concurrency: int = 8
     #: how long a claim on a row lasts unless its holder renews it (seconds). A live holder's

@@ -22,7 +22,14 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option(
     "--until-idle",
     is_flag=True,
-    help="Flush every group at once and exit 0 when every request is terminal.",
+    help="Flush every group at once and exit 0 when every request is terminal or held for a "
+    "known reason and time (a budget period, a capacity wait); the last line says how many "
+    "are held and until when.",
+)
+@click.option(
+    "--include-held",
+    is_flag=True,
+    help="With --until-idle: keep waiting for held requests too, until every one is terminal.",
 )
 @click.option(
     "--interval",
@@ -33,7 +40,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
     help="Seconds between ticks; also caps the poll backoff. [default: 30]",
 )
 @pass_ctx
-def run(obj: Context, until_idle: bool, interval: float | None) -> None:
+def run(obj: Context, until_idle: bool, include_held: bool, interval: float | None) -> None:
     """Run the scheduler in this process (embedded mode: SQLite, no servers).
 
     Ctrl-C or SIGTERM exits within seconds, abandoning provider calls in flight (their work
@@ -43,21 +50,27 @@ def run(obj: Context, until_idle: bool, interval: float | None) -> None:
     from batchwise.lifecycle.runner import run_embedded
 
     try:
-        totals = run_embedded(obj.settings(), until_idle=until_idle, interval_s=interval)
+        totals = run_embedded(
+            obj.settings(), until_idle=until_idle, include_held=include_held, interval_s=interval
+        )
     except BatchwiseError as exc:
         raise fail(exc) from exc
-    if totals.stopped:
-        why = f"stopped by {totals.reason}" + (
-            " before everything was terminal" if until_idle else ""
-        )
-    else:
-        why = "idle: every request is terminal" if until_idle else "idle"
     click.echo(
-        f"{why}, after {totals.ticks} tick(s): "
+        f"after {totals.ticks} tick(s): "
         f"{totals.batches_submitted} batch(es) submitted, {totals.lines_reconciled} line(s) "
         f"reconciled, {sum(totals.realtime.values())} realtime call(s), {totals.rescued} rescue(s)",
         err=True,
     )
+    # the last line says why the run ended
+    if totals.stopped:
+        last = f"stopped by {totals.reason}" + (
+            " before everything was terminal" if until_idle else ""
+        )
+    elif totals.held is not None and totals.held.count:
+        last = f"idle: {totals.held.line()}"
+    else:
+        last = "idle: every request is terminal" if until_idle else "idle"
+    click.echo(last, err=True)
 
 
 @click.command()

@@ -137,6 +137,9 @@ class Emulator:
                     "endpoint": b.endpoint,
                     "model": b.model,
                     "created_at": b.created_at,
+                    # when it stops holding enqueued tokens, and how many (capacity checks)
+                    "ends_at": b.ends_at,
+                    "prompt_tokens": b.prompt_tokens,
                     "deleted": b.deleted,
                 }
             )

@@ -81,6 +81,7 @@ __all__ = [
     "RunExists",
     "RunRecord",
     "RunState",
+    "deliver_due",
     "deliver_ready",
     "jobs_folder",
     "last_runs",
@@ -369,6 +370,15 @@ def run_results(store: Store, run_id: int) -> list[JobResult]:
             )
         )
     return results
+
+
+def deliver_due(
+    store: Store, *, settings: Settings, now: datetime, worker: str | None = None
+) -> list[RunRecord]:
+    """Deliver the finished runs of the configured jobs folder (the scheduler calls this in
+    the tick that answered their last request, so a report exists when the tick ends)."""
+    loaded = load_jobs(settings)
+    return deliver_ready(store, loaded.jobs, settings=settings, now=now, worker=worker)
 
 
 def deliver_ready(

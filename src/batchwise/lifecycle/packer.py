@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from batchwise.faults import crashpoint
-from batchwise.lifecycle import batch_files
+from batchwise.lifecycle import batch_files, capacity
+from batchwise.lifecycle.capacity import Room
 from batchwise.providers.base import BatchLimits, Provider
 from batchwise.store import batches, packing
 from batchwise.store.packing import Group, GroupKey
@@ -70,15 +71,15 @@ def plan(
     settings: Settings,
     limits: Mapping[str, BatchLimits],
     turnaround_s: Callable[[str, str], float],
-    inflight_tokens: Mapping[tuple[str, str], int],
+    rooms: Mapping[tuple[str, str], Room],
     drain: bool = False,
 ) -> list[Flush]:
-    """Which groups to flush now, and why. Pure."""
+    """Which groups to flush now, and why. Pure. A group whose model has no room (its open
+    batches fill the capacity estimate, or it waits after a refusal) is not flushed."""
     flushes = []
     for group in groups:
         limit = limits[group.provider]
-        budget = token_budget(settings, group.model)
-        if inflight_tokens.get((group.provider, group.model), 0) >= budget:
+        if not has_room(rooms[group.provider, group.model]):
             continue  # the provider would refuse it (token_limit_exceeded); wait for capacity
         due = None
         if drain:
@@ -98,8 +99,9 @@ def plan(
     return flushes
 
 
-def token_budget(settings: Settings, model: str) -> int:
-    return settings.inflight_token_budget.get(model, settings.default_inflight_token_budget)
+def has_room(room: Room | None) -> bool:
+    """Whether a batch of the model may be packed now (None: nothing known, no limit)."""
+    return room is None or room.free_tokens is None or room.free_tokens > 0
 
 
 def pack(
@@ -121,9 +123,11 @@ def pack(
     so the submitter need not read them again; without it, the submitter builds the file."""
     batch_files.sweep(store, settings)
     with store.read() as conn:
-        inflight = batches.inflight_tokens(conn)
+        rooms = capacity.rooms(conn, settings, now=now)
         flushes = (
-            _drain_flushes(conn, now=now, settings=settings, inflight=inflight) if drain else None
+            _drain_flushes(*packing.queued_group_keys(conn, now), now=now, rooms=rooms)
+            if drain
+            else None
         )
         if flushes is None:
             flushes = plan(
@@ -134,7 +138,7 @@ def pack(
                 settings=settings,
                 limits=limits,
                 turnaround_s=turnaround_s,
-                inflight_tokens=inflight,
+                rooms=rooms,
                 drain=drain,
             )
     created: list[int] = []
@@ -142,7 +146,7 @@ def pack(
         created += _pack_flush(
             store,
             flush,
-            inflight,
+            rooms,
             now=now,
             settings=settings,
             limits=limits,
@@ -155,7 +159,7 @@ def pack(
 def _pack_flush(
     store: Store,
     flush: Flush,
-    inflight: Mapping[tuple[str, str], int],
+    rooms: Mapping[tuple[str, str], Room],
     *,
     now: datetime,
     settings: Settings,
@@ -170,7 +174,7 @@ def _pack_flush(
         now=now,
         settings=settings,
         limit=limits[group.provider],
-        inflight=inflight.get((group.provider, group.model), 0),
+        room=rooms[group.provider, group.model],
         coalesce=coalesce,
         provider=None if provider_for is None else provider_for(group.provider),
     )
@@ -180,19 +184,22 @@ def _pack_flush(
 
 
 def _drain_flushes(
-    conn: Connection, *, now: datetime, settings: Settings, inflight: Mapping[tuple[str, str], int]
+    first: GroupKey | None,
+    groups: set[GroupKey],
+    *,
+    now: datetime,
+    rooms: Mapping[tuple[str, str], Room],
 ) -> list[Flush] | None:
     """Every group, flushed, without the per-group sums `plan` needs: the groups come from
     one DISTINCT over the queue, which SQL answers without a row reaching Python; the group
-    of the first queued request goes first. Groups without token budget left wait. None if
-    that first group has none (then `plan` decides, as without drain)."""
-    first, groups = packing.queued_group_keys(conn, now)
+    of the first queued request goes first. Groups without room left wait. None if that
+    first group has none (then `plan` decides, as without drain)."""
     if first is None:
         return []
 
     def has_budget(key: GroupKey) -> bool:
         # Without it the provider would refuse the batch (token_limit_exceeded): wait.
-        return inflight.get((key[0], key[2]), 0) < token_budget(settings, key[2])
+        return has_room(rooms[key[0], key[2]])
 
     if not has_budget(first):
         return None
@@ -253,7 +260,7 @@ def _pack_group(
     now: datetime,
     settings: Settings,
     limit: BatchLimits,
-    inflight: int,
+    room: Room | None,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
     provider: Provider | None = None,
 ) -> list[int]:
@@ -269,7 +276,11 @@ def _pack_group(
     object per row), so a batch's earliest deadline is taken from its first member in SQL.
     """
     group = flush.group
-    budget = token_budget(settings, group.model) - inflight
+    # Never over the estimate: the line that would cross it waits (alone, a request bigger
+    # than the whole limit goes only when nothing of its model is open).
+    free = None if room is None else room.free_tokens
+    budget = free if free is not None else 1 << 62
+    alone = room is not None and room.alone
     created: list[_Cut] = []
     lines = None if provider is None else LineFormat(provider, group.endpoint, store.store_id)
     cut: _Cut | None = None
@@ -301,16 +312,15 @@ def _pack_group(
                             followers.append((rid, leader))
                             continue
                     line_bytes = row_bytes + overhead
-                    if count:
-                        if tokens + est > budget:
-                            capped = True  # the provider would refuse more of this model now
-                            break
-                        if count >= max_requests or size + line_bytes > max_bytes:
-                            assert cut is not None
-                            _close_cut(conn, cut, "full", size, tokens)
-                            created.append(cut)
-                            budget -= tokens
-                            cut, count, size, tokens = None, 0, 0, 0
+                    if tokens + est > budget and not (alone and not created and not count):
+                        capped = True  # the provider would refuse more of this model now
+                        break
+                    if count and (count >= max_requests or size + line_bytes > max_bytes):
+                        assert cut is not None
+                        _close_cut(conn, cut, "full", size, tokens)
+                        created.append(cut)
+                        budget -= tokens
+                        cut, count, size, tokens = None, 0, 0, 0
                     if cut is None:
                         cut = _open_cut(conn, store, settings, flush, lines, now=now)
                         write = cut.file.write if cut.file is not None else None

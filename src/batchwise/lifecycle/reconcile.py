@@ -33,6 +33,7 @@ from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
+from batchwise.lifecycle import capacity
 from batchwise.lifecycle.packer import parse_custom_id
 from batchwise.providers.base import (
     BatchInfo,
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 CHUNK_LINES = 5000
 #: wait before reading the results of a batch again after a broken stream
 RETRY_READ_S = 30.0
-TOKEN_LIMIT = "token_limit_exceeded"
+TOKEN_LIMIT = capacity.TOKEN_LIMIT
 #: one event per unreadable result line, up to this many per batch; past it, one per chunk
 BAD_LINE_EVENTS = 100
 BAD_LINE, BAD_LINES = "bad_result_line", "bad_result_lines"
@@ -626,6 +627,16 @@ def _finish(
                 f"{len(leftovers)} request(s) re-queued or failed",
             )
         batches.mark_reconciled(conn, batch.id, src=BatchState(batch.state), now=now)
+        # The batch no longer holds capacity: learn from how it ended (refused or taken).
+        capacity.observe_end(
+            conn,
+            settings,
+            batch_id=batch.id,
+            state=batch.state,
+            error_code=batch.error_code,
+            error=batch.last_error,
+            now=now,
+        )
 
 
 def _fan_out(

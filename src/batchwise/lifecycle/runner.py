@@ -29,6 +29,7 @@ from rich.table import Table
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
 from batchwise.errors import ProviderError, Stopped
+from batchwise.lifecycle.drain import Held
 from batchwise.lifecycle.holders import Heartbeat, release_dead
 from batchwise.lifecycle.scheduler import Providers, Scheduler, TickReport
 from batchwise.providers.base import Provider
@@ -52,6 +53,8 @@ class RunTotals:
     reason: str = "idle"
     #: ticks a provider failure cut short (the loop went on)
     provider_failures: int = 0
+    #: with `until_idle`: what was left waiting for a known reason and time when the run ended
+    held: Held | None = None
 
     def add(self, report: TickReport) -> None:
         self.ticks += 1
@@ -104,6 +107,7 @@ def run_embedded(
     settings: Settings,
     *,
     until_idle: bool = False,
+    include_held: bool = False,
     interval_s: float | None = None,
     show: bool = True,
     clock: Clock = system_clock,
@@ -111,7 +115,9 @@ def run_embedded(
     console: Console | None = None,
     on_tick: Callable[[TickReport], None] | None = None,
 ) -> RunTotals:
-    """Run the scheduler in this process until stopped (or until every request is terminal).
+    """Run the scheduler in this process until stopped; with `until_idle`, until every request
+    is terminal or held for a known reason and time (`include_held`: until all are terminal).
+    What was left held is in the totals' `held`.
 
     It starts by taking over the claims of dead processes of this host (a runner killed
     before it), and keeps its own claims alive with a heartbeat while it works."""
@@ -148,6 +154,7 @@ def run_embedded(
                     totals,
                     stop,
                     until_idle=until_idle,
+                    include_held=include_held,
                     interval_s=interval,
                     on_tick=tick,
                 )
@@ -174,14 +181,17 @@ def _loop(
     stop: StopFlag,
     *,
     until_idle: bool,
+    include_held: bool,
     interval_s: float,
     on_tick: Callable[[TickReport], None],
 ) -> None:
-    """Tick until idle or stopped; a provider failure that escapes a step costs one tick."""
+    """Tick until idle (or held) or stopped; a provider failure that escapes a step costs one
+    tick. What was left held goes into the totals."""
     while not stop():
         try:
-            scheduler.run(
+            totals.held = scheduler.run(
                 until_idle=until_idle,
+                include_held=include_held,
                 interval_s=interval_s,
                 on_tick=on_tick,
                 should_stop=stop,

@@ -21,6 +21,8 @@ from batchwise.costs.pricing import PriceBook
 from batchwise.intake.classify import expected_turnaround
 from batchwise.jobs import runs as jobs
 from batchwise.jobs.runs import JobsReport
+from batchwise.lifecycle import drain
+from batchwise.lifecycle.drain import Held
 from batchwise.lifecycle.holders import Heartbeat, new_owner
 from batchwise.lifecycle.packer import pack
 from batchwise.lifecycle.poller import poll_due
@@ -256,9 +258,20 @@ class Scheduler:
         report.rescued, report.missed = self.rescue()
         if self.dispatcher is not None:
             report.realtime = self.dispatcher.run_once()
+        if report.reconciled or report.realtime:
+            # A run whose last answer came in this tick delivers now, not a tick later.
+            self._deliver_jobs(report)
         # alerts last: they see this tick's ledger entries
         report.anomalies = alerts.tick(self.store, settings=self.settings, now=self.clock())
         return report
+
+    def _deliver_jobs(self, report: TickReport) -> None:
+        delivered = jobs.deliver_due(
+            self.store, settings=self.settings, now=self.clock(), worker=self.worker
+        )
+        if report.jobs is None:
+            report.jobs = JobsReport()
+        report.jobs.delivered += delivered
 
     # --- draining -----------------------------------------------------------------------------
 
@@ -270,23 +283,36 @@ class Scheduler:
         """True when every request is terminal and every batch reconciled."""
         return requests.settled(self.store)
 
+    def held(self) -> Held | None:
+        """What waits for a known reason and time, if nothing else is left (`lifecycle.drain`);
+        an empty `Held` when every request is terminal; None while work can still move."""
+        if self.idle():
+            return Held()
+        return drain.held(self.store, self.settings, now=self.clock())
+
     def run(
         self,
         *,
         until_idle: bool = False,
+        include_held: bool = False,
         interval_s: float | None = None,
         on_tick: Callable[[TickReport], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        """Tick forever (or until idle). The interval is the tick period and caps poll backoff;
-        a tick that did work is followed at once by another."""
+    ) -> Held | None:
+        """Tick forever, or with `until_idle` until every request is terminal or held for a
+        known reason and time (`held`; with `include_held`, until every request is terminal).
+        Returns what was left held (None if stopped). The interval is the tick period and caps
+        poll backoff; a tick that did work is followed at once by another."""
         interval = self.settings.tick_interval_s if interval_s is None else interval_s
         while not should_stop():
             report = self.tick(drain=until_idle, poll_cap_s=interval)
             if on_tick is not None:
                 on_tick(report)
-            if until_idle and self.idle():
-                return
+            if until_idle:
+                left = Held() if self.idle() else None if include_held else self.held()
+                if left is not None:
+                    return left
             if not report.did_work:
                 sleep(interval)
+        return None

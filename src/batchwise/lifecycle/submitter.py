@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
-from batchwise.lifecycle import batch_files
+from batchwise.lifecycle import batch_files, capacity
 from batchwise.lifecycle.packer import write_batch_file
 from batchwise.providers.base import BatchInfo, BatchStatus, Provider
 from batchwise.states import BatchState
 from batchwise.store import batches
 from batchwise.store.batches import Claimed
+from batchwise.store.events import record_event
 
 if TYPE_CHECKING:
     from batchwise.clock import Clock
@@ -35,6 +36,8 @@ METADATA_KEY = "batchwise_batch"
 _CLOCK_SKEW = timedelta(seconds=30)
 #: longest wait between submit attempts after transient failures (seconds)
 MAX_SUBMIT_DELAY_S = 600.0
+#: submit attempts (claims that may create a provider batch) per batch row and hour
+MAX_SUBMIT_ATTEMPTS = capacity.MAX_CREATIONS
 
 STATUS_TO_STATE = {
     BatchStatus.VALIDATING: BatchState.SUBMITTED,
@@ -219,13 +222,18 @@ def _submit_failed(
     worker: str,
 ) -> None:
     """A transient failure (an outage, a timeout, a page from a proxy) waits, with backoff and
-    jitter, and tries again (looking for the batch first), however long the outage lasts: the
-    rescue takes requests whose deadline is at risk. A final one fails the batch, and the
-    reconciler puts its requests back in the queue (or fails them, if the error dooms them).
-    The provider's HTTP client logs an outage once per streak, so a retry is only noted."""
-    give_up = not exc.retryable
+    jitter, and tries again (looking for the batch first), at most `capacity.MAX_CREATIONS`
+    times an hour (`_hold`: then the batch is held, with an event, until the hour is over); the
+    rescue takes requests whose deadline is at risk meanwhile. A final failure, or a refusal
+    for capacity, fails the batch and the reconciler puts its requests back in the queue, or
+    fails them if the error dooms them (a capacity refusal spends no attempt and teaches the
+    packer the limit). The provider's HTTP client logs an outage once per streak, so a retry is
+    only noted."""
+    give_up = not exc.retryable or exc.code == capacity.TOKEN_LIMIT
     backoff = min(MAX_SUBMIT_DELAY_S, 5.0 * 2 ** min(max(batch.attempts - 1, 0), 10))
     delay = exc.retry_after_s or backoff * (0.75 + 0.5 * random.random())
+    if not give_up and _hold(store, batch, exc, now=now, worker=worker):
+        return
     if give_up:
         log.error("batch %s: submit failed for good: %s", batch.id, exc)
     else:
@@ -251,3 +259,35 @@ def _submit_failed(
                 retry_at=now + timedelta(seconds=delay),
                 now=now,
             )
+
+
+def _hold(store: Store, batch: Claimed, exc: ProviderError, *, now: datetime, worker: str) -> bool:
+    """Past `capacity.MAX_CREATIONS` tries within the hour, the batch is held until the hour
+    is over, with an event, instead of being tried again in a loop. False if it may retry."""
+    until = capacity.creation_hold(batch.attempts, batch.upload_started_at, now=now)
+    if until is None:
+        return False
+    log.error("batch %s: %s submit tries within the hour; held until %s", batch.id,
+              batch.attempts, until.isoformat())  # fmt: skip
+    with store.write() as conn:
+        if batches.retry_submit_later(
+            conn,
+            batch.id,
+            worker=worker,
+            error=str(exc),
+            error_code=exc.code,
+            retry_at=until,
+            now=now,
+        ):
+            record_event(
+                conn,
+                at=now,
+                kind="batch_held",
+                severity="warning",
+                batch_id=batch.id,
+                message=f"batch {batch.id} was tried {batch.attempts} times at "
+                f"{batch.provider} within the hour ({exc.code or 'error'}: {exc}); "
+                f"held until {until.isoformat()}",
+                data={"until": until.isoformat(), "attempts": batch.attempts},
+            )
+    return True

@@ -35,6 +35,26 @@ def print_status(counts: dict[str, Any]) -> None:
         states.add_row(Text(visible(str(state))), f"{n:,}")
     console.print(table)
     console.print(states)
+    if counts.get("capacity"):
+        print_capacity(counts["capacity"])
+
+
+def print_capacity(rows: list[dict[str, Any]]) -> None:
+    """Each model's tokens in open batches against its enqueued-token limit."""
+    table = Table(title="capacity (enqueued tokens)", title_justify="left")
+    for name in ("provider", "model", "open", "limit", "from", "waits until"):
+        table.add_column(name, justify="right" if name in {"open", "limit"} else "left")
+    for row in rows:
+        limit = row["limit_tokens"]
+        table.add_row(
+            Text(visible(str(row["provider"]))),
+            Text(visible(str(row["model"]))),
+            f"{row['open_tokens']:,}",
+            "—" if limit is None else f"{limit:,}",
+            str(row["source"]),
+            row["wait_until"] or "—",
+        )
+    console.print(table)
 
 
 def print_request(view: RequestView) -> None:
