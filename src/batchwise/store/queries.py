@@ -48,7 +48,7 @@ def request_view(
     query = sa.select(t)
     # a number past 64 bits is no id: it can only be a custom_id
     by_id = isinstance(request, int) or (
-        request.isascii() and request.isdigit() and int(request) < 2**63
+        request.isascii() and request.isdigit() and len(request) < 20 and int(request) < 2**63
     )
     rid: int | None = int(request) if by_id else None
     if rid is not None and not 0 < rid < 2**63:
