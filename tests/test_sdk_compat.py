@@ -156,7 +156,7 @@ def test_openai_realtime_endpoints(oa: openai.OpenAI) -> None:
     plain = oa.embeddings.create(
         model="text-embedding-3-small", input=["a", "b"], encoding_format="float"
     )
-    assert len(packed.data) == 2 and len(packed.data[0].embedding) == 16
+    assert len(packed.data) == 2 and len(packed.data[0].embedding) == 1536
     assert packed.data[1].embedding == pytest.approx(plain.data[1].embedding, rel=1e-6)
     short = oa.embeddings.create(model="text-embedding-3-large", input="x", dimensions=8)
     assert len(short.data[0].embedding) == 8 and short.usage.total_tokens > 0
