@@ -631,6 +631,9 @@ def test_embeddings_have_the_models_real_size(rig: Rig, model: str, dims: int) -
     raw = base64.b64decode(packed["data"][1]["embedding"])
     assert len(raw) == 4 * dims
     assert struct.unpack(f"<{dims}f", raw) == pytest.approx(plain[1]["embedding"], rel=1e-6)
+    # null is the default, as LiteLLM sends it
+    nulls = {**body, "encoding_format": None, "dimensions": None}
+    assert rig.openai.post("/embeddings", json=nulls).json()["data"] == plain
     above = rig.openai.post("/embeddings", json={**body, "dimensions": dims + 1})
     assert above.status_code == 400 and above.json()["error"]["param"] == "dimensions"
 

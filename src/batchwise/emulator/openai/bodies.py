@@ -88,7 +88,7 @@ def bad(message: str, *, param: str | None = None, code: str | None = None) -> A
 def _model(
     body: Mapping[str, Any], kinds: frozenset[str], endpoint: str, *, default: str | None = None
 ) -> ModelInfo:
-    name = body.get("model", default)
+    name = body.get("model") or default
     if not isinstance(name, str) or not name:
         raise bad(
             "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
@@ -341,7 +341,8 @@ def plan_embeddings(body: Mapping[str, Any]) -> OpenAIPlan:
             code="unsupported_parameter",
         )
     _int(body, "dimensions", low=1, high=model.embedding_dims)
-    if body.get("encoding_format", "float") not in ("float", "base64"):
+    # null means the default, as for every optional field of the real API
+    if body.get("encoding_format") not in (None, "float", "base64"):
         raise bad(
             "Invalid 'encoding_format': expected 'float' or 'base64'.",
             param="encoding_format",

@@ -128,7 +128,8 @@ def _render_response(
         "truncation": body.get("truncation", "disabled"),
         "usage": {
             "input_tokens": p.input_tokens,
-            "input_tokens_details": {"cached_tokens": cached},
+            # the OpenAI SDK's Response type requires both (newer prompt caches can write)
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": p.output_tokens,
             "output_tokens_details": {"reasoning_tokens": p.reasoning_tokens},
             "total_tokens": p.input_tokens + p.output_tokens,
