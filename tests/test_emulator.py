@@ -462,7 +462,7 @@ def test_responses_endpoint(rig: Rig) -> None:
     assert answer["object"] == "response" and answer["status"] == "completed"
     assert answer["output"][0]["content"][0]["type"] == "output_text"
     usage = answer["usage"]
-    assert usage["input_tokens_details"] == {"cached_tokens": 0}
+    assert usage["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     # a reasoning model spends more than 16 tokens thinking, so 16 always cuts the answer
     cut = rig.openai.post(
