@@ -369,7 +369,9 @@ def test_batch_create_rejects_bad_parameters(
 
 def test_uploads_are_validated(rig: Rig) -> None:
     assert upload(rig, b"{}\n", purpose="nope").json()["error"]["param"] == "purpose"
-    assert upload(rig, b"{}\n", filename="in.txt").status_code == 400
+    # any file name: the SDKs send bare bytes named `upload`, which the real API takes
+    for name in ("upload", "in.txt"):
+        assert upload(rig, b"{}\n", filename=name).json()["filename"] == name
     good = upload(rig, b"{}\n", purpose="assistants", filename="a.txt").json()
     body = {"input_file_id": good["id"], "endpoint": CHAT, "completion_window": "24h"}
     assert rig.openai.post("/batches", json=body).status_code == 400  # wrong purpose
@@ -518,7 +520,7 @@ def test_responses_endpoint(rig: Rig) -> None:
     assert answer["object"] == "response" and answer["status"] == "completed"
     assert answer["output"][0]["content"][0]["type"] == "output_text"
     usage = answer["usage"]
-    assert usage["input_tokens_details"] == {"cached_tokens": 0}
+    assert usage["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     # a reasoning model spends more than 16 tokens thinking, so 16 always cuts the answer
     cut = rig.openai.post(
@@ -543,7 +545,7 @@ def test_json_schema_answers_parse(rig: Rig) -> None:
 def test_embeddings_are_deterministic_and_honour_dimensions(rig: Rig) -> None:
     body = {"model": "text-embedding-3-small", "input": ["a", "b c"]}
     first = rig.openai.post("/embeddings", json=body).json()
-    assert len(first["data"]) == 2 and len(first["data"][0]["embedding"]) == 16
+    assert len(first["data"]) == 2 and len(first["data"][0]["embedding"]) == 1536
     assert first["usage"]["prompt_tokens"] == first["usage"]["total_tokens"] > 0
     assert rig.openai.post("/embeddings", json=body).json()["data"] == first["data"]
     wide = rig.openai.post("/embeddings", json={**body, "dimensions": 64}).json()
@@ -581,6 +583,192 @@ def test_openai_errors_have_the_provider_shape(
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+
+
+# --- never stricter than the provider -------------------------------------------------------
+
+#: names the providers serve, from their guides and cookbooks, or that follow their naming
+OPENAI_NAMES = [
+    "gpt-3.5-turbo-0125",  # the OpenAI Batch guide's example
+    "gpt-3.5-turbo",
+    "gpt-4-turbo",  # the cookbook's
+    "gpt-4-1106-preview",
+    "gpt-4o-2024-08-06",
+    "o4-mini",
+    "gpt-5.3",
+    "gpt-5.9-codex-mini",  # a family not heard of yet
+    "ft:gpt-4o-mini-2024-07-18:acme::a1b2c3",
+]
+ANTHROPIC_NAMES = [
+    "claude-opus-4-8",  # Anthropic's prompt-caching batch example
+    "claude-3-5-haiku-20241022",
+    "claude-3-5-haiku-latest",
+    "claude-sonnet-4-5",
+    "claude-sonnet-4-20250514",
+    "claude-haiku-6-1",
+]
+
+
+@pytest.mark.parametrize("model", OPENAI_NAMES)
+def test_any_openai_model_name_the_provider_could_serve_is_answered(rig: Rig, model: str) -> None:
+    answer = rig.openai.post("/chat/completions", json=chat_body(model=model))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"].startswith(model.removesuffix("-preview").split(":")[0])
+
+
+@pytest.mark.parametrize("model", ANTHROPIC_NAMES)
+def test_any_anthropic_model_name_the_provider_could_serve_is_answered(
+    rig: Rig, model: str
+) -> None:
+    item = anthropic_item("x", model=model)["params"]
+    answer = rig.anthropic.post("/v1/messages", json=item)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"].startswith(model.removesuffix("-latest"))
+
+
+def test_a_batch_of_a_legacy_model_completes(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(turnaround_s=0.0)
+    line = chat_line("a", body=chat_body(model="gpt-3.5-turbo-0125"))
+    batch = get_batch(rig, create_batch(rig, [line])["id"])
+    assert batch["status"] == "completed" and batch["errors"] is None
+    [done] = jsonl(rig, batch["output_file_id"])
+    assert done["response"]["body"]["model"] == "gpt-3.5-turbo-0125"
+
+
+@pytest.mark.parametrize(
+    ("client", "path", "body"),
+    [
+        ("openai", "/chat/completions", chat_body(model="claude-opus-4-8")),
+        ("openai", "/chat/completions", chat_body(model="gemini-2.5-flash")),
+        ("anthropic", "/v1/messages", {**anthropic_item("x")["params"], "model": "gpt-4o"}),
+    ],
+)
+def test_another_providers_model_gets_the_providers_404(
+    rig: Rig, client: str, path: str, body: dict[str, Any]
+) -> None:
+    answer = getattr(rig, client).post(path, json=body)
+    assert answer.status_code == 404, answer.text
+
+
+def test_unknown_families_get_plausible_limits(rig: Rig) -> None:
+    # a future Claude takes the largest output of its newest relatives
+    item = anthropic_item("x", model="claude-opus-4-8", max_tokens=100_000)["params"]
+    assert rig.anthropic.post("/v1/messages", json=item).status_code == 200
+    # a future embedding model has the common size
+    body = {"model": "text-embedding-4", "input": "x", "encoding_format": "float"}
+    vector = rig.openai.post("/embeddings", json=body).json()["data"][0]["embedding"]
+    assert len(vector) == 1536
+
+
+def test_a_prompt_longer_than_the_context_window_is_refused(rig: Rig) -> None:
+    long = chat_body(LONG_TEXT * 6, model="gpt-4")  # ~9,000 tokens, gpt-4 reads 8,192
+    answer = rig.openai.post("/chat/completions", json=long)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "context_length_exceeded"
+    assert rig.openai.post("/chat/completions", json={**long, "model": "gpt-4o"}).is_success
+
+
+def test_a_bare_upload_named_upload_makes_a_batch(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(turnaround_s=0.0)
+    file_id = upload(rig, chat_line("a") + b"\n", filename="upload").json()["id"]
+    body = {"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"}
+    created = rig.openai.post("/batches", json=body).json()
+    assert get_batch(rig, created["id"])["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("model", "dims"),
+    [("text-embedding-3-small", 1536), ("text-embedding-3-large", 3072),
+     ("text-embedding-ada-002", 1536)],
+)  # fmt: skip
+def test_embeddings_have_the_models_real_size(rig: Rig, model: str, dims: int) -> None:
+    body = {"model": model, "input": ["a", "b c"]}
+    plain = rig.openai.post("/embeddings", json=body).json()["data"]
+    assert [len(d["embedding"]) for d in plain] == [dims, dims]
+    packed = rig.openai.post("/embeddings", json={**body, "encoding_format": "base64"}).json()
+    raw = base64.b64decode(packed["data"][1]["embedding"])
+    assert len(raw) == 4 * dims
+    assert struct.unpack(f"<{dims}f", raw) == pytest.approx(plain[1]["embedding"], rel=1e-6)
+    # null is the default, as LiteLLM sends it
+    nulls = {**body, "encoding_format": None, "dimensions": None}
+    assert rig.openai.post("/embeddings", json=nulls).json()["data"] == plain
+    above = rig.openai.post("/embeddings", json={**body, "dimensions": dims + 1})
+    assert above.status_code == 400 and above.json()["error"]["param"] == "dimensions"
+
+
+def test_completions_answer_a_text_completion(rig: Rig) -> None:
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["Say this", "is a test"], "n": 2}
+    answer = rig.openai.post("/completions", json=body).json()
+    assert answer["object"] == "text_completion" and answer["id"].startswith("cmpl-")
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    # the legacy endpoint writes 16 tokens unless asked for more
+    assert all(len(c["text"]) <= 4 * 16 for c in answer["choices"])
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    echoed = rig.openai.post(
+        "/completions", json={**body, "n": 1, "echo": True, "max_tokens": 5}
+    ).json()
+    assert echoed["choices"][1]["text"].startswith("is a test")
+    assert rig.openai.post("/completions", json=body).json()["choices"] == answer["choices"]
+    missing = rig.openai.post("/completions", json={"model": "gpt-3.5-turbo-instruct"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+
+
+def test_moderations_answer_categories_and_scores(rig: Rig) -> None:
+    answer = rig.openai.post(
+        "/moderations", json={"input": ["a kind word", "I will kill the process"]}
+    ).json()
+    assert answer["id"].startswith("modr-") and answer["model"].startswith("omni-moderation")
+    calm, rough = answer["results"]
+    assert calm["flagged"] is False and rough["flagged"] is True
+    assert rough["categories"]["violence"] is True and rough["category_scores"]["violence"] > 0.5
+    assert set(calm["categories"]) == set(calm["category_scores"]) >= {"hate", "illicit"}
+    assert calm["category_applied_input_types"]["violence"] == ["text"]
+    assert "usage" not in answer  # moderations are free
+    legacy = rig.openai.post(
+        "/moderations", json={"model": "text-moderation-latest", "input": "hello"}
+    ).json()
+    assert "illicit" not in legacy["results"][0]["categories"]
+    image = [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
+    [mixed] = rig.openai.post("/moderations", json={"input": image}).json()["results"]
+    assert mixed["category_applied_input_types"]["violence"] == ["text", "image"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "obj"),
+    [
+        (
+            "/v1/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "Once upon", "max_tokens": 20},
+            "text_completion",
+        ),
+        ("/v1/moderations", {"model": "omni-moderation-latest", "input": "hello"}, None),
+    ],
+)
+def test_completions_and_moderations_run_in_batches(
+    make_rig: Callable[..., Rig], endpoint: str, body: dict[str, Any], obj: str | None
+) -> None:
+    rig = make_rig(turnaround_s=0.0)
+    lines = [
+        orjson.dumps({"custom_id": c, "method": "POST", "url": endpoint, "body": body})
+        for c in ids(3)
+    ]
+    created = create_batch(rig, lines, endpoint=endpoint)
+    batch = get_batch(rig, created["id"])
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 3
+    answers = {x["custom_id"]: x["response"] for x in jsonl(rig, batch["output_file_id"])}
+    assert set(answers) == set(ids(3))
+    for response in answers.values():
+        assert response["status_code"] == 200
+        assert response["body"].get("object") == obj
+    if obj is None:  # moderations bill no tokens
+        assert batch["usage"]["total_tokens"] == 0
+        assert all(r["body"]["results"][0]["flagged"] is False for r in answers.values())
+    else:
+        assert batch["usage"]["input_tokens"] > 0 and batch["usage"]["output_tokens"] > 0
 
 
 def test_dated_snapshots_are_accepted(rig: Rig) -> None:

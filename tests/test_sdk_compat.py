@@ -6,6 +6,7 @@ stream results, retry 429s and raise the right exception classes, the wire forma
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,8 +16,11 @@ import anthropic
 import httpx
 import openai
 import orjson
+import pydantic
 import pytest
+from openai.types import Completion, CreateEmbeddingResponse, ModerationCreateResponse
 from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 
 from batchwise.clock import ManualClock
 from batchwise.emulator.app import Emulator, EmulatorConfig
@@ -156,7 +160,7 @@ def test_openai_realtime_endpoints(oa: openai.OpenAI) -> None:
     plain = oa.embeddings.create(
         model="text-embedding-3-small", input=["a", "b"], encoding_format="float"
     )
-    assert len(packed.data) == 2 and len(packed.data[0].embedding) == 16
+    assert len(packed.data) == 2 and len(packed.data[0].embedding) == 1536
     assert packed.data[1].embedding == pytest.approx(plain.data[1].embedding, rel=1e-6)
     short = oa.embeddings.create(model="text-embedding-3-large", input="x", dimensions=8)
     assert len(short.data[0].embedding) == 8 and short.usage.total_tokens > 0
@@ -243,6 +247,181 @@ def test_anthropic_cancel_and_delete(an: anthropic.Anthropic, sdk_clock: ManualC
     assert an.messages.batches.delete(batch.id).type == "message_batch_deleted"
     with pytest.raises(anthropic.NotFoundError):
         an.messages.batches.retrieve(batch.id)
+
+
+# --- the providers' cookbook flows, as written there ----------------------------------------
+
+LONG_DOC = "The quick brown fox jumps over the lazy dog again. " * 120  # ~1,500 tokens
+#: a one-page PDF, as the PDF-support guide sends it (a base64 document block)
+PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[3 0 R]"
+    b"/Count 1>>endobj 3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]>>endobj\n"
+    b"trailer<</Root 1 0 R>>\n%%EOF\n"
+)
+COOKBOOK: dict[str, tuple[dict[str, Any], type[pydantic.BaseModel]]] = {
+    "/v1/chat/completions": (
+        {
+            "model": "gpt-3.5-turbo-0125",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Hello world!"},
+            ],
+            "max_tokens": 1000,
+        },
+        ChatCompletion,
+    ),
+    "/v1/embeddings": (
+        {"model": "text-embedding-3-small", "input": "The food was delicious."},
+        CreateEmbeddingResponse,
+    ),
+    "/v1/completions": (
+        {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test", "max_tokens": 7},
+        Completion,
+    ),
+    "/v1/moderations": (
+        {"model": "omni-moderation-latest", "input": "I want to kill them."},
+        ModerationCreateResponse,
+    ),
+    "/v1/responses": (
+        {"model": "gpt-4-turbo", "input": "Tell me a three sentence bedtime story."},
+        Response,
+    ),
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(COOKBOOK))
+def test_openai_cookbook_batch_for_every_endpoint(
+    oa: openai.OpenAI, sdk_clock: ManualClock, endpoint: str
+) -> None:
+    # Given the Batch guide's flow: bytes uploaded (the SDK names them `upload`), a batch made
+    body, answer_type = COOKBOOK[endpoint]
+    lines = b"".join(
+        orjson.dumps({"custom_id": f"task-{i}", "method": "POST", "url": endpoint, "body": body})
+        + b"\n"
+        for i in range(3)
+    )
+    uploaded = oa.files.create(file=lines, purpose="batch")
+    assert uploaded.filename == "upload"
+    batch = oa.batches.create(
+        input_file_id=uploaded.id,
+        endpoint=endpoint,  # type: ignore[arg-type]
+        completion_window="24h",
+        metadata={"description": "nightly eval job"},
+    )
+    # When it is polled until it ends
+    while (batch := oa.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        sdk_clock.advance(3)
+    # Then every line is answered with the endpoint's own object, which the SDK parses
+    assert batch.status == "completed" and batch.output_file_id, batch.errors
+    assert batch.error_file_id is None
+    output = [orjson.loads(x) for x in oa.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in output) == ["task-0", "task-1", "task-2"]
+    for line in output:
+        assert line["response"]["status_code"] == 200 and line["error"] is None
+        answer_type.model_validate(line["response"]["body"])
+    if endpoint == "/v1/moderations":
+        assert output[0]["response"]["body"]["results"][0]["flagged"] is True
+        assert batch.usage is not None and batch.usage.total_tokens == 0
+
+
+def poll_until_ended(an: anthropic.Anthropic, clock: ManualClock, batch_id: str) -> None:
+    while an.messages.batches.retrieve(batch_id).processing_status != "ended":
+        clock.advance(3)
+
+
+def test_anthropic_cookbook_message_batch(an: anthropic.Anthropic, sdk_clock: ManualClock) -> None:
+    # the batch-processing guide's first example, as written
+    batch = an.messages.batches.create(
+        requests=[
+            {
+                "custom_id": "my-first-request",
+                "params": {
+                    "model": "claude-opus-4-8",
+                    "max_tokens": 1024,
+                    "messages": [{"role": "user", "content": "Hello, world"}],
+                },
+            },
+            {
+                "custom_id": "my-second-request",
+                "params": {
+                    "model": "claude-opus-4-8",
+                    "max_tokens": 1024,
+                    "messages": [{"role": "user", "content": "Hi again, friend"}],
+                },
+            },
+        ]
+    )
+    poll_until_ended(an, sdk_clock, batch.id)
+    results = {r.custom_id: r.result for r in an.messages.batches.results(batch.id)}
+    assert set(results) == {"my-first-request", "my-second-request"}
+    for result in results.values():
+        assert result.type == "succeeded" and result.message.model == "claude-opus-4-8"
+
+
+def test_anthropic_cookbook_batch_with_prompt_caching(
+    an: anthropic.Anthropic, sdk_clock: ManualClock
+) -> None:
+    # Given the guide's shared, cached system prompt (1-hour TTL, since batches outlive 5 min)
+    system: list[dict[str, Any]] = [
+        {"type": "text", "text": "You are an AI assistant tasked with analyzing literary works."},
+        {"type": "text", "text": LONG_DOC, "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+    ]
+    questions = ["major themes", "main characters", "the setting"]
+    batch = an.messages.batches.create(
+        requests=[
+            {
+                "custom_id": f"question-{i}",
+                "params": {
+                    "model": "claude-opus-4-8",
+                    "max_tokens": 1024,
+                    "system": system,
+                    "messages": [{"role": "user", "content": f"Analyze {q} in the text."}],
+                },
+            }
+            for i, q in enumerate(questions)
+        ]  # type: ignore[misc]
+    )
+    poll_until_ended(an, sdk_clock, batch.id)
+    # Then the first request to run writes the cache and the others read it
+    usages = [r.result.message.usage for r in an.messages.batches.results(batch.id)]  # type: ignore[union-attr]
+    assert sum(u.cache_creation_input_tokens or 0 for u in usages) > 0
+    assert sum(u.cache_read_input_tokens or 0 for u in usages) > 0
+    assert any(u.cache_creation and u.cache_creation.ephemeral_1h_input_tokens for u in usages)
+
+
+def test_anthropic_cookbook_batch_with_a_pdf(
+    an: anthropic.Anthropic, sdk_clock: ManualClock
+) -> None:
+    document = {
+        "type": "document",
+        "source": {
+            "type": "base64",
+            "media_type": "application/pdf",
+            "data": base64.standard_b64encode(PDF).decode(),
+        },
+    }
+    batch = an.messages.batches.create(
+        requests=[
+            {
+                "custom_id": "pdf-summary",
+                "params": {
+                    "model": "claude-sonnet-4-5",
+                    "max_tokens": 1024,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [document, {"type": "text", "text": "Summarise it."}],
+                        }
+                    ],
+                },
+            }
+        ]  # type: ignore[list-item]
+    )
+    poll_until_ended(an, sdk_clock, batch.id)
+    [result] = list(an.messages.batches.results(batch.id))
+    assert result.result.type == "succeeded"
+    assert result.result.message.content[0].type == "text"
+    assert result.result.message.usage.input_tokens > 50  # the document counts
 
 
 def test_anthropic_errors_map_to_sdk_exceptions(an: anthropic.Anthropic, emu: Emulator) -> None:

@@ -183,3 +183,53 @@ def embedding(model: str, text: str, dims: int) -> list[float]:
     vec = [r.gauss(0.0, 1.0) for _ in range(dims)]
     norm = math.sqrt(sum(x * x for x in vec)) or 1.0
     return [x / norm for x in vec]
+
+
+#: moderation categories of the omni models, and those that also judge images
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+IMAGE_CATEGORIES = frozenset(
+    {"self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "violence",
+     "violence/graphic"}
+)  # fmt: skip
+#: words that make the emulator flag a category, so tests can ask for a flagged result
+_MODERATION_CUES = {
+    "kill": "violence",
+    "attack": "violence",
+    "gore": "violence/graphic",
+    "hate": "hate",
+    "idiot": "harassment",
+    "threaten": "harassment/threatening",
+    "steal": "illicit",
+    "shoplift": "illicit",
+    "suicide": "self-harm",
+}
+_FLAG_SCORE = 0.5
+
+
+def moderation_scores(model: str, text: str, *, categories: tuple[str, ...]) -> dict[str, float]:
+    """A score per category for `text`: tiny unless a cue word names the category."""
+    r = random.Random(int.from_bytes(digest(model, "moderation", text), "big"))
+    cued = {cat for word, cat in _MODERATION_CUES.items() if word in text.lower()}
+    return {
+        cat: round(0.6 + 0.39 * r.random(), 6) if cat in cued else round(r.random() ** 4 / 100, 8)
+        for cat in categories
+    }
+
+
+def flagged(score: float) -> bool:
+    """Whether a moderation score flags its category."""
+    return score >= _FLAG_SCORE

@@ -124,7 +124,12 @@ def plan_message(body: Mapping[str, Any]) -> MessagePlan:
     key = digest("messages", orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
     thinking = min(budget, 200 + rng(key, "thinking").randrange(800)) if budget else 0
     gen = generate(key, cap=max_tokens, thinking_tokens=thinking)
-    return MessagePlan(model, anthropic_prompt(model.cache_scope, body), gen)
+    prompt = anthropic_prompt(model.cache_scope, body)
+    if prompt.tokens > model.context_window_tokens:
+        raise bad(
+            f"prompt is too long: {prompt.tokens} tokens > {model.context_window_tokens} maximum"
+        )
+    return MessagePlan(model, prompt, gen)
 
 
 def count_tokens(body: Mapping[str, Any]) -> int:

@@ -21,7 +21,7 @@ from batchwise.emulator.http import (
     parse_multipart,
 )
 from batchwise.emulator.openai.batches import OpenAIBatches
-from batchwise.emulator.openai.bodies import CHAT, EMBEDDINGS, RESPONSES, plan
+from batchwise.emulator.openai.bodies import RESPONSE_ID_PREFIX, plan
 from batchwise.emulator.openai.render import render
 from batchwise.emulator.prompts import PrefixCache
 from batchwise.emulator.state import BatchRow, FileRow
@@ -32,7 +32,6 @@ _PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"
 MAX_UPLOAD_BYTES = 512 << 20
 MAX_BATCH_FILE_BYTES = 200 << 20
 _BATCH_FILE_TTL_S = 30 * 86_400
-_RESPONSE_PREFIX = {CHAT: "chatcmpl-", RESPONSES: "resp_", EMBEDDINGS: ""}
 
 
 def _mask(key: str) -> str:
@@ -62,6 +61,8 @@ class OpenAIApi:
                 ("POST", "chat/completions", self._realtime),
                 ("POST", "responses", self._realtime),
                 ("POST", "embeddings", self._realtime),
+                ("POST", "completions", self._realtime),
+                ("POST", "moderations", self._realtime),
             ],
         )
 
@@ -140,13 +141,7 @@ class OpenAIApi:
                     param="purpose",
                     code="invalid_value",
                 )
-            if purpose == "batch" and not upload.filename.endswith(".jsonl"):
-                raise ApiError(
-                    400,
-                    "Invalid file format for Batch API. Must be .jsonl",
-                    param="file",
-                    code="invalid_file_format",
-                )
+            # any file name: the SDKs name bare bytes `upload`, and the real API takes them
             if purpose == "batch" and upload.size > MAX_BATCH_FILE_BYTES:
                 raise ApiError(
                     400,
@@ -293,7 +288,7 @@ class OpenAIApi:
             body,
             cached_tokens=cached,
             created=now,
-            response_id=_RESPONSE_PREFIX[req.path] + uuid.uuid4().hex[:24],
+            response_id=RESPONSE_ID_PREFIX[req.path] + uuid.uuid4().hex[:24],
         )
         return json_response(answer)
 

@@ -19,7 +19,7 @@ from batchwise.emulator.openai.bodies import (
     BATCH_ENDPOINTS,
     CHAT,
     EMULATED,
-    RESPONSES,
+    RESPONSE_ID_PREFIX,
     plan,
 )
 from batchwise.emulator.openai.input import InputScan, check_metadata, scan_input
@@ -327,7 +327,7 @@ class OpenAIBatches:
 
     def _output_lines(self, b: BatchRow, tl: Timeline, done: int) -> Iterator[bytes]:
         endpoint = b.endpoint or CHAT
-        prefix = {CHAT: "chatcmpl-", RESPONSES: "resp_"}.get(endpoint, "emb-")
+        prefix = RESPONSE_ID_PREFIX[endpoint]
         with open(b.input_path, "rb") as fh:
             for line in self._env.state.iter_lines(b.id, 0, done):
                 if not line.ok:

@@ -1,9 +1,9 @@
 """OpenAI request bodies: validated like the real API, answered deterministically.
 
-`plan()` checks a chat/responses/embeddings body and decides everything that does not depend
-on the prompt cache (tokens, answers); `_emulator_openai_render.render()` builds the response
-object from it. A batch stores the plan's usage at create time and renders lines again on
-download.
+`plan()` checks a chat / responses / completions / embeddings / moderations body and decides
+everything that does not depend on the prompt cache (tokens, answers); `render.render()`
+builds the response object from it. A batch stores the plan's usage at create time and
+renders lines again on download.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from batchwise.emulator.http import ApiError
-from batchwise.emulator.models import ModelInfo, resolve
+from batchwise.emulator.models import TEXT_KINDS, ModelInfo, resolve
 from batchwise.emulator.prompts import (
     Prompt,
     content_text,
@@ -34,23 +34,30 @@ from batchwise.emulator.text import (
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
 EMBEDDINGS = "/v1/embeddings"
+COMPLETIONS = "/v1/completions"
+MODERATIONS = "/v1/moderations"
 #: endpoints the emulator answers, in batches and realtime
-EMULATED = frozenset({CHAT, RESPONSES, EMBEDDINGS})
+EMULATED = frozenset({CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS, MODERATIONS})
 #: endpoints the real Batch API accepts
 BATCH_ENDPOINTS = frozenset(
     {
-        RESPONSES,
-        CHAT,
-        EMBEDDINGS,
-        "/v1/completions",
-        "/v1/moderations",
+        *EMULATED,
         "/v1/images/generations",
         "/v1/images/edits",
         "/v1/videos",
     }
 )
-#: embedding size when the request does not ask for one (small, to keep files small)
-DEFAULT_EMBEDDING_DIMS = 16
+#: how each endpoint's response ids begin
+RESPONSE_ID_PREFIX = {
+    CHAT: "chatcmpl-",
+    RESPONSES: "resp_",
+    EMBEDDINGS: "emb-",
+    COMPLETIONS: "cmpl-",
+    MODERATIONS: "modr-",
+}
+#: what the legacy completions endpoint writes when `max_tokens` is not given
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
 _CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _RETENTION_TTL_S = {"24h": 86_400.0}
 
@@ -78,8 +85,10 @@ def bad(message: str, *, param: str | None = None, code: str | None = None) -> A
     return ApiError(400, message, param=param, code=code)
 
 
-def _model(body: Mapping[str, Any], kind: str, endpoint: str) -> ModelInfo:
-    name = body.get("model")
+def _model(
+    body: Mapping[str, Any], kinds: frozenset[str], endpoint: str, *, default: str | None = None
+) -> ModelInfo:
+    name = body.get("model") or default
     if not isinstance(name, str) or not name:
         raise bad(
             "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
@@ -91,14 +100,26 @@ def _model(body: Mapping[str, Any], kind: str, endpoint: str) -> ModelInfo:
             f"The model `{name}` does not exist or you do not have access to it.",
             code="model_not_found",
         )
-    if info.kind != kind:
+    if info.kind not in kinds:
         raise ApiError(
-            404 if kind == "chat" else 400,
+            404 if kinds == TEXT_KINDS else 400,
             f"The model `{name}` is not supported by the {endpoint} endpoint.",
             param="model",
             code="model_not_supported",
         )
     return info
+
+
+def _fits(model: ModelInfo, tokens: int, *, param: str) -> None:
+    """400 `context_length_exceeded` for a prompt longer than the model's context window."""
+    if tokens > model.context_window_tokens:
+        raise bad(
+            f"This model's maximum context length is {model.context_window_tokens} tokens. "
+            f"However, your messages resulted in {tokens} tokens. Please reduce the length "
+            "of the messages.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _int(body: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:
@@ -182,7 +203,7 @@ def _hidden(key: bytes, model: ModelInfo, effort: Any) -> int:
 
 
 def plan_chat(body: Mapping[str, Any]) -> OpenAIPlan:
-    model = _model(body, "chat", CHAT)
+    model = _model(body, TEXT_KINDS, CHAT)
     _common(body, model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -223,6 +244,7 @@ def plan_chat(body: Mapping[str, Any]) -> OpenAIPlan:
     if body.get("tools"):
         text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
     prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
+    _fits(model, prompt.tokens, param="messages")
     effort = body.get("reasoning_effort")
     schema = _schema(body.get("response_format"))
     gens = []
@@ -251,7 +273,7 @@ def _input_text(items: Any) -> list[tuple[str, str]]:
 
 
 def plan_responses(body: Mapping[str, Any]) -> OpenAIPlan:
-    model = _model(body, "chat", RESPONSES)
+    model = _model(body, TEXT_KINDS, RESPONSES)
     _common(body, model)
     items = body.get("input")
     if not (isinstance(items, str) and items) and not (isinstance(items, list) and items):
@@ -271,6 +293,7 @@ def plan_responses(body: Mapping[str, Any]) -> OpenAIPlan:
     if body.get("tools"):
         text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
     prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
+    _fits(model, prompt.tokens, param="input")
     reasoning = body.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, Mapping) else None
     text_cfg = body.get("text")
@@ -308,8 +331,9 @@ def embedding_inputs(value: Any) -> list[tuple[str, int]]:
 
 
 def plan_embeddings(body: Mapping[str, Any]) -> OpenAIPlan:
-    model = _model(body, "embedding", EMBEDDINGS)
+    model = _model(body, frozenset({"embedding"}), EMBEDDINGS)
     inputs = embedding_inputs(body.get("input"))
+    _fits(model, max(t for _, t in inputs), param="input")
     if body.get("dimensions") is not None and not model.name.startswith("text-embedding-3"):
         raise bad(
             f"This model does not support specifying dimensions: {model.name}.",
@@ -317,7 +341,8 @@ def plan_embeddings(body: Mapping[str, Any]) -> OpenAIPlan:
             code="unsupported_parameter",
         )
     _int(body, "dimensions", low=1, high=model.embedding_dims)
-    if body.get("encoding_format", "float") not in ("float", "base64"):
+    # null means the default, as for every optional field of the real API
+    if body.get("encoding_format") not in (None, "float", "base64"):
         raise bad(
             "Invalid 'encoding_format': expected 'float' or 'base64'.",
             param="encoding_format",
@@ -327,7 +352,94 @@ def plan_embeddings(body: Mapping[str, Any]) -> OpenAIPlan:
     return OpenAIPlan(EMBEDDINGS, model, Prompt("", "auto"), tokens)
 
 
-_PLANNERS = {CHAT: plan_chat, RESPONSES: plan_responses, EMBEDDINGS: plan_embeddings}
+def completion_prompts(value: Any) -> list[tuple[str, int]]:
+    """Each prompt of a completions body as (its text, its tokens): a string, token array,
+    or an array of either; 400 for anything the API rejects."""
+    tokens_only = isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    if isinstance(value, str) or tokens_only:
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise bad(
+            "Missing required parameter: 'prompt'."
+            if value is None
+            else "Invalid 'prompt': expected a string, an array of strings or token arrays.",
+            param="prompt",
+            code="missing_required_parameter" if value is None else "invalid_value",
+        )
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append((item, estimate_tokens(item)))
+        elif isinstance(item, list) and all(isinstance(t, int) for t in item):
+            out.append((orjson.dumps(item).decode(), len(item)))
+        else:
+            raise bad(
+                "Invalid 'prompt': expected a string, an array of strings or token arrays.",
+                param="prompt",
+                code="invalid_value",
+            )
+    return out
+
+
+def plan_completions(body: Mapping[str, Any]) -> OpenAIPlan:
+    """Legacy `/v1/completions`: `n` answers per prompt, 16 tokens each unless `max_tokens`."""
+    model = _model(body, TEXT_KINDS, COMPLETIONS)
+    _common(body, model)
+    prompts = completion_prompts(body.get("prompt"))
+    cap = _int(body, "max_tokens", low=0, high=model.max_output_tokens)
+    cap = COMPLETIONS_DEFAULT_MAX_TOKENS if cap is None else cap
+    n = _int(body, "n", low=1, high=128) or 1
+    _int(body, "best_of", low=1, high=20)
+    prompt = openai_auto_prompt(model.cache_scope, "\n".join(text for text, _ in prompts))
+    input_tokens = sum(tokens for _, tokens in prompts)
+    _fits(model, max(tokens for _, tokens in prompts), param="prompt")
+    gens = tuple(
+        generate(_key(COMPLETIONS, body, i, j), cap=cap)
+        for i in range(len(prompts))
+        for j in range(n)
+    )
+    return OpenAIPlan(COMPLETIONS, model, prompt, input_tokens, gens)
+
+
+def moderation_inputs(value: Any) -> list[str]:
+    """What each moderation result judges: one per string, or one for a multimodal array."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for i, part in enumerate(value):
+            if part.get("type") not in ("text", "image_url"):
+                raise bad(
+                    f"Invalid 'input[{i}].type': expected 'text' or 'image_url'.",
+                    param=f"input[{i}].type",
+                    code="invalid_value",
+                )
+        return [content_text(list(value))]
+    raise bad(
+        "Missing required parameter: 'input'."
+        if value is None
+        else "Invalid 'input': expected a string, an array of strings, or an array of "
+        "text and image_url objects.",
+        param="input",
+        code="missing_required_parameter" if value is None else "invalid_value",
+    )
+
+
+def plan_moderations(body: Mapping[str, Any]) -> OpenAIPlan:
+    """`/v1/moderations`: free, so no billed tokens; the model defaults as the API's does."""
+    model = _model(body, frozenset({"moderation"}), MODERATIONS, default=DEFAULT_MODERATION_MODEL)
+    moderation_inputs(body.get("input"))
+    return OpenAIPlan(MODERATIONS, model, Prompt("", "auto"), 0)
+
+
+_PLANNERS = {
+    CHAT: plan_chat,
+    RESPONSES: plan_responses,
+    EMBEDDINGS: plan_embeddings,
+    COMPLETIONS: plan_completions,
+    MODERATIONS: plan_moderations,
+}
 
 
 def plan(endpoint: str, body: Mapping[str, Any]) -> OpenAIPlan:

@@ -1,4 +1,5 @@
-"""OpenAI response objects (chat.completion, response, embedding list) for a plan.
+"""OpenAI response objects (chat.completion, response, text_completion, embedding list,
+moderation result) for a plan.
 
 Rendering is separate from planning because the cached-token count comes from the prompt
 cache at call time, and a batch renders its lines again on every download.
@@ -12,13 +13,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchwise.emulator.openai.bodies import (
-    DEFAULT_EMBEDDING_DIMS,
+    COMPLETIONS,
     EMBEDDINGS,
+    MODERATIONS,
     RESPONSES,
     OpenAIPlan,
+    completion_prompts,
     embedding_inputs,
+    moderation_inputs,
 )
-from batchwise.emulator.text import embedding
+from batchwise.emulator.text import (
+    IMAGE_CATEGORIES,
+    MODERATION_CATEGORIES,
+    embedding,
+    flagged,
+    moderation_scores,
+)
 
 
 def render(
@@ -27,6 +37,10 @@ def render(
     """The endpoint's response object for a plan, with `cached_tokens` read from the cache."""
     if p.endpoint == EMBEDDINGS:
         return _render_embeddings(p, body)
+    if p.endpoint == COMPLETIONS:
+        return _render_completion(p, body, response_id, created)
+    if p.endpoint == MODERATIONS:
+        return _render_moderation(p, body, response_id)
     if p.endpoint == RESPONSES:
         return _render_response(p, body, cached_tokens, response_id, created)
     return _render_chat(p, cached_tokens, response_id, created)
@@ -114,7 +128,8 @@ def _render_response(
         "truncation": body.get("truncation", "disabled"),
         "usage": {
             "input_tokens": p.input_tokens,
-            "input_tokens_details": {"cached_tokens": cached},
+            # the OpenAI SDK's Response type requires both (newer prompt caches can write)
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": p.output_tokens,
             "output_tokens_details": {"reasoning_tokens": p.reasoning_tokens},
             "total_tokens": p.input_tokens + p.output_tokens,
@@ -124,7 +139,7 @@ def _render_response(
 
 
 def _render_embeddings(p: OpenAIPlan, body: Mapping[str, Any]) -> dict[str, Any]:
-    dims = body.get("dimensions") or DEFAULT_EMBEDDING_DIMS
+    dims = body.get("dimensions") or p.model.embedding_dims
     as_base64 = body.get("encoding_format") == "base64"
     data = []
     for i, (text, _) in enumerate(embedding_inputs(body.get("input"))):
@@ -139,3 +154,60 @@ def _render_embeddings(p: OpenAIPlan, body: Mapping[str, Any]) -> dict[str, Any]
         "model": p.model.snapshot,
         "usage": {"prompt_tokens": p.input_tokens, "total_tokens": p.input_tokens},
     }
+
+
+def _render_completion(
+    p: OpenAIPlan, body: Mapping[str, Any], response_id: str, created: float
+) -> dict[str, Any]:
+    prompts = completion_prompts(body.get("prompt"))
+    n = len(p.generations) // len(prompts)
+    echo = bool(body.get("echo"))
+    choices = [
+        {
+            "text": (prompts[i // n][0] if echo else "") + g.text,
+            "index": i,
+            "logprobs": None,
+            "finish_reason": "length" if g.truncated else "stop",
+        }
+        for i, g in enumerate(p.generations)
+    ]
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": int(created),
+        "model": p.model.snapshot,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": p.input_tokens,
+            "completion_tokens": p.output_tokens,
+            "total_tokens": p.input_tokens + p.output_tokens,
+        },
+        "system_fingerprint": "fp_emulator",
+    }
+
+
+def _render_moderation(p: OpenAIPlan, body: Mapping[str, Any], response_id: str) -> dict[str, Any]:
+    """A moderation result per input; omni models add the input types each score judged."""
+    omni = p.model.name.startswith("omni-")
+    categories = MODERATION_CATEGORIES if omni else tuple(
+        c for c in MODERATION_CATEGORIES if not c.startswith("illicit")
+    )  # fmt: skip
+    raw = body.get("input")
+    has_image = isinstance(raw, list) and any(
+        isinstance(part, Mapping) and part.get("type") == "image_url" for part in raw
+    )
+    results = []
+    for text in moderation_inputs(raw):
+        scores = moderation_scores(p.model.name, text, categories=categories)
+        result: dict[str, Any] = {
+            "flagged": any(flagged(s) for s in scores.values()),
+            "categories": {c: flagged(s) for c, s in scores.items()},
+            "category_scores": scores,
+        }
+        if omni:
+            result["category_applied_input_types"] = {
+                c: ["text", "image"] if has_image and c in IMAGE_CATEGORIES else ["text"]
+                for c in categories
+            }
+        results.append(result)
+    return {"id": response_id, "model": p.model.snapshot, "results": results}
