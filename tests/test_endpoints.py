@@ -253,7 +253,7 @@ def test_completions_and_moderations_go_through_a_batch_end_to_end(
         ids = {r["custom_id"]: r["id"] for r in requests}
         for cid in ("m-0", "m-1", "m-2", "m-now"):
             entry = entries[ids[cid]]
-            assert (entry["actual_nusd"], entry["realtime_nusd"], entry["source"]) == (
+            assert (entry["actual_nusd"], entry["realtime_nusd"], entry["price_source"]) == (
                 0,
                 0,
                 "free: moderations",
@@ -261,7 +261,7 @@ def test_completions_and_moderations_go_through_a_batch_end_to_end(
         for cid in ("c-0", "c-now"):
             entry = entries[ids[cid]]
             assert entry["input_tokens"] > 0 and entry["output_tokens"] > 0
-            assert entry["source"] != "unpriced" and entry["actual_nusd"] > 0
+            assert entry["price_source"] != "unpriced" and entry["actual_nusd"] > 0
         check_all(world.store, world.stats())
         # and the bodies come back out in the OpenAI batch output shape
         out = io.BytesIO()
