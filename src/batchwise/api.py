@@ -33,11 +33,21 @@ if TYPE_CHECKING:
 class Handle:
     """A submitted request. Reads go to the store, so a handle works from any process."""
 
-    def __init__(self, client: Client, request_id: int, *, lane: str, state: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        request_id: int,
+        *,
+        lane: str,
+        state: str,
+        warnings: tuple[str, ...] = (),
+    ) -> None:
         self.client = client
         self.id = request_id
         self.lane = lane
         self.state = state
+        #: what its submission warned about (a model that cannot be priced); not errors
+        self.warnings = warnings
 
     def __repr__(self) -> str:
         return f"<Handle {self.id} {self.lane} {self.state}>"
@@ -258,8 +268,15 @@ class Client:
 def handles(client: Client, result: SubmitResult) -> list[Handle]:
     """Handles for the requests a submission stored, in input order."""
     assert result.ids is not None and result.lanes is not None
+    warnings = tuple(result.warnings)
     return [
-        Handle(client, rid, lane=lane, state=result.states.get(rid) or _initial_state(lane))
+        Handle(
+            client,
+            rid,
+            lane=lane,
+            state=result.states.get(rid) or _initial_state(lane),
+            warnings=warnings,
+        )
         for rid, lane in zip(result.ids, result.lanes, strict=True)
     ]
 

@@ -637,6 +637,20 @@ class PriceBook:
             quote = self._quote(key, at)
         return quote
 
+    def missing_price(self, provider: str, model: str) -> str | None:
+        """Why `model` cannot be priced (neither genai-prices nor an override knows it), in a
+        sentence naming it; None when it can be. Logs nothing: for warning at submit time."""
+        entry = self._models.get((provider, model))
+        if entry is None:
+            entry = self._models[(provider, model)] = self._resolve_model(provider, model)
+        if entry.info is not None or entry.override is not None:
+            return None
+        return (
+            f"no price for {entry.label}: genai-prices does not know the model and there is no "
+            f'[prices."{entry.label}"] override in config.toml, so its cost and savings cannot '
+            "be computed (its requests run all the same, recorded as unpriced)"
+        )
+
     # -- slow path: resolving a quote, once per (provider, model, batch?, day) --------------
 
     def _quote(self, key: tuple[str, str, bool, date], at: datetime) -> Quote:

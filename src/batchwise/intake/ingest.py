@@ -119,6 +119,8 @@ class SubmitResult:
     deduplicated: int = 0
     #: request id -> state, for requests a guard finished at intake
     states: dict[int, str] = field(default_factory=dict)
+    #: what the user should know though nothing failed: one per model that cannot be priced
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +128,7 @@ class SubmitResult:
             "realtime": self.realtime,
             "deferred": self.deferred,
             "deduplicated": self.deduplicated,
+            "warnings": list(self.warnings),
             "refused": [{"line": e.line, "error": e.error} for e in self.refused],
             "rejected": [
                 {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
@@ -619,7 +622,27 @@ class Intake:
             self.sink.rollback()
             raise IntakeError(self.result.rejected)
         self.sink.commit()
+        if self.result.accepted:
+            self.result.warnings = price_warnings(self.settings, self._turnarounds)
         return self.result
+
+
+def price_warnings(settings: Settings, models: Iterable[tuple[str, str]]) -> list[str]:
+    """One warning per (provider, model) that cannot be priced: its savings cannot be
+    computed. Moderation models are free, so never warned about."""
+    from batchwise.costs.pricing import PriceBook
+    from batchwise.errors import ConfigError
+
+    try:
+        book = PriceBook.from_settings(settings)
+    except ConfigError as exc:  # the run will refuse it too; the submission stands
+        return [f"prices cannot be checked: {exc}"]
+    found = (
+        book.missing_price(provider, model)
+        for provider, model in sorted(set(models))
+        if not moderation_model(model)
+    )
+    return [warning for warning in found if warning is not None]
 
 
 def submit_lines(
