@@ -69,7 +69,13 @@ def test_it_is_a_provider() -> None:
     assert provider.limits.max_requests == 50_000
     assert provider.limits.max_bytes == 200 * 1024 * 1024
     assert provider.limits.one_model_per_batch is True
-    assert provider.limits.endpoints == {"/v1/chat/completions", "/v1/responses", "/v1/embeddings"}
+    assert provider.limits.endpoints == {
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/completions",
+        "/v1/moderations",
+    }
 
 
 # --- batch lines -----------------------------------------------------------------------------
@@ -89,7 +95,7 @@ def test_batch_line_splices_the_body_bytes_untouched() -> None:
     [
         ("has space", "/v1/chat/completions", b"{}"),
         ("x" * 65, "/v1/chat/completions", b"{}"),
-        ("ok", "/v1/moderations", b"{}"),
+        ("ok", "/v1/images/generations", b"{}"),
         ("ok", "/v1/chat/completions", b'{\n"a": 1}'),
         ("ok", "/v1/chat/completions", b"[1]"),
     ],

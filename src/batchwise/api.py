@@ -48,6 +48,7 @@ class Handle:
         lane: str,
         state: str,
         submission_id: int | None = None,
+        warnings: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.id = request_id
@@ -55,6 +56,8 @@ class Handle:
         self.state = state
         #: the submission it came in with
         self.submission_id = submission_id
+        #: what its submission warned about (a model that cannot be priced); not errors
+        self.warnings = warnings
 
     def __repr__(self) -> str:
         return f"<Handle {self.id} {self.lane} {self.state}>"
@@ -155,6 +158,11 @@ class Submission:
     def refused(self) -> list[Any]:
         """Lines a cost guard refused (stored as `rejected` requests), as `LineError`s."""
         return self._summary().refused
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know though nothing failed: a model that cannot be priced."""
+        return self._summary().warnings
 
     def as_dict(self) -> dict[str, Any]:
         """The intake summary as `batchwise submit --json` prints it."""
@@ -486,6 +494,7 @@ class Client:
 def handles(client: Client, result: SubmitResult) -> list[Handle]:
     """Handles for the requests a submission stored, in input order."""
     assert result.ids is not None and result.lanes is not None
+    warnings = tuple(result.warnings)
     return [
         Handle(
             client,
@@ -493,6 +502,7 @@ def handles(client: Client, result: SubmitResult) -> list[Handle]:
             lane=lane,
             state=result.states.get(rid) or _initial_state(lane),
             submission_id=result.submission_id,
+            warnings=warnings,
         )
         for rid, lane in zip(result.ids, result.lanes, strict=True)
     ]

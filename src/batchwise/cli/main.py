@@ -17,7 +17,15 @@ import batchwise.cli.requests as requests
 import batchwise.cli.run as run
 from batchwise.cli.context import Context, pass_ctx
 
-__all__ = ["LAZY_COMMANDS", "Context", "LazyGroup", "cli", "main", "pass_ctx"]
+__all__ = [
+    "LAZY_COMMANDS",
+    "Context",
+    "LazyGroup",
+    "cli",
+    "main",
+    "pass_ctx",
+    "with_global_options",
+]
 
 #: commands that live in their own modules, imported only when used (start-up stays fast)
 LAZY_COMMANDS = {
@@ -35,9 +43,38 @@ LAZY_COMMANDS = {
 }
 
 
+def _db_after_the_command(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """`batchwise status --db URL`: the global option given after the command wins."""
+    if value is not None:
+        obj = ctx.find_object(Context)
+        if obj is None:
+            ctx.obj = obj = Context(None)
+        obj.db = value
+
+
+def with_global_options(command: click.Command) -> click.Command:
+    """Give `command` (and, for a group, every command under it) the global options, so they
+    work after the command as well as before it. Idempotent."""
+    if not any(getattr(p, "global_option", False) for p in command.params):
+        option = click.Option(
+            ["--db"],
+            metavar="URL",
+            expose_value=False,
+            callback=_db_after_the_command,
+            help="Database URL; the same as `batchwise --db URL COMMAND`.",
+        )
+        option.global_option = True  # type: ignore[attr-defined]
+        command.params.append(option)
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            with_global_options(sub)
+    return command
+
+
 class LazyGroup(click.Group):
-    """A group whose heavier commands are imported on first use, and whose commands never
-    show a traceback: what escapes one becomes a one-line error (`cli.failures`)."""
+    """A group whose heavier commands are imported on first use, whose global options also
+    work after the command (`batchwise status --db URL`), and whose commands never show a
+    traceback: what escapes one becomes a one-line error (`cli.failures`)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -55,11 +92,12 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = LAZY_COMMANDS.get(cmd_name)
         if target is None:
-            return super().get_command(ctx, cmd_name)
+            found = super().get_command(ctx, cmd_name)
+            return None if found is None else with_global_options(found)
         module, _, name = target.partition(":")
         command = getattr(importlib.import_module(module), name)
         assert isinstance(command, click.Command)
-        return command
+        return with_global_options(command)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,7 +105,8 @@ class LazyGroup(click.Group):
     "--db",
     envvar="BATCHWISE_DATABASE_URL",
     metavar="URL",
-    help="Database URL (default: SQLite in $BATCHWISE_HOME). Overrides BATCHWISE_DATABASE_URL.",
+    help="Database URL (default: SQLite in $BATCHWISE_HOME). Overrides BATCHWISE_DATABASE_URL. "
+    "Also accepted after the command.",
 )
 @click.version_option(package_name="batchwise")
 @click.pass_context

@@ -8,6 +8,7 @@ Each parses its options, calls the library (`Client`, `reports.results.export`,
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import click
 
@@ -121,14 +122,11 @@ def submit(
                 raise fail(exc) from exc
         handle = one[0]
         if as_json:
-            click.echo(
-                dumps({
-                    "id": handle.id, "lane": handle.lane, "state": handle.state,
-                    "submission": one.id,
-                })
-            )  # fmt: skip
+            made = {"id": handle.id, "lane": handle.lane, "state": handle.state}
+            click.echo(dumps({**made, "submission": one.id, "warnings": list(handle.warnings)}))
         else:
             click.echo(handle.id)
+            _print_warnings(handle.warnings)
         return
     if file is None:
         raise click.UsageError("give a FILE (or - for stdin), or --model and --prompt")
@@ -167,6 +165,7 @@ def submit(
     if as_json:
         click.echo(dumps(result.as_dict()))
         return
+    _print_warnings(result.warnings)
     extra = f", answered from the store {result.deduplicated}" if result.deduplicated else ""
     extra += f", refused by cost guards {len(result.refused)}" if result.refused else ""
     click.echo(
@@ -181,6 +180,14 @@ def submit(
         click.echo(f"skipped {len(result.rejected)} invalid line(s):", err=True)
         for error in result.rejected:
             click.echo(f"  {error}", err=True)
+
+
+def _print_warnings(warnings: Sequence[str]) -> None:
+    """Warnings on stderr, one a line: the submission stood, but the user should know."""
+    from batchwise.text import visible
+
+    for warning in warnings:
+        click.echo(f"warning: {visible(warning)}", err=True)
 
 
 @click.command()

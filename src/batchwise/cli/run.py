@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import click
 
 from batchwise.cli.context import Context, fail, parse_duration_option, pass_ctx
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = ["COMMANDS", "demo", "emulator", "run"]
 
@@ -46,12 +50,15 @@ def run(obj: Context, until_idle: bool, include_held: bool, interval: float | No
     Ctrl-C or SIGTERM exits within seconds, abandoning provider calls in flight (their work
     is taken up on the next start); nothing is lost. Provider outages are retried, not fatal.
     """
+    from batchwise.clock import system_clock
     from batchwise.errors import BatchwiseError
     from batchwise.lifecycle.runner import run_embedded
 
+    settings = obj.settings()
+    started = system_clock()
     try:
         totals = run_embedded(
-            obj.settings(), until_idle=until_idle, include_held=include_held, interval_s=interval
+            settings, until_idle=until_idle, include_held=include_held, interval_s=interval
         )
     except BatchwiseError as exc:
         raise fail(exc) from exc
@@ -61,6 +68,7 @@ def run(obj: Context, until_idle: bool, include_held: bool, interval: float | No
         f"reconciled, {sum(totals.realtime.values())} realtime call(s), {totals.rescued} rescue(s)",
         err=True,
     )
+    _say_what_happened(settings.resolved_database_url, started, db=obj.db)
     # the last line says why the run ended
     if totals.stopped:
         last = f"stopped by {totals.reason}" + (
@@ -73,13 +81,35 @@ def run(obj: Context, until_idle: bool, include_held: bool, interval: float | No
     click.echo(last, err=True)
 
 
+def _say_what_happened(url: str, since: datetime, *, db: str | None) -> None:
+    """What became of the requests since `since`, and where to look closer (on stderr)."""
+    from batchwise.reports.outcomes import describe
+    from batchwise.store.engine import Store
+    from batchwise.store.queries import finished_since
+    from batchwise.text import visible
+
+    store = Store(url)
+    try:
+        outcome = finished_since(store, since)
+    finally:
+        store.close()
+    for line in describe(outcome, db=db):
+        click.echo(visible(line), err=True)
+
+
 @click.command()
 @click.option("--turnaround", default="2s", show_default=True, help="Emulated batch turnaround.")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the demo's temporary folder (its database) to look closer afterwards.",
+)
 @pass_ctx
-def demo(obj: Context, turnaround: str) -> None:
+def demo(obj: Context, turnaround: str, keep: bool) -> None:
     """Run a sample day of LLM work through batchwise against the local emulator.
 
-    No keys or network needed. Uses a fresh database unless --db is given.
+    No keys or network needed. Uses a fresh database in a temporary folder, removed at the
+    end unless --keep (or --db is given).
     """
     from batchwise.demo import run_demo
 
@@ -88,6 +118,7 @@ def demo(obj: Context, turnaround: str) -> None:
         settings,
         database_url=obj.db,
         turnaround_s=parse_duration_option(turnaround, "--turnaround"),
+        keep=keep,
     )
 
 

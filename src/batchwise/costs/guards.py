@@ -241,6 +241,8 @@ def _prompt_text(body: Mapping[str, Any]) -> str:
         parts.append(_content_text(message.get("content") if isinstance(message, Mapping) else ""))
     if "input" in body:
         parts.append(str(body["input"]))
+    if "prompt" in body:  # a legacy completions body
+        parts.append(str(body["prompt"]))
     return "".join(parts)
 
 
@@ -253,6 +255,8 @@ def _content_text(content: Any) -> str:
 
 
 _CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+#: endpoints whose answers have no output tokens to cap
+_UNCAPPED = frozenset({"/v1/embeddings", "/v1/moderations"})
 
 
 def shape(policy: Policy, provider: str, endpoint: str, model: str, body: dict[str, Any]) -> Shaped:
@@ -262,7 +266,7 @@ def shape(policy: Policy, provider: str, endpoint: str, model: str, body: dict[s
         body = {**body, "model": policy.route_to}
         changes.append(f"routed {model} → {policy.route_to}")
         model = policy.route_to
-    if endpoint != "/v1/embeddings" and (policy.default_max_tokens or policy.max_max_tokens):
+    if endpoint not in _UNCAPPED and (policy.default_max_tokens or policy.max_max_tokens):
         key = next((k for k in _CAP_KEYS if k in body), None)
         if key is None:
             key = "max_output_tokens" if endpoint == "/v1/responses" else "max_tokens"

@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from batchwise.costs.pricing import PriceBook, Quote, TokenUsage
+from batchwise.costs.pricing import FREE_ENDPOINTS, PriceBook, Quote, TokenUsage
 
 
 class Kind(StrEnum):
@@ -96,7 +96,13 @@ class Pricer:
         """The ledger row for one response of `request` (see the module's `entry`)."""
         value, batch, dedupe, pure_cost = _KIND_RULES[kind]
         provider, model = request["provider"], request["model"]
-        if usage is None:  # unpriced, with its warning: the price book says how
+        actual: int | None
+        realtime: int | None
+        free = FREE_ENDPOINTS.get((provider, request["endpoint"]))
+        if free is not None:  # an endpoint the provider does not bill: $0, as priced
+            actual, realtime, source = 0, 0, free
+            usage = usage or _NO_USAGE
+        elif usage is None:  # unpriced, with its warning: the price book says how
             price = self._book.price(provider, model, None, batch=batch, at=self._at)
             actual, realtime, source = price.actual_nusd, price.realtime_nusd, price.source
             usage = _NO_USAGE

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from batchwise.config import Settings
 
 __all__ = [
+    "FREE_ENDPOINTS",
     "Price",
     "PriceBook",
     "Quote",
@@ -205,11 +206,20 @@ def _anthropic_messages(usage: Mapping[str, Any]) -> TokenUsage:
     )
 
 
+def _unbilled(usage: Mapping[str, Any]) -> TokenUsage:
+    return TokenUsage(input_tokens=0)
+
+
+#: (provider, endpoint) pairs the provider does not bill, with the ledger source that says so:
+#: their responses are priced at $0, as priced (never "unpriced": there is nothing to price)
+FREE_ENDPOINTS: dict[tuple[str, str], str] = {("openai", "/v1/moderations"): "free: moderations"}
+
 _USAGE_SHAPES = {
     ("openai", "/v1/chat/completions"): _openai_chat,
     ("openai", "/v1/completions"): _openai_chat,
     ("openai", "/v1/responses"): _openai_responses,
     ("openai", "/v1/embeddings"): _openai_embeddings,
+    ("openai", "/v1/moderations"): _unbilled,
     ("anthropic", "/v1/messages"): _anthropic_messages,
 }
 
@@ -220,8 +230,10 @@ def normalise_usage(
     """Read a response body's `usage` object as the provider reported it (never re-tokenised).
 
     `endpoint` is the API path the line was sent to (`/v1/chat/completions`, `/v1/responses`,
-    `/v1/embeddings`, `/v1/completions`, `/v1/messages`). Returns None when the provider
-    reported no usage, so the caller records the response as unpriced rather than free.
+    `/v1/embeddings`, `/v1/completions`, `/v1/moderations`, `/v1/messages`). Returns None when
+    the provider reported no usage, so the caller records the response as unpriced rather than
+    free; an endpoint the provider never bills (`FREE_ENDPOINTS`: moderations report no usage)
+    reads as zero tokens.
     Audio/image token breakdowns are not read: those tokens are priced as text.
 
     Raises `ProviderDataError` when the usage is malformed or inconsistent (cached > prompt…),
@@ -232,7 +244,7 @@ def normalise_usage(
         known = ", ".join(f"{p} {e}" for p, e in _USAGE_SHAPES)
         raise ValueError(f"no usage shape for {provider} {endpoint} (known: {known})")
     if usage is None:
-        return None
+        return _unbilled({}) if (provider, endpoint) in FREE_ENDPOINTS else None
     if type(usage) is not dict and not isinstance(usage, Mapping):
         raise ProviderDataError(
             f"usage for {endpoint} must be an object, got {type(usage).__name__}",
@@ -270,7 +282,7 @@ class Price:
     #: the same usage at standard realtime prices
     realtime_nusd: int | None
     #: what priced `actual_nusd`: genai-prices:batch, genai-prices:standard, discount:0.5,
-    #: override, override+discount:0.5, or unpriced
+    #: override, override+discount:0.5, free: moderations (an unbilled endpoint), or unpriced
     source: str
     warning: str | None = None
 
@@ -624,6 +636,20 @@ class PriceBook:
         if quote is None:
             quote = self._quote(key, at)
         return quote
+
+    def missing_price(self, provider: str, model: str) -> str | None:
+        """Why `model` cannot be priced (neither genai-prices nor an override knows it), in a
+        sentence naming it; None when it can be. Logs nothing: for warning at submit time."""
+        entry = self._models.get((provider, model))
+        if entry is None:
+            entry = self._models[(provider, model)] = self._resolve_model(provider, model)
+        if entry.info is not None or entry.override is not None:
+            return None
+        return (
+            f"no price for {entry.label}: genai-prices does not know the model and there is no "
+            f'[prices."{entry.label}"] override in config.toml, so its cost and savings cannot '
+            "be computed (its requests run all the same, recorded as unpriced)"
+        )
 
     # -- slow path: resolving a quote, once per (provider, model, batch?, day) --------------
 

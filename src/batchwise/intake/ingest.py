@@ -1,9 +1,10 @@
 """Intake: validate submitted lines, give each a deadline and a lane, store them in bulk.
 
 Three line shapes are accepted, each optionally carrying `tolerance`, `provider` and `tags`:
-OpenAI batch lines `{custom_id, method, url, body}`, Anthropic batch lines `{custom_id, params}`,
-and simple lines `{model, messages | prompt | input, max_tokens?, ...}` whose other keys are
-passed through as body parameters.
+OpenAI batch lines `{custom_id, method, url, body}` (every text endpoint of the Batch API:
+chat completions, responses, embeddings, completions, moderations), Anthropic batch lines
+`{custom_id, params}`, and simple lines `{model, messages | prompt | input, max_tokens?, ...}`
+whose other keys are passed through as body parameters.
 
 This is the hot path of `batchwise submit`: lines are streamed, validated and inserted in
 chunks inside one transaction, so a file with a bad line is refused whole (nothing stored)
@@ -43,11 +44,33 @@ def custom_id_ok(custom_id: object) -> bool:
     return type(custom_id) is str and 0 < len(custom_id) <= CUSTOM_ID_MAX
 
 
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+EMBEDDINGS = "/v1/embeddings"
+COMPLETIONS = "/v1/completions"
+MODERATIONS = "/v1/moderations"
+MESSAGES = "/v1/messages"
 #: endpoints each provider serves (batch and realtime), as URL paths
 ENDPOINTS: dict[str, frozenset[str]] = {
-    "openai": frozenset({"/v1/chat/completions", "/v1/responses", "/v1/embeddings"}),
-    "anthropic": frozenset({"/v1/messages"}),
+    "openai": frozenset({CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS, MODERATIONS}),
+    "anthropic": frozenset({MESSAGES}),
 }
+#: models served by the legacy completions endpoint (a simple line's `prompt` stays a prompt)
+_COMPLETION_MODELS = ("davinci-", "babbage-", "gpt-3.5-turbo-instruct")
+#: models served by the moderations endpoint (a simple line's `input` is judged, not embedded)
+_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
+
+
+def completions_model(model: str) -> bool:
+    """Whether `model` is a legacy completions model (`gpt-3.5-turbo-instruct`, `davinci-002`)."""
+    return model.startswith(_COMPLETION_MODELS)
+
+
+def moderation_model(model: str) -> bool:
+    """Whether `model` is a moderation model (`omni-moderation-latest`, `text-moderation-007`)."""
+    return model.startswith(_MODERATION_MODELS)
+
+
 NAMED_TAGS = ("use_case", "step", "business_unit", "task_id")
 #: Anthropic requires max_tokens; simple lines that omit it get this
 DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
@@ -99,6 +122,8 @@ class SubmitResult:
     submission_id: int | None = None
     #: openai | anthropic | simple | mixed, or None when nothing was stored
     format: str | None = None
+    #: what the user should know though nothing failed: one per model that cannot be priced
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +132,7 @@ class SubmitResult:
             "realtime": self.realtime,
             "deferred": self.deferred,
             "deduplicated": self.deduplicated,
+            "warnings": list(self.warnings),
             "refused": [{"line": e.line, "error": e.error} for e in self.refused],
             "rejected": [
                 {"line": e.line, "error": e.error, **({"field": e.field} if e.field else {})}
@@ -196,12 +222,20 @@ def _check_body(provider: str, endpoint: str, body: Any, prefix: str) -> str:
             "streaming responses cannot be batched; remove stream or set it to false",
             f"{prefix}.stream",
         )
-    if endpoint == "/v1/chat/completions" or endpoint == "/v1/messages":
+    if endpoint in (CHAT, MESSAGES):
         messages = body.get("messages")
         if type(messages) is not list or not messages:
             raise Invalid(
                 f"expected a non-empty list of messages, got {_describe(messages)}",
                 f"{prefix}.messages",
+            )
+    elif endpoint == COMPLETIONS:
+        prompt = body.get("prompt")
+        if not (type(prompt) is str or type(prompt) is list) or not prompt:
+            raise Invalid(
+                "expected the prompt as a non-empty string or list (of strings or of token "
+                f"ids), got {_describe(prompt)}",
+                f"{prefix}.prompt",
             )
     elif "input" not in body:
         raise Invalid(f"{endpoint} needs an 'input'", f"{prefix}.input")
@@ -290,9 +324,9 @@ def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, s
         if not _ANTHROPIC_KEYS.issuperset(obj):
             raise _unexpected(obj, _ANTHROPIC_KEYS, "an Anthropic batch line")
         body = obj.get("params")
-        model = _check_body("anthropic", "/v1/messages", body, "params")
+        model = _check_body("anthropic", MESSAGES, body, "params")
         provider = _check_provider(obj.get("provider", default_provider), "anthropic", model)
-        return obj.get("custom_id"), provider, "/v1/messages", model, body, "anthropic"
+        return obj.get("custom_id"), provider, MESSAGES, model, body, "anthropic"
     return _parse_simple(obj, default_provider)
 
 
@@ -309,26 +343,40 @@ def _parse_simple(
         )
     provider = _check_provider(obj.get("provider", default_provider), None, model)
     body = {k: v for k, v in obj.items() if k not in _SIMPLE_META}
-    if "prompt" in obj:
-        if "messages" in obj:
-            raise Invalid("give either prompt or messages, not both", "prompt")
-        body["messages"] = [{"role": "user", "content": _text(obj["prompt"], "prompt")}]
     endpoint = obj.get("endpoint")
-    if endpoint is None:
-        if provider == "anthropic":
-            endpoint = "/v1/messages"
-        elif "messages" in body:
-            endpoint = "/v1/chat/completions"
-        elif "input" in body:
-            endpoint = "/v1/embeddings" if model.startswith("text-embedding") else "/v1/responses"
-        else:
-            raise Invalid("expected messages, prompt or input", "messages")
-    elif not isinstance(endpoint, str) or endpoint not in ENDPOINTS[provider]:
+    if endpoint is not None and (
+        not isinstance(endpoint, str) or endpoint not in ENDPOINTS[provider]
+    ):
         raise Invalid(
             f"unknown endpoint {endpoint!r} for {provider}: "
             f"expected one of {sorted(ENDPOINTS[provider])}",
             "endpoint",
         )
+    if "prompt" in obj:
+        if "messages" in obj:
+            raise Invalid("give either prompt or messages, not both", "prompt")
+        if endpoint == COMPLETIONS or (
+            endpoint is None and provider == "openai" and completions_model(model)
+        ):
+            # a completions model takes the prompt as it is (a string or a list of them)
+            body["prompt"] = obj["prompt"]
+            endpoint = COMPLETIONS
+        else:
+            body["messages"] = [{"role": "user", "content": _text(obj["prompt"], "prompt")}]
+    if endpoint is None:
+        if provider == "anthropic":
+            endpoint = MESSAGES
+        elif "messages" in body:
+            endpoint = CHAT
+        elif "input" in body:
+            if model.startswith("text-embedding"):
+                endpoint = EMBEDDINGS
+            elif moderation_model(model):
+                endpoint = MODERATIONS
+            else:
+                endpoint = RESPONSES
+        else:
+            raise Invalid("expected messages, prompt or input", "messages")
     if provider == "anthropic" and "max_tokens" not in body:
         body["max_tokens"] = DEFAULT_ANTHROPIC_MAX_TOKENS
     _check_body(provider, endpoint, body, "body")
@@ -600,7 +648,27 @@ class Intake:
             self.submission_id, fmt=fmt, first_id=first, last_id=self._last_id
         )
         self.sink.commit()
+        if self.result.accepted:
+            self.result.warnings = price_warnings(self.settings, self._turnarounds)
         return self.result
+
+
+def price_warnings(settings: Settings, models: Iterable[tuple[str, str]]) -> list[str]:
+    """One warning per (provider, model) that cannot be priced: its savings cannot be
+    computed. Moderation models are free, so never warned about."""
+    from batchwise.costs.pricing import PriceBook
+    from batchwise.errors import ConfigError
+
+    try:
+        book = PriceBook.from_settings(settings)
+    except ConfigError as exc:  # the run will refuse it too; the submission stands
+        return [f"prices cannot be checked: {exc}"]
+    found = (
+        book.missing_price(provider, model)
+        for provider, model in sorted(set(models))
+        if not moderation_model(model)
+    )
+    return [warning for warning in found if warning is not None]
 
 
 def submit_lines(

@@ -4,7 +4,18 @@ import it rather than each other."""
 
 from __future__ import annotations
 
-_OPENAI_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt-", "text-embedding-", "omni-moderation")
+_OPENAI_PREFIXES = (
+    "gpt-",
+    "o1",
+    "o3",
+    "o4",
+    "chatgpt-",
+    "text-embedding-",
+    "omni-moderation",
+    "text-moderation",
+    "davinci-",
+    "babbage-",
+)
 
 
 class Invalid(Exception):

@@ -79,7 +79,15 @@ class OpenAIProvider(HttpProvider):
         max_requests=50_000,
         max_bytes=200 * 1024 * 1024,
         one_model_per_batch=True,
-        endpoints=frozenset({"/v1/chat/completions", "/v1/responses", "/v1/embeddings"}),
+        endpoints=frozenset(
+            {
+                "/v1/chat/completions",
+                "/v1/responses",
+                "/v1/embeddings",
+                "/v1/completions",
+                "/v1/moderations",
+            }
+        ),
     )
     batch_discount = 0.5
 

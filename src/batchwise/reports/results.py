@@ -182,10 +182,18 @@ def _anthropic_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[st
 
 
 def answer_text(body: dict[str, Any]) -> str:
-    """The text of a chat completion, Responses API or Messages answer."""
+    """The text of a chat completion, completion, Responses API or Messages answer; for a
+    moderation, whether it was flagged and for what."""
     choices = body.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        return str((choices[0].get("message") or {}).get("content") or "")
+        first = choices[0]
+        text = first.get("text")
+        if "message" not in first and isinstance(text, str):
+            return text  # a legacy completion (`text_completion`)
+        return str((first.get("message") or {}).get("content") or "")
+    verdicts = body.get("results")
+    if isinstance(verdicts, list) and verdicts and isinstance(verdicts[0], dict):
+        return "; ".join(_verdict(v) for v in verdicts if isinstance(v, dict))
     content = body.get("content")
     if isinstance(content, list):
         return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
@@ -199,3 +207,12 @@ def answer_text(body: dict[str, Any]) -> str:
             if isinstance(part, dict)
         )
     return ""
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    """One moderation result as text: `flagged: harassment, violence` or `not flagged`."""
+    if not result.get("flagged"):
+        return "not flagged"
+    categories = result.get("categories")
+    named = [str(k) for k, v in categories.items() if v] if isinstance(categories, dict) else []
+    return "flagged" + (f": {', '.join(named)}" if named else "")

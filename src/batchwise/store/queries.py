@@ -1,8 +1,9 @@
-"""Read-side queries for the API and the CLI: status counts, request views, a batch's
-provider, and the check that a database opens."""
+"""Read-side queries for the API and the CLI: status counts, what a run finished, request
+views, a batch's provider, and the check that a database opens."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -33,6 +34,41 @@ def status_counts(store: Store) -> dict[str, Any]:
         "total": total,
         "by_lane": dict(sorted(by_lane.items())),
         "by_state": dict(sorted(by_state.items())),
+    }
+
+
+def finished_since(store: Store, since: datetime) -> dict[str, Any]:
+    """What became of the requests since `since` (a run's start):
+    {"by_state": {state: N} of those finished at or after it, "failed_by": {reason: N} (the
+    error code, else "no error code"), "rescued": N rescued at or after it, "waiting": N not
+    finished now}."""
+    t = requests_t
+    done = t.c.finished_at >= since
+    with store.read() as conn:
+        by_state: dict[str, int] = dict(
+            conn.execute(
+                sa.select(t.c.state, sa.func.count()).where(done).group_by(t.c.state)
+            ).all()
+        )
+        failed_by: dict[str, int] = {}
+        for code, count in conn.execute(
+            sa.select(t.c.error_code, sa.func.count())
+            .where(done, t.c.state == "failed")
+            .group_by(t.c.error_code)
+        ):
+            reason = code or "no error code"
+            failed_by[reason] = failed_by.get(reason, 0) + count
+        rescued = conn.execute(
+            sa.select(sa.func.count()).where(t.c.rescued_at >= since)
+        ).scalar_one()
+        waiting = conn.execute(
+            sa.select(sa.func.count()).where(t.c.finished_at.is_(None))
+        ).scalar_one()
+    return {
+        "by_state": dict(sorted(by_state.items())),
+        "failed_by": dict(sorted(failed_by.items(), key=lambda item: (-item[1], item[0]))),
+        "rescued": rescued,
+        "waiting": waiting,
     }
 
 
