@@ -93,7 +93,7 @@ def batch_line(custom_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]
 def test_every_endpoint_is_accepted_at_intake(
     line: dict[str, Any], endpoint: str, body: dict[str, Any]
 ) -> None:
-    _, provider, got_endpoint, model, got_body = parse_line(line, None)
+    _, provider, got_endpoint, model, got_body, _ = parse_line(line, None)
     assert (provider, got_endpoint, model, got_body) == ("openai", endpoint, body["model"], body)
 
 

@@ -388,3 +388,32 @@ def test_a_drain_packs_every_group_once_and_keeps_each_batchs_earliest_deadline(
         assert world.scheduler.flush(drain=True) == []
         world.drain()
         check_all(world.store, world.stats())
+
+
+def test_threads_asking_for_a_provider_at_once_share_one_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The realtime pool asks for adapters from several threads: each provider must be made
+    once, so the one adapter closed at the end is the only one (else its sockets leak)."""
+    import threading
+
+    from batchwise.config import Settings
+    from batchwise.lifecycle.scheduler import Providers
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    registry = Providers(Settings.from_env(), None)
+    start = threading.Barrier(8)
+    made: list[int] = []
+
+    def ask() -> None:
+        start.wait()
+        made.append(id(registry("openai")))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    registry.close()
+    assert len(made) == 8 and len(set(made)) == 1

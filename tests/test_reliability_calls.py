@@ -74,10 +74,10 @@ def test_a_model_not_found_answer_is_final_and_keeps_the_providers_message() -> 
     ):
         openai.call(
             "/v1/chat/completions",
-            {"model": "gpt-9-nope", "messages": [{"role": "user", "content": "hi"}]},
+            {"model": "gpt-no-such-model", "messages": [{"role": "user", "content": "hi"}]},
         )
     assert caught.value.retryable is False and caught.value.code == "model_not_found"
-    assert "gpt-9-nope" in str(caught.value)
+    assert "gpt-no-such-model" in str(caught.value)
 
 
 # --- bounded calls ----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_model_not_found_fails_at_once_after_one_create(tmp_path: Path) -> None:
         [rid] = w.enqueue(
             [
                 {
-                    "model": "gpt-9-nonexistent",
+                    "model": "gpt-no-such-model",
                     "messages": [{"role": "user", "content": "hi"}],
                     "max_tokens": 5,
                     "tolerance": "24h",
@@ -189,7 +189,7 @@ def test_model_not_found_fails_at_once_after_one_create(tmp_path: Path) -> None:
         w.drain(max_ticks=30)
         view = w.client.get(rid)
         created = [b for b in w.stats()["batches"] if b["provider"] == "openai"]
-    assert view.state == "failed" and "gpt-9-nonexistent" in (view.error or "")
+    assert view.state == "failed" and "gpt-no-such-model" in (view.error or "")
     assert len(created) == 1
 
 

@@ -185,7 +185,7 @@ def test_submission_commands(world: World, tmp_path: Path) -> None:
     second_out = _invoke(world, "submit", str(anthropic_file(tmp_path / "b.jsonl")))
     assert second_out.exit_code == 0 and "submission" in second_out.output
     one = _invoke(world, "submit", "--model", "gpt-4o-mini", "--prompt", "hi", "--json")
-    assert set(orjson.loads(one.output)) == {"id", "lane", "state", "submission"}
+    assert set(orjson.loads(one.output)) == {"id", "lane", "state", "submission", "warnings"}
     listed = orjson.loads(_invoke(world, "submissions", "--json").output)
     sources = ["prompt", str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")]
     assert [s["source"] for s in listed] == sources

@@ -53,13 +53,20 @@ class Providers:
         self.settings = settings
         self.stop = stop
         self._providers: dict[str, Provider] = dict(given or {})
+        # the realtime pool asks from several threads at once: without the lock two of them
+        # could each make an adapter, and the one not kept would never be closed
+        self._lock = threading.Lock()
 
     def __call__(self, name: str) -> Provider:
         provider = self._providers.get(name)
         if provider is None:
             from batchwise.providers import make_provider
 
-            provider = self._providers[name] = make_provider(name, self.settings, stop=self.stop)
+            with self._lock:
+                provider = self._providers.get(name)
+                if provider is None:
+                    provider = make_provider(name, self.settings, stop=self.stop)
+                    self._providers[name] = provider
         return provider
 
     def loaded(self) -> dict[str, Provider]:
@@ -70,9 +77,10 @@ class Providers:
         return _Limits(self)
 
     def close(self) -> None:
-        for provider in self._providers.values():
-            provider.close()
-        self._providers.clear()
+        with self._lock:
+            for provider in self._providers.values():
+                provider.close()
+            self._providers.clear()
 
 
 class _Limits(dict[str, BatchLimits]):

@@ -36,6 +36,8 @@ METADATA_KEY = "batchwise_batch"
 _CLOCK_SKEW = timedelta(seconds=30)
 #: longest wait between submit attempts after transient failures (seconds)
 MAX_SUBMIT_DELAY_S = 600.0
+#: error codes of a failure that never reached the provider (see `providers.http`)
+_NOT_ANSWERED = frozenset({"connection_error", "timeout", "unreadable_answer"})
 #: submit attempts (claims that may create a provider batch) per batch row and hour
 MAX_SUBMIT_ATTEMPTS = capacity.MAX_CREATIONS
 
@@ -232,7 +234,10 @@ def _submit_failed(
     give_up = not exc.retryable or exc.code == capacity.TOKEN_LIMIT
     backoff = min(MAX_SUBMIT_DELAY_S, 5.0 * 2 ** min(max(batch.attempts - 1, 0), 10))
     delay = exc.retry_after_s or backoff * (0.75 + 0.5 * random.random())
-    if not give_up and _hold(store, batch, exc, now=now, worker=worker):
+    # the bound is on answers from the provider: an outage (no connection, a timeout, a page
+    # from a proxy) created nothing there, and waits out with backoff however long it lasts
+    answered = exc.code is not None and exc.code not in _NOT_ANSWERED
+    if not give_up and answered and _hold(store, batch, exc, now=now, worker=worker):
         return
     if give_up:
         log.error("batch %s: submit failed for good: %s", batch.id, exc)
