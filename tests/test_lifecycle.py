@@ -388,3 +388,20 @@ def test_a_drain_packs_every_group_once_and_keeps_each_batchs_earliest_deadline(
         assert world.scheduler.flush(drain=True) == []
         world.drain()
         check_all(world.store, world.stats())
+
+
+def test_a_tick_with_nothing_to_do_waits_only_until_the_next_poll_is_due(
+    tmp_path: Path, db_url: str
+) -> None:
+    config = EmulatorConfig(turnaround_s=600.0)
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        # Given nothing at the provider, a tick waits the whole interval …
+        assert world.scheduler.wait_s(30.0) == 30.0
+        # … but once a batch is submitted and its next poll falls due in 5 s (a young batch is
+        # polled often), the wait after an idle tick is those 5 s, not the interval …
+        world.enqueue(mixed_items(5, realtime_every=0))
+        world.scheduler.tick(drain=True, poll_cap_s=30.0)
+        assert world.scheduler.wait_s(30.0) == pytest.approx(5.0)
+        # … and never below the floor once the poll is overdue.
+        world.clock.advance(60)
+        assert world.scheduler.wait_s(30.0) == pytest.approx(0.2)
