@@ -417,3 +417,20 @@ def test_threads_asking_for_a_provider_at_once_share_one_adapter(
         thread.join()
     registry.close()
     assert len(made) == 8 and len(set(made)) == 1
+
+
+def test_a_tick_with_nothing_to_do_waits_only_until_the_next_poll_is_due(
+    tmp_path: Path, db_url: str
+) -> None:
+    config = EmulatorConfig(turnaround_s=600.0)
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        # Given nothing at the provider, a tick waits the whole interval …
+        assert world.scheduler.wait_s(30.0) == 30.0
+        # … but once a batch is submitted and its next poll falls due in 5 s (a young batch is
+        # polled often), the wait after an idle tick is those 5 s, not the interval …
+        world.enqueue(mixed_items(5, realtime_every=0))
+        world.scheduler.tick(drain=True, poll_cap_s=30.0)
+        assert world.scheduler.wait_s(30.0) == pytest.approx(5.0)
+        # … and never below the floor once the poll is overdue.
+        world.clock.advance(60)
+        assert world.scheduler.wait_s(30.0) == pytest.approx(0.2)

@@ -327,3 +327,34 @@ def test_downgrade_to_0001_puts_bodies_back(db_url: str) -> None:
     engine.dispose()
     assert "kept" in body
     assert key == body_key(hashlib.sha256(body.encode()).hexdigest())
+
+
+def test_an_id_list_finds_the_same_rows_and_on_sqlite_keeps_one_statement_text(
+    db_url: str,
+) -> None:
+    # Given a store with a few requests …
+    from batchwise.store.engine import driver_sql, in_ids
+
+    client = Client(settings=Settings(database_url=db_url))
+    ids = [
+        h.id
+        for h in client.enqueue_many(
+            [{"model": "gpt-4o-mini", "prompt": f"q{i}", "tolerance": "24h"} for i in range(7)]
+        )
+    ]
+    client.close()
+    store = Store(db_url)
+    texts = set()
+    with store.read() as conn:
+        for count in (1, 3, 7):
+            # … when lists of different lengths (one id unknown) are looked up …
+            where, params = in_ids(conn, [*ids[:count], 10**9])
+            texts.add(where)
+            sql = driver_sql(conn, f"SELECT id FROM requests WHERE id {where} ORDER BY id")
+            # … then each finds exactly its rows,
+            assert [r[0] for r in conn.exec_driver_sql(sql, params)] == ids[:count]
+        sqlite = conn.dialect.name == "sqlite"
+    store.close()
+    # and on SQLite the statement text never changes (each text is a prepared statement the
+    # driver caches; one per length made the process grow with the workload).
+    assert len(texts) == (1 if sqlite else 3)

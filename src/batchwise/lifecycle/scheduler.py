@@ -31,10 +31,13 @@ from batchwise.lifecycle.reconcile import ReconcileReport, reconcile_due
 from batchwise.lifecycle.rescue import record_missed_deadlines, rescue_due
 from batchwise.lifecycle.submitter import claim_next_batch, submit_batch
 from batchwise.providers.base import BatchLimits, Provider
-from batchwise.store import requests
+from batchwise.store import batches, requests
 from batchwise.store.engine import Store
 
 log = logging.getLogger(__name__)
+
+#: the shortest wait between ticks that did no work, when a poll is due sooner than the interval
+MIN_WAIT_S = 0.2
 
 
 class Providers:
@@ -298,6 +301,16 @@ class Scheduler:
             return Held()
         return drain.held(self.store, self.settings, now=self.clock())
 
+    def wait_s(self, interval_s: float) -> float:
+        """How long to wait after a tick that did no work: the interval, or less when a live
+        batch's next poll falls due sooner, so a batch the provider has finished is read
+        when its poll is due, not up to a whole interval later."""
+        with self.store.read() as conn:
+            due = batches.next_poll_at(conn)
+        if due is None:
+            return interval_s
+        return min(interval_s, max(MIN_WAIT_S, (due - self.clock()).total_seconds()))
+
     def run(
         self,
         *,
@@ -318,9 +331,14 @@ class Scheduler:
             if on_tick is not None:
                 on_tick(report)
             if until_idle:
-                left = Held() if self.idle() else None if include_held else self.held()
+                # After a tick that did work the next one follows at once, so whether what is
+                # left only waits is asked after one that did none: `held` groups the whole
+                # queue, and asking after every busy tick made a drain quadratic in its size.
+                if self.idle():
+                    return Held()
+                left = None if include_held or report.did_work else self.held()
                 if left is not None:
                     return left
             if not report.did_work:
-                sleep(interval)
+                sleep(self.wait_s(interval))
         return None

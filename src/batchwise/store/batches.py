@@ -26,7 +26,16 @@ from batchwise.states import (
     BatchState,
     RequestState,
 )
-from batchwise.store.engine import Store, batches_t, chunked, db_time, driver_sql, requests_t
+from batchwise.store.dbapi import as_datetime
+from batchwise.store.engine import (
+    Store,
+    batches_t,
+    chunked,
+    db_time,
+    driver_sql,
+    in_ids,
+    requests_t,
+)
 from batchwise.store.leases import LeaseKeeper, claim_one, lease_until
 from batchwise.store.transitions import (
     check_batch_transition,
@@ -82,13 +91,12 @@ def count_waiting(conn: Connection, members: Collection[int]) -> int:
     """How many of these listed members are still `queued` (not cancelled or rescued)."""
     waiting = 0
     for chunk in chunked(list(members), 5000):
+        where, params = in_ids(conn, chunk)
         waiting += conn.exec_driver_sql(
             driver_sql(
-                conn,
-                "SELECT count(*) FROM requests "
-                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+                conn, f"SELECT count(*) FROM requests WHERE id {where} AND state = 'queued'"
             ),
-            tuple(chunk),
+            params,
         ).scalar_one()
     return waiting
 
@@ -104,13 +112,14 @@ def move_members(conn: Connection, batch_id: int, dst: RequestState, *, now: dat
     stamp = db_time(conn, now)
     moved = 0
     for chunk in chunked(members, 5000):
+        where, params = in_ids(conn, chunk)
         moved += conn.exec_driver_sql(
             driver_sql(
                 conn,
                 "UPDATE requests SET state = ?, batch_id = ?, updated_at = ? "
-                f"WHERE id IN ({', '.join('?' for _ in chunk)}) AND state = 'queued'",
+                f"WHERE id {where} AND state = 'queued'",
             ),
-            (dst.value, batch_id, stamp, *chunk),
+            (dst.value, batch_id, stamp, *params),
         ).rowcount
     conn.execute(sa.update(batches_t).where(batches_t.c.id == batch_id).values(member_ids=None))
     return moved
@@ -433,6 +442,15 @@ def due_for_poll(conn: Connection, *, now: datetime) -> list[tuple[int, str, str
         .order_by(b.c.next_poll_at, b.c.id)
     ).all()
     return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+def next_poll_at(conn: Connection) -> datetime | None:
+    """When the soonest poll of a live batch falls due; None with no live batch."""
+    b = batches_t
+    value = conn.execute(
+        sa.select(sa.func.min(b.c.next_poll_at)).where(b.c.state.in_(_LIVE))
+    ).scalar_one_or_none()
+    return None if value is None else as_datetime(value)
 
 
 def record_poll(

@@ -216,6 +216,19 @@ def driver_sql(conn: Connection, sql: str) -> str:
     return sql if conn.dialect.name == "sqlite" else sql.replace("?", "%s")
 
 
+def in_ids(conn: Connection, ids: Sequence[int]) -> tuple[str, tuple[Any, ...]]:
+    """`IN (…)` over a list of ids, with its parameters, for SQL written with `?`.
+
+    On SQLite the ids travel as one JSON array, so the statement's text is the same whatever
+    their count: the driver keeps every distinct text it ran as a prepared statement (128 per
+    connection), and one with 5,000 placeholders holds about a megabyte, so lists of varying
+    length made the process grow with the workload. Elsewhere, one placeholder per id.
+    """
+    if conn.dialect.name == "sqlite":
+        return "IN (SELECT value FROM json_each(?))", ("[" + ",".join(map(str, ids)) + "]",)
+    return f"IN ({', '.join('?' for _ in ids)})", tuple(ids)
+
+
 def insert_many(
     conn: Connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
 ) -> None:

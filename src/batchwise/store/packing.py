@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from batchwise.states import RequestState
 from batchwise.store.batches import batch_members
-from batchwise.store.engine import Store, chunked, db_time, driver_sql, requests_t
+from batchwise.store.engine import Store, chunked, db_time, driver_sql, in_ids, requests_t
 from batchwise.store.transitions import check_transition
 
 #: PostgreSQL advisory lock key that makes packers take turns
@@ -201,7 +201,7 @@ def ride(
 #: a batch's listed members that are still waiting for it (not cancelled, rescued, ...)
 _MEMBER_BODIES = (
     "SELECT r.id, b.body FROM requests r JOIN request_bodies b ON b.id = r.id "
-    "WHERE r.id IN ({marks}) AND r.state = 'queued' ORDER BY r.id"
+    "WHERE r.id {where} AND r.state = 'queued' ORDER BY r.id"
 )
 #: members linked one by one, by a batchwise before `member_ids` (coalesced rows never have lines)
 _LINKED_BODIES = (
@@ -216,8 +216,9 @@ def batch_bodies(store: Store, batch_id: int) -> Iterator[tuple[int, str]]:
     with store.read() as conn:
         members = batch_members(conn, batch_id)
         for chunk in chunked(members, 5000):
-            sql = _MEMBER_BODIES.format(marks=", ".join("?" for _ in chunk))
-            yield from conn.exec_driver_sql(driver_sql(conn, sql), tuple(chunk))
+            where, params = in_ids(conn, chunk)
+            sql = _MEMBER_BODIES.format(where=where)
+            yield from conn.exec_driver_sql(driver_sql(conn, sql), params)
         rows = _stream(conn, driver_sql(conn, _LINKED_BODIES), (batch_id,))
         yield from rows
         _close_stream(rows)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from batchwise.states import TRANSITIONS, RequestState
-from batchwise.store.engine import driver_sql, insert_many, reserve_ids, responses_t
+from batchwise.store.engine import driver_sql, in_ids, insert_many, reserve_ids, responses_t
 from batchwise.store.transitions import check_transition
 
 #: what the reconciler reads of each request, the keys of the dicts below
@@ -66,11 +66,11 @@ def read_requests(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]
     if not ids:
         return {}
     lock = conn.dialect.name == "postgresql"
-    sql = (
-        f"SELECT {', '.join(REQUEST_FIELDS)} FROM requests "
-        f"WHERE id IN ({', '.join('?' for _ in ids)})"
-    ) + (" FOR UPDATE" if lock else "")
-    rows = conn.exec_driver_sql(driver_sql(conn, sql), tuple(ids)).fetchall()
+    where, params = in_ids(conn, ids)
+    sql = f"SELECT {', '.join(REQUEST_FIELDS)} FROM requests WHERE id {where}" + (
+        " FOR UPDATE" if lock else ""
+    )
+    rows = conn.exec_driver_sql(driver_sql(conn, sql), params).fetchall()
     return {row[0]: dict(zip(REQUEST_FIELDS, row, strict=True)) for row in rows}
 
 
@@ -93,7 +93,7 @@ def leader_answers(
 ) -> dict[int, tuple[int, int | None, int | None, int | None]]:
     """For each of these requests that succeeded: (response id, and from its ledger entry the
     realtime price in nano-USD, input and output tokens; None where it has none)."""
-    marks = ", ".join("?" for _ in leaders)
+    where, params = in_ids(conn, leaders)
     return {
         rid: (response_id, realtime, tokens_in, tokens_out)
         for rid, response_id, realtime, tokens_in, tokens_out in conn.exec_driver_sql(
@@ -101,9 +101,9 @@ def leader_answers(
                 conn,
                 "SELECT r.id, r.response_id, l.realtime_nusd, l.input_tokens, l.output_tokens "
                 "FROM requests r LEFT JOIN ledger l ON l.response_id = r.response_id "
-                f"WHERE r.id IN ({marks}) AND r.state = 'succeeded'",
+                f"WHERE r.id {where} AND r.state = 'succeeded'",
             ),
-            tuple(leaders),
+            params,
         )
     }
 
