@@ -316,3 +316,108 @@ def test_upgrade_from_0002_backfills_submissions_and_keeps_every_request(db_url:
     assert client.get("b").submission_id == rest[0]
     assert client.submission(rest[0]).status() == {"queued": 2, "succeeded": 1}
     client.close()
+
+
+# The providers' own documented batch files, as their guides and cookbooks write them
+# (shapes from /work/shared/reference/provider-apis.md; text shortened).
+_PDF = (
+    "JVBERi0xLjQKJcOkw7zDtsOfCjEgMCBvYmoKPDwvVHlwZS9DYXRhbG9nPj4KZW5kb2JqCnRyYWlsZXIKPDw+"
+    "PgolJUVPRgo="
+)
+DOCUMENTED: dict[str, list[dict[str, Any]]] = {
+    "openai-guide": [  # the Batch guide's own example, model and all
+        {"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-3.5-turbo-0125", "messages": [
+             {"role": "system", "content": "You are a helpful assistant."},
+             {"role": "user", "content": "Hello world!"}], "max_tokens": 1000}},
+        {"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-3.5-turbo-0125", "messages": [
+             {"role": "system", "content": "You are an unhelpful assistant."},
+             {"role": "user", "content": "Hello world!"}], "max_tokens": 1000}},
+    ],
+    "openai-cookbook": [
+        {"custom_id": f"task-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4-turbo", "temperature": 0.1,
+                  "response_format": {"type": "json_object"},
+                  "messages": [{"role": "system", "content": "Categorise the movie as JSON."},
+                               {"role": "user", "content": f"Movie number {i}"}]}}
+        for i in range(3)
+    ],
+    "embeddings": [
+        {"custom_id": "emb-1", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "text-embedding-3-small", "input": "The food was delicious."}},
+    ],
+    "responses": [
+        {"custom_id": "resp-1", "method": "POST", "url": "/v1/responses",
+         "body": {"model": "gpt-4o-mini", "input": "Write a one-line story about a unicorn."}},
+    ],
+    "completions": [
+        {"custom_id": "cmp-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test",
+                  "max_tokens": 7}},
+    ],
+    "moderations": [
+        {"custom_id": "mod-1", "method": "POST", "url": "/v1/moderations",
+         "body": {"model": "omni-moderation-latest", "input": "I want to kill them."}},
+    ],
+    "anthropic-basic": [
+        {"custom_id": "my-first-request", "params": {
+            "model": "claude-opus-4-8", "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "Hello, world"}]}},
+        {"custom_id": "my-second-request", "params": {
+            "model": "claude-opus-4-8", "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "Hi again, friend"}]}},
+    ],
+    "anthropic-caching": [
+        {"custom_id": f"cached-{i}", "params": {
+            "model": "claude-opus-4-8", "max_tokens": 1024,
+            "system": [
+                {"type": "text", "text": "You are an AI assistant analysing literary works."},
+                {"type": "text", "text": "Pride and Prejudice, full text. " * 200,
+                 "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+            "messages": [{"role": "user", "content": f"Question {i} about the book."}]}}
+        for i in range(2)
+    ],
+    "anthropic-pdf": [
+        {"custom_id": "pdf-1", "params": {
+            "model": "claude-sonnet-4-5", "max_tokens": 1024,
+            "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "base64",
+                                                "media_type": "application/pdf", "data": _PDF}},
+                {"type": "text", "text": "Summarise this document."}]}]}},
+    ],
+}  # fmt: skip
+
+
+def test_the_providers_documented_batch_files_are_answered_and_exported_in_their_own_format(
+    world: World, tmp_path: Path
+) -> None:
+    # Given each documented file submitted unchanged, as its own submission
+    submissions = {}
+    for name, lines in DOCUMENTED.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        submissions[name] = world.client.submit_file(path, tolerance="24h", name=name)
+        assert submissions[name].accepted == len(lines), name
+    # When they are answered
+    world.drain()
+    # Then each comes back whole, line for line, in the shape it came in
+    for name, submission in submissions.items():
+        lines = list(submission.results())
+        ids = [line["custom_id"] for line in DOCUMENTED[name]]
+        assert [line["custom_id"] for line in lines] == ids, name
+        for line in lines:
+            if name.startswith("anthropic"):
+                assert line["result"]["type"] == "succeeded", (name, line)
+                assert line["result"]["message"]["content"], (name, line)
+            else:
+                assert line["error"] is None and line["response"]["status_code"] == 200, line
+        if not name.startswith("anthropic"):
+            objects = {line["response"]["body"].get("object") for line in lines}
+            expected = {"embeddings": "list", "responses": "response",
+                        "completions": "text_completion"}.get(name, "chat.completion")  # fmt: skip
+            assert objects == {expected} or name == "moderations", (name, objects)
+    moderation = next(iter(submissions["moderations"].results()))["response"]["body"]
+    assert moderation["results"][0]["flagged"] is True
+    embedding = next(iter(submissions["embeddings"].results()))["response"]["body"]
+    assert len(embedding["data"][0]["embedding"]) == 1536
