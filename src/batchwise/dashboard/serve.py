@@ -7,7 +7,11 @@ uvicorn stops on SIGTERM or Ctrl-C; open connections (a browser keeps one alive)
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 #: how long open connections may take to finish once a stop is asked
@@ -44,8 +48,27 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(app: Any, sock: socket.socket, *, shutdown_s: int = SHUTDOWN_S) -> None:
-    """Run `app` on `sock` until SIGTERM or Ctrl-C."""
+    """Run `app` on `sock` until SIGTERM or Ctrl-C, then return normally (exit status 0): the
+    first signal stops taking connections and lets open ones finish for `shutdown_s`, a
+    second one closes them at once."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's own handlers re-raise the signal once stopped (the process then dies
+            # of it); these stop the server the same way and let the command end normally.
+            def stop(signum: int, frame: FrameType | None) -> None:
+                if self.should_exit:
+                    self.force_exit = True
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(
         app,
@@ -54,4 +77,4 @@ def serve(app: Any, sock: socket.socket, *, shutdown_s: int = SHUTDOWN_S) -> Non
         timeout_graceful_shutdown=shutdown_s,
         server_header=False,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
