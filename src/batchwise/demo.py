@@ -86,6 +86,7 @@ def run_demo(
         totals = run_embedded(demo_settings, until_idle=True, interval_s=0.5, console=console)
         seconds = time.monotonic() - started
     print_summary(url, seconds=seconds, console=console)
+    console.print(f"see it in a browser: batchwise --db {url} dashboard")
     return DemoResult(url, result.accepted, seconds, totals)
 
 

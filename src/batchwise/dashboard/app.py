@@ -78,10 +78,8 @@ def create_app(
     def index(request: Request) -> Response:
         data = figures()
         body = sections_html(render_sections(data, live=True))
-        meta = (
-            f'updated <span id="updated">{escape(data["generated_at"][:19])}</span> UTC · '
-            f"refreshes every {refresh_s:g} s"
-        )
+        updated = escape(data["generated_at"][:19].replace("T", " "))
+        meta = f"updated {updated} UTC · refreshes every {refresh_s:g} s"
         html = page(
             title="batchwise",
             meta=meta,

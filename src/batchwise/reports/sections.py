@@ -67,9 +67,9 @@ def duration(seconds: int) -> str:
     elif s < 3600:
         text = f"{s // 60} min"
     elif s < 86400:
-        text = f"{s // 3600} h {s % 3600 // 60} min"
+        text = f"{s // 3600} h" + (f" {s % 3600 // 60} min" if s % 3600 >= 60 else "")
     else:
-        text = f"{s // 86400} d {s % 86400 // 3600} h"
+        text = f"{s // 86400} d" + (f" {s % 86400 // 3600} h" if s % 86400 >= 3600 else "")
     return text if seconds >= 0 else f"{text} overdue"
 
 
