@@ -146,7 +146,7 @@ def test_describe_names_outcomes_reasons_and_next_commands() -> None:
     assert lines[1] == "rescued through the realtime lane to keep a deadline: 1; still waiting: 0"
     assert lines[2] == (
         "look closer: batchwise status · batchwise events · batchwise results --out "
-        "results.jsonl · batchwise savings"
+        "results.jsonl · batchwise savings · batchwise dashboard"
     )
     nothing = describe({"by_state": {}, "failed_by": {}, "rescued": 0, "waiting": 4}, db="x y")
     assert nothing == [
@@ -186,7 +186,7 @@ def test_run_ends_with_what_happened_and_where_to_look(providers_env: None, tmp_
     assert lines[-3] == "still waiting: 0"
     assert lines[-2] == (
         "look closer: batchwise status · batchwise events · batchwise results --out "
-        "results.jsonl · batchwise savings"
+        "results.jsonl · batchwise savings · batchwise dashboard"
     )
     assert lines[-1] == "idle: every request is terminal"
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from batchwise.costs.tasks import TOP_TASKS
 from batchwise.reports.html import (
-    MAX_TASK_BARS,
     bar_chart,
     render_html,
     report_data,
@@ -141,7 +141,9 @@ def test_embedded_data_matches_the_ledger(store: Store) -> None:
         ("2026-11-03", "-0.000500000"),
         ("2026-11-04", None),
     ]
-    assert [(t["task_id"], t["complete"]) for t in data["tasks"]] == [("T1", True), ("T2", False)]
+    tasks = data["overview"]["tasks"]
+    assert (tasks["summary"]["tasks"], tasks["summary"]["complete"]) == (2, 1)
+    assert [(c["use_case"], c["tasks"]) for c in tasks["by_use_case"]] == [("summaries", 1)]
 
 
 def test_day_chart_has_a_point_per_day_and_series_including_empty_days(store: Store) -> None:
@@ -170,12 +172,12 @@ def test_group_lane_and_task_charts(store: Store) -> None:
         ("tagging", "0.005000000"),
     ]
     assert page.labels["chart-groups"] == ["<script>alert(1)</script>", "summaries", "tagging"]
-    assert values(page.marks["chart-lanes"], "actual") == [
+    assert values(page.marks["chart-lane"], "actual") == [
         ("deferred", "0.004500000"),
         ("realtime", "0.005000000"),
     ]
-    # only T1 is complete (T2's request is still dispatching)
-    assert values(page.marks["chart-tasks"], "actual") == [("T1", "0.004000000")]
+    # only T1 (summaries) is complete (T2's request is still dispatching)
+    assert values(page.marks["chart-task-costs"], "median") == [("summaries", "0.004000000")]
 
 
 def test_bars_are_proportional(store: Store) -> None:
@@ -211,24 +213,53 @@ def test_page_is_self_contained_and_escapes_text(store: Store, tmp_path: Path) -
 
 def test_no_grouping_leaves_out_the_group_chart(store: Store) -> None:
     page = page_for(store, by=())
-    assert list(page.marks) == ["chart-days", "chart-lanes", "chart-tasks"]
+    assert "chart-groups" not in page.marks
+    assert {"chart-days", "chart-lane", "chart-task-costs"} <= set(page.marks)
 
 
-def test_task_chart_is_capped(db_url: str) -> None:
+def test_tasks_are_summed_up_per_use_case_not_drawn_one_bar_each(db_url: str) -> None:
+    # Given many complete tasks of two use cases
     store = Store(db_url)
-    rows = [
-        {"request_id": n, "at": day(1), "kind": "batch", "lane": "deferred",
-         "provider": "openai", "model": "m", "endpoint": "/e", "task_id": f"T{n:03d}",
-         "actual_nusd": n, "realtime_nusd": 2 * n, "price_source": "t"}
-        for n in range(1, MAX_TASK_BARS + 6)
-    ]  # fmt: skip
+    n = 40
     with store.write() as conn:
-        conn.execute(sa.insert(ledger_t), rows)
+        conn.execute(
+            sa.insert(requests_t),
+            [
+                {"id": i, "custom_id": f"c{i}", "provider": "openai", "endpoint": "/e",
+                 "model": "m", "body_hash": f"{i:064d}", "tolerance": "24h", "deadline": NOW,
+                 "lane": "deferred", "reason": "t", "state": "succeeded",
+                 "use_case": "a" if i % 2 else "b", "task_id": f"T{i:03d}",
+                 "created_at": day(1), "updated_at": day(1), "finished_at": day(1 + i % 3)}
+                for i in range(1, n + 1)
+            ],
+        )  # fmt: skip
+        conn.execute(
+            sa.insert(ledger_t),
+            [
+                {"response_id": i, "request_id": i, "at": day(1), "kind": "batch",
+                 "lane": "deferred", "provider": "openai", "model": "m", "endpoint": "/e",
+                 "use_case": "a" if i % 2 else "b", "task_id": f"T{i:03d}",
+                 "actual_nusd": i, "realtime_nusd": 2 * i, "price_source": "t"}
+                for i in range(1, n + 1)
+            ],
+        )  # fmt: skip
     page = page_for(store)
     store.close()
-    shown = values(page.marks["chart-tasks"], "actual")
-    assert len(shown) == MAX_TASK_BARS
-    assert shown[0] == (f"T{MAX_TASK_BARS + 5:03d}", f"0.{MAX_TASK_BARS + 5:09d}")  # dearest first
+    # Then one bar per use case and series, and a handful of tasks named per use case
+    assert values(page.marks["chart-task-costs"], "median") == [
+        ("a", "0.000000020"),  # odd 1..39: the middle two are 19 and 21
+        ("b", "0.000000021"),  # even 2..40: 20 and 22
+    ]
+    # nearest rank: the 19th of 20 values
+    assert values(page.marks["chart-task-costs"], "p95") == [
+        ("a", "0.000000037"),
+        ("b", "0.000000038"),
+    ]
+    data = json.loads(page.data_text)["overview"]["tasks"]["by_use_case"]
+    assert [len(c["most_expensive"]) for c in data] == [TOP_TASKS, TOP_TASKS]
+    assert data[0]["most_expensive"][0]["task_id"] == "T039"  # dearest first
+    assert [d["day"] for d in data[0]["by_day"]] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert "chart-task-trend" in page.marks
 
 
 def test_embedded_json_escapes_comment_openers_as_well_as_closing_tags(store: Store) -> None:

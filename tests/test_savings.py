@@ -275,7 +275,17 @@ def test_empty_ledger_reports_zero_not_unpriced(db_url: str) -> None:
 
 
 def test_task_costs_roll_up_retries_rescues_and_failures(store: Store) -> None:
-    tasks = {t.task_id: t.as_dict() for t in task_costs(store)}
+    rows = task_costs(store)
+    # a task's use case and finish time: checked in test_html_report and test_dashboard
+    assert {t.task_id: t.finished_at is None for t in rows} == {
+        "T1": False,
+        "T2": True,
+        "T3": False,
+    }
+    tasks = {
+        t.task_id: {k: v for k, v in t.as_dict().items() if k not in ("use_case", "finished_at")}
+        for t in rows
+    }
     assert tasks == {
         # r1, r2 (rescued + late batch), r3 (retry + realtime), r9 (failed after a retry)
         "T1": {"task_id": "T1", "requests": 4, "succeeded": 3, "failed": 1, "complete": True,

@@ -34,6 +34,7 @@ LAZY_COMMANDS = {
     "forecast": "batchwise.cli.reports:forecast",
     "purge": "batchwise.cli.reports:purge",
     "metrics": "batchwise.cli.reports:metrics",
+    "dashboard": "batchwise.cli.dashboard:dashboard",
     "worker": "batchwise.cli.worker:worker",
     "beat": "batchwise.cli.worker:beat",
     "jobs": "batchwise.cli.jobs:jobs",

@@ -170,20 +170,28 @@ def savings(
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help='Print {"summary": …, "tasks": […]}.')
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"summary": …, "by_use_case": […], "tasks": […]}.',
+)
 @click.pass_obj
 def tasks(obj: Context, as_json: bool) -> None:
     """Cost per task: every request sharing a task_id (retries, rescues and failures
     included); a task is complete when all its requests have finished."""
-    from batchwise.costs.savings import task_costs, task_summary, tasks_table
+    from batchwise.costs.savings import tasks_table
+    from batchwise.costs.tasks import tasks_report, use_case_table
 
     with _store(obj) as store:
-        rows = task_costs(store)
-    summary = task_summary(rows)
+        report = tasks_report(store)
     if as_json:
-        click.echo(dumps({"summary": summary, "tasks": [t.as_dict() for t in rows]}))
+        click.echo(dumps(report.as_dict()))
     else:
-        _console().print(tasks_table(rows, summary))
+        console = _console()
+        console.print(tasks_table(report.tasks, report.summary))
+        if report.by_use_case:
+            console.print(use_case_table(report))
 
 
 @click.command()

@@ -10,8 +10,11 @@ are the same in both worlds, so the difference is the saving due to batching alo
 
 from __future__ import annotations
 
+import calendar
+import math
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -231,3 +234,41 @@ def forecast_table(result: Forecast) -> Any:
             "and are left out"
         )
     return table
+
+
+# --- this month at the current volume (the dashboard's panel) -------------------------------
+
+#: the days looked back over to measure the current daily volume
+VOLUME_WINDOW_DAYS = 7
+
+
+def current_volume(store: Store, *, now: datetime) -> int:
+    """Requests a day lately: the requests with a ledger entry in the last VOLUME_WINDOW_DAYS
+    days, divided by the whole days those entries span (at least one), rounded up; 0 when
+    nothing was recorded in the window."""
+    since = now - timedelta(days=VOLUME_WINDOW_DAYS)
+    with store.read() as conn:
+        first = store_reports.ledger_first_at(conn, since=since)
+        requests = int(store_reports.ledger_totals(conn, since=since).requests)
+    if first is None or not requests:
+        return 0
+    days = max(1, math.ceil((now - first) / timedelta(days=1)))
+    return math.ceil(requests / days)
+
+
+def days_in_month(now: datetime) -> int:
+    """The number of days of `now`'s calendar month (UTC)."""
+    return calendar.monthrange(now.year, now.month)[1]
+
+
+def month_forecast(store: Store, *, now: datetime) -> dict[str, Any]:
+    """This calendar month at the current daily volume, with and without batching: the
+    `forecast --volume V --days D --json` object for V = `current_volume` and D = the days of
+    this month, or `{"volume_per_day": 0, "error": why}` when there is nothing to project."""
+    volume, days = current_volume(store, now=now), days_in_month(now.astimezone(UTC))
+    if not volume:
+        return {"volume_per_day": 0, "days": days, "error": "no ledger entry in the last 7 days"}
+    try:
+        return forecast(store, volume_per_day=volume, days=days).as_dict()
+    except ForecastError as exc:
+        return {"volume_per_day": volume, "days": days, "error": str(exc)}

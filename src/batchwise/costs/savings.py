@@ -189,6 +189,10 @@ class TaskCost:
     #: requests not yet in a terminal state
     live: int
     totals: Totals
+    #: the use case of its requests (the first by name if they differ)
+    use_case: str | None = None
+    #: when its last request finished (None while one is live)
+    finished_at: datetime | None = None
 
     @property
     def complete(self) -> bool:
@@ -198,6 +202,8 @@ class TaskCost:
         money = self.totals.as_dict()
         return {
             "task_id": self.task_id,
+            "use_case": self.use_case,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "requests": self.requests,
             "succeeded": self.succeeded,
             "failed": self.failed,
@@ -226,6 +232,8 @@ def task_costs(store: Store) -> list[TaskCost]:
             int(row.failed),
             int(row.live),
             money.pop(row.task_id, _EMPTY),
+            row.use_case,
+            row.finished_at if int(row.live) == 0 else None,
         )
         for row in states
     ]

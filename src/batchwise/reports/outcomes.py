@@ -2,7 +2,7 @@
 
     finished 9 request(s): 6 succeeded, 2 failed (model_not_found 2), 1 deduplicated
     rescued through the realtime lane to keep a deadline: 1; still waiting: 0
-    look closer: batchwise status · batchwise events · batchwise results --out results.jsonl
+    look closer: batchwise status · batchwise events · batchwise results --out results.jsonl · …
 
 Pure: it takes the figures `store.queries.finished_since` reads and returns lines.
 """
@@ -61,6 +61,7 @@ def next_commands(outcome: Mapping[str, Any], *, db: str | None = None) -> list[
         commands.append("batchwise results --out results.jsonl")
     if by_state.get("succeeded") or by_state.get("deduplicated"):
         commands.append("batchwise savings")
+        commands.append("batchwise dashboard")
     if db:
         commands = [f"{command} --db {shlex.quote(db)}" for command in commands]
     return commands

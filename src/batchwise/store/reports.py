@@ -17,7 +17,13 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from batchwise.states import LIVE_REQUEST_STATES, TERMINAL_REQUEST_STATES, Lane, RequestState
+from batchwise.states import (
+    LIVE_REQUEST_STATES,
+    TERMINAL_REQUEST_STATES,
+    BatchState,
+    Lane,
+    RequestState,
+)
 from batchwise.store.engine import (
     Store,
     batches_t,
@@ -130,7 +136,8 @@ def ledger_grouped(
 
 
 def task_request_counts(conn: Connection) -> list[Row[Any]]:
-    """Per task_id: (task_id, requests, ok, failed, live) from the `requests` table."""
+    """Per task_id: (task_id, requests, ok, failed, live, use_case, finished_at) from the
+    `requests` table; `finished_at` is its last request's (meaningful once none is live)."""
     r = requests_t
     live = [s.value for s in LIVE_REQUEST_STATES]
     counts = (
@@ -140,6 +147,9 @@ def task_request_counts(conn: Connection) -> list[Row[Any]]:
             _sum(sa.case((r.c.state == RequestState.SUCCEEDED.value, 1), else_=0)).label("ok"),
             _sum(sa.case((r.c.state == RequestState.FAILED.value, 1), else_=0)).label("failed"),
             _sum(sa.case((r.c.state.in_(live), 1), else_=0)).label("live"),
+            # a task belongs to the use case of its requests (the first by name, if several)
+            sa.func.min(r.c.use_case).label("use_case"),
+            sa.func.max(r.c.finished_at).label("finished_at"),
         )
         .where(r.c.task_id.is_not(None))
         .group_by(r.c.task_id)
@@ -310,6 +320,88 @@ def ledger_kind_counts(conn: Connection) -> list[tuple[str, int]]:
 def unpriced_entries(conn: Connection) -> int:
     """Ledger entries whose cost is unknown (a model with no price)."""
     return int(conn.execute(sa.select(sa.func.count()).where(sa.not_(_priced()))).scalar_one())
+
+
+# --- the queue, as the dashboard shows it ----------------------------------------------------
+
+#: batch states the dashboard lists as open: everything before `reconciled`
+_UNRECONCILED = [s.value for s in BatchState if s is not BatchState.RECONCILED]
+
+
+def open_batches(conn: Connection, *, limit: int) -> tuple[int, list[Any]]:
+    """(how many batches are not reconciled yet, the oldest `limit` of them): id, provider,
+    model, state, request_count, counts (the provider's JSON), created_at, submitted_at."""
+    b = batches_t
+    where = b.c.state.in_(_UNRECONCILED)
+    count = int(conn.execute(sa.select(sa.func.count()).where(where)).scalar_one())
+    rows = conn.execute(
+        sa.select(
+            b.c.id,
+            b.c.provider,
+            b.c.model,
+            b.c.state,
+            b.c.request_count,
+            b.c.counts,
+            b.c.created_at,
+            b.c.submitted_at,
+        )
+        .where(where)
+        .order_by(b.c.created_at, b.c.id)
+        .limit(limit)
+    )
+    return count, list(rows)
+
+
+_WAITING_COLUMNS = (
+    requests_t.c.id,
+    requests_t.c.custom_id,
+    requests_t.c.lane,
+    requests_t.c.state,
+    requests_t.c.use_case,
+    requests_t.c.task_id,
+    requests_t.c.created_at,
+    requests_t.c.deadline,
+)
+
+
+def oldest_waiting(conn: Connection) -> Any:
+    """The live request submitted first (id, custom_id, lane, state, use_case, task_id,
+    created_at, deadline), or None when nothing waits."""
+    r = requests_t
+    return conn.execute(
+        sa.select(*_WAITING_COLUMNS)
+        .where(r.c.finished_at.is_(None))
+        .order_by(r.c.created_at, r.c.id)
+        .limit(1)
+    ).first()
+
+
+def deadlines_before(conn: Connection, before: datetime, *, limit: int) -> tuple[int, list[Any]]:
+    """Live requests whose deadline falls before `before`: how many, and the `limit` nearest
+    (same columns as `oldest_waiting`)."""
+    r = requests_t
+    where = sa.and_(r.c.finished_at.is_(None), r.c.deadline < before)
+    count = int(conn.execute(sa.select(sa.func.count()).where(where)).scalar_one())
+    rows = conn.execute(
+        sa.select(*_WAITING_COLUMNS).where(where).order_by(r.c.deadline, r.c.id).limit(limit)
+    )
+    return count, list(rows)
+
+
+def task_request_ids(conn: Connection, task_id: str, *, limit: int) -> list[int]:
+    """The ids of a task's requests, oldest first, at most `limit`."""
+    r = requests_t
+    query = sa.select(r.c.id).where(r.c.task_id == task_id).order_by(r.c.id).limit(limit)
+    return [int(i) for i in conn.execute(query).scalars()]
+
+
+def ledger_first_at(conn: Connection, *, since: datetime | None = None) -> datetime | None:
+    """When the first ledger entry (at or after `since`) was written, or None."""
+    query = _time_filter(sa.select(sa.func.min(ledger_t.c.at)), since, None)
+    first = conn.execute(query).scalar()
+    if first is None or isinstance(first, datetime):
+        return first  # min() keeps the column's type: an aware UTC datetime
+    return datetime.fromisoformat(str(first)).replace(tzinfo=UTC)
 
 
 # --- results export ------------------------------------------------------------------------
