@@ -271,3 +271,25 @@ def test_embedded_json_escapes_comment_openers_as_well_as_closing_tags(store: St
     block = text.split('id="report-data">', 1)[1].split("</script>", 1)[0]
     assert "<!--" not in block and "<" not in block
     assert json.loads(block)["note"] == "<!-- <script> </script>"
+
+
+def test_the_queue_panel_shows_each_models_capacity() -> None:
+    from batchwise.reports.sections import queue_section
+
+    capacity = [
+        {"provider": "openai", "model": "gpt-4o-mini", "open_tokens": 1200,
+         "limit_tokens": 2500, "source": "provider", "wait_until": None},
+        {"provider": "anthropic", "model": "claude-haiku-4-5", "open_tokens": 0,
+         "limit_tokens": None, "source": "none", "wait_until": None},
+    ]  # fmt: skip
+    queue = {
+        "requests": {"total": 0, "by_lane": {}, "by_state": {}, "capacity": capacity},
+        "open_batches": 0, "batches": [], "oldest_waiting": None, "at_risk_within_s": 3600,
+        "at_risk": 0, "at_risk_requests": [],
+    }  # fmt: skip
+    html = queue_section({"queue": queue}, live=True)
+    assert 'id="queue-capacity"' in html
+    assert "gpt-4o-mini" in html and "1,200" in html and "2,500" in html
+    assert "claude-haiku-4-5" in html and "none" in html
+    queue["requests"]["capacity"] = []
+    assert 'id="queue-capacity"' not in queue_section({"queue": queue}, live=True)

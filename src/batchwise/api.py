@@ -483,12 +483,9 @@ class Client:
     def status(self) -> dict[str, Any]:
         """Counts by lane and by state, and each model's open tokens against its capacity
         estimate: {"total", "by_lane", "by_state", "capacity": [...]}."""
-        from batchwise.lifecycle import capacity
-        from batchwise.store import queries
+        from batchwise.reports.overview import status_report
 
-        counts = queries.status_counts(self.store)
-        counts["capacity"] = capacity.status(self.store, self.settings, now=self.clock())
-        return counts
+        return status_report(self.store, self.settings, now=self.clock())
 
 
 def handles(client: Client, result: SubmitResult) -> list[Handle]:

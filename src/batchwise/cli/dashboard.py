@@ -70,7 +70,7 @@ def dashboard(obj: Context, host: str, port: int, expose: bool, refresh_s: float
     # On loopback, refuse other Host names: a web page elsewhere cannot read it by rebinding
     allowed = (*LOOPBACK_HOSTS, host) if local else None
     with open_store(obj) as store:
-        app = create_app(store, refresh_s=refresh_s, allowed_hosts=allowed)
+        app = create_app(store, refresh_s=refresh_s, allowed_hosts=allowed, settings=obj.settings())
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
         click.echo(f"dashboard on http://{shown}:{bound_port}/ (Ctrl-C to stop)", err=True)

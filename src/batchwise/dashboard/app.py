@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from batchwise.clock import system_clock
+from batchwise.config import Settings
 from batchwise.reports.overview import overview
 from batchwise.reports.sections import page, render_sections, sections_html
 from batchwise.store import queries
@@ -68,12 +69,13 @@ def create_app(
     clock: Callable[[], datetime] = system_clock,
     refresh_s: float = REFRESH_S,
     allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+    settings: Settings | None = None,
 ) -> Starlette:
     """The dashboard over `store` (kept open by the caller). `allowed_hosts` None accepts any
     Host header (for a dashboard bound to a public address on purpose)."""
 
     def figures() -> dict[str, Any]:
-        return overview(store, now=clock())
+        return overview(store, now=clock(), settings=settings)
 
     def index(request: Request) -> Response:
         data = figures()

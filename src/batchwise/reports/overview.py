@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from batchwise.config import Settings
 from batchwise.costs.forecast import month_forecast
 from batchwise.costs.savings import savings_report
 from batchwise.costs.tasks import tasks_report
@@ -106,10 +107,21 @@ def _batch(row: Row[Any], now: datetime) -> dict[str, Any]:
     }
 
 
-def queue(store: Store, *, now: datetime) -> dict[str, Any]:
-    """Requests by lane and state (`status --json`), open batches with progress and age, the
-    oldest waiting request and the live requests whose deadline is near or past."""
+def status_report(store: Store, settings: Settings, *, now: datetime) -> dict[str, Any]:
+    """`status --json` (and `Client.status`): counts by lane and by state, and each model's
+    open tokens against its capacity estimate."""
+    from batchwise.lifecycle import capacity
+
     counts = queries.status_counts(store)
+    counts["capacity"] = capacity.status(store, settings, now=now)
+    return counts
+
+
+def queue(store: Store, *, now: datetime, settings: Settings | None = None) -> dict[str, Any]:
+    """Requests by lane and state and each model's capacity (`status --json`), open batches
+    with progress and age, the oldest waiting request and the live requests whose deadline
+    is near or past."""
+    counts = status_report(store, settings or Settings.from_env(), now=now)
     with store.read() as conn:
         open_count, batches = store_reports.open_batches(conn, limit=BATCH_LIMIT)
         oldest = store_reports.oldest_waiting(conn)
@@ -135,13 +147,13 @@ def events(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def overview(store: Store, *, now: datetime) -> dict[str, Any]:
+def overview(store: Store, *, now: datetime, settings: Settings | None = None) -> dict[str, Any]:
     """Every panel's figures (money as exact decimal strings, times as ISO 8601 UTC)."""
     by_day = savings_report(store, by=("day",), since=now - timedelta(days=DAYS_SHOWN))
     return {
         "generated_at": now.isoformat(),
         "totals": totals(store, now=now),
-        "queue": queue(store, now=now),
+        "queue": queue(store, now=now, settings=settings),
         "tasks": tasks_report(store).as_dict(rows=False),
         "breakdowns": {
             key: savings_report(store, by=(key,)).as_dict()["groups"] for key in BREAKDOWNS

@@ -193,8 +193,22 @@ def queue_section(data: dict[str, Any], *, live: bool) -> str:
         parts.append(table(columns, batches, table_id="queue-batches"))
         if q["open_batches"] > len(batches):
             parts.append(f'<p class="note">the oldest {len(batches)} are listed</p>')
-    # A later panel (per-model in-flight tokens against learned limits) renders here from
-    # q["capacity"] when the store reports it.
+    capacity = q["requests"].get("capacity") or []
+    if capacity:
+        rows = [
+            [
+                c["provider"],
+                c["model"],
+                _count(c["open_tokens"]),
+                "none" if c["limit_tokens"] is None else _count(c["limit_tokens"]),
+                c["source"],
+                c["wait_until"] or "",
+            ]
+            for c in capacity
+        ]
+        parts.append("<h3>Capacity: open tokens against each model's limit</h3>")
+        headers = ("provider", "model", "open tokens", "limit", "limit from", "waits until")
+        parts.append(table(headers, rows, table_id="queue-capacity"))
     return "".join(parts)
 
 
