@@ -75,11 +75,14 @@ class SQLiteSink(SubmissionWrites, GuardQueries):
     def __init__(self, url: str) -> None:
         path = dbapi.sqlite_path(url)
         conn = dbapi.connect_sqlite(path)
-        if dbapi.schema_revision(conn.cursor()) != dbapi.SCHEMA_REVISION:
+        revision = dbapi.schema_revision(conn.cursor())
+        if revision is None:  # a new file: the shipped DDL, no Alembic, no SQLAlchemy
+            revision = dbapi.create_sqlite_schema(conn)
+        if revision != dbapi.SCHEMA_REVISION:
             conn.close()
             from batchwise.store.engine import Store
 
-            Store(url).close()  # creates or upgrades the schema, once
+            Store(url).close()  # upgrades the schema with the migrations, once
             conn = dbapi.connect_sqlite(path)
         self.conn = conn
         conn.execute("BEGIN IMMEDIATE")
