@@ -59,6 +59,38 @@ def openai_line(i: int, rnd: random.Random, model: str = "gpt-4o-mini") -> bytes
     return orjson.dumps(line)
 
 
+USE_CASES = ("research", "support", "coding", "finance")
+STEPS = ("plan", "search", "read", "draft", "review")
+UNITS = ("emea", "amer", "apac")
+#: requests per task in the agentic workload: an agent's steps
+STEPS_PER_TASK = 5
+
+
+def agentic_line(i: int, rnd: random.Random, model: str = "gpt-4o-mini") -> bytes:
+    """An OpenAI batch line as an agent produces it: tags `use_case`, `step`, `business_unit`
+    and a `task_id` shared by five consecutive requests."""
+    task = i // STEPS_PER_TASK
+    obj = orjson.loads(openai_line(i, rnd, model))
+    obj["tags"] = {
+        "use_case": USE_CASES[task % len(USE_CASES)],
+        "step": STEPS[i % STEPS_PER_TASK],
+        "business_unit": UNITS[task % len(UNITS)],
+        "task_id": f"task-{task:07d}",
+    }
+    return orjson.dumps(obj)
+
+
+def write_agentic_file(path: Path, n: int, *, seed: int = 7) -> Path:
+    """`n` agentic lines (see `agentic_line`)."""
+    if path.exists() and path.stat().st_size > 0:
+        return path
+    rnd = random.Random(seed)
+    with open(path, "wb") as out:
+        for i in range(n):
+            out.write(agentic_line(i, rnd) + b"\n")
+    return path
+
+
 def write_openai_file(path: Path, n: int, *, seed: int = 7) -> Path:
     if path.exists() and path.stat().st_size > 0 and path.name.endswith(f"{n}.jsonl"):
         return path

@@ -37,6 +37,7 @@ COLUMNS = (
     "updated_at",
     "job_run_id",
     "submission_id",
+    "loop_key",
 )
 #: a classifier reason of the length batchwise stores, so both write the same volume
 REASON = (
@@ -91,6 +92,7 @@ def main() -> None:
                     now,
                     None,
                     1,
+                    None,
                 )
             )
             if len(rows) == 2000:

@@ -4,8 +4,11 @@ producer processes writing at once."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +27,10 @@ from batchwise.api import Client
 from batchwise.config import Settings
 from batchwise.errors import SchemaError, TransitionError
 from batchwise.states import TERMINAL_REQUEST_STATES, TRANSITIONS, RequestState
-from batchwise.store import dbapi
+from batchwise.store import dbapi, sqlite_schema
 from batchwise.store.engine import Store, ensure_schema, requests_t
 from batchwise.store.intake_rows import body_key
+from batchwise.store.sinks import open_sink
 from batchwise.store.transitions import transition_requests
 
 
@@ -358,3 +362,54 @@ def test_an_id_list_finds_the_same_rows_and_on_sqlite_keeps_one_statement_text(
     # and on SQLite the statement text never changes (each text is a prepared statement the
     # driver caches; one per length made the process grow with the workload).
     assert len(texts) == (1 if sqlite else 3)
+
+
+def test_shipped_sqlite_schema_is_what_the_migrations_make() -> None:
+    """A new migration without `python scripts/make_sqlite_schema.py` fails here."""
+    spec = importlib.util.spec_from_file_location(
+        "make_sqlite_schema", Path(__file__).parent.parent / "scripts/make_sqlite_schema.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    head, statements = script.migrated_ddl()
+    assert (sqlite_schema.REVISION, list(sqlite_schema.STATEMENTS)) == (head, statements)
+    assert sqlite_schema.REVISION == dbapi.SCHEMA_REVISION
+
+
+def test_a_new_sqlite_store_is_created_without_alembic_or_sqlalchemy(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    code = (
+        "import sys; from batchwise.store.sinks import open_sink; "
+        f"sink = open_sink('sqlite:///{db}'); sink.rollback(); "
+        "print(sorted({'alembic', 'sqlalchemy', 'sqlmodel'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # the same schema as the migrations make, stamped with the head
+    store = Store(f"sqlite:///{db}")
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+        revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    store.close()
+    assert diff == [] and revision == dbapi.SCHEMA_REVISION
+
+
+def test_an_older_store_is_still_upgraded_by_the_migrations(sqlite_url: str) -> None:
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(batchwise.store.schema.__file__).parent / "migrations")
+    )
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+    engine.dispose()
+    sink = open_sink(sqlite_url)
+    sink.rollback()
+    store = Store(sqlite_url, create_schema=False)
+    with store.read() as conn:
+        revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
+    store.close()
+    assert revision == dbapi.SCHEMA_REVISION and "loop_key" in columns

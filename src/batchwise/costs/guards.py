@@ -33,6 +33,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from hashlib import blake2b
 from typing import Any
 
 from batchwise.config import Settings
@@ -343,6 +344,21 @@ def loose_key(canonical_body: str) -> str:
     return _WHITESPACE.sub("", canonical_body)
 
 
+def loop_key(canonical_body: bytes) -> int:
+    """64 bits standing for `loose_key` of a canonical (orjson, sorted keys) body, as stored in
+    `requests.loop_key`: two bodies the same modulo whitespace share it.
+
+    Canonical JSON escapes every control character, so an ASCII body's only whitespace is the
+    space: removing it is `loose_key` at a fraction of a regular expression's cost.
+    """
+    loose = (
+        canonical_body.replace(b" ", b"")
+        if canonical_body.isascii()
+        else loose_key(canonical_body.decode()).encode()
+    )
+    return int.from_bytes(blake2b(loose, digest_size=8).digest(), "big", signed=True)
+
+
 @dataclass
 class TaskCount:
     """What a task has asked for so far, during one submission."""
@@ -351,22 +367,31 @@ class TaskCount:
     bodies: dict[str, int] = field(default_factory=dict)
 
 
-def check_task(policy: Policy, task_id: str, seen: TaskCount, canonical_body: str) -> str | None:
-    """Count one more request of a task; the refusal reason if a loop limit is crossed."""
-    key = loose_key(canonical_body)
-    if seen.requests + 1 > policy.max_requests_per_task:
+def loop_refusal(policy: Policy, task_id: str, requests: int, identical: int) -> str | None:
+    """The refusal reason for one more request of a task that already counts `requests`
+    requests, `identical` of them the same as this one (modulo whitespace); None if it passes.
+    Requests a guard refused do not count."""
+    if requests + 1 > policy.max_requests_per_task:
         return (
             f"task {task_id!r} reached its limit of {policy.max_requests_per_task} requests "
             "(a runaway loop?); raise max_requests_per_task in [guards] to allow more"
         )
-    if seen.bodies.get(key, 0) + 1 > policy.max_identical_per_task:
+    if identical + 1 > policy.max_identical_per_task:
         return (
             f"task {task_id!r} sent the same request {policy.max_identical_per_task} times "
             "already (a repeating loop?); raise max_identical_per_task in [guards] to allow more"
         )
-    seen.requests += 1
-    seen.bodies[key] = seen.bodies.get(key, 0) + 1
     return None
+
+
+def check_task(policy: Policy, task_id: str, seen: TaskCount, canonical_body: str) -> str | None:
+    """Count one more request of a task; the refusal reason if a loop limit is crossed."""
+    key = loose_key(canonical_body)
+    reason = loop_refusal(policy, task_id, seen.requests, seen.bodies.get(key, 0))
+    if reason is None:
+        seen.requests += 1
+        seen.bodies[key] = seen.bodies.get(key, 0) + 1
+    return reason
 
 
 # --- budgets ------------------------------------------------------------------------------

@@ -23,9 +23,7 @@ from batchwise.config import Settings
 from batchwise.costs.guards import (
     Guards,
     Policy,
-    TaskCount,
-    check_task,
-    loose_key,
+    loop_refusal,
     period_starts,
     shape,
 )
@@ -66,7 +64,6 @@ class Keeper:
     now: datetime
     settings: Settings
     outcomes: dict[int, Outcome] = field(default_factory=dict)
-    tasks: dict[str, TaskCount] = field(default_factory=dict)
     _spent: dict[tuple[str, str, str], int] = field(default_factory=dict)
     _dedupe_ledger: list[tuple[Any, ...]] = field(default_factory=list)
     _book: Any = None
@@ -114,26 +111,46 @@ class Keeper:
             self._budgets(rows)
 
     def _loops(self, rows: list[tuple[Any, ...]]) -> None:
-        task_at = ROW["task_id"]
-        tasks = {row[task_at] for row in rows if row[task_at] is not None}
-        missing = [t for t in tasks if t not in self.tasks]
-        if missing:
-            for task_id in missing:
-                self.tasks[task_id] = TaskCount()
-            for task_id, body in self.sink.task_bodies(missing):
-                seen = self.tasks[task_id]
-                seen.requests += 1
-                if body is not None:
-                    key = loose_key(body)
-                    seen.bodies[key] = seen.bodies.get(key, 0) + 1
-        for position, row in enumerate(rows):
+        """The per-task limits, counted in the store per chunk (`task_counts`, from an index)
+        and in this chunk as it goes: nothing is kept from one chunk to the next."""
+        task_at, key_at, use_case, task_end = (
+            ROW["task_id"],
+            ROW["loop_key"],
+            ROW["use_case"],
+            ROW["task_id"],
+        )
+        checked = [
+            (position, row, self.policy(row[use_case:task_end]))
+            for position, row in enumerate(rows)
+            if row[task_at] is not None and not self._refused(position)
+        ]
+        if not checked:
+            return
+        requests = self.sink.task_counts(list({row[task_at] for _, row, _ in checked}))
+        # Only a task that may pass a limit on identical bodies needs its counts per body.
+        totals = dict(requests)
+        strictest: dict[str, int] = {}
+        for _, row, policy in checked:
             task_id = row[task_at]
-            if task_id is None or self._refused(position):
-                continue
-            policy = self.policy(row[ROW["use_case"] : ROW["task_id"]])
-            reason = check_task(policy, task_id, self.tasks[task_id], row[ROW["body"]])
+            totals[task_id] = totals.get(task_id, 0) + 1
+            limit = policy.max_identical_per_task
+            if strictest.get(task_id, limit) >= limit:
+                strictest[task_id] = limit
+        watched = {t for t, total in totals.items() if total > strictest[t]}
+        identical: dict[tuple[str, int], int] = {}
+        if watched:
+            keys = list({row[key_at] for _, row, _ in checked if row[task_at] in watched})
+            identical = self.sink.task_key_counts(list(watched), keys)
+        for position, row, policy in checked:
+            task_id = row[task_at]
+            pair = (task_id, row[key_at])
+            reason = loop_refusal(policy, task_id, requests.get(task_id, 0), identical.get(pair, 0))
             if reason is not None:
                 self._outcome(position).refused = ("runaway_loop", reason)
+                continue
+            requests[task_id] = requests.get(task_id, 0) + 1
+            if task_id in watched:
+                identical[pair] = identical.get(pair, 0) + 1
 
     def _dedupe(self, rows: list[tuple[Any, ...]]) -> None:
         wanted: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))

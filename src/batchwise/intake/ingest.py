@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.config import Settings
+from batchwise.costs.guards import loop_key
 from batchwise.errors import IntakeError, LineError, ToleranceError
 from batchwise.intake.classify import Turnaround, classify, expected_turnaround
 from batchwise.intake.lines import Invalid, infer_provider
@@ -72,6 +73,7 @@ def moderation_model(model: str) -> bool:
 
 
 NAMED_TAGS = ("use_case", "step", "business_unit", "task_id")
+_NAMED_TAG_SET = frozenset(NAMED_TAGS)
 #: Anthropic requires max_tokens; simple lines that omit it get this
 DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
 CHUNK_ROWS = 2000
@@ -495,6 +497,9 @@ class Intake:
         rejected = self.result.rejected
         default_provider, default_tolerance = self._default_provider, self._default_tolerance
         default_tags, tail = self._default_tags, self._tail
+        # Tags made only of named string tags, with no --tag defaults to merge, skip split_tags.
+        plain_tags = not self.defaults.tags
+        named_tags = _NAMED_TAG_SET
         keeper = self.keeper
         shaper = keeper.shape if keeper is not None and keeper.guards.shaping_anywhere else None
         add_format = self._formats.add
@@ -527,6 +532,18 @@ class Intake:
                     raise Invalid(
                         f"expected an object of name: value, got {_describe(tags)}", "tags"
                     )
+                elif plain_tags and named_tags.issuperset(tags):
+                    tagged = (
+                        tags.get("use_case"),
+                        tags.get("step"),
+                        tags.get("business_unit"),
+                        tags.get("task_id"),
+                        "{}",
+                    )
+                    for value in tagged:
+                        if value is not None and type(value) is not str:
+                            tagged = split_tags(tags)  # the checks, and numbers as text
+                            break
                 else:
                     tagged = split_tags({**self.defaults.tags, **tags})
                 if shaper is not None:
@@ -552,6 +569,7 @@ class Intake:
                 rid, custom_id or f"bw-{rid}", provider, endpoint, model, canonical.decode(),
                 digest.hex(), from_bytes(digest[:8], "big", signed=True), tolerance, *lane,
                 *tagged, size, size >> 2, fmt, *tail,
+                None if tagged[3] is None else loop_key(canonical),
             ))  # fmt: skip
             add_format(fmt)
             line_numbers.append(lineno)

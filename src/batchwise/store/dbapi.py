@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 #: the schema revision this code expects (the Alembic head); a test keeps them equal
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 #: how SQLite stores datetimes: UTC, fixed width, so text comparison is time comparison
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 #: long enough to ride out another producer's whole-file transaction
@@ -194,3 +194,34 @@ def schema_revision(cursor: object) -> str | None:
         return None
     row = cursor.fetchone()  # type: ignore[attr-defined]
     return str(row[0]) if row else None
+
+
+def create_sqlite_schema(conn: sqlite3.Connection) -> str | None:
+    """Give a new SQLite file the schema, from the DDL shipped in `store.sqlite_schema`
+    (generated from the migrations), stamped with its revision: milliseconds, with neither
+    Alembic nor SQLAlchemy imported. Returns the revision the file is at afterwards.
+
+    Under BEGIN IMMEDIATE, so of several processes opening one new file the first creates
+    the schema and the others find it. A file that already holds tables without a revision
+    is left alone (None): the migrations decide what to do with it.
+    """
+    from batchwise.store.sqlite_schema import REVISION, STATEMENTS
+
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        revision = schema_revision(conn.cursor())
+        if revision is None:
+            (tables,) = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()
+            if not tables:
+                for statement in STATEMENTS:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO alembic_version (version_num) VALUES (?)", (REVISION,))
+                revision = REVISION
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return revision

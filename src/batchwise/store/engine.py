@@ -146,9 +146,24 @@ def ensure_schema(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
         revision = _current_revision(conn)
+        if revision is None and conn.dialect.name == "sqlite":
+            revision = _create_sqlite(conn)
         if revision == dbapi.SCHEMA_REVISION:
             return
         _upgrade(conn, revision)
+
+
+def _create_sqlite(conn: Connection) -> str | None:
+    """A new SQLite file gets the shipped DDL (`dbapi.create_sqlite_schema`), not a run of
+    every migration; a file holding tables without a revision is left to the migrations."""
+    from batchwise.store.sqlite_schema import REVISION, STATEMENTS
+
+    if sa.inspect(conn).get_table_names():
+        return None
+    for statement in STATEMENTS:
+        conn.exec_driver_sql(statement)
+    conn.execute(sa.text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": REVISION})
+    return REVISION
 
 
 def _current_revision(conn: Connection) -> str | None:

@@ -19,9 +19,10 @@ from batchwise.store.dbapi import as_datetime
 from batchwise.store.intake_rows import BUDGET_TAGS, Answer, body_key
 from batchwise.store.transitions import check_transition
 
+#: a refused request no longer counts toward its task's loop limits: its loop_key goes
 _REJECT_SQL = (
     "UPDATE requests SET state = ?, error = ?, error_code = ?, finished_at = ?, "
-    "updated_at = ? WHERE id = ? AND state = ?"
+    "updated_at = ?, loop_key = NULL WHERE id = ? AND state = ?"
 )
 _DEDUPLICATE_SQL = (
     "UPDATE requests SET state = ?, response_id = ?, finished_at = ?, updated_at = ? "
@@ -56,16 +57,33 @@ class GuardQueries:
 
     # --- reads ------------------------------------------------------------------------------
 
-    def task_bodies(self, task_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+    def task_counts(self, task_ids: Sequence[str]) -> dict[str, int]:
+        # count(loop_key): a refused request keeps its task_id but loses its loop_key. Both
+        # read only the (task_id, loop_key) index.
         marks = ", ".join("?" for _ in task_ids)
-        return [
-            (task_id, body)
-            for task_id, body in self._query(
-                "SELECT r.task_id, b.body FROM requests r "
-                f"LEFT JOIN request_bodies b ON b.id = r.id WHERE r.task_id IN ({marks})",
+        return {
+            task_id: int(count)
+            for task_id, count in self._query(
+                "SELECT task_id, count(loop_key) FROM requests "
+                f"WHERE task_id IS NOT NULL AND task_id IN ({marks}) GROUP BY task_id",
                 task_ids,
             )
-        ]
+        }
+
+    def task_key_counts(
+        self, task_ids: Sequence[str], loop_keys: Sequence[int]
+    ) -> dict[tuple[str, int], int]:
+        tasks = ", ".join("?" for _ in task_ids)
+        keys = ", ".join("?" for _ in loop_keys)
+        return {
+            (task_id, int(key)): int(count)
+            for task_id, key, count in self._query(
+                "SELECT task_id, loop_key, count(*) FROM requests "
+                f"WHERE task_id IS NOT NULL AND task_id IN ({tasks}) AND loop_key IN ({keys}) "
+                "GROUP BY task_id, loop_key",
+                [*task_ids, *loop_keys],
+            )
+        }
 
     def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:
         marks = ", ".join("?" for _ in body_hashes)

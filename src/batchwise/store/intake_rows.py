@@ -40,6 +40,7 @@ REQUEST_COLUMNS = (
     "updated_at",
     "job_run_id",
     "submission_id",
+    "loop_key",
 )
 
 #: position of each column in a row tuple
@@ -98,8 +99,15 @@ class RequestSink(Protocol):
 
     def turnarounds(self, provider: str, model: str) -> list[float]: ...
 
-    def task_bodies(self, task_ids: Sequence[str]) -> list[tuple[str, str | None]]:
-        """(task_id, body) of every stored request of these tasks (body None once purged)."""
+    def task_counts(self, task_ids: Sequence[str]) -> dict[str, int]:
+        """How many stored requests each of these tasks has, leaving out those a guard
+        refused (tasks with none are left out)."""
+        ...
+
+    def task_key_counts(
+        self, task_ids: Sequence[str], loop_keys: Sequence[int]
+    ) -> dict[tuple[str, int], int]:
+        """How many stored requests (not refused) each (task, loop_key) pair among these has."""
         ...
 
     def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:

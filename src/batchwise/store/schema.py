@@ -96,9 +96,12 @@ class Request(SQLModel, table=True):
             sqlite_where=text("job_run_id IS NOT NULL"),
             postgresql_where=text("job_run_id IS NOT NULL"),
         ),
+        # A task's requests, and the runaway-loop guard's counts per task and per body
+        # (modulo whitespace), read from the index alone (`store.guard_state.task_counts`).
         Index(
             "ix_requests_task",
             "task_id",
+            "loop_key",
             sqlite_where=text("task_id IS NOT NULL"),
             postgresql_where=text("task_id IS NOT NULL"),
         ),
@@ -135,6 +138,10 @@ class Request(SQLModel, table=True):
     step: str | None = Field(default=None, sa_type=String(128))
     business_unit: str | None = Field(default=None, sa_type=String(128))
     task_id: str | None = Field(default=None, sa_type=String(128))
+    #: for a request with a task_id: 64 bits of its body modulo whitespace
+    #: (`costs.guards.loop_key`), what the runaway-loop guard counts; NULL once a guard refused
+    #: the request, so refused requests do not count toward their task's limits
+    loop_key: int | None = Field(default=None, sa_type=BigInteger)
     #: free key/value tags as a JSON object
     tags: str = Field(default="{}", sa_type=Text)
     #: not to be packed before this time (a budget with the "wait" policy held it)
