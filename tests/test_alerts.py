@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,9 +32,11 @@ from batchwise.costs.alerts import (
     hourly_usage,
     last_complete_hour,
 )
+from batchwise.costs.savings import TaskCost, Totals
+from batchwise.costs.task_alerts import RUNAWAY_TASK, TASK_COST, TaskAlert, detect_tasks
 from batchwise.errors import ConfigError
 from batchwise.lifecycle.scheduler import Providers, Scheduler
-from batchwise.store.engine import Store, events_t, ledger_t
+from batchwise.store.engine import Store, events_t, ledger_t, requests_t
 
 NOW = datetime(2026, 11, 29, 12, 20, tzinfo=UTC)  # the last complete hour is 11:00-12:00
 TARGET = datetime(2026, 11, 29, 11, 0, tzinfo=UTC)
@@ -555,3 +557,113 @@ def test_tick_reports_bad_settings_once_an_hour(
         * 2
     )
     assert events(loaded) == []
+
+
+# --- per workflow and per task -----------------------------------------------------------------
+
+# (task, use case, finished at or None while live, priced spend so far in nano-USD)
+TASKS: list[tuple[str, str, datetime | None, int]] = [
+    # triage: 5 tasks in the 7 days before the window (median 1000), 5 in it (median 2500)
+    *((f"TB{i}", "triage", NOW - timedelta(days=4), c)
+      for i, c in enumerate((1000, 1000, 1000, 1200, 1400))),
+    *((f"TR{i}", "triage", hour(9), c) for i, c in enumerate((2500, 2600, 2100, 3000, 2400))),
+    # steady: 1.5× its baseline, under the factor of 2
+    *((f"SB{i}", "steady", NOW - timedelta(days=3), 1000) for i in range(5)),
+    *((f"SR{i}", "steady", hour(8), 1500) for i in range(5)),
+    # live tasks: R1 above 3× triage's p95 (3000), R2 under it, N1 of a use case too rare
+    ("R1", "triage", None, 10_000),
+    ("R2", "triage", None, 8_000),
+    ("N0", "rare", hour(7), 10),
+    ("N1", "rare", None, 1_000_000),
+]  # fmt: skip
+
+
+def task_cost(task: str, use_case: str, finished: datetime | None, spend: int) -> TaskCost:
+    totals = Totals(1, 1, 0, 100, 10, spend, spend)
+    return TaskCost(task, 1 if finished else 2, 1, 0, 0 if finished else 1, totals, use_case,
+                    finished)  # fmt: skip
+
+
+TRIAGE = TaskAlert(TASK_COST, "triage", "triage", None, TARGET, 2500, 1000, 2.0, 5, 5)
+RUNAWAY = TaskAlert(RUNAWAY_TASK, "R1", "triage", "R1", TARGET, 10_000, 3000, 3.0, 1, 10)
+
+
+def test_task_alerts_by_hand() -> None:
+    tasks = [task_cost(*t) for t in TASKS]
+    found = detect_tasks(tasks, hour=TARGET, settings=AlertSettings())
+    assert found == [RUNAWAY, TRIAGE]
+    assert TRIAGE.message == (
+        "use case 'triage': the median cost per completed task rose to $0.000002500 over 5 "
+        "task(s) up to 2026-11-29 12:00 UTC, above 2× its baseline of $0.000001000 (2.5×; "
+        "median of 5 earlier task(s))"
+    )
+    assert RUNAWAY.message.startswith(
+        "task 'R1' of use case 'triage' is still running and has spent $0.000010000, above 3× "
+        "the use case's p95 of $0.000003000"
+    )
+    # stricter settings: nothing; fewer tasks needed: steady still under its factor
+    strict = AlertSettings(task_factor=3.0, runaway_factor=4.0)
+    assert detect_tasks(tasks, hour=TARGET, settings=strict) == []
+    assert detect_tasks(tasks, hour=TARGET, settings=AlertSettings(min_tasks=6)) == [RUNAWAY]
+
+
+def test_task_alert_settings(tmp_path: Path) -> None:
+    config = AlertSettings.from_settings(
+        settings_with(tmp_path, task_factor=1.5, task_window_hours=12, task_baseline_days=14,
+                      min_tasks=3, runaway_factor=5)
+    )  # fmt: skip
+    assert (config.task_factor, config.task_window_hours, config.task_baseline_days) == (
+        1.5, 12, 14
+    )  # fmt: skip
+    assert (config.min_tasks, config.runaway_factor) == (3, 5.0)
+    with pytest.raises(ConfigError, match=r"alerts\.runaway_factor must be greater than 1"):
+        AlertSettings.from_settings(settings_with(tmp_path, runaway_factor=1))
+    with pytest.raises(ConfigError, match=r"alerts\.min_tasks must be a whole number"):
+        AlertSettings.from_settings(settings_with(tmp_path, min_tasks=0))
+
+
+def add_tasks(store: Store) -> None:
+    """One priced request per task (and a queued one for a live task), one ledger entry each."""
+    requests, entries = [], []
+    for n, (task, use_case, finished, spend) in enumerate(TASKS, 1):
+        at = finished or hour(10)
+        base = {"custom_id": f"c{n}", "provider": "openai", "endpoint": "/v1/chat/completions",
+                "model": "gpt-4o-mini", "tolerance": "24h", "deadline": at, "lane": "deferred",
+                "reason": "t", "use_case": use_case, "task_id": task, "created_at": at,
+                "updated_at": at}  # fmt: skip
+        requests.append({**base, "id": 2 * n, "body_hash": f"{2 * n:064d}", "state": "succeeded",
+                         "finished_at": at})  # fmt: skip
+        if finished is None:
+            requests.append({**base, "id": 2 * n + 1, "custom_id": f"q{n}", "state": "queued",
+                             "body_hash": f"{2 * n + 1:064d}", "finished_at": None})  # fmt: skip
+        entries.append(
+            {"request_id": 2 * n, "at": at, "kind": "batch", "lane": "deferred",
+             "provider": "openai", "model": "gpt-4o-mini", "endpoint": "/v1/chat/completions",
+             "use_case": use_case, "task_id": task, "input_tokens": 100, "output_tokens": 10,
+             "actual_nusd": spend, "realtime_nusd": spend, "price_source": "t"}
+        )  # fmt: skip
+    with store.write() as conn:
+        conn.execute(sa.insert(requests_t), requests)
+        conn.execute(sa.insert(ledger_t), entries)
+
+
+def test_task_alerts_are_recorded_once_and_posted(store: Store, hook: Hook, tmp_path: Path) -> None:
+    # Given a ledger with a use case whose cost per task doubled and a runaway live task
+    add_tasks(store)
+    settings = settings_with(tmp_path, webhook_url=hook.url)
+    # When the hour is checked twice
+    found = check_anomalies(store, now=NOW, settings=settings)
+    again = check_anomalies(store, now=NOW + timedelta(minutes=20), settings=settings)
+    # Then each alert is recorded and posted once, naming its use case or task
+    assert found == [RUNAWAY, TRIAGE] and again == []
+    rows = events(store, "anomaly")
+    assert [json.loads(r["data"]) for r in rows] == [RUNAWAY.as_dict(), TRIAGE.as_dict()]
+    assert json.loads(rows[0]["data"])["task_id"] == "R1"
+    assert [body for *_, body in hook.received] == [
+        {"kind": "anomaly", "severity": "alert", "text": a.message, **a.as_dict()}
+        for a in (RUNAWAY, TRIAGE)
+    ]
+    # And the next hour the same figures alert again, once
+    assert check_anomalies(store, now=NOW + timedelta(hours=1), settings=settings) == [
+        replace(a, hour=TARGET + timedelta(hours=1)) for a in (RUNAWAY, TRIAGE)
+    ]

@@ -197,10 +197,28 @@ def tasks(obj: Context, as_json: bool) -> None:
 @click.command()
 @click.option(
     "--volume",
-    required=True,
     metavar="N/day",
     help="Requests per day to project, e.g. 5000/day or 5k/day.",
 )
+@click.option(
+    "--tasks",
+    metavar="N/day",
+    help="Completed tasks per day to project from the cost per completed task, e.g. 200/day.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Validate: split the window from --since to --until in halves, forecast the second "
+    "from the first and compare with what the ledger recorded (error in %).",
+)
+@click.option("--use-case", metavar="U", help="With --tasks or --check: only this use case.")
+@click.option(
+    "--since",
+    metavar="TIME",
+    help="With --tasks: tasks completed since then (default 7d); with --check: the window "
+    "to split (default 30d). " + _TIME_HELP,
+)
+@click.option("--until", metavar="TIME", help="With --tasks or --check: up to then (default now).")
 @click.option(
     "--days",
     type=click.IntRange(1, 36500),
@@ -210,12 +228,36 @@ def tasks(obj: Context, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def forecast(obj: Context, volume: str, days: int, as_json: bool) -> None:
-    """Project the cost of N requests a day from the recorded mix, with and without batching.
+def forecast(
+    obj: Context,
+    volume: str | None,
+    tasks: str | None,
+    check: bool,
+    use_case: str | None,
+    since: str | None,
+    until: str | None,
+    days: int,
+    as_json: bool,
+) -> None:
+    """Project monthly cost, with and without batching: from the recorded mix per request
+    (--volume), or from the cost per completed task per use case (--tasks); --check measures
+    how far such a forecast was from what then happened.
 
-    The mix (share of requests and average cost per request by provider, model and lane) is
-    read from the whole ledger; "all realtime" prices the same work with no batch API.
+    --volume reads the mix (share of requests and average cost per request by provider, model
+    and lane) from the whole ledger; "all realtime" prices the same work with no batch API.
     """
+    if sum((volume is not None, tasks is not None, check)) != 1:
+        raise click.UsageError("give one of --volume N/day, --tasks N/day or --check")
+    if volume is not None:
+        if use_case is not None or since is not None or until is not None:
+            raise click.UsageError("--use-case, --since and --until go with --tasks or --check")
+        _forecast_volume(obj, volume, days, as_json)
+    else:
+        window = (since, until)
+        _forecast_tasks(obj, tasks, use_case=use_case, window=window, days=days, as_json=as_json)
+
+
+def _forecast_volume(obj: Context, volume: str, days: int, as_json: bool) -> None:
     from batchwise.costs.forecast import forecast as project
     from batchwise.costs.forecast import forecast_table, parse_volume
     from batchwise.errors import ForecastError
@@ -242,6 +284,53 @@ def forecast(obj: Context, volume: str, days: int, as_json: bool) -> None:
         click.echo(dumps(result.as_dict()))
     else:
         _console().print(forecast_table(result))
+
+
+def _forecast_tasks(
+    obj: Context, tasks: str | None, *, use_case: str | None,
+    window: tuple[str | None, str | None], days: int, as_json: bool,
+) -> None:  # fmt: skip
+    from batchwise.costs import task_forecast
+    from batchwise.errors import ForecastError
+
+    now = datetime.now(UTC)
+    since, until = window
+    start = _time_option(since or ("7d" if tasks is not None else "30d"), "--since", now)
+    end = _time_option(until, "--until", now) or now
+    assert start is not None
+    per_day = None
+    if tasks is not None:
+        try:
+            per_day = task_forecast.parse_tasks(tasks)
+        except (ForecastError, ValueError) as exc:
+            raise click.BadParameter(str(exc)[:300], param_hint="--tasks") from exc
+        if per_day > MAX_VOLUME_PER_DAY:
+            raise click.BadParameter(
+                f"{tasks!r} is more than {MAX_VOLUME_PER_DAY:,} tasks a day", param_hint="--tasks"
+            )
+    with _store(obj) as store:
+        try:
+            if per_day is None:
+                checked = task_forecast.check_forecast(
+                    store, since=start, until=end, use_case=use_case
+                )
+            else:
+                result = task_forecast.forecast_tasks(
+                    store, tasks_per_day=per_day, days=days, since=start, until=end,
+                    use_case=use_case,
+                )  # fmt: skip
+        except ForecastError as exc:
+            raise click.ClickException(str(exc)) from exc
+    if per_day is None:
+        output = checked
+        table = task_forecast.check_table(checked)
+    else:
+        output = result.as_dict()
+        table = task_forecast.task_forecast_table(result)
+    if as_json:
+        click.echo(dumps(output))
+    else:
+        _console().print(table)
 
 
 @click.command()

@@ -12,6 +12,11 @@ Settings, in the `[alerts]` table of the settings file (all optional):
     min_baseline_hours = 3     # hours with traffic needed before a step is judged at all
     baseline = "median"        # or "mean"
     webhook_url = "https://hooks.example.com/…"   # also POST each alert here as JSON
+    task_factor = 2.0          # per workflow and task: see `costs.task_alerts`
+    task_window_hours = 24
+    task_baseline_days = 7
+    min_tasks = 5
+    runaway_factor = 3.0
 
 The decision (`detect`) is a pure function over hourly figures. `check_anomalies` reads them
 from the ledger, records each anomaly once per (step, hour) as an `anomaly` event, logs it and
@@ -33,6 +38,8 @@ from weakref import WeakKeyDictionary
 from batchwise.config import Settings
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import NANO_PER_USD, format_usd
+from batchwise.costs.savings import task_costs
+from batchwise.costs.task_alerts import TaskAlert, detect_tasks
 from batchwise.errors import ConfigError
 from batchwise.store import reports as store_reports
 from batchwise.store.engine import Store
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANOMALY_KIND",
     "WEBHOOK_FAILED_KIND",
+    "Alert",
     "AlertSettings",
     "Anomaly",
     "check_anomalies",
@@ -90,6 +98,12 @@ class AlertSettings:
     baseline: str = "median"
     #: kept out of repr: chat webhooks carry their credential in the path
     webhook_url: str | None = field(default=None, repr=False)
+    #: per workflow and task (`costs.task_alerts`)
+    task_factor: float = 2.0
+    task_window_hours: int = 24
+    task_baseline_days: int = 7
+    min_tasks: int = 5
+    runaway_factor: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AlertSettings:
@@ -126,7 +140,8 @@ def _whole(name: str, value: Any, *, low: int, high: int | None = None) -> int:
 
 _KEYS = (
     "enabled", "factor", "min_tokens", "min_cost_usd", "baseline_hours", "min_baseline_hours",
-    "baseline", "webhook_url",
+    "baseline", "webhook_url", "task_factor", "task_window_hours", "task_baseline_days",
+    "min_tasks", "runaway_factor",
 )  # fmt: skip
 
 
@@ -138,7 +153,7 @@ def _parse(key: str, value: Any) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, not {value!r}")
             return {key: value}
-        case "factor":
+        case "factor" | "task_factor" | "runaway_factor":
             if _number(name, value) <= 1:
                 raise ConfigError(f"{name} must be greater than 1 (e.g. 3 for 3× the baseline)")
             return {key: float(value)}
@@ -148,8 +163,12 @@ def _parse(key: str, value: Any) -> dict[str, Any]:
             if _number(name, value) < 0:
                 raise ConfigError(f"{name} must be a number ≥ 0 (US dollars), not {value!r}")
             return {"min_cost_nusd": int(Decimal(str(value)) * NANO_PER_USD)}
-        case "baseline_hours":
+        case "baseline_hours" | "task_window_hours":
             return {key: _whole(name, value, low=1, high=24 * 30)}
+        case "task_baseline_days":
+            return {key: _whole(name, value, low=1, high=365)}
+        case "min_tasks":
+            return {key: _whole(name, value, low=1)}
         case "min_baseline_hours":
             return {key: _whole(name, value, low=1)}
         case "baseline":
@@ -204,6 +223,18 @@ class Anomaly:
         return "(none)" if self.step is None else repr(self.step)
 
     @property
+    def label(self) -> str:
+        return f"step {self.step_name}"
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        """(alert, subject, hour): recorded once each."""
+        return ("step", self.step, self.hour.isoformat())
+
+    def key_data(self) -> dict[str, Any]:
+        return {"step": self.step, "hour": self.hour.isoformat()}
+
+    @property
     def message(self) -> str:
         what = " and ".join(self.exceeded)
         return (
@@ -231,6 +262,10 @@ class Anomaly:
             "factor": self.factor,
             "exceeded": list(self.exceeded),
         }
+
+
+#: every alert `check_anomalies` records: a step's hour, a use case's cost per task, a live task
+Alert = Anomaly | TaskAlert
 
 
 def _ratio(value: int, baseline: int) -> str:
@@ -313,10 +348,12 @@ def check_anomalies(
     now: datetime,
     settings: Settings,
     http_client: httpx.Client | None = None,
-) -> list[Anomaly]:
-    """Check the last complete hour; record, log and post each anomaly not recorded before.
+) -> list[Alert]:
+    """Check the last complete hour; record, log and post each alert not recorded before:
+    the steps' hourly anomalies, then the use cases' cost per task and the runaway live tasks
+    (`costs.task_alerts`).
 
-    Returns only the anomalies this call recorded, so running it twice alerts once. A failing
+    Returns only the alerts this call recorded, so running it twice alerts once. A failing
     webhook is logged and recorded as an event, never raised.
     """
     config = AlertSettings.from_settings(settings)
@@ -324,7 +361,8 @@ def check_anomalies(
         return []
     target = last_complete_hour(now)
     hourly = hourly_usage(store, start=target - config.baseline_hours * _HOUR, end=target + _HOUR)
-    anomalies = detect(hourly, now, config)
+    anomalies: list[Alert] = [*detect(hourly, now, config)]
+    anomalies += detect_tasks(task_costs(store), hour=target, settings=config)
     if not anomalies:
         return []
     new = _record_new(store, anomalies, now=now)
@@ -335,8 +373,8 @@ def check_anomalies(
     return new
 
 
-def _record_new(store: Store, anomalies: Sequence[Anomaly], *, now: datetime) -> list[Anomaly]:
-    """Insert the anomalies not yet recorded for their (step, hour), in one transaction.
+def _record_new(store: Store, anomalies: Sequence[Alert], *, now: datetime) -> list[Alert]:
+    """Insert the alerts not yet recorded for their (alert, subject, hour), in one transaction.
 
     The events table has no key for this, so the check and the insert are serialised: SQLite
     writes start with BEGIN IMMEDIATE, PostgreSQL takes a transaction-scoped advisory lock.
@@ -344,7 +382,7 @@ def _record_new(store: Store, anomalies: Sequence[Anomaly], *, now: datetime) ->
     with store.write() as conn:
         store_reports.serialise(conn, _LOCK_KEY)
         seen = _recorded(conn, since=min(a.hour for a in anomalies))
-        new = [a for a in anomalies if (a.step, a.hour.isoformat()) not in seen]
+        new = [a for a in anomalies if a.key not in seen]
         for anomaly in new:
             record_event(
                 conn,
@@ -357,18 +395,22 @@ def _record_new(store: Store, anomalies: Sequence[Anomaly], *, now: datetime) ->
     return new
 
 
-def _recorded(conn: Connection, *, since: datetime) -> set[tuple[Step, str]]:
-    """(step, hour) of anomaly events recorded at or after `since` (an hour's alert is always
-    recorded after the hour began)."""
+def _recorded(conn: Connection, *, since: datetime) -> set[tuple[str, str | None, str]]:
+    """(alert, subject, hour) of anomaly events recorded at or after `since` (an hour's alert
+    is always recorded after the hour began); a step's alert is ("step", step, hour)."""
     return {
-        (data.get("step"), str(data.get("hour")))
+        (
+            str(data.get("alert", "step")),
+            data.get("subject", data.get("step")),
+            str(data.get("hour")),
+        )
         for data in store_reports.event_data_since(conn, kind=ANOMALY_KIND, since=since)
     }
 
 
 def _post_all(
     store: Store,
-    anomalies: Sequence[Anomaly],
+    anomalies: Sequence[Alert],
     *,
     url: str,
     now: datetime,
@@ -386,7 +428,7 @@ def _post_all(
             _record_webhook_failure(store, anomaly, error=error, url=url, now=now)
 
 
-def _post(client: httpx.Client, url: str, anomaly: Anomaly) -> str | None:
+def _post(client: httpx.Client, url: str, anomaly: Alert) -> str | None:
     """POST one alert; the failure in words (with no part of the URL's path), or None."""
     payload = {
         "kind": ANOMALY_KIND,
@@ -413,10 +455,10 @@ def _safe_url(url: str) -> str:
 
 
 def _record_webhook_failure(
-    store: Store, anomaly: Anomaly, *, error: str, url: str, now: datetime
+    store: Store, anomaly: Alert, *, error: str, url: str, now: datetime
 ) -> None:
     message = (
-        f"the alert for step {anomaly.step_name} in the hour {anomaly.hour:%Y-%m-%d %H:00} UTC "
+        f"the alert for {anomaly.label} in the hour {anomaly.hour:%Y-%m-%d %H:00} UTC "
         f"could not be posted to the webhook at {_safe_url(url)}: {error}"
     )
     log.warning("%s", message)
@@ -428,7 +470,7 @@ def _record_webhook_failure(
                 kind=WEBHOOK_FAILED_KIND,
                 severity="warning",
                 message=message,
-                data={"step": anomaly.step, "hour": anomaly.hour.isoformat(), "error": error},
+                data={**anomaly.key_data(), "error": error},
             )
     except Exception:
         log.exception("could not record the webhook failure")
@@ -442,7 +484,7 @@ def _record_webhook_failure(
 _checked: WeakKeyDictionary[Store, datetime] = WeakKeyDictionary()
 
 
-def tick(store: Store, *, settings: Settings, now: datetime) -> list[Anomaly]:
+def tick(store: Store, *, settings: Settings, now: datetime) -> list[Alert]:
     """Check the last complete hour if this process has not yet; the scheduler calls this every
     tick. Costs a dictionary look-up when nothing is due, and never raises: a broken `[alerts]`
     table or a failed check is logged, and batch work goes on."""

@@ -110,7 +110,7 @@ class TickReport:
     missed: int = 0
     realtime: dict[str, int] = field(default_factory=dict)
     jobs: JobsReport | None = None
-    anomalies: list[alerts.Anomaly] = field(default_factory=list)
+    anomalies: list[alerts.Alert] = field(default_factory=list)
 
     @property
     def did_work(self) -> bool:

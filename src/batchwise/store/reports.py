@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import sqlalchemy as sa
@@ -207,6 +207,45 @@ def ledger_request_counts(conn: Connection) -> tuple[int, int]:
     )
     recorded, deferred = conn.execute(overall).one()
     return int(recorded), int(deferred)
+
+
+def task_mix(
+    conn: Connection, *, batch_kind: str, late_batch_kind: str, dedupe_kind: str
+) -> list[Row[Any]]:
+    """Per task_id: calls (entries other than `dedupe_kind`), dedupe_hits, deferred_calls,
+    tokens (input + output of the calls), unpriced (entries), actual, no_batching and
+    dedupe_realtime (nano-USD over priced entries). `no_batching` is what the task would have
+    cost with every request realtime (as in `ledger_mix`); `dedupe_realtime` is what its
+    dedupe hits would have cost as realtime calls."""
+    t = ledger_t
+    priced = _priced()
+    call = t.c.kind != dedupe_kind
+    all_realtime = sa.case(
+        (t.c.kind == batch_kind, t.c.realtime_nusd),
+        (t.c.kind == late_batch_kind, 0),
+        else_=t.c.actual_nusd,
+    )
+    query = (
+        sa.select(
+            t.c.task_id,
+            _sum(sa.case((call, 1), else_=0)).label("calls"),
+            _sum(sa.case((call, 0), else_=1)).label("dedupe_hits"),
+            _sum(sa.case((sa.and_(call, t.c.lane == Lane.DEFERRED.value), 1), else_=0)).label(
+                "deferred_calls"
+            ),
+            _sum(sa.case((call, t.c.input_tokens + t.c.output_tokens), else_=0)).label("tokens"),
+            _sum(sa.case((priced, 0), else_=1)).label("unpriced"),
+            _sum(sa.case((priced, t.c.actual_nusd))).label("actual"),
+            _sum(sa.case((priced, all_realtime))).label("no_batching"),
+            _sum(sa.case((sa.and_(priced, sa.not_(call)), t.c.realtime_nusd))).label(
+                "dedupe_realtime"
+            ),
+        )
+        .where(t.c.task_id.is_not(None))
+        .group_by(t.c.task_id)
+    )
+    # more columns than SQLAlchemy's typed Row spells out
+    return cast("list[Row[Any]]", list(conn.execute(query).all()))
 
 
 # --- alerts --------------------------------------------------------------------------------
