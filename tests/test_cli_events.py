@@ -25,7 +25,8 @@ EVENTS: list[EventRow] = [
     (timedelta(days=2), "deadline_missed", "warning", "request 8 missed", 8, None, "T1", {}),
     (timedelta(hours=1), "anomaly", "alert", "step [bold]x[/bold] spiked", None, None, None,
      {"step": "x", "tokens": 100_000}),
-    (timedelta(minutes=30), "guard_refused", "warning", "task T2 over 200", None, None, "T2", {}),
+    (timedelta(minutes=30), "guard_refused", "warning", "task T2 over 200", None, None, "T2",
+     {"owner": "team-payments"}),
 ]  # fmt: skip
 
 
@@ -74,6 +75,11 @@ def test_json_lists_every_field_newest_first(db: str) -> None:
         "batch_id": None,
         "task_id": None,
         "data": {"step": "x", "tokens": 100_000},
+        "owner": None,
+        "acknowledged": False,
+        "acknowledged_at": None,
+        "acknowledged_by": None,
+        "ack_note": None,
     }
     assert (rows[3]["request_id"], rows[3]["batch_id"], rows[2]["task_id"]) == (7, 3, "T1")
 
@@ -82,7 +88,7 @@ def test_table_shows_messages_as_written(db: str) -> None:
     result = run(db)
     assert result.exit_code == 0, result.output
     out = result.output
-    for header in ("at (UTC)", "kind", "severity", "message", "request", "batch", "task"):
+    for header in ("id", "at (UTC)", "kind", "message", "request", "task", "owner", "acked"):
         assert header in out
     assert "step [bold]x[/bold] spiked" in out  # not swallowed as rich markup
     assert out.index("guard_refused") < out.index("anomaly") < out.index("rescue")
@@ -101,6 +107,10 @@ def test_table_shows_messages_as_written(db: str) -> None:
         (("--since", "45m"), ["guard_refused"]),
         (("--since", "3d", "--kind", "rescue"), []),
         (("--limit", "2"), ["guard_refused", "anomaly"]),
+        (("--owner", "team-payments"), ["guard_refused"]),
+        (("--owner", "team-pay"), []),
+        (("--owner", "team-payments", "--kind", "anomaly"), []),
+        (("--unacked",), ["guard_refused", "anomaly", "deadline_missed", "rescue"]),
     ],
 )
 def test_filters(db: str, args: tuple[str, ...], kinds: list[str]) -> None:
@@ -140,3 +150,51 @@ def test_list_events_from_python(db: str) -> None:
     finally:
         store.close()
     assert (only.kind, only.request_id, only.at) == ("rescue", 7, NOW - timedelta(days=10))
+
+
+def test_ack_records_who_when_and_note_and_unacked_leaves_it_out(db: str) -> None:
+    # Given the guard refusal owned by team-payments, open
+    (refusal,) = listed(db, "--owner", "team-payments", "--unacked")
+    assert (refusal["owner"], refusal["acknowledged"]) == ("team-payments", False)
+    # When its owner acknowledges it
+    result = run(db, "ack", str(refusal["id"]), "--note", "raised the cap, PAY-12", "--by", "ana")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"acknowledged event {refusal['id']} (guard_refused) as ana: " \
+        "raised the cap, PAY-12\n"  # fmt: skip
+    # Then it shows as acknowledged, with who, when and the note, and --unacked leaves it out
+    (acked,) = listed(db, "--owner", "team-payments")
+    assert (acked["acknowledged"], acked["acknowledged_by"], acked["ack_note"]) == (
+        True,
+        "ana",
+        "raised the cap, PAY-12",
+    )
+    assert datetime.fromisoformat(acked["acknowledged_at"]) >= NOW
+    assert listed(db, "--owner", "team-payments", "--unacked") == []
+    assert [r["kind"] for r in listed(db, "--unacked")] == ["anomaly", "deadline_missed", "rescue"]
+    assert "ana" in run(db).output  # the table's acked column
+
+
+def test_a_second_ack_is_refused_and_the_first_stands(db: str) -> None:
+    assert run(db, "ack", "1", "--note", "first", "--by", "ana").exit_code == 0
+    again = run(db, "ack", "1", "--note", "second", "--by", "bo")
+    assert again.exit_code == 1
+    assert "event 1 was already acknowledged at " in again.output
+    assert "by ana: first" in again.output
+    (rescue,) = listed(db, "--kind", "rescue")
+    assert (rescue["acknowledged_by"], rescue["ack_note"]) == ("ana", "first")
+
+
+def test_ack_of_an_unknown_event_or_without_a_note(db: str) -> None:
+    missing = run(db, "ack", "99", "--note", "x")
+    assert missing.exit_code == 1
+    assert "no event 99" in missing.output
+    assert run(db, "ack", "1").exit_code == 2  # --note is required
+
+
+def test_ack_as_json_defaults_to_the_login_name(db: str) -> None:
+    import getpass
+
+    result = run(db, "ack", "2", "--note", "looked", "--json")
+    assert result.exit_code == 0, result.output
+    event = json.loads(result.output)
+    assert (event["id"], event["acknowledged_by"]) == (2, getpass.getuser())

@@ -7,8 +7,9 @@ BatchwiseError
 ├── IntakeError            a submission has invalid lines (carries every `LineError`)
 ├── StoreError             the store refused a change
 │   ├── SchemaError        the database schema is missing or newer than this code
-│   └── TransitionError    a state change found the row in an unexpected state
-├── NotFoundError          no request, batch or job with that id
+│   ├── TransitionError    a state change found the row in an unexpected state
+│   └── AlreadyAcknowledged an event was acknowledged before (names who, when, the note)
+├── NotFoundError          no request, batch, job or event with that id
 │   └── AmbiguousIdError   a custom_id names requests of several submissions (lists them)
 ├── RequestFailed          `Handle.result()` on a request that ended without an answer
 ├── ResultTimeout          `Handle.result()` waited longer than its timeout
@@ -82,8 +83,12 @@ class TransitionError(StoreError):
     """Raised when a state change finds a row in a state it did not expect."""
 
 
+class AlreadyAcknowledged(StoreError):
+    """Raised when an event is acknowledged a second time; the first acknowledgement stands."""
+
+
 class NotFoundError(BatchwiseError, LookupError):
-    """Raised when no request, batch or job has the given id."""
+    """Raised when no request, batch, job or event has the given id."""
 
 
 class AmbiguousIdError(NotFoundError):

@@ -2,8 +2,9 @@
 
 The `events` table holds rescues, missed deadlines, guard refusals, failed jobs and batches,
 anomaly alerts and the like. `batchwise.store.events.list_events` is the read side (usable
-without click); the command parses, calls it, prints a rich table or JSON. Heavy modules are
-imported inside the command so that loading the CLI stays fast.
+without click); the command parses, calls it, prints a rich table or JSON. `events ack ID`
+acknowledges one (`store.events.ack_event`): a triggered safeguard is handled, not forgotten.
+Heavy modules are imported inside the commands so that loading the CLI stays fast.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ def _table(rows: Sequence[EventView], *, more: bool) -> Any:
     table = Table(
         title="events, newest first", title_justify="left", box=box.SIMPLE_HEAD, caption=caption
     )
+    table.add_column("id", no_wrap=True, justify="right")
     table.add_column("at (UTC)", no_wrap=True)
     table.add_column("kind", no_wrap=True)
     table.add_column("severity", no_wrap=True)
     table.add_column("message", overflow="fold", ratio=1)
-    for name in ("request", "batch", "task"):
+    for name in ("request", "batch", "task", "owner", "acked"):
         table.add_column(name, overflow="fold")
     for row in rows:
         # Text cells: a message holding "[…]" must print as written, not as rich markup
         table.add_row(
+            Text(str(row.id)),
             Text(f"{row.at:%Y-%m-%d %H:%M:%S}"),
             Text(visible(row.kind)),
             Text(row.severity, style=_SEVERITY_STYLE.get(row.severity, "")),
@@ -49,11 +52,22 @@ def _table(rows: Sequence[EventView], *, more: bool) -> Any:
             Text("" if row.request_id is None else str(row.request_id)),
             Text("" if row.batch_id is None else str(row.batch_id)),
             Text(visible(row.task_id or "")),
+            Text(visible(row.owner or "")),
+            Text(_acked(row)),
         )
     return table
 
 
-@click.command()
+def _acked(row: EventView) -> str:
+    from batchwise.text import visible
+
+    if row.acknowledged_at is None:
+        return "no"
+    note = f": {row.ack_note}" if row.ack_note else ""
+    return visible(f"{row.acknowledged_at:%Y-%m-%d %H:%M} by {row.acknowledged_by}{note}")
+
+
+@click.group(invoke_without_command=True)
 @click.option(
     "--kind",
     "kinds",
@@ -75,12 +89,23 @@ def _table(rows: Sequence[EventView], *, more: bool) -> Any:
     show_default=True,
     help="Show at most N events.",
 )
+@click.option("--owner", metavar="NAME", help="Only events whose guard or alert names this owner.")
+@click.option("--unacked", is_flag=True, help="Only events nobody has acknowledged yet.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of event objects.")
-@click.pass_obj
+@click.pass_context
 def events(
-    obj: Context, kinds: tuple[str, ...], since: str | None, limit: int, as_json: bool
+    ctx: click.Context,
+    kinds: tuple[str, ...],
+    since: str | None,
+    limit: int,
+    owner: str | None,
+    unacked: bool,
+    as_json: bool,
 ) -> None:
-    """Guard events and alerts (rescues, missed deadlines, refusals, anomalies), newest first."""
+    """Guard events and alerts (rescues, missed deadlines, refusals, anomalies), newest first;
+    `events ack ID --note TEXT` acknowledges one."""
+    if ctx.invoked_subcommand is not None:
+        return
     import orjson
 
     from batchwise.cli.context import open_client
@@ -96,13 +121,53 @@ def events(
             start = parse_time_bound(since, now=system_clock())
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--since") from exc
-    with open_client(obj) as client:
+    with open_client(ctx.obj) as client:
         # one more than asked, to tell the reader whether older events were left out
-        rows = list_events(client.store, kinds=wanted, since=start, limit=limit + 1)
+        rows = list_events(
+            client.store, kinds=wanted, since=start, owner=owner, unacked=unacked, limit=limit + 1
+        )
     more, rows = len(rows) > limit, rows[:limit]
     if as_json:
         click.echo(orjson.dumps([row.as_dict() for row in rows]).decode())
     elif not rows:
-        click.echo("no events" + (" match" if wanted or start else " yet"))
+        click.echo("no events" + (" match" if wanted or start or owner or unacked else " yet"))
     else:
         wide_console().print(_table(rows, more=more))
+
+
+@events.command("ack")
+@click.argument("event_id", metavar="ID", type=click.IntRange(1))
+@click.option("--note", required=True, help="What was done about it, e.g. a ticket or a fix.")
+@click.option(
+    "--by",
+    metavar="NAME",
+    help="Who acknowledges it (default: the login name of whoever runs the command).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the acknowledged event as JSON.")
+@click.pass_obj
+def ack(obj: Context, event_id: int, note: str, by: str | None, as_json: bool) -> None:
+    """Acknowledge event ID, once: who, when and a note are recorded; a second ack is refused
+    and the first one stands."""
+    import getpass
+
+    import orjson
+
+    from batchwise.cli.context import open_client
+    from batchwise.clock import system_clock
+    from batchwise.errors import AlreadyAcknowledged, NotFoundError
+    from batchwise.store.events import ack_event
+
+    if by is None:
+        try:
+            by = getpass.getuser()
+        except (OSError, KeyError):
+            by = "unknown"
+    with open_client(obj) as client:
+        try:
+            event = ack_event(client.store, event_id, at=system_clock(), by=by, note=note)
+        except (AlreadyAcknowledged, NotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(orjson.dumps(event.as_dict()).decode())
+    else:
+        click.echo(f"acknowledged event {event.id} ({event.kind}) as {by}: {note}")

@@ -17,6 +17,12 @@ Settings, in the `[alerts]` table of the settings file (all optional):
     task_baseline_days = 7
     min_tasks = 5
     runaway_factor = 3.0
+    owner = "team-platform"    # who handles an alert: in its event's data and the webhook
+
+    [alerts.use_case.payments] # the owner of a use case's alerts (cost per task, runaway task)
+    owner = "team-payments"
+    [alerts.step.classify]     # the owner of a step's hourly alerts
+    owner = "team-triage"
 
 The decision (`detect`) is a pure function over hourly figures. `check_anomalies` reads them
 from the ledger, records each anomaly once per (step, hour) as an `anomaly` event, logs it and
@@ -104,6 +110,17 @@ class AlertSettings:
     task_baseline_days: int = 7
     min_tasks: int = 5
     runaway_factor: float = 3.0
+    #: who handles an alert, globally and per ("use_case" | "step", name)
+    owner: str | None = None
+    owners: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+    def owner_of(self, alert: Alert) -> str | None:
+        """The owner a use case's or step's table names, else the global one."""
+        if isinstance(alert, Anomaly):
+            tag = None if alert.step is None else ("step", alert.step)
+        else:
+            tag = None if alert.use_case is None else ("use_case", alert.use_case)
+        return (self.owners.get(tag) if tag else None) or self.owner
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AlertSettings:
@@ -113,8 +130,13 @@ class AlertSettings:
         if not isinstance(table, Mapping):
             raise ConfigError("[alerts] must be a table of alert settings")
         values: dict[str, Any] = {}
+        owners: dict[tuple[str, str], str] = {}
         for key, value in table.items():
-            values.update(_parse(key, value))
+            if key in _OWNED_TAGS:
+                owners.update(_owners(key, value))
+            else:
+                values.update(_parse(key, value))
+        values["owners"] = owners
         config = cls(**values)
         if config.min_baseline_hours > config.baseline_hours:
             raise ConfigError(
@@ -122,6 +144,29 @@ class AlertSettings:
                 f"alerts.baseline_hours ({config.baseline_hours})"
             )
         return config
+
+
+#: the tags an `[alerts.TAG.NAME]` table may name an owner for (alerts carry no business unit)
+_OWNED_TAGS = ("use_case", "step")
+
+
+def _owner(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f'{name} must be a team or person, e.g. "team-payments"')
+    return value
+
+
+def _owners(kind: str, tables: Any) -> dict[tuple[str, str], str]:
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"[alerts.{kind}] must hold one table per {kind}")
+    owners: dict[tuple[str, str], str] = {}
+    for name, table in tables.items():
+        where = f"alerts.{kind}.{name}"
+        if not isinstance(table, Mapping) or set(table) - {"owner"}:
+            raise ConfigError(f"[{where}] holds only owner")
+        if "owner" in table:
+            owners[(kind, name)] = _owner(f"{where}.owner", table["owner"])
+    return owners
 
 
 def _number(name: str, value: Any) -> float:
@@ -141,7 +186,7 @@ def _whole(name: str, value: Any, *, low: int, high: int | None = None) -> int:
 _KEYS = (
     "enabled", "factor", "min_tokens", "min_cost_usd", "baseline_hours", "min_baseline_hours",
     "baseline", "webhook_url", "task_factor", "task_window_hours", "task_baseline_days",
-    "min_tasks", "runaway_factor",
+    "min_tasks", "runaway_factor", "owner", *_OWNED_TAGS,
 )  # fmt: skip
 
 
@@ -177,6 +222,8 @@ def _parse(key: str, value: Any) -> dict[str, Any]:
             return {key: value}
         case "webhook_url":
             return {key: _webhook_url(name, value)}
+        case "owner":
+            return {key: _owner(name, value)}
     raise ConfigError(f"unknown setting {name} (expected one of {', '.join(sorted(_KEYS))})")
 
 
@@ -365,15 +412,17 @@ def check_anomalies(
     anomalies += detect_tasks(task_costs(store), hour=target, settings=config)
     if not anomalies:
         return []
-    new = _record_new(store, anomalies, now=now)
+    new = _record_new(store, anomalies, now=now, config=config)
     for anomaly in new:
         log.warning("anomaly: %s", anomaly.message)
     if new and config.webhook_url:
-        _post_all(store, new, url=config.webhook_url, now=now, client=http_client)
+        _post_all(store, new, url=config.webhook_url, now=now, client=http_client, config=config)
     return new
 
 
-def _record_new(store: Store, anomalies: Sequence[Alert], *, now: datetime) -> list[Alert]:
+def _record_new(
+    store: Store, anomalies: Sequence[Alert], *, now: datetime, config: AlertSettings
+) -> list[Alert]:
     """Insert the alerts not yet recorded for their (alert, subject, hour), in one transaction.
 
     The events table has no key for this, so the check and the insert are serialised: SQLite
@@ -390,9 +439,13 @@ def _record_new(store: Store, anomalies: Sequence[Alert], *, now: datetime) -> l
                 kind=ANOMALY_KIND,
                 severity="alert",
                 message=anomaly.message,
-                data=anomaly.as_dict(),
+                data=_owned(anomaly.as_dict(), config.owner_of(anomaly)),
             )
     return new
+
+
+def _owned(data: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    return {**data, "owner": owner} if owner else data
 
 
 def _recorded(conn: Connection, *, since: datetime) -> set[tuple[str, str | None, str]]:
@@ -415,26 +468,29 @@ def _post_all(
     url: str,
     now: datetime,
     client: httpx.Client | None,
+    config: AlertSettings,
 ) -> None:
     import httpx
 
     if client is None:
         with httpx.Client(timeout=WEBHOOK_TIMEOUT_S) as own:
-            _post_all(store, anomalies, url=url, now=now, client=own)
+            _post_all(store, anomalies, url=url, now=now, client=own, config=config)
         return
     for anomaly in anomalies:
-        error = _post(client, url, anomaly)
+        owner = config.owner_of(anomaly)
+        error = _post(client, url, anomaly, owner=owner)
         if error is not None:
-            _record_webhook_failure(store, anomaly, error=error, url=url, now=now)
+            _record_webhook_failure(store, anomaly, error=error, url=url, now=now, owner=owner)
 
 
-def _post(client: httpx.Client, url: str, anomaly: Alert) -> str | None:
+def _post(client: httpx.Client, url: str, anomaly: Alert, *, owner: str | None) -> str | None:
     """POST one alert; the failure in words (with no part of the URL's path), or None."""
     payload = {
         "kind": ANOMALY_KIND,
         "severity": "alert",
         "text": anomaly.message,  # what Slack-style incoming webhooks display
         **anomaly.as_dict(),
+        "owner": owner,  # always present, null when no table names one
     }
     try:
         response = client.post(url, json=payload, timeout=WEBHOOK_TIMEOUT_S)
@@ -455,7 +511,7 @@ def _safe_url(url: str) -> str:
 
 
 def _record_webhook_failure(
-    store: Store, anomaly: Alert, *, error: str, url: str, now: datetime
+    store: Store, anomaly: Alert, *, error: str, url: str, now: datetime, owner: str | None
 ) -> None:
     message = (
         f"the alert for {anomaly.label} in the hour {anomaly.hour:%Y-%m-%d %H:00} UTC "
@@ -470,7 +526,7 @@ def _record_webhook_failure(
                 kind=WEBHOOK_FAILED_KIND,
                 severity="warning",
                 message=message,
-                data={**anomaly.key_data(), "error": error},
+                data=_owned({**anomaly.key_data(), "error": error}, owner),
             )
     except Exception:
         log.exception("could not record the webhook failure")

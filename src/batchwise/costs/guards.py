@@ -16,6 +16,7 @@ Guards are settings per tag, in the settings file:
     daily_budget_usd = 5.0
     monthly_budget_usd = 100.0
     budget_policy = "wait"            # or "refuse"; realtime work over budget is always refused
+    owner = "team-support"            # named in every event these guards record
 
     [[routing.rules]]
     use_case = "support_triage"
@@ -57,6 +58,8 @@ class Policy:
     daily_budget_usd: float | None = None
     monthly_budget_usd: float | None = None
     budget_policy: str = "wait"
+    #: who handles what these guards trigger; copied into each event's data as `owner`
+    owner: str | None = None
     #: routing: the model to use instead, if a rule matches
     route_to: str | None = None
     #: the tags whose budgets apply, e.g. (("use_case", "support_triage"),)
@@ -78,7 +81,7 @@ _FIELDS = {
     "max_requests_per_task": int, "max_identical_per_task": int, "default_max_tokens": int,
     "max_max_tokens": int, "max_input_tokens": int, "trim_context": bool,
     "dedupe_window_s": float, "daily_budget_usd": float, "monthly_budget_usd": float,
-    "budget_policy": str,
+    "budget_policy": str, "owner": str,
 }  # fmt: skip
 
 
@@ -100,6 +103,8 @@ def _values(where: str, table: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}.{key} must be a number ≥ 0, not {value!r}")
         if kind is int and value != int(value):
             raise ConfigError(f"{where}.{key} must be a whole number, not {value!r}")
+        if key == "owner" and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f'{where}.owner must be a team or person, e.g. "team-payments"')
         if key == "budget_policy" and value not in ("wait", "refuse"):
             raise ConfigError(f'{where}.budget_policy must be "wait" or "refuse", not {value!r}')
         values[key] = kind(value)

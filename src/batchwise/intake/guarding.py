@@ -296,6 +296,8 @@ class Keeper:
                 continue
             row = rows[position]
             rid, state, task_id = row[ROW["id"]], row[ROW["state"]], row[ROW["task_id"]]
+            owner = self.policy(row[ROW["use_case"] : ROW["task_id"]]).owner
+            owned = orjson.dumps({"owner": owner}).decode() if owner else "{}"
             if outcome.original_model:
                 routed.append((outcome.original_model, rid))
             if outcome.refused:
@@ -303,19 +305,21 @@ class Keeper:
                 rejected.append((rid, state, guard, reason))
                 finished[position] = (RequestState.REJECTED.value, reason)
                 message = f"request {rid} refused by {guard}: {reason}"
-                data = orjson.dumps({"guard": guard}).decode()
+                data = orjson.dumps(
+                    {"guard": guard, **({"owner": owner} if owner else {})}
+                ).decode()
                 events.append(("guard", "alert", message, rid, task_id, data))
             elif outcome.dedupe_of:
                 _, source_id, response_id, _, realtime, tokens_in, tokens_out = outcome.dedupe_of
                 deduped.append((rid, state, response_id))
                 finished[position] = (RequestState.DEDUPLICATED.value, None)
                 message = f"request {rid} answered from request {source_id} at no cost"
-                events.append(("dedupe", "info", message, rid, task_id, "{}"))
+                events.append(("dedupe", "info", message, rid, task_id, owned))
                 self._dedupe_ledger.append((response_id, row, realtime, tokens_in, tokens_out))
             elif outcome.hold_until is not None:
                 held.append((rid, outcome.hold_until))
             for change in outcome.changes:
-                events.append(("guard", "info", f"request {rid}: {change}", rid, task_id, "{}"))
+                events.append(("guard", "info", f"request {rid}: {change}", rid, task_id, owned))
         self.sink.set_original_models(routed)
         self.sink.reject(rejected, at=self.now)
         if deduped:

@@ -318,7 +318,12 @@ class Event(SQLModel, table=True):
     request_id: int | None = Field(default=None)
     batch_id: int | None = Field(default=None)
     task_id: str | None = Field(default=None, sa_type=String(128))
+    #: carries `owner`, the team a triggered guard or alert names (`costs.owners`)
     data: str = Field(default="{}", sa_type=Text)
+    #: set once, by `batchwise events ack`: when, by whom, and what was done
+    acknowledged_at: datetime | None = _time(default=None)
+    acknowledged_by: str | None = Field(default=None, sa_type=String(128))
+    ack_note: str | None = Field(default=None, sa_type=Text)
 
 
 class LedgerEntry(SQLModel, table=True):
