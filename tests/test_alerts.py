@@ -37,6 +37,7 @@ from batchwise.costs.task_alerts import RUNAWAY_TASK, TASK_COST, TaskAlert, dete
 from batchwise.errors import ConfigError
 from batchwise.lifecycle.scheduler import Providers, Scheduler
 from batchwise.store.engine import Store, events_t, ledger_t, requests_t
+from batchwise.store.events import list_events
 
 NOW = datetime(2026, 11, 29, 12, 20, tzinfo=UTC)  # the last complete hour is 11:00-12:00
 TARGET = datetime(2026, 11, 29, 11, 0, tzinfo=UTC)
@@ -243,6 +244,11 @@ def test_settings_from_the_file(tmp_path: Path) -> None:
         ({"webhook_url": "https:///SECRET"}, "alerts.webhook_url must be an http:// or https://"),
         ({"webhook_url": 5}, "alerts.webhook_url must be an http(s) URL string"),
         ({"factr": 3}, "unknown setting alerts.factr (expected one of baseline, baseline_hours"),
+        ({"owner": ""}, 'alerts.owner must be a team or person, e.g. "team-payments"'),
+        ({"owner": 5}, "alerts.owner must be a team or person"),
+        ({"use_case": {"x": {"owner": 5}}}, "alerts.use_case.x.owner must be a team or person"),
+        ({"use_case": {"x": {"factor": 3}}}, "[alerts.use_case.x] holds only owner"),
+        ({"step": "x"}, "[alerts.step] must hold one table per step"),
     ],
 )
 def test_config_errors_name_the_key(table: dict[str, Any], expected: str) -> None:
@@ -431,6 +437,7 @@ def test_webhook_receives_each_new_alert_as_json(loaded: Store, hook: Hook, tmp_
         "severity": "alert",
         "text": SUMMARISE.message,
         **SUMMARISE.as_dict(),
+        "owner": None,
     }
     assert bodies[1]["tokens"] == 100_000 and bodies[1]["baseline_cost_usd"] == "0.050000000"
     assert [r["kind"] for r in events(loaded)] == ["anomaly", "anomaly"]
@@ -660,10 +667,62 @@ def test_task_alerts_are_recorded_once_and_posted(store: Store, hook: Hook, tmp_
     assert [json.loads(r["data"]) for r in rows] == [RUNAWAY.as_dict(), TRIAGE.as_dict()]
     assert json.loads(rows[0]["data"])["task_id"] == "R1"
     assert [body for *_, body in hook.received] == [
-        {"kind": "anomaly", "severity": "alert", "text": a.message, **a.as_dict()}
+        {"kind": "anomaly", "severity": "alert", "text": a.message, **a.as_dict(), "owner": None}
         for a in (RUNAWAY, TRIAGE)
     ]
     # And the next hour the same figures alert again, once
     assert check_anomalies(store, now=NOW + timedelta(hours=1), settings=settings) == [
         replace(a, hour=TARGET + timedelta(hours=1)) for a in (RUNAWAY, TRIAGE)
     ]
+
+
+# --- owners ------------------------------------------------------------------------------------
+
+
+def test_owners_per_use_case_and_step_else_the_global_one(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[alerts]\nowner = "team-platform"\n'
+        '[alerts.use_case.triage]\nowner = "team-support"\n'
+        '[alerts.step.summarise]\nowner = "team-docs"\n'
+    )
+    config = AlertSettings.from_settings(Settings.from_env({}, config_file=path))
+    assert config.owner_of(SUMMARISE) == "team-docs"
+    assert config.owner_of(NO_STEP) == "team-platform"
+    assert config.owner_of(TRIAGE) == config.owner_of(RUNAWAY) == "team-support"
+    assert config.owner_of(replace(TRIAGE, use_case="billing")) == "team-platform"
+    assert AlertSettings().owner_of(SUMMARISE) is None
+
+
+def test_alert_events_and_webhook_carry_their_owner(
+    store: Store, hook: Hook, tmp_path: Path
+) -> None:
+    # Given task alerts whose use case names an owner, and a global owner
+    add_tasks(store)
+    settings = settings_with(
+        tmp_path,
+        webhook_url=hook.url,
+        owner="team-platform",
+        use_case={"triage": {"owner": "team-support"}},
+    )
+    # When the hour is checked
+    assert check_anomalies(store, now=NOW, settings=settings) == [RUNAWAY, TRIAGE]
+    # Then each event's data and each webhook payload name the use case's owner
+    assert [json.loads(r["data"])["owner"] for r in events(store, "anomaly")] == [
+        "team-support"
+    ] * 2
+    assert [body["owner"] for *_, body in hook.received] == ["team-support"] * 2
+    # And `events --owner` finds them, while another owner finds none
+    (first, _) = list_events(store, owner="team-support")
+    assert first.owner == "team-support" and first.kind == "anomaly"
+    assert list_events(store, owner="team-platform") == []
+
+
+def test_a_step_alert_with_a_failing_webhook_records_its_owner(
+    loaded: Store, hook: Hook, tmp_path: Path
+) -> None:
+    hook.status = 500
+    settings = settings_with(tmp_path, webhook_url=hook.url, owner="team-platform")
+    check_anomalies(loaded, now=NOW, settings=settings)
+    assert [json.loads(r["data"])["owner"] for r in events(loaded)] == ["team-platform"] * 4
+    assert [body["owner"] for *_, body in hook.received] == ["team-platform"] * 2
