@@ -19,6 +19,7 @@ from batchwise.costs.guards import Guards, Policy, TaskCount, check_task, shape,
 from batchwise.emulator.app import EmulatorConfig
 from batchwise.errors import ConfigError, GuardRefused, IntakeError
 from batchwise.store.engine import batches_t, events_t, ledger_t, requests_t
+from batchwise.store.events import list_events
 from invariants import check_all, request_rows, rows
 from lifecycle_world import make_world
 
@@ -82,6 +83,45 @@ def test_loop_limits_are_settings_per_tag(
         assert [h.state for h in client.enqueue_many(agent)] == ["queued", "queued", "rejected"]
         other = [item(i, tags={"task_id": "u", "use_case": "batch"}) for i in range(3)]
         assert {h.state for h in client.enqueue_many(other)} == {"queued"}
+
+
+# --- owners ------------------------------------------------------------------------------
+
+
+OWNERS = {
+    "owner": "team-platform",
+    "business_unit": {"payments": {"owner": "team-payments"}},
+    "use_case": {"checkout": {"owner": "team-checkout", "max_requests_per_task": 1}},
+}
+
+
+def test_owner_cascades_use_case_over_business_unit_over_global() -> None:
+    guards = Guards.from_settings(Settings(extra={"guards": OWNERS}))
+    assert guards.policy("checkout", None, "payments").owner == "team-checkout"
+    assert guards.policy("refunds", None, "payments").owner == "team-payments"
+    assert guards.policy("refunds", None, None).owner == "team-platform"
+    assert Guards.from_settings(Settings()).policy("x", None, None).owner is None
+
+
+def test_a_guard_refusal_event_names_its_owner(
+    db_url: str, settings: Settings, clock: ManualClock
+) -> None:
+    # Given guards whose use case and business unit name owners
+    with Client(db_url, settings=guarded(settings, guards=OWNERS), clock=clock) as client:
+        # When a task of each runs over its limit of requests
+        tags = {"task_id": "t1", "use_case": "checkout", "business_unit": "payments"}
+        client.enqueue_many([item(1, tags=tags), item(2, tags=tags)])
+        loose = {"task_id": "t2", "use_case": "refunds", "business_unit": "payments"}
+        client.enqueue_many(item(i, tags=loose) for i in range(202))
+        # Then each refusal event names the owner that applies, and --owner finds it
+        refusals = [e for e in events(client, "guard") if e["severity"] == "alert"]
+        assert [(e["task_id"], orjson.loads(e["data"])) for e in refusals] == [
+            ("t1", {"guard": "runaway_loop", "owner": "team-checkout"}),
+            ("t2", {"guard": "runaway_loop", "owner": "team-payments"}),
+            ("t2", {"guard": "runaway_loop", "owner": "team-payments"}),
+        ]
+        (found,) = list_events(client.store, owner="team-checkout")
+        assert (found.task_id, found.owner) == ("t1", "team-checkout")
 
 
 def test_check_task_counts_and_refuses() -> None:
@@ -280,6 +320,8 @@ def test_guard_settings_are_checked() -> None:
         ({"routing": {"rules": [{"model": "gpt-4o"}]}}, "matches everything"),
         ({"guards": {"daily_budget_usd": 5}}, "budgets belong to a tag"),
         ({"routing": {"rules": [{"use_case": "a"}]}}, "needs a model"),
+        ({"guards": {"use_case": {"x": {"owner": ""}}}}, "owner must be a team or person"),
+        ({"guards": {"owner": 7}}, "guards.owner must be a team or person"),
     ]:
         with pytest.raises(ConfigError, match=message):
             Guards.from_settings(Settings(extra=extra))
