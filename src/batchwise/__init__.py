@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyAcknowledged",
     "AmbiguousIdError",
     "BatchwiseError",
     "Client",
@@ -43,6 +44,7 @@ _LAZY = {
     "Client": "batchwise.api",
     "Handle": "batchwise.api",
     "Submission": "batchwise.api",
+    "AlreadyAcknowledged": "batchwise.errors",
     "AmbiguousIdError": "batchwise.errors",
     "Settings": "batchwise.config",
     "BatchwiseError": "batchwise.errors",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     from batchwise.api import Client, Handle, Submission
     from batchwise.config import Settings
     from batchwise.errors import (
+        AlreadyAcknowledged,
         AmbiguousIdError,
         BatchwiseError,
         ConfigError,
