@@ -191,6 +191,11 @@ def test_openai_sdk_runs_a_batch_and_a_chat_completion_through_the_gateway(
         tags = [v.tags for v in views if v is not None]
         assert tags[:3] == [{"business_unit": "search", "use_case": "faq", "step": "answer"}] * 3
         assert tags[3] == {"business_unit": "search", "use_case": "chat", "task_id": "t-1"}
+        # And the ledger books both, under the tags given (`batchwise savings`)
+        savings = CliRunner().invoke(cli, ["savings", "--by", "use_case,kind", "--json"])
+        assert savings.exit_code == 0, savings.output
+        groups = {(g["use_case"], g["kind"]) for g in json.loads(savings.stdout)["groups"]}
+        assert {("faq", "batch"), ("chat", "realtime")} <= groups, groups
         oa.files.delete(uploaded.id)
         with pytest.raises(openai.NotFoundError):
             oa.files.retrieve(uploaded.id)
@@ -208,3 +213,30 @@ def test_a_wrong_or_revoked_key_gets_a_401_in_openai_shape(home: Path, gateway_u
         pytest.raises(openai.AuthenticationError),
     ):
         oa.batches.list()
+
+
+def test_bad_input_and_cancel_answer_in_openai_shape(home: Path, gateway_url: str) -> None:
+    key = json.loads(keys("create", "team-c", "--json"))["key"]
+    with openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0) as oa:
+        bad = oa.files.create(file=("bad.jsonl", io.BytesIO(b"not json\n")), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="line 1"):
+            oa.batches.create(
+                input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        with pytest.raises(openai.NotFoundError):
+            oa.batches.retrieve("batch_999")
+        # A batch cancelled right after it is created (its lines a week of tolerance) ends
+        # cancelled, its lines in the error file
+        good = oa.files.create(file=("a.jsonl", io.BytesIO(chat_lines(2))), purpose="batch")
+        batch = oa.batches.create(
+            input_file_id=good.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"batchwise_tolerance": "7d"},
+        )
+        cancelled = oa.batches.cancel(batch.id)
+        assert cancelled.status == "cancelled"
+        assert cancelled.request_counts is not None and cancelled.request_counts.failed == 2
+        assert cancelled.error_file_id is not None
+        errors = oa.files.content(cancelled.error_file_id).text.splitlines()
+        assert [json.loads(x)["error"]["code"] for x in errors] == ["batch_cancelled"] * 2
