@@ -41,6 +41,8 @@ LAZY_COMMANDS = {
     "events": "batchwise.cli.events:events",
     "submissions": "batchwise.cli.submissions:submissions",
     "wait": "batchwise.cli.submissions:wait",
+    "serve": "batchwise.cli.gateway:serve",
+    "keys": "batchwise.cli.gateway:keys",
 }
 
 

@@ -114,15 +114,18 @@ def run_embedded(
     providers: dict[str, Provider] | None = None,
     console: Console | None = None,
     on_tick: Callable[[TickReport], None] | None = None,
+    stop: StopFlag | None = None,
 ) -> RunTotals:
     """Run the scheduler in this process until stopped; with `until_idle`, until every request
     is terminal or held for a known reason and time (`include_held`: until all are terminal).
     What was left held is in the totals' `held`.
 
     It starts by taking over the claims of dead processes of this host (a runner killed
-    before it), and keeps its own claims alive with a heartbeat while it works."""
+    before it), and keeps its own claims alive with a heartbeat while it works. `stop` lets
+    another thread end it (`batchwise serve` runs it beside the gateway); off the main thread
+    it installs no signal handlers."""
     store = Store(settings.resolved_database_url)
-    stop = StopFlag()
+    stop = stop or StopFlag()
     registry = Providers(settings, providers, stop=stop.event)
     totals = RunTotals()
     console = console or Console(stderr=True)

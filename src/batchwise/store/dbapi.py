@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 #: the schema revision this code expects (the Alembic head); a test keeps them equal
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 #: how SQLite stores datetimes: UTC, fixed width, so text comparison is time comparison
 SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 #: long enough to ride out another producer's whole-file transaction

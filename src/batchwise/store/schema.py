@@ -404,3 +404,58 @@ class JobRun(SQLModel, table=True):
     error: str | None = Field(default=None, sa_type=Text)
     lease_owner: str | None = Field(default=None, sa_type=String(64))
     lease_expires_at: datetime | None = _time(default=None)
+
+
+class GatewayKey(SQLModel, table=True):
+    """A key for `batchwise serve`: only its sha256 is kept; its tags go on all it submits."""
+
+    __tablename__ = "gateway_keys"
+    __table_args__ = (
+        UniqueConstraint("key_hash", name="uq_gateway_keys_hash"),
+        UniqueConstraint("name", name="uq_gateway_keys_name"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_type=String(128))
+    #: sha256 of the key, hex
+    key_hash: str = Field(sa_type=String(64))
+    #: JSON object of tags added to every request the key submits
+    tags: str = Field(default="{}", sa_type=Text)
+    created_at: datetime = _time()
+    #: set once, by `batchwise keys revoke`
+    revoked_at: datetime | None = _time(default=None)
+
+
+class GatewayFile(SQLModel, table=True):
+    """A file uploaded through the gateway's `POST /v1/files`; its bytes live under the home
+    folder (`path`), readable by the owner only."""
+
+    __tablename__ = "gateway_files"
+
+    id: int | None = Field(default=None, primary_key=True)
+    filename: str = Field(sa_type=Text)
+    purpose: str = Field(sa_type=String(32))
+    bytes: int = Field(default=0, sa_type=Integer)
+    path: str = Field(sa_type=Text)
+    #: the key that uploaded it (its name)
+    key_name: str = Field(sa_type=String(128))
+    created_at: datetime = _time()
+    deleted_at: datetime | None = _time(default=None)
+
+
+class GatewayBatch(SQLModel, table=True):
+    """An OpenAI batch created through the gateway: one submission, and what the caller asked."""
+
+    __tablename__ = "gateway_batches"
+    __table_args__ = (UniqueConstraint("submission_id", name="uq_gateway_batches_submission"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    submission_id: int
+    input_file_id: int
+    endpoint: str = Field(sa_type=String(64))
+    completion_window: str = Field(sa_type=String(16))
+    #: JSON object, as the caller sent it
+    metadata_json: str = Field(default="{}", sa_type=Text)
+    key_name: str = Field(sa_type=String(128))
+    created_at: datetime = _time()
+    cancelled_at: datetime | None = _time(default=None)

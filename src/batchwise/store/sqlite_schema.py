@@ -2,7 +2,7 @@
 the migrations: do not edit. `store.dbapi.create_sqlite_schema` applies it to a new file.
 """
 
-REVISION = "0005"
+REVISION = "0006"
 
 STATEMENTS = (
     "CREATE TABLE alembic_version (\n\tversion_num VARCHAR(32) NOT NULL, \n\tCONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)\n)",
@@ -15,6 +15,9 @@ STATEMENTS = (
     "CREATE TABLE request_bodies (\n\tid INTEGER NOT NULL, \n\tbody TEXT NOT NULL, \n\tPRIMARY KEY (id)\n)",
     "CREATE TABLE submissions (\n\tid INTEGER NOT NULL, \n\tname VARCHAR(128), \n\tsource TEXT NOT NULL, \n\tformat VARCHAR(16), \n\tjob_run_id INTEGER, \n\tfirst_request_id INTEGER, \n\tlast_request_id INTEGER, \n\tcreated_at VARCHAR(26) NOT NULL, \n\tPRIMARY KEY (id)\n)",
     'CREATE TABLE "requests" (\n\tid INTEGER NOT NULL, \n\tcustom_id VARCHAR(512) NOT NULL, \n\tprovider VARCHAR(32) NOT NULL, \n\tendpoint VARCHAR(64) NOT NULL, \n\tmodel VARCHAR(128) NOT NULL, \n\toriginal_model VARCHAR(128), \n\tbody_hash VARCHAR(64) NOT NULL, \n\ttolerance VARCHAR(64) NOT NULL, \n\tdeadline VARCHAR(26) NOT NULL, \n\tlane VARCHAR(16) NOT NULL, \n\treason TEXT NOT NULL, \n\tstate VARCHAR(16) NOT NULL, \n\tattempts INTEGER NOT NULL, \n\tbatch_id INTEGER, \n\tuse_case VARCHAR(128), \n\tstep VARCHAR(128), \n\tbusiness_unit VARCHAR(128), \n\ttask_id VARCHAR(128), \n\ttags TEXT NOT NULL, \n\tnot_before VARCHAR(26), \n\tdedupe_of INTEGER, \n\tjob_run_id INTEGER, \n\tsize_bytes INTEGER NOT NULL, \n\test_input_tokens INTEGER NOT NULL, \n\tcreated_at VARCHAR(26) NOT NULL, \n\tupdated_at VARCHAR(26) NOT NULL, \n\tfinished_at VARCHAR(26), \n\tresponse_id INTEGER, \n\terror TEXT, \n\terror_code VARCHAR(64), \n\trescued_at VARCHAR(26), \n\trescue_reason TEXT, \n\tdeadline_miss TEXT, \n\tlease_owner VARCHAR(64), \n\tlease_expires_at VARCHAR(26), \n\tbody_key BIGINT, \n\tsubmission_id INTEGER, \n\tinput_format VARCHAR(16), loop_key BIGINT, \n\tPRIMARY KEY (id)\n)',
+    "CREATE TABLE gateway_batches (\n\tid INTEGER NOT NULL, \n\tsubmission_id INTEGER NOT NULL, \n\tinput_file_id INTEGER NOT NULL, \n\tendpoint VARCHAR(64) NOT NULL, \n\tcompletion_window VARCHAR(16) NOT NULL, \n\tmetadata_json TEXT NOT NULL, \n\tkey_name VARCHAR(128) NOT NULL, \n\tcreated_at VARCHAR(26) NOT NULL, \n\tcancelled_at VARCHAR(26), \n\tPRIMARY KEY (id), \n\tCONSTRAINT uq_gateway_batches_submission UNIQUE (submission_id)\n)",
+    "CREATE TABLE gateway_files (\n\tid INTEGER NOT NULL, \n\tfilename TEXT NOT NULL, \n\tpurpose VARCHAR(32) NOT NULL, \n\tbytes INTEGER NOT NULL, \n\tpath TEXT NOT NULL, \n\tkey_name VARCHAR(128) NOT NULL, \n\tcreated_at VARCHAR(26) NOT NULL, \n\tdeleted_at VARCHAR(26), \n\tPRIMARY KEY (id)\n)",
+    "CREATE TABLE gateway_keys (\n\tid INTEGER NOT NULL, \n\tname VARCHAR(128) NOT NULL, \n\tkey_hash VARCHAR(64) NOT NULL, \n\ttags TEXT NOT NULL, \n\tcreated_at VARCHAR(26) NOT NULL, \n\trevoked_at VARCHAR(26), \n\tPRIMARY KEY (id), \n\tCONSTRAINT uq_gateway_keys_hash UNIQUE (key_hash), \n\tCONSTRAINT uq_gateway_keys_name UNIQUE (name)\n)",
     "CREATE INDEX ix_batches_state ON batches (state)",
     "CREATE INDEX ix_events_at ON events (at)",
     "CREATE INDEX ix_events_kind ON events (kind)",

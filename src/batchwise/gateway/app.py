@@ -1,0 +1,57 @@
+"""The gateway's ASGI app: the routes of every API family behind the keys.
+
+Every route needs a live key (`keys.authenticate`); a missing, wrong or revoked one gets a
+401 in OpenAI's error shape. Handlers are plain functions run in Starlette's thread pool, so
+the store and provider calls they make block nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from batchwise.gateway import batches, files, realtime
+from batchwise.gateway.context import Gateway, openai_error
+from batchwise.gateway.keys import authenticate, key_from_headers
+from batchwise.store.keys import KeyView
+
+__all__ = ["Gateway", "create_app"]
+
+Handler = Callable[["Gateway", Request, KeyView], Awaitable[Response]]
+
+
+def _guarded(gateway: Gateway, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        key = await run_in_threadpool(
+            authenticate, gateway.store, key_from_headers(request.headers)
+        )
+        if key is None:
+            return openai_error(
+                401,
+                "Incorrect API key provided: use a key from `batchwise keys create`.",
+                type_="invalid_request_error",
+                code="invalid_api_key",
+            )
+        return await handler(gateway, request, key)
+
+    return endpoint
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    """The gateway app over `gateway` (its client and store kept open by the caller)."""
+    routes: list[tuple[str, Handler, list[str]]] = [
+        *files.ROUTES,
+        *batches.ROUTES,
+        *realtime.ROUTES,
+    ]
+    return Starlette(
+        routes=[
+            Route(path, _guarded(gateway, handler), methods=methods)
+            for path, handler, methods in routes
+        ]
+    )
