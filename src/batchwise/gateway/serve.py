@@ -27,27 +27,35 @@ RUNNER_STOP_S = 5.0
 def _dispatcher(
     settings: Settings, client: Client, clock: Clock
 ) -> tuple[Callable[[int], str], Callable[[], None]]:
-    """A function that calls one realtime request now, in this thread, and its closer."""
+    """A function that calls one realtime request now, in this thread, and its closer. The
+    call's claim is renewed by a heartbeat while it runs, so a call longer than `lease_s` is
+    never taken over and made twice."""
     from batchwise.costs.pricing import PriceBook
-    from batchwise.lifecycle.holders import new_owner
+    from batchwise.lifecycle.holders import Heartbeat, new_owner
     from batchwise.lifecycle.realtime import dispatch_one
     from batchwise.lifecycle.scheduler import Providers
 
     providers = Providers(settings)
     book = PriceBook.from_settings(settings)
+    heartbeat = Heartbeat(client.store, lease_s=settings.lease_s, clock=clock)
 
     def dispatch(request_id: int) -> str:
-        return dispatch_one(
-            client.store,
-            providers,
-            book,
-            request_id,
-            settings=settings,
-            clock=clock,
-            worker=new_owner(),
-        )
+        with heartbeat.holding(new_owner()) as owner:
+            return dispatch_one(
+                client.store,
+                providers,
+                book,
+                request_id,
+                settings=settings,
+                clock=clock,
+                worker=owner,
+            )
 
-    return dispatch, providers.close
+    def close() -> None:
+        heartbeat.close()
+        providers.close()
+
+    return dispatch, close
 
 
 def run_gateway(
