@@ -37,7 +37,7 @@ def test_normalise_masks_numbers_ids_uuids_hex_and_times() -> None:
         "0badc0ffee123456, job 0e2b8e51-4d6c-4c53-9d0e-6b1f2f3a4b5c"
     )
     assert a == b
-    assert "attempt <n>" in a and "<time>" in a and "<hex>" in a and "<id>" in a
+    assert a == "attempt 0 at 0 0 failed http 0 trace 0 job 0"
     assert normalise("read chapter two") != normalise("read chapter three")
 
 
