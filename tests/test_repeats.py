@@ -78,3 +78,12 @@ def test_near_repeat_refusal_names_task_pattern_and_request() -> None:
     assert "task 't'" in reason and "pattern: normalised" in reason and "request 9" in reason
     reason = near_repeat_refusal(policy, "t", None, Repeat("similar", 4, 7))
     assert reason is not None and "pattern: similar" in reason and "request 7" in reason
+
+
+def test_a_long_tool_output_is_compared_by_its_head_and_tail() -> None:
+    # Given two huge tool outputs that differ only in their middle
+    head, tail = "rows follow " * 300, " end of listing" * 300
+    a = fingerprint(body(("tool", head + "alpha " * 5000 + tail)))
+    b = fingerprint(body(("tool", head + "beta " * 5000 + tail)))
+    # Then they count as the same output, and each took bounded work
+    assert a.normal_key == b.normal_key
