@@ -485,17 +485,26 @@ def test_a_flex_request_falls_back_to_the_standard_tier_near_its_deadline(
     clock = ManualClock()
     config = EmulatorConfig(flex_refusal_rate=1.0)
     with make_world(
-        tmp_path, db_url, emulator_config=config, clock=clock, flex_fallback_s=120.0
+        tmp_path,
+        db_url,
+        emulator_config=config,
+        clock=clock,
+        flex_min_s=240.0,
+        flex_fallback_s=120.0,
     ) as world:
-        [rid] = world.enqueue([flex_item()])
+        # (a 5-minute deadline, so few refused calls, each retried twice by the HTTP layer)
+        [rid] = world.enqueue([flex_item(tolerance="5m")])
         # When the scheduler keeps ticking, flex calls are refused and retried for free ...
         world.tick(advance_s=30)
         request = rows(world.store, requests_t)[0]
         assert request["state"] == "dispatching" and request["attempts"] == 0
         assert request["error_code"] == "resource_unavailable"
         # ... until less than flex_fallback_s is left: then the call goes at the standard tier
-        world.drain(step_s=30.0)
-        request = rows(world.store, requests_t)[0]
+        for _ in range(20):
+            world.tick(advance_s=30)
+            request = rows(world.store, requests_t)[0]
+            if request["state"] != "dispatching":
+                break
         assert request["state"] == "succeeded" and request["deadline_miss"] is None
         assert world.stats()["flex_calls"] == 0
         assert world.stats()["faults"]["flex_refusal"] >= 2
