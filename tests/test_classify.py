@@ -5,7 +5,14 @@ from datetime import UTC, datetime
 import pytest
 
 from batchwise.config import Settings
-from batchwise.intake.classify import Turnaround, classify, expected_turnaround, human_s, percentile
+from batchwise.intake.classify import (
+    Turnaround,
+    classify,
+    expected_turnaround,
+    flex_supported,
+    human_s,
+    percentile,
+)
 from batchwise.intake.tolerance import parse_tolerance
 from batchwise.states import Lane
 
@@ -82,3 +89,59 @@ def test_percentile_is_nearest_rank() -> None:
 )
 def test_human_durations(s: float, text: str) -> None:
     assert human_s(s) == text
+
+
+# --- the flex lane ---------------------------------------------------------------------------
+
+
+def lane_for(text: str, model: str, settings: Settings, provider: str = "openai") -> Lane:
+    tol = parse_tolerance(text, now=NOW)
+    turnaround = expected_turnaround(provider, settings)
+    return classify(
+        tol, now=NOW, turnaround=turnaround, settings=settings, provider=provider, model=model
+    ).lane
+
+
+def test_a_20_minute_request_goes_to_flex_only_when_its_model_has_the_tier() -> None:
+    s = Settings()
+    assert lane_for("20m", "o4-mini", s) is Lane.FLEX
+    assert lane_for("20m", "gpt-4o-mini", s) is Lane.REALTIME
+    # too near for a slow call, however cheap: called now at the standard tier
+    assert lane_for("2m", "o4-mini", s) is Lane.REALTIME
+    # far enough for a batch: the batch wins
+    assert lane_for("24h", "o4-mini", s) is Lane.DEFERRED
+    assert lane_for("realtime", "o4-mini", s) is Lane.REALTIME
+
+
+def test_flex_models_match_snapshots_and_families_of_openai_only() -> None:
+    s = Settings()
+    for model in ("o3", "o3-2025-04-16", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "gpt-5.1"):
+        assert flex_supported("openai", model, s), model
+    for model in ("gpt-4o-mini", "gpt-50", "o4", "gpt-4.1"):
+        assert not flex_supported("openai", model, s), model
+    assert not flex_supported("anthropic", "o4-mini", s)
+    assert lane_for("20m", "gpt-4o-mini", Settings(flex_models=("gpt-4o-mini",))) is Lane.FLEX
+
+
+def test_the_flex_reason_names_why() -> None:
+    tol = parse_tolerance("20m", now=NOW)
+    s = Settings()
+    d = classify(
+        tol,
+        now=NOW,
+        turnaround=expected_turnaround("openai", s),
+        settings=s,
+        provider="openai",
+        model="o4-mini",
+    )
+    assert d.lane is Lane.FLEX
+    assert "too close for" in d.reason and "o4-mini has a flex tier" in d.reason
+    near = classify(
+        parse_tolerance("2m", now=NOW),
+        now=NOW,
+        turnaround=expected_turnaround("openai", s),
+        settings=s,
+        provider="openai",
+        model="o4-mini",
+    )
+    assert "too close for flex too" in near.reason

@@ -1201,3 +1201,20 @@ def test_run_server_prints_its_url_and_exits_cleanly(launcher: str, sig: signal.
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_flex_tier_is_echoed_slowed_and_sometimes_refused(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(flex_refusal_rate=0.5, seed=3)
+    body = chat_body("flex please", model="o4-mini", service_tier="flex")
+    answers = [rig.openai.post("/chat/completions", json=body) for _ in range(20)]
+    refused = [a for a in answers if a.status_code == 429]
+    served = [a for a in answers if a.status_code == 200]
+    assert refused and served and len(refused) + len(served) == 20
+    assert {a.json()["error"]["code"] for a in refused} == {"resource_unavailable"}
+    assert {a.json()["service_tier"] for a in served} == {"flex"}
+    # the standard tier is never refused and says so
+    standard = rig.openai.post("/chat/completions", json=chat_body("std", model="o4-mini"))
+    assert standard.status_code == 200 and standard.json()["service_tier"] == "default"
+    stats = rig.stats()
+    assert stats["faults"]["flex_refusal"] == len(refused)
+    assert stats["flex_calls"] == len(served)

@@ -4,11 +4,13 @@ retries, token limits, deadline rescue with a moving clock, idempotent reconcili
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from batchwise.clock import ManualClock
+from batchwise.costs.savings import savings_report
 from batchwise.emulator.app import EmulatorConfig
 from batchwise.lifecycle.reconcile import reconcile_due
 from batchwise.states import BatchState, RequestState
@@ -434,3 +436,78 @@ def test_a_tick_with_nothing_to_do_waits_only_until_the_next_poll_is_due(
         # … and never below the floor once the poll is overdue.
         world.clock.advance(60)
         assert world.scheduler.wait_s(30.0) == pytest.approx(0.2)
+
+
+# --- the flex lane ---------------------------------------------------------------------------
+
+
+def flex_item(i: int = 0, *, tolerance: str = "20m") -> dict[str, Any]:
+    return {
+        "model": "o4-mini",
+        "messages": [{"role": "user", "content": f"Classify ticket {i} by urgency."}],
+        "max_completion_tokens": 64,
+        "custom_id": f"flex-{i}",
+        "tolerance": tolerance,
+    }
+
+
+def test_flex_requests_are_answered_through_refusals_at_batch_prices(
+    tmp_path: Path, db_url: str
+) -> None:
+    # Given an emulator whose flex tier refuses half the calls
+    config = EmulatorConfig(flex_refusal_rate=0.5, seed=7)
+    with make_world(tmp_path, db_url, emulator_config=config) as world:
+        # When 20-minute o4-mini requests are submitted and the scheduler drains
+        world.enqueue([flex_item(i) for i in range(6)])
+        assert {r["lane"] for r in rows(world.store, requests_t)} == {"flex"}
+        world.drain(step_s=15.0)
+        # Then each is answered at the flex tier, the refusals cost no attempt
+        requests = rows(world.store, requests_t)
+        assert {r["state"] for r in requests} == {"succeeded"}
+        assert all(r["attempts"] == 0 for r in requests)
+        stats = world.stats()
+        assert stats["faults"]["flex_refusal"] > 0 and stats["flex_calls"] == 6
+        # and booked as flex at about half the realtime price
+        entries = rows(world.store, ledger_t)
+        assert [e["kind"] for e in entries] == ["flex"] * 6
+        for e in entries:
+            assert e["actual_nusd"] > 0
+            assert e["actual_nusd"] == pytest.approx(e["realtime_nusd"] / 2, rel=0.01)
+        [flex] = savings_report(world.store, by=("lane",)).groups
+        assert flex.keys == {"lane": "flex"} and flex.totals.saving_pct == pytest.approx(50, abs=1)
+        check_all(world.store, world.stats())
+
+
+def test_a_flex_request_falls_back_to_the_standard_tier_near_its_deadline(
+    tmp_path: Path, db_url: str
+) -> None:
+    # Given a flex tier that refuses every call
+    clock = ManualClock()
+    config = EmulatorConfig(flex_refusal_rate=1.0)
+    with make_world(
+        tmp_path,
+        db_url,
+        emulator_config=config,
+        clock=clock,
+        flex_min_s=240.0,
+        flex_fallback_s=120.0,
+    ) as world:
+        # (a 5-minute deadline, so few refused calls, each retried twice by the HTTP layer)
+        [rid] = world.enqueue([flex_item(tolerance="5m")])
+        # When the scheduler keeps ticking, flex calls are refused and retried for free ...
+        world.tick(advance_s=30)
+        request = rows(world.store, requests_t)[0]
+        assert request["state"] == "dispatching" and request["attempts"] == 0
+        assert request["error_code"] == "resource_unavailable"
+        # ... until less than flex_fallback_s is left: then the call goes at the standard tier
+        for _ in range(20):
+            world.tick(advance_s=30)
+            request = rows(world.store, requests_t)[0]
+            if request["state"] != "dispatching":
+                break
+        assert request["state"] == "succeeded" and request["deadline_miss"] is None
+        assert world.stats()["flex_calls"] == 0
+        assert world.stats()["faults"]["flex_refusal"] >= 2
+        [entry] = rows(world.store, ledger_t)
+        assert entry["kind"] == "realtime" and entry["request_id"] == rid
+        assert entry["actual_nusd"] == entry["realtime_nusd"]

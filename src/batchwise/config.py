@@ -68,6 +68,15 @@ class Settings:
     completion_window_s: float = 86400.0
     #: the deadline a `realtime` request is held to: answered within this many seconds
     realtime_deadline_s: float = 60.0
+    #: OpenAI models served at the flex tier (`service_tier: "flex"`): a name matches itself,
+    #: its dated snapshots and its family (`gpt-5` matches `gpt-5-mini` and `gpt-5.1`)
+    flex_models: tuple[str, ...] = ("o3", "o4-mini", "gpt-5")
+    #: a request too near its deadline for a batch goes to the flex lane if at least this many
+    #: seconds are left (room for a slow call, refusals and the fallback)
+    flex_min_s: float = 600.0
+    #: with less than this left before its deadline, a flex request is called at the standard
+    #: tier instead (seconds)
+    flex_fallback_s: float = 120.0
 
     # --- packing and the scheduler ------------------------------------------------------------
     #: a group is flushed once its oldest request has waited this long (seconds)
@@ -192,6 +201,9 @@ _SECTIONS = {
         "strict",
         "completion_window_s",
         "realtime_deadline_s",
+        "flex_models",
+        "flex_min_s",
+        "flex_fallback_s",
     },
     "scheduler": {
         "max_wait_s",
@@ -281,6 +293,12 @@ def _checked(path: Path, key: str, name: str, value: Any) -> Any:
         for sub, item in value.items():
             _number(path, f"{key}.{sub}", name, item, whole=False)
         return value
+    if isinstance(default, tuple):
+        if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(
+                f"{path}: {key} = {_shown(value)} is invalid: expected a list of names"
+            )
+        return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: {key} = {_shown(value)} is invalid: expected true or false")

@@ -81,6 +81,9 @@ class Lane(StrEnum):
 
     #: call the provider's realtime API now
     REALTIME = "realtime"
+    #: call it now at the provider's slower, cheaper flex tier (OpenAI `service_tier: "flex"`,
+    #: Batch API prices), at the standard tier once the deadline comes close
+    FLEX = "flex"
     #: wait for a provider batch (about half price)
     DEFERRED = "deferred"
 

@@ -204,6 +204,20 @@ def demo(obj: Context, turnaround: str, keep: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Share of API calls answered by an HTML page, half with status 200 and half 502.",
 )
+@click.option(
+    "--flex-latency",
+    default="0s",
+    show_default=True,
+    metavar="DURATION",
+    help='Added latency per flex-tier call (service_tier: "flex"), on top of --latency.',
+)
+@click.option(
+    "--flex-refusal-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of flex-tier calls refused with 429 resource_unavailable.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for fault injection.")
 def emulator(
     host: str,
@@ -220,6 +234,8 @@ def emulator(
     slow_response_rate: float,
     outage: str,
     html_error_rate: float,
+    flex_latency: str,
+    flex_refusal_rate: float,
     seed: int,
 ) -> None:
     """Serve the OpenAI and Anthropic batch and realtime APIs locally, for demos and tests.
@@ -245,6 +261,8 @@ def emulator(
         html_error_rate=html_error_rate,
         seed=seed,
         malformed_line_rate=malformed_line_rate,
+        flex_latency_s=parse_duration_option(flex_latency, "--flex-latency"),
+        flex_refusal_rate=flex_refusal_rate,
     )
     run_server(host, port, config)
 

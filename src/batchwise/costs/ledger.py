@@ -23,6 +23,9 @@ class Kind(StrEnum):
     BATCH = "batch"
     #: a realtime-lane call; costs what realtime costs, saves nothing
     REALTIME = "realtime"
+    #: a flex-tier call (OpenAI `service_tier: "flex"`): priced at Batch API rates, saves the
+    #: batch discount against the same call at the standard tier
+    FLEX = "flex"
     #: a realtime call made to keep a deadline; saves nothing
     RESCUE = "rescue"
     #: a batch line billed for a request already answered (rescued); replaces nothing: pure cost
@@ -33,7 +36,7 @@ class Kind(StrEnum):
     DEDUPE = "dedupe"
 
 
-_BATCH_PRICED = frozenset({Kind.BATCH, Kind.LATE_BATCH})
+_BATCH_PRICED = frozenset({Kind.BATCH, Kind.LATE_BATCH, Kind.FLEX})
 #: kinds whose realtime equivalent is zero: they replaced no call anyone would have made
 _PURE_COST = frozenset({Kind.LATE_BATCH, Kind.RETRY})
 

@@ -149,6 +149,8 @@ class Emulator:
             "realtime_calls": {
                 p: counters.get(f"realtime.{p}", 0) for p in ("openai", "anthropic")
             },
+            #: OpenAI calls served at the flex tier (counted in `realtime_calls` too)
+            "flex_calls": counters.get("realtime.flex", 0),
             "faults": {
                 name: counters.get(f"fault.{name}", 0)
                 for name in (
@@ -159,6 +161,7 @@ class Emulator:
                     "expired_batch",
                     "slow_response",
                     "html_error",
+                    "flex_refusal",
                 )
             },
         }

@@ -26,6 +26,7 @@ _RATES = (
     "server_error_rate",
     "slow_response_rate",
     "html_error_rate",
+    "flex_refusal_rate",
 )
 
 
@@ -45,6 +46,10 @@ class EmulatorConfig:
     server_error_rate: float = 0.0
     #: added latency per realtime call
     latency_s: float = 0.0
+    #: added latency per call at the flex tier (`service_tier: "flex"`), on top of `latency_s`
+    flex_latency_s: float = 0.0
+    #: share of flex-tier calls refused with 429 `resource_unavailable` (not billed)
+    flex_refusal_rate: float = 0.0
     #: per-model cap on in-flight prompt tokens of OpenAI batches (`token_limit_exceeded`)
     enqueued_token_limit: int | None = None
     #: keep state on disk here so a restart continues; None keeps it in memory
@@ -74,8 +79,8 @@ class EmulatorConfig:
                 raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
         if self.rate_limit_rate + self.server_error_rate > 1.0:
             raise ConfigError("rate_limit_rate + server_error_rate must not exceed 1")
-        if self.turnaround_s < 0 or self.latency_s < 0:
-            raise ConfigError("turnaround_s and latency_s must not be negative")
+        if self.turnaround_s < 0 or self.latency_s < 0 or self.flex_latency_s < 0:
+            raise ConfigError("turnaround_s, latency_s and flex_latency_s must not be negative")
         if not (math.isfinite(self.outage_s) and self.outage_s >= 0):
             raise ConfigError(f"outage_s must be 0 or more seconds, got {self.outage_s!r}")
         if self.enqueued_token_limit is not None and self.enqueued_token_limit < 1:
@@ -92,7 +97,8 @@ class EmulatorConfig:
             f"enqueued_token_limit={self.enqueued_token_limit}, state_dir={self.state_dir!r}, "
             f"seed={self.seed}, api_key={key!r}, slow_response_rate={self.slow_response_rate}, "
             f"outage_s={self.outage_s}, html_error_rate={self.html_error_rate}, "
-            f"malformed_line_rate={self.malformed_line_rate})"
+            f"malformed_line_rate={self.malformed_line_rate}, "
+            f"flex_latency_s={self.flex_latency_s}, flex_refusal_rate={self.flex_refusal_rate})"
         )
 
 
@@ -138,6 +144,7 @@ class Faults:
         self._calls = itertools.count()
         self._realtime_calls = itertools.count()
         self._network_calls = itertools.count()
+        self._flex_calls = itertools.count()
 
     def network(self) -> str | None:
         """ "slow", "html_200", "html_502" for this API call, or None (drawn per call)."""
@@ -181,6 +188,22 @@ class Faults:
             return None
         self._state.bump("fault.realtime_error")
         return line_fault(SERVER_ERROR)
+
+    def flex(self) -> ApiError | None:
+        """A 429 `resource_unavailable` for this flex-tier call (`flex_refusal_rate`), or None."""
+        if self._config.flex_refusal_rate == 0:
+            return None
+        n = next(self._flex_calls)
+        if draw(self._config.seed, "flex", n) >= self._config.flex_refusal_rate:
+            return None
+        self._state.bump("fault.flex_refusal")
+        return ApiError(
+            429,
+            "Resource unavailable for flex processing (emulated). Please try again later, "
+            "or retry with the default service tier.",
+            type="invalid_request_error",
+            code="resource_unavailable",
+        )
 
     def line(self, batch_id: str, custom_id: str) -> ApiError | None:
         """The injected error of one batch line, or None; a mix of retryable and final kinds."""
@@ -259,3 +282,12 @@ class Env:
             raise fault
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
+
+    def flex_gate(self) -> None:
+        """What a flex-tier call meets after `realtime_gate`: a refusal, then the slowness."""
+        fault = self.faults.flex()
+        if fault is not None:
+            raise fault
+        self.state.bump("realtime.flex")
+        if self.config.flex_latency_s:
+            time.sleep(self.config.flex_latency_s)

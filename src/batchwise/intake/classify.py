@@ -1,8 +1,11 @@
-"""Realtime or deferred: the classifier, with the reason it records.
+"""Realtime, flex or deferred: the classifier, with the reason it records.
 
 A request may wait for a batch only if its deadline leaves room for the wait until its group is
 flushed, the expected batch turnaround, and a realtime rescue after that (docs/architecture.md,
-"How a request travels"). Pure functions over values; the caller supplies the observed history.
+"How a request travels"). One too near its deadline for a batch goes to the flex lane (OpenAI's
+`service_tier: "flex"`, at Batch API prices) when its model has that tier and at least
+`flex_min_s` is left for a slow call; otherwise it is called now at the standard tier. Pure
+functions over values; the caller supplies the observed history.
 """
 
 from __future__ import annotations
@@ -55,10 +58,27 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def flex_supported(provider: str, model: str, settings: Settings) -> bool:
+    """Whether `model` of `provider` has a flex tier: an OpenAI model named in `flex_models`,
+    or a dated snapshot or family member of one (`gpt-5` covers `gpt-5-mini`, `gpt-5.1`)."""
+    if provider != "openai":
+        return False
+    return any(
+        model == name or model.startswith((name + "-", name + ".")) for name in settings.flex_models
+    )
+
+
 def classify(
-    tolerance: Tolerance, *, now: datetime, turnaround: Turnaround, settings: Settings
+    tolerance: Tolerance,
+    *,
+    now: datetime,
+    turnaround: Turnaround,
+    settings: Settings,
+    provider: str = "",
+    model: str = "",
 ) -> Decision:
-    """Choose the lane for a request with this tolerance."""
+    """Choose the lane for a request with this tolerance (and, for flex, its provider and
+    model)."""
     if tolerance.realtime:
         return Decision(Lane.REALTIME, f"tolerance {tolerance.text!r} asks for realtime")
     remaining = tolerance.remaining_s(now)
@@ -70,7 +90,16 @@ def classify(
     )
     if remaining >= needed:
         return Decision(Lane.DEFERRED, f"deadline in {human_s(remaining)} leaves room for {budget}")
-    return Decision(Lane.REALTIME, f"deadline in {human_s(remaining)} is too close for {budget}")
+    too_close = f"deadline in {human_s(remaining)} is too close for {budget}"
+    if flex_supported(provider, model, settings):
+        if remaining >= settings.flex_min_s:
+            return Decision(
+                Lane.FLEX,
+                f"{too_close}; {model} has a flex tier and {human_s(remaining)} leaves "
+                f"room for a slow call (at least {human_s(settings.flex_min_s)})",
+            )
+        too_close += f"; too close for flex too (needs {human_s(settings.flex_min_s)})"
+    return Decision(Lane.REALTIME, too_close)
 
 
 def human_s(seconds: float) -> str:

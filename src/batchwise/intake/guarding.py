@@ -246,8 +246,9 @@ class Keeper:
             f"the {period} budget of ${cap:g} for {kind} {name!r}: ${spent / 1e9:.4f} spent "
             f"or in flight, this request about ${estimate / 1e9:.4f}"
         )
-        realtime = row[ROW["lane"]] == "realtime"
-        if realtime or policy.budget_policy == "refuse":
+        # a call now (realtime or flex) cannot wait for the next period: it is refused
+        called_now = row[ROW["lane"]] != "deferred"
+        if called_now or policy.budget_policy == "refuse":
             self._outcome(position).refused = ("budget", f"over {figures}")
         else:
             self._outcome(position).hold_until = until

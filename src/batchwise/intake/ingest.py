@@ -464,7 +464,14 @@ class Intake:
             history = self.sink.turnarounds(provider, model)
             turnaround = expected_turnaround(provider, self.settings, history)
             self._turnarounds[(provider, model)] = turnaround
-        decision = classify(parsed, now=self.now, turnaround=turnaround, settings=self.settings)
+        decision = classify(
+            parsed,
+            now=self.now,
+            turnaround=turnaround,
+            settings=self.settings,
+            provider=provider,
+            model=model,
+        )
         deferred = decision.lane is Lane.DEFERRED
         state = RequestState.QUEUED if deferred else RequestState.DISPATCHING
         deadline = parsed.deadline
@@ -645,7 +652,8 @@ class Intake:
                 1 for state in finals.values() if state == RequestState.DEDUPLICATED.value
             )
             rows = [r for r in rows if r[_ID] not in finals]
-        realtime = [r[_ID] for r in rows if r[_LANE] == "realtime"]
+        # the flex lane is called now like the realtime lane, only at another tier
+        realtime = [r[_ID] for r in rows if r[_LANE] != "deferred"]
         result.realtime += len(realtime)
         result.deferred += len(rows) - len(realtime)
         if self.settings.broker_url:  # only distributed mode hands them on; keep memory flat

@@ -6,6 +6,12 @@ lease that expires and the request is taken up again. Calls run with bounded con
 provider that rate-limits is paused for the time it asks. The outcome is applied by
 compare-and-set on the lease: if someone else answered first, this call is recorded as cost
 only.
+
+The flex lane goes the same way; only the call differs (`flex_tier`): a flex request is sent
+with `service_tier: "flex"` (Batch API prices, slower) while more than `flex_fallback_s` is left
+before its deadline, and at the standard tier after that. A flex refusal (429
+`resource_unavailable`) is retried with backoff and is not counted as an attempt while the
+deadline leaves room.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from batchwise.errors import ProviderError, RateLimited
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
 from batchwise.providers.base import CallResult, Provider
-from batchwise.states import RequestState
+from batchwise.states import Lane, RequestState
 from batchwise.store import ledger as ledger_table
 from batchwise.store import requests
 from batchwise.store.engine import Store, db_time
@@ -75,10 +81,27 @@ def claim(
     return [Claim(request, worker) for request in claimed]
 
 
-def call(provider: Provider, claim_: Claim) -> CallResult | ProviderError:
-    """Make the call; a provider error is returned, not raised, so a pool can collect it."""
+#: what OpenAI answers (429) when the flex tier has no capacity for a call now
+FLEX_REFUSED = "resource_unavailable"
+
+
+def flex_tier(request: dict[str, Any], *, now: datetime, settings: Settings) -> bool:
+    """Whether this call of `request` goes at the flex tier: a flex-lane request (not a rescue)
+    with more than `flex_fallback_s` left before its deadline."""
+    if request["lane"] != Lane.FLEX.value or request["state"] != _S.DISPATCHING.value:
+        return False
+    deadline: datetime = request["deadline"]
+    return (deadline - now).total_seconds() > settings.flex_fallback_s
+
+
+def call(provider: Provider, claim_: Claim, *, flex: bool = False) -> CallResult | ProviderError:
+    """Make the call (at the flex tier if `flex`); a provider error is returned, not raised, so
+    a pool can collect it."""
+    body = orjson.loads(claim_.request["body"])
+    if flex:
+        body["service_tier"] = "flex"
     try:
-        return provider.call(claim_.request["endpoint"], orjson.loads(claim_.request["body"]))
+        return provider.call(claim_.request["endpoint"], body)
     except ProviderError as exc:
         return exc
 
@@ -91,11 +114,14 @@ def apply_outcome(
     *,
     now: datetime,
     settings: Settings,
+    flex: bool = False,
 ) -> str:
-    """Record a call's outcome; returns what happened: succeeded, late, retry, failed, lost."""
+    """Record a call's outcome (`flex`: the call went at the flex tier); returns what happened:
+    succeeded, late, retry, failed, lost."""
     request = claim_.request
     rid, state = claim_.id, RequestState(request["state"])
     kind = "rescue" if state is _S.RESCUED else "realtime"
+    won_kind = ledger.Kind.FLEX if flex else _LEDGER_KINDS[kind]
     with store.write() as conn:
         if isinstance(outcome, CallResult):
             usage = _usage(request, outcome.body)
@@ -119,11 +145,7 @@ def apply_outcome(
                 now=now,
                 deadline_miss=_miss(request["deadline"], now, kind),
             )
-            entry_kind = (
-                (ledger.Kind.RESCUE if kind == "rescue" else ledger.Kind.REALTIME)
-                if won
-                else ledger.Kind.RETRY
-            )
+            entry_kind = won_kind if won else ledger.Kind.RETRY
             ledger_table.record(
                 conn,
                 [
@@ -142,11 +164,16 @@ def apply_outcome(
         error = str(outcome)
         # `max_attempts` counts answers (a 429 included), not outages: no connection, a
         # timeout, a 5xx or a garbage page is free while the deadline leaves room for a retry.
-        delay = outcome.retry_after_s or min(300.0, 2.0 ** request["attempts"]) * (
-            0.5 + random.random()
-        )
+        # So is a flex refusal: the flex tier had no room now, the request did nothing wrong.
+        refused = flex and outcome.code == FLEX_REFUSED
+        if refused:
+            delay = _flex_backoff_s(request, now=now, settings=settings)
+        else:
+            delay = outcome.retry_after_s or min(300.0, 2.0 ** request["attempts"]) * (
+                0.5 + random.random()
+            )
         retry_at = now + timedelta(seconds=delay)
-        free = _outage(outcome) and retry_at < request["deadline"]
+        free = (refused or _outage(outcome)) and retry_at < request["deadline"]
         attempts = request["attempts"] + (0 if free else 1)
         if outcome.retryable and (free or attempts < settings.max_attempts):
             updated = requests.retry_call(
@@ -174,6 +201,21 @@ def apply_outcome(
             deadline_miss=_miss(request["deadline"], now, f"{kind} call failed"),
         )
         return "failed" if updated else "lost"
+
+
+_LEDGER_KINDS = {"rescue": ledger.Kind.RESCUE, "realtime": ledger.Kind.REALTIME}
+
+
+def _flex_backoff_s(request: dict[str, Any], *, now: datetime, settings: Settings) -> float:
+    """How long to wait after a flex refusal: backoff that grows as the deadline nears (a
+    refusal is not an attempt, so attempts cannot measure it), from 5 s to 60 s with jitter,
+    never past the moment the request falls back to the standard tier."""
+    deadline: datetime = request["deadline"]
+    left_s = (deadline - now).total_seconds() - settings.flex_fallback_s
+    if left_s <= 0:
+        return 0.0
+    base = min(60.0, max(5.0, left_s / 20.0))
+    return min(left_s, base * (0.5 + random.random()))
 
 
 def _outage(error: ProviderError) -> bool:
@@ -317,15 +359,24 @@ class Dispatcher:
         return calls, riders
 
     def _one(self, claim_: Claim) -> str:
-        outcome = call(self.provider_for(claim_.request["provider"]), claim_)
+        flex = flex_tier(claim_.request, now=self.clock(), settings=self.settings)
+        outcome = call(self.provider_for(claim_.request["provider"]), claim_, flex=flex)
         crashpoint("after_realtime_call")
-        if isinstance(outcome, RateLimited) and outcome.retryable:
+        # a flex refusal says the flex tier is full, not that the provider rate-limits us
+        refused = flex and isinstance(outcome, ProviderError) and outcome.code == FLEX_REFUSED
+        if isinstance(outcome, RateLimited) and outcome.retryable and not refused:
             with self._lock:
                 self._paused[claim_.request["provider"]] = time.monotonic() + (
                     outcome.retry_after_s or 1.0
                 )
         return apply_outcome(
-            self.store, self.book, claim_, outcome, now=self.clock(), settings=self.settings
+            self.store,
+            self.book,
+            claim_,
+            outcome,
+            now=self.clock(),
+            settings=self.settings,
+            flex=flex,
         )
 
 
@@ -345,5 +396,6 @@ def dispatch_one(
     )
     if not claims:
         return "skipped"
-    outcome = call(provider_for(claims[0].request["provider"]), claims[0])
-    return apply_outcome(store, book, claims[0], outcome, now=clock(), settings=settings)
+    flex = flex_tier(claims[0].request, now=clock(), settings=settings)
+    outcome = call(provider_for(claims[0].request["provider"]), claims[0], flex=flex)
+    return apply_outcome(store, book, claims[0], outcome, now=clock(), settings=settings, flex=flex)

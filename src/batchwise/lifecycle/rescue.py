@@ -123,8 +123,8 @@ def _cause(miss: requests.Miss) -> str:
     if miss.state == _S.RESCUED.value:
         why = f"; {miss.rescue_reason}" if miss.rescue_reason else ""
         return f"the rescue call has not succeeded yet (attempt {miss.attempts}){last}{why}"
-    if miss.lane == Lane.REALTIME.value:
-        return f"the realtime call has not succeeded yet (attempt {miss.attempts}){last}"
+    if miss.lane in (Lane.REALTIME.value, Lane.FLEX.value):
+        return f"the {miss.lane} call has not succeeded yet (attempt {miss.attempts}){last}"
     if miss.batch_id is not None and miss.batch_state in _ENDED:
         unread = _unread(miss.batch_id, miss.batch_state, miss.batch_error)
         return f"still {miss.state}: {unread}, and it was not rescued in time{last}"

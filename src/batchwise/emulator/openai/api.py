@@ -280,6 +280,9 @@ class OpenAIApi:
         body = req.json()
         p = plan(req.path, body)
         self._env.realtime_gate()
+        tier = body.get("service_tier")
+        if tier == "flex":
+            self._env.flex_gate()
         now = self._env.now()
         cached = self._cache.use(p.prompt, now).read
         self._env.state.bump("realtime.openai")
@@ -290,6 +293,8 @@ class OpenAIApi:
             created=now,
             response_id=RESPONSE_ID_PREFIX[req.path] + uuid.uuid4().hex[:24],
         )
+        if tier == "flex" and "service_tier" in answer:
+            answer["service_tier"] = "flex"  # OpenAI echoes the tier that served the call
         return json_response(answer)
 
 
