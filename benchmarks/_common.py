@@ -66,11 +66,16 @@ UNITS = ("emea", "amer", "apac")
 STEPS_PER_TASK = 5
 
 
-def agentic_line(i: int, rnd: random.Random, model: str = "gpt-4o-mini") -> bytes:
+def agentic_line(
+    i: int, rnd: random.Random, model: str = "gpt-4o-mini", *, tolerance: str | None = None
+) -> bytes:
     """An OpenAI batch line as an agent produces it: tags `use_case`, `step`, `business_unit`
-    and a `task_id` shared by five consecutive requests."""
+    and a `task_id` shared by five consecutive requests; `tolerance` replaces the line's own
+    (the lifecycle benchmark defers every line)."""
     task = i // STEPS_PER_TASK
     obj = orjson.loads(openai_line(i, rnd, model))
+    if tolerance is not None:
+        obj["tolerance"] = tolerance
     obj["tags"] = {
         "use_case": USE_CASES[task % len(USE_CASES)],
         "step": STEPS[i % STEPS_PER_TASK],
@@ -80,14 +85,14 @@ def agentic_line(i: int, rnd: random.Random, model: str = "gpt-4o-mini") -> byte
     return orjson.dumps(obj)
 
 
-def write_agentic_file(path: Path, n: int, *, seed: int = 7) -> Path:
-    """`n` agentic lines (see `agentic_line`)."""
+def write_agentic_file(path: Path, n: int, *, seed: int = 7, tolerance: str | None = None) -> Path:
+    """`n` agentic lines (see `agentic_line`), kept if already written at `path`."""
     if path.exists() and path.stat().st_size > 0:
         return path
     rnd = random.Random(seed)
     with open(path, "wb") as out:
         for i in range(n):
-            out.write(agentic_line(i, rnd) + b"\n")
+            out.write(agentic_line(i, rnd, tolerance=tolerance) + b"\n")
     return path
 
 

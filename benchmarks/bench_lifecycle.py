@@ -4,7 +4,7 @@ through the emulator with turnaround 0, against the raw intake of the same file.
     python benchmarks/bench_lifecycle.py [--sizes 100000,400000] [--repeat 3] [--trace-memory]
 
 Every line carries `use_case`, `step`, `business_unit` and a `task_id` (five requests per
-task; `_agentic.py`). Per size and run, in a fresh directory:
+task; `_common.write_agentic_file`). Per size and run, in a fresh directory:
 
 1. raw intake: `raw_intake.py` (orjson + sha256 + executemany), a whole process: the baseline;
 2. `batchwise submit FILE`, a whole process;
@@ -43,8 +43,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _agentic import write_agentic_file  # noqa: E402
-from _common import run_process  # noqa: E402
+from _common import run_process, write_agentic_file  # noqa: E402
 
 PYTHON = sys.executable
 #: the loop's time split, in the order a batch goes through it
@@ -198,7 +197,9 @@ def run_one(size: int, *, trace_memory: bool) -> dict[str, Any]:
     from batchwise.lifecycle.scheduler import Providers, Scheduler
     from batchwise.store.engine import Store
 
-    data = write_agentic_file(Path(tempfile.gettempdir()) / f"bw-agentic-{size}.jsonl", size)
+    data = write_agentic_file(
+        Path(tempfile.gettempdir()) / f"bw-agentic-24h-{size}.jsonl", size, tolerance="24h"
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bw-life-"))
     emulator, url = start_emulator(workdir)
     try:
