@@ -7,10 +7,10 @@ words so that a k-word answer is exactly k tokens and caps can be hit exactly.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -38,21 +38,45 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
-@dataclass(frozen=True)
-class Generation:
-    """One generated answer and what it cost in output tokens."""
+#: a word per byte value, so a run of random bytes maps straight to words
+_WORD_OF_BYTE = tuple(_WORDS[i % len(_WORDS)] for i in range(256))
 
-    text: str
-    #: hidden reasoning / thinking tokens spent before the visible text
-    reasoning_tokens: int
-    #: the answer was cut by the output-token cap
-    truncated: bool
-    #: the thinking text shown for Anthropic extended thinking ("" otherwise)
-    thinking: str = ""
+
+class Generation:
+    """One generated answer and what it cost in output tokens.
+
+    The text of a plain answer is made only when something reads it: counting a batch's
+    tokens at creation needs its length alone, and making each answer twice (once to count
+    it, once to return it) was half the emulator's work on a large batch.
+    """
+
+    __slots__ = ("_text", "reasoning_tokens", "text_tokens", "thinking", "truncated")
+
+    def __init__(
+        self,
+        text: str | Callable[[], str],
+        reasoning_tokens: int,
+        truncated: bool,
+        thinking: str = "",
+        *,
+        text_tokens: int | None = None,
+    ) -> None:
+        self._text = text
+        #: hidden reasoning / thinking tokens spent before the visible text
+        self.reasoning_tokens = reasoning_tokens
+        #: the answer was cut by the output-token cap
+        self.truncated = truncated
+        #: the thinking text shown for Anthropic extended thinking ("" otherwise)
+        self.thinking = thinking
+        if text_tokens is None:
+            text_tokens = estimate_tokens(self.text)
+        self.text_tokens = text_tokens
 
     @property
-    def text_tokens(self) -> int:
-        return estimate_tokens(self.text)
+    def text(self) -> str:
+        if not isinstance(self._text, str):
+            self._text = self._text()
+        return self._text
 
     @property
     def output_tokens(self) -> int:
@@ -61,9 +85,13 @@ class Generation:
 
 def words(r: random.Random, count: int) -> str:
     """`count` tokens of sentence-like text (exactly `count` by `estimate_tokens`)."""
-    if count <= 0:
-        return ""
-    chosen = r.choices(_WORDS, k=count)
+    return _sentence(r.randbytes(count)) if count > 0 else ""
+
+
+def _sentence(picks: bytes) -> str:
+    """A sentence of one word per byte of `picks`: three letters and a space each, so k words
+    are exactly k tokens."""
+    chosen = list(map(_WORD_OF_BYTE.__getitem__, picks))
     chosen[0] = chosen[0].capitalize()
     return " ".join(chosen) + "."
 
@@ -80,13 +108,26 @@ def generate(
 
     `schema` asks for JSON that fits it; `thinking_tokens` asks for visible thinking text.
     """
-    r = rng(key, "answer")
     hidden = reasoning_tokens + thinking_tokens
+    budget = None if cap is None else cap - hidden
+    if schema is None and thinking_tokens == 0 and (budget is None or budget > 0):
+        # the common case, without a seeded `random.Random`: the length from a hash of the
+        # key, the words from an extendable hash of it, made when first read
+        seed = digest(key, "answer", size=32)
+        span = _MAX_ANSWER_TOKENS - _MIN_ANSWER_TOKENS + 1
+        natural = _MIN_ANSWER_TOKENS + int.from_bytes(seed[:8], "big") % span
+        count = natural if budget is None else min(natural, budget)
+        return Generation(
+            lambda: _sentence(hashlib.shake_128(seed).digest(count)),
+            hidden,
+            natural > count,
+            text_tokens=count,
+        )
+    r = rng(key, "answer")
     if cap is not None and hidden >= cap:
         share = thinking_tokens * cap // hidden if hidden else 0
         return Generation("", cap, True, words(r, share))
     thinking = words(r, thinking_tokens)
-    budget = None if cap is None else cap - hidden
     if schema is not None:
         text = orjson.dumps(schema_instance(schema, r)).decode()
         natural = estimate_tokens(text)
