@@ -31,7 +31,7 @@ import orjson
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
+from batchwise.costs.pricing import PriceBook, TokenUsage
 from batchwise.errors import ProviderError, RateLimited
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
@@ -124,7 +124,7 @@ def apply_outcome(
     won_kind = ledger.Kind.FLEX if flex else _LEDGER_KINDS[kind]
     with store.write() as conn:
         if isinstance(outcome, CallResult):
-            usage = _usage(request, outcome.body)
+            usage = _usage(book, request, outcome.body)
             response_id = requests.store_call_response(
                 conn,
                 rid,
@@ -226,12 +226,12 @@ def _outage(error: ProviderError) -> bool:
     )
 
 
-def _usage(request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
+def _usage(book: PriceBook, request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
     raw = body.get("usage")
     if not isinstance(raw, dict):
         return None
     try:
-        return normalise_usage(request["provider"], request["endpoint"], raw)
+        return book.usage(request["provider"], request["endpoint"], raw)
     except (ProviderError, ValueError) as exc:
         log.warning("request %s: unreadable usage: %s", request["id"], exc)
         return None
