@@ -4,9 +4,11 @@ Groq; each emulator's `/_emulator/stats` shows which lines reached it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ConfigError, IntakeError, ProviderError
 from batchwise.lifecycle.scheduler import Providers, Scheduler
 from batchwise.providers import make_provider
+from batchwise.reports.overview import overview
+from batchwise.reports.sections import render_sections
 from batchwise.store.engine import Store, batches_t, ledger_t, requests_t
 from invariants import check_all, rows
 
@@ -273,3 +277,161 @@ def test_a_wrong_key_at_the_configured_provider_is_an_error_under_its_name(
         assert "gsk-no" not in str(error)
     finally:
         groq.stop()
+
+
+# --- a mixed file: the configured provider, the flex lane and OpenAI's batch ---------------------
+
+
+def flex_line(i: int) -> dict[str, Any]:
+    """A 20-minute o4-mini request: too near for a batch, room for OpenAI's flex tier."""
+    return {
+        "model": "o4-mini",
+        "messages": [{"role": "user", "content": f"Classify ticket {i} by urgency."}],
+        "max_completion_tokens": 64,
+        "custom_id": f"flex-{i}",
+        "tolerance": "20m",
+    }
+
+
+def cli_json(home: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
+    result = cli_run(home, db_url, monkeypatch, *args)
+    return json.loads(result)
+
+
+def cli_run(home: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    from click.testing import CliRunner
+
+    from batchwise.cli.main import cli
+
+    monkeypatch.setenv("BATCHWISE_HOME", str(home))
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-test-key")
+    monkeypatch.delenv("BATCHWISE_CONFIG", raising=False)
+    monkeypatch.delenv("BATCHWISE_DATABASE_URL", raising=False)
+    result = CliRunner().invoke(cli, ["--db", db_url, *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_a_mixed_file_goes_through_the_configured_provider_and_the_flex_lane_at_half_price(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with two_providers(tmp_path, db_url) as world:
+        # Given one file of Groq-by-config lines (a day to spare), 20-minute o4-mini lines and
+        # OpenAI lines for a batch
+        path = tmp_path / "mixed.jsonl"
+        lines = [
+            *(simple(i, provider="groq", model=GROQ_MODEL) for i in range(4)),
+            *(flex_line(i) for i in range(3)),
+            *(simple(i, provider=None, model="gpt-4o-mini") for i in range(2)),
+        ]
+        path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        # When it is submitted and the scheduler drains
+        world.client.submit_file(path)
+        lanes = sorted(
+            (r["provider"], r["model"], r["lane"]) for r in rows(world.store, requests_t)
+        )
+        assert lanes == sorted(
+            [("groq", GROQ_MODEL, "deferred")] * 4
+            + [("openai", "o4-mini", "flex")] * 3
+            + [("openai", "gpt-4o-mini", "deferred")] * 2
+        )
+        world.drain()
+        # Then the Groq lines went through the Groq emulator's batch, the o4-mini ones through
+        # OpenAI's flex tier, the rest through OpenAI's batch
+        assert {r["state"] for r in rows(world.store, requests_t)} == {"succeeded"}
+        groq, main = world.stats(world.groq), world.stats(world.openai)
+        assert [(b["model"], b["request_count"]) for b in groq["batches"]] == [(GROQ_MODEL, 4)]
+        assert groq["flex_calls"] == 0 and groq["realtime_calls"]["openai"] == 0
+        assert main["flex_calls"] == 3
+        assert [b["request_count"] for b in main["batches"]] == [2]
+        # and each is booked at about half its realtime price, under its provider and lane
+        entries = rows(world.store, ledger_t)
+        assert sorted((e["provider"], e["lane"], e["kind"]) for e in entries) == sorted(
+            [("groq", "deferred", "batch")] * 4
+            + [("openai", "flex", "flex")] * 3
+            + [("openai", "deferred", "batch")] * 2
+        )
+        for e in entries:
+            assert e["realtime_nusd"] > 0
+            assert e["actual_nusd"] == pytest.approx(e["realtime_nusd"] / 2, rel=0.01, abs=1)
+        check_all(world.store, main)
+
+    # The commands say the same: status by lane and provider, savings by lane and provider
+    home = world.settings.home
+    status = cli_json(home, db_url, monkeypatch, "status", "--json")
+    assert status["by_lane"] == {"realtime": 0, "flex": 3, "deferred": 6}
+    assert status["by_provider"] == {
+        "groq": {"api": "openai", "total": 4,
+                 "by_lane": {"realtime": 0, "flex": 0, "deferred": 4}},
+        "openai": {"api": "openai", "total": 5,
+                   "by_lane": {"realtime": 0, "flex": 3, "deferred": 2}},
+    }  # fmt: skip
+    table = cli_run(home, db_url, monkeypatch, "status")
+    for text in ("by provider", "groq", "flex", "deferred (batch)"):
+        assert text in table
+    data = cli_json(home, db_url, monkeypatch, "savings", "--by", "lane,provider", "--json")
+    groups = {(g["lane"], g["provider"]): g for g in data["groups"]}
+    assert set(groups) == {("deferred", "groq"), ("deferred", "openai"), ("flex", "openai")}
+    for group in groups.values():
+        assert float(group["saving_pct"]) == pytest.approx(50, abs=1)
+    csv_text = cli_run(home, db_url, monkeypatch, "savings", "--by", "lane,provider", "--csv")
+    header, *csv_rows = csv_text.splitlines()
+    assert header.startswith("scope,lane,provider,requests,")
+    assert [r.split(",")[:4] for r in csv_rows] == [
+        ["group", "deferred", "groq", "4"],
+        ["group", "deferred", "openai", "2"],
+        ["group", "flex", "openai", "3"],
+        ["total", "", "", "9"],
+    ]
+    shown = cli_run(home, db_url, monkeypatch, "savings", "--by", "lane,provider")
+    assert "groq" in shown and "flex" in shown
+    # and the forecast projects each lane and provider at the price it was booked at
+    forecast = cli_json(home, db_url, monkeypatch, "forecast", "--volume", "900/day", "--json")
+    assert {(g["provider"], g["lane"]) for g in forecast["groups"]} == {
+        ("groq", "deferred"),
+        ("openai", "deferred"),
+        ("openai", "flex"),
+    }
+    assert forecast["flex_share"] == "0.3333"
+    assert float(forecast["saving_pct"]) == pytest.approx(50, abs=1)
+
+    # and the dashboard's panels show the flex lane and the configured provider's figures
+    store = Store(db_url)
+    try:
+        data = overview(store, now=datetime.now(UTC), settings=world.settings)
+    finally:
+        store.close()
+    assert data["queue"]["requests"]["by_provider"] == status["by_provider"]
+    by_provider = {g["provider"]: g for g in data["breakdowns"]["provider"]}
+    assert float(by_provider["groq"]["saving_pct"]) == pytest.approx(50, abs=1)
+    assert {g["lane"] for g in data["breakdowns"]["lane"]} == {"flex", "deferred"}
+    html = render_sections(data, live=True)
+    assert 'data-figure="queue.requests.by_lane.flex" data-value="3"' in html["queue"]
+    assert 'data-figure="queue.requests.by_provider.groq.by_lane.deferred"' in html["queue"]
+    assert "<h3>By provider</h3>" in html["breakdowns"] and ">groq<" in html["breakdowns"]
+
+
+def test_the_emulator_answers_the_extra_models_it_is_given_and_no_others() -> None:
+    groq = Emulator(EmulatorConfig(models=frozenset({GROQ_MODEL})), clock=ManualClock())
+    main = Emulator(EmulatorConfig(), clock=ManualClock())
+    groq.start()
+    main.start()
+    try:
+
+        def ask(emulator: Emulator, model: str) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+            answer = httpx.post(
+                f"{emulator.openai_base_url}/chat/completions",
+                json=body,
+                headers={"authorization": "Bearer k"},
+                timeout=10,
+            )
+            return answer.status_code
+
+        assert ask(groq, GROQ_MODEL) == 200
+        assert ask(groq, "gpt-4o-mini") == 200  # OpenAI's own names still answer
+        assert ask(groq, "mixtral-8x7b-32768") == 404  # a name it was not given
+        assert ask(main, GROQ_MODEL) == 404  # OpenAI itself does not serve it
+    finally:
+        groq.stop()
+        main.stop()
