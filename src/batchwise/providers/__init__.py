@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batchwise.config import DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_OPENAI_BASE_URL
+from batchwise.config import (
+    BUILTIN_PROVIDERS,
+    DEFAULT_ANTHROPIC_BASE_URL,
+    DEFAULT_OPENAI_BASE_URL,
+)
 from batchwise.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -22,8 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PROVIDERS", "make_provider"]
 
-#: names `make_provider` accepts
-PROVIDERS = ("openai", "anthropic")
+#: the built-in names `make_provider` accepts (besides the configured providers): one list,
+#: `config.BUILTIN_PROVIDERS`, which a `[providers.NAME]` table may not take
+PROVIDERS = BUILTIN_PROVIDERS
 
 
 def make_provider(
