@@ -4,6 +4,7 @@ Groq; each emulator's `/_emulator/stats` shows which lines reached it."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from batchwise.errors import ConfigError, IntakeError, ProviderError
 from batchwise.lifecycle.scheduler import Providers, Scheduler
 from batchwise.providers import make_provider
 from batchwise.reports.overview import overview
+from batchwise.reports.results import export
 from batchwise.reports.sections import render_sections
 from batchwise.store.engine import Store, batches_t, ledger_t, requests_t
 from invariants import check_all, rows
@@ -191,6 +193,12 @@ def test_lines_for_a_configured_provider_go_to_it_and_are_booked_under_its_name(
         assert set(by) == {("openai", "deferred"), ("groq", "deferred"), ("groq", "realtime")}
         assert by["groq", "deferred"].saving_pct == pytest.approx(50, abs=0.1)
         assert by["groq", "realtime"].saving_pct == 0
+        # and its results export in the shape of the API it speaks (OpenAI's output lines)
+        out = io.BytesIO()
+        assert export(world.store, out, provider="groq") == 7
+        exported = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert {line["response"]["status_code"] for line in exported} == {200}
+        assert {line["response"]["body"]["model"] for line in exported} == {GROQ_MODEL}
         check_all(world.store, world.stats(world.openai))
 
 
@@ -209,7 +217,8 @@ def test_an_unknown_provider_is_refused_naming_the_line_and_the_configured_ones(
         assert sorted(errors) == [2, 3]
         assert errors[2].field == "provider"
         assert "unknown provider 'grok'" in errors[2].error
-        assert "openai, anthropic (built in); configured: groq" in errors[2].error
+        assert "expected one of openai, anthropic" in errors[2].error
+        assert errors[2].error.endswith("(built in); configured: groq")
         assert "openai-format line but the provider is 'anthropic'" in errors[3].error
         assert rows(world.store, requests_t) == []
 
