@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -27,13 +28,21 @@ from batchwise.providers import make_provider
 from batchwise.reports.overview import overview
 from batchwise.reports.results import export
 from batchwise.reports.sections import render_sections
-from batchwise.store.engine import Store, batches_t, ledger_t, requests_t
+from batchwise.store.engine import (
+    Store,
+    batches_t,
+    events_t,
+    ledger_t,
+    requests_t,
+    responses_t,
+)
 from invariants import check_all, rows
 
 #: a Groq model genai-prices knows under provider "groq" with no batch price: realtime
 #: $0.05 / $0.08 per million input / output tokens, so 50 and 80 nano-USD per token
 GROQ_MODEL = "llama-3.1-8b-instant"
 GROQ_INPUT_NUSD, GROQ_OUTPUT_NUSD = 50, 80
+GROQ_KEY = "gsk-test-SECRET-4f4f4f"
 
 
 def groq_table(base_url: str, *extra: str) -> str:
@@ -81,8 +90,10 @@ def two_providers(
     its settings file and environment alone."""
     clock = ManualClock()
     main = Emulator(EmulatorConfig(turnaround_s=2.0), clock=clock)
+    # the Groq emulator takes only the key in GROQ_API_KEY: every call proves it was sent
     groq = Emulator(
-        groq_config or EmulatorConfig(turnaround_s=2.0, models=frozenset({GROQ_MODEL})),
+        groq_config
+        or EmulatorConfig(turnaround_s=2.0, models=frozenset({GROQ_MODEL}), api_key=GROQ_KEY),
         clock=clock,
     )
     main.start()
@@ -97,7 +108,7 @@ def two_providers(
             "BATCHWISE_TIMEZONE": "UTC",
             "OPENAI_BASE_URL": main.openai_base_url,
             "OPENAI_API_KEY": "test-key",
-            "GROQ_API_KEY": "gsk-test-key",
+            "GROQ_API_KEY": GROQ_KEY,
         }
     )
     settings = replace(settings, max_wait_s=60.0, tick_interval_s=1.0, **changes)
@@ -143,8 +154,9 @@ def batch_line(i: int, *, provider: str) -> dict[str, Any]:
 
 
 def test_lines_for_a_configured_provider_go_to_it_and_are_booked_under_its_name(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     with two_providers(tmp_path, db_url) as world:
         # Given one file of lines for OpenAI and for Groq (simple and OpenAI batch lines), and a
         # Groq line wanted now
@@ -200,6 +212,13 @@ def test_lines_for_a_configured_provider_go_to_it_and_are_booked_under_its_name(
         assert {line["response"]["status_code"] for line in exported} == {200}
         assert {line["response"]["body"]["model"] for line in exported} == {GROQ_MODEL}
         check_all(world.store, world.stats(world.openai))
+        # and its key, sent on every call, is nowhere in the store or the logs
+        stored = "".join(
+            str(rows(world.store, table))
+            for table in (requests_t, responses_t, batches_t, events_t, ledger_t)
+        )
+        assert GROQ_MODEL in stored and GROQ_KEY not in stored
+        assert caplog.records and GROQ_KEY not in caplog.text
 
 
 def test_an_unknown_provider_is_refused_naming_the_line_and_the_configured_ones(
@@ -221,6 +240,11 @@ def test_an_unknown_provider_is_refused_naming_the_line_and_the_configured_ones(
         assert errors[2].error.endswith("(built in); configured: groq")
         assert "openai-format line but the provider is 'anthropic'" in errors[3].error
         assert rows(world.store, requests_t) == []
+        # and status lists the configured provider even before its first request
+        assert world.client.status()["by_provider"] == {
+            "groq": {"api": "openai", "total": 0,
+                     "by_lane": {"realtime": 0, "flex": 0, "deferred": 0}}
+        }  # fmt: skip
 
 
 def test_a_configured_provider_without_its_key_fails_at_use_naming_the_variable(
@@ -313,7 +337,7 @@ def cli_run(home: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, *args: str
     from batchwise.cli.main import cli
 
     monkeypatch.setenv("BATCHWISE_HOME", str(home))
-    monkeypatch.setenv("GROQ_API_KEY", "gsk-test-key")
+    monkeypatch.setenv("GROQ_API_KEY", GROQ_KEY)
     monkeypatch.delenv("BATCHWISE_CONFIG", raising=False)
     monkeypatch.delenv("BATCHWISE_DATABASE_URL", raising=False)
     result = CliRunner().invoke(cli, ["--db", db_url, *args], catch_exceptions=False)
