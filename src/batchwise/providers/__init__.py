@@ -89,8 +89,8 @@ def make_provider(
     configured = settings.configured_providers.get(name)
     if configured is not None:
         return _configured(configured, settings, client=client, timeouts=timeouts, stop=stop)
-    known = (*PROVIDERS, *sorted(settings.configured_providers))
-    raise ConfigError(f"unknown provider {name!r} (expected one of {', '.join(known)})")
+    known = ", ".join(settings.provider_names)
+    raise ConfigError(f"unknown provider {name!r} (expected one of {known})")
 
 
 def _configured(
@@ -103,7 +103,7 @@ def _configured(
 ) -> Provider:
     """A provider added by configuration (`[providers.NAME]`): the adapter of the API it
     speaks under its own name, URL, key and limits. Its key comes only from the environment
-    variable its table names; without one nothing is sent."""
+    variable its table names, and is required: the table names a real service."""
     from batchwise.providers.openai import OpenAIProvider
 
     key = settings.provider_keys.get(configured.name)

@@ -680,8 +680,8 @@ class HttpClient:
         while True:
             request = build()
             label = what or f"{request.method} {request.url.path}"
-            # each attempt has the whole deadline; the waits between attempts are bounded by
-            # the retry policy and end at once on a stop
+            # each attempt has the whole deadline (what is left before `until`, if given); the
+            # waits between attempts are bounded by the retry policy and end at once on a stop
             bound = self._bound(label, kind, until)
             try:
                 with _active(bound):
