@@ -84,7 +84,12 @@ class TwoProviders:
 
 @contextmanager
 def two_providers(
-    tmp_path: Path, db_url: str, *, groq_config: EmulatorConfig | None = None, **changes: Any
+    tmp_path: Path,
+    db_url: str,
+    *,
+    groq_config: EmulatorConfig | None = None,
+    table: tuple[str, ...] = (),
+    **changes: Any,
 ) -> Iterator[TwoProviders]:
     """The OpenAI emulator and a second one playing Groq, and batchwise configured for both by
     its settings file and environment alone."""
@@ -100,7 +105,9 @@ def two_providers(
     groq.start()
     home = tmp_path / "home"
     home.mkdir()
-    (home / "config.toml").write_text(groq_table(groq.openai_base_url, "batch_discount = 0.5"))
+    (home / "config.toml").write_text(
+        groq_table(groq.openai_base_url, "batch_discount = 0.5", *table)
+    )
     settings = Settings.from_env(
         {
             "BATCHWISE_HOME": str(home),
@@ -219,6 +226,24 @@ def test_lines_for_a_configured_provider_go_to_it_and_are_booked_under_its_name(
         )
         assert GROQ_MODEL in stored and GROQ_KEY not in stored
         assert caplog.records and GROQ_KEY not in caplog.text
+
+
+def test_a_configured_providers_limits_cut_its_batches(tmp_path: Path, sqlite_url: str) -> None:
+    # Given a Groq table whose batches hold at most 2 lines
+    with two_providers(tmp_path, sqlite_url, table=("limits = { max_requests = 2 }",)) as world:
+        # When 5 Groq lines and 3 OpenAI lines wait for a batch
+        world.client.enqueue_many(
+            [
+                *(simple(i, provider="groq", model=GROQ_MODEL) for i in range(5)),
+                *(simple(i, provider=None, model="gpt-4o-mini") for i in range(3)),
+            ]
+        )
+        world.drain()
+        # Then Groq's are cut in batches of 2, OpenAI's keep OpenAI's own limit
+        groq = sorted(b["request_count"] for b in world.stats(world.groq)["batches"])
+        assert groq == [1, 2, 2]
+        assert [b["request_count"] for b in world.stats(world.openai)["batches"]] == [3]
+        assert {r["state"] for r in rows(world.store, requests_t)} == {"succeeded"}
 
 
 def test_an_unknown_provider_is_refused_naming_the_line_and_the_configured_ones(
