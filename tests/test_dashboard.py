@@ -194,16 +194,25 @@ def test_the_page_shows_the_cli_figures_and_refreshes(
         assert figures[f"totals.{window}.saving_pct"] == [
             total["saving_pct"], f"{total['saving_pct']}%"
         ]  # fmt: skip
-    # the queue is `status --json`
+    # the queue is `status --json`: by state, by lane (all three, flex too) and by provider
     for state, n in cli_says["status"]["by_state"].items():
         assert figures[f"queue.requests.by_state.{state}"] == [str(n), f"{n:,}"]
+    assert list(cli_says["status"]["by_lane"]) == ["realtime", "flex", "deferred"]
+    for lane, n in cli_says["status"]["by_lane"].items():
+        assert figures[f"queue.requests.by_lane.{lane}"] == [str(n), f"{n:,}"]
+    assert set(cli_says["status"]["by_provider"]) == {"openai", "anthropic"}
+    for name, own in cli_says["status"]["by_provider"].items():
+        assert figures[f"queue.requests.by_provider.{name}.total"][0] == str(own["total"])
+        for lane, n in own["by_lane"].items():
+            assert figures[f"queue.requests.by_provider.{name}.by_lane.{lane}"][0] == str(n)
     # cost per completed task by use case is `tasks --json`
     for case in cli_says["tasks"]["by_use_case"]:
         for key in ("median_cost_usd", "p95_cost_usd", "actual_cost_usd"):
             name = f"tasks.{case['use_case']}.{key}"
             assert figures[name] == [case[key], shown(case[key])]
         assert figures[f"tasks.{case['use_case']}.tasks"][0] == str(case["tasks"])
-    # every breakdown chart draws `savings --by KEY --json`
+    # every breakdown chart draws `savings --by KEY --json`, by provider and by lane too
+    assert {"provider", "lane"} <= set(cli_says["breakdowns"])
     for key, groups in cli_says["breakdowns"].items():
         chart = f"chart-{key.replace('_', '-')}"
         drawn = [

@@ -72,6 +72,7 @@ def test_monthly_projection_by_hand(store: Store) -> None:
         "projected_requests": 27_000,
         "recorded_requests": 9,
         "deferred_share": "0.4444",  # r1, r2, r3, r7 of 9
+        "flex_share": "0.0000",
         # 9000 x 2500/3 + 9000 x 4300/3 + 6000 x 1000
         "with_batching_usd": "0.026400000",
         # 9000 x 3000/3 + 9000 x 4300/3 + 6000 x 1000
@@ -98,6 +99,52 @@ def test_monthly_projection_by_hand(store: Store) -> None:
              "with_batching_usd": None, "without_batching_usd": None},
         ],
     }  # fmt: skip
+
+
+def test_the_flex_lane_and_a_configured_provider_are_projected_at_their_prices(
+    db_url: str,
+) -> None:
+    # Given a mix with flex calls (Batch API prices, booked beside their realtime price) and a
+    # provider added by configuration (groq), deferred and realtime
+    mix: list[tuple[int, str, str, str, str, int | None, int | None]] = [
+        (1, "flex", "flex", "openai", "o4-mini", 500, 1000),
+        (2, "flex", "flex", "openai", "o4-mini", 700, 1400),
+        (3, "batch", "deferred", "groq", "llama-3.1-8b-instant", 100, 200),
+        (4, "realtime", "realtime", "groq", "llama-3.1-8b-instant", 200, 200),
+    ]
+    store = Store(db_url)
+    with store.write() as conn:
+        conn.execute(
+            sa.insert(ledger_t),
+            [
+                {**rows()[0], "response_id": n, "request_id": rid, "kind": kind, "lane": lane,
+                 "provider": provider, "model": model, "actual_nusd": actual,
+                 "realtime_nusd": realtime}
+                for n, (rid, kind, lane, provider, model, actual, realtime) in enumerate(mix, 1)
+            ],
+        )  # fmt: skip
+    try:
+        # When 40 requests a day are projected over 10 days (400, split 2:1:1)
+        result = forecast(store, volume_per_day=40, days=10).as_dict()
+    finally:
+        store.close()
+    # Then flex calls count at their Batch API price with batching, their realtime price
+    # without; the configured provider's lanes are projected under its own name
+    groups = {(g["provider"], g["lane"]): g for g in result["groups"]}
+    assert set(groups) == {("openai", "flex"), ("groq", "deferred"), ("groq", "realtime")}
+    flex = groups["openai", "flex"]
+    assert flex["projected_requests"] == 200
+    assert flex["with_batching_usd"] == "0.000120000"  # 200 x 1200/2
+    assert flex["without_batching_usd"] == "0.000240000"  # 200 x 2400/2
+    assert groups["groq", "deferred"]["with_batching_usd"] == "0.000010000"  # 100 x 100
+    assert groups["groq", "deferred"]["without_batching_usd"] == "0.000020000"
+    assert groups["groq", "realtime"]["without_batching_usd"] == "0.000020000"
+    assert (result["flex_share"], result["deferred_share"]) == ("0.5000", "0.2500")
+    # 120 + 10 + 20 = 150 with, 240 + 20 + 20 = 280 without (micro-USD)
+    assert (result["with_batching_usd"], result["without_batching_usd"]) == (
+        "0.000150000",
+        "0.000280000",
+    )
 
 
 def test_projection_rounds_once_per_group_to_the_nano_dollar(store: Store) -> None:

@@ -449,3 +449,49 @@ def test_the_raw_benchmark_baseline_writes_the_same_columns() -> None:
     finally:
         sys.path.remove(str(root / "benchmarks"))
     assert raw_intake.COLUMNS == REQUEST_COLUMNS
+
+
+# --- providers added by configuration -------------------------------------------------------
+
+CONFIGURED = {"groq": "openai"}
+
+
+def test_a_line_may_name_a_configured_provider_and_is_read_as_its_api() -> None:
+    simple = {"model": "llama-3.1-8b-instant", "prompt": "Hi", "provider": "groq"}
+    _, provider, endpoint, model, body, fmt = parse_line(simple, None, CONFIGURED)
+    assert (provider, endpoint, model, fmt) == (
+        "groq", "/v1/chat/completions", "llama-3.1-8b-instant", "simple"
+    )  # fmt: skip
+    assert "max_tokens" not in body  # read as OpenAI's API: no Anthropic default cap
+    batch = {**openai_line(1), "provider": "groq"}
+    assert parse_line(batch, None, CONFIGURED)[1] == "groq"
+    # the default provider of a file may be a configured one too
+    assert parse_line(openai_line(2), "groq", CONFIGURED)[1] == "groq"
+    # OpenAI's body ranges apply to the lines of a provider that speaks its API
+    with pytest.raises(Invalid) as caught:
+        parse_line({**simple, "temperature": 3}, None, CONFIGURED)
+    assert caught.value.field == "body.temperature"
+
+
+def test_a_configured_provider_is_refused_for_another_apis_line_shape() -> None:
+    line = {"custom_id": "a", "params": {"model": "claude-haiku-4-5", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Hi"}]}, "provider": "groq"}  # fmt: skip
+    with pytest.raises(Invalid) as caught:
+        parse_line(line, None, CONFIGURED)
+    assert "anthropic-format line but the provider is 'groq' (which speaks the openai API)" in (
+        caught.value.error
+    )
+
+
+def test_an_unknown_provider_names_the_configured_ones_or_says_how_to_add_one() -> None:
+    line = {"model": "llama-3.1-8b-instant", "prompt": "Hi", "provider": "grok"}
+    with pytest.raises(Invalid) as caught:
+        parse_line(line, None, CONFIGURED)
+    message = caught.value.error
+    assert message.startswith("unknown provider 'grok': expected one of openai, anthropic")
+    assert message.endswith("(built in); configured: groq")
+    with pytest.raises(Invalid) as caught:
+        parse_line(line, None)
+    assert "none configured (a [providers.NAME] table in the settings file adds one)" in (
+        caught.value.error
+    )

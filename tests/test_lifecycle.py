@@ -3,6 +3,8 @@ retries, token limits, deadline rescue with a moving clock, idempotent reconcili
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -511,3 +513,49 @@ def test_a_flex_request_falls_back_to_the_standard_tier_near_its_deadline(
         [entry] = rows(world.store, ledger_t)
         assert entry["kind"] == "realtime" and entry["request_id"] == rid
         assert entry["actual_nusd"] == entry["realtime_nusd"]
+
+
+def test_a_flex_call_may_take_only_the_time_left_before_its_fallback(
+    tmp_path: Path, db_url: str
+) -> None:
+    from batchwise.lifecycle.realtime import flex_timeout_s
+
+    # Given a flex tier slower (3 s a call) than what will be left of a request's flex time
+    clock = ManualClock()
+    config = EmulatorConfig(flex_latency_s=3.0)
+    with make_world(
+        tmp_path,
+        db_url,
+        emulator_config=config,
+        clock=clock,
+        flex_min_s=240.0,
+        flex_fallback_s=120.0,
+    ) as world:
+        [rid] = world.enqueue([flex_item(tolerance="5m")])
+        request = rows(world.store, requests_t)[0]
+        assert request["lane"] == "flex"
+        # its flex calls may take the realtime timeout at most, and never past the moment the
+        # standard-tier fallback must start (5 minutes - 2 minutes of fallback = 180 s)
+        settings = world.settings
+        assert flex_timeout_s(request, now=clock(), settings=settings) == 180.0
+        later = replace(settings, realtime_timeout_s=60.0)
+        assert flex_timeout_s(request, now=clock(), settings=later) == 60.0
+        # When only 1 s of flex time is left as the call starts (121 s before the deadline)
+        clock.advance(179)
+        assert flex_timeout_s(request, now=clock(), settings=settings) == pytest.approx(1.0)
+        world.tick()
+        # Then the slow flex call is given up after that second, costing no attempt ...
+        request = rows(world.store, requests_t)[0]
+        assert request["state"] == "dispatching" and request["attempts"] == 0
+        assert request["error_code"] == "timeout"
+        assert re.search(r"no complete answer within (0\.9\d*|1) s", request["error"])
+        # ... and the next call, now inside the fallback window, goes at the standard tier
+        clock.advance(5)
+        for _ in range(5):
+            world.tick(advance_s=1)
+            request = rows(world.store, requests_t)[0]
+            if request["state"] != "dispatching":
+                break
+        assert request["state"] == "succeeded" and request["deadline_miss"] is None
+        [entry] = rows(world.store, ledger_t)
+        assert entry["kind"] == "realtime" and entry["request_id"] == rid

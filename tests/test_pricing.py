@@ -19,7 +19,7 @@ import genai_prices
 import pytest
 from genai_prices import data_snapshot
 
-from batchwise.config import Settings
+from batchwise.config import ProviderConfig, Settings
 from batchwise.costs.pricing import (
     Price,
     PriceBook,
@@ -774,3 +774,76 @@ def test_many_prices_are_cheap(book: PriceBook) -> None:
         for i in range(100_000)
     )
     assert total == check > 0
+
+
+# --- providers added by configuration ----------------------------------------------------------
+
+
+def groq_like(name: str, **over: Any) -> ProviderConfig:
+    values: dict[str, Any] = {
+        "name": name,
+        "api": "openai",
+        "base_url": "https://api.groq.com/openai/v1",
+        "key_env": "GROQ_API_KEY",
+        "prices_provider": "groq",
+    }
+    values.update(over)
+    return ProviderConfig(**values)
+
+
+def test_a_configured_provider_is_priced_under_its_genai_prices_id_with_its_discount() -> None:
+    # llama-3.1-8b-instant on Groq: $0.05 in, $0.08 out (50 and 80 nUSD a token), no batch price
+    book = PriceBook(
+        batch_discount={**HALF, "fastlane": 0.5},
+        configured=[groq_like("fastlane", batch_discount=0.4)],
+    )
+    raw = {"prompt_tokens": 1_000, "completion_tokens": 100}
+    # its usage reads as the API it speaks: OpenAI's chat usage
+    usage = book.usage("fastlane", "/v1/chat/completions", raw)
+    assert usage == TokenUsage(input_tokens=1_000, output_tokens=100)
+    assert book.api_of("fastlane") == "openai"
+    realtime = 1_000 * 50 + 100 * 80
+    batch = book.price("fastlane", "llama-3.1-8b-instant", usage, batch=True, at=AFTER)
+    # the table's own discount wins over [pricing] batch_discount
+    assert batch == Price(realtime * 4 // 10, realtime, "discount:0.4")
+    now = book.price("fastlane", "llama-3.1-8b-instant", usage, batch=False, at=AFTER)
+    assert now == Price(realtime, realtime, "genai-prices:standard")
+    # moderations are free on the API it speaks too
+    assert book.free_endpoint("fastlane", "/v1/moderations") == "free: moderations"
+    assert book.free_endpoint("anthropic", "/v1/moderations") is None
+
+
+def test_a_configured_provider_without_a_discount_takes_pricings_or_warns() -> None:
+    usage = TokenUsage(input_tokens=1_000, output_tokens=100)
+    from_pricing = PriceBook(batch_discount={"groq": 0.5}, configured=[groq_like("groq")])
+    priced = from_pricing.price("groq", "llama-3.1-8b-instant", usage, batch=True, at=AFTER)
+    assert (priced.actual_nusd, priced.source) == (29_000, "discount:0.5")
+    neither = PriceBook(batch_discount=HALF, configured=[groq_like("groq")])
+    unknown = neither.price("groq", "llama-3.1-8b-instant", usage, batch=True, at=AFTER)
+    assert unknown.actual_nusd == unknown.realtime_nusd == 58_000
+    assert unknown.warning is not None and "pricing.batch_discount.groq" in unknown.warning
+
+
+def test_overrides_may_name_a_configured_provider() -> None:
+    book = PriceBook(
+        batch_discount=HALF,
+        overrides={"fastlane:llama-3.1-8b-instant": {"input_mtok": 1, "output_mtok": 2}},
+        configured=[groq_like("fastlane", batch_discount=0.5)],
+    )
+    usage = TokenUsage(input_tokens=1_000, output_tokens=100)
+    price = book.price("fastlane", "llama-3.1-8b-instant", usage, batch=True, at=AFTER)
+    assert price == Price(600_000, 1_200_000, "override+discount:0.5")
+    with pytest.raises(ConfigError, match="unknown provider 'slowlane'"):
+        PriceBook(
+            batch_discount=HALF, overrides={"slowlane:m": {"input_mtok": 1, "output_mtok": 1}}
+        )
+
+
+def test_the_price_book_from_settings_knows_the_configured_providers() -> None:
+    settings = Settings(
+        configured_providers={"fastlane": groq_like("fastlane", batch_discount=0.5)}
+    )
+    book = PriceBook.from_settings(settings)
+    usage = TokenUsage(input_tokens=1_000, output_tokens=100)
+    price = book.price("fastlane", "llama-3.1-8b-instant", usage, batch=True, at=AFTER)
+    assert (price.actual_nusd, price.realtime_nusd) == (29_000, 58_000)

@@ -1,7 +1,8 @@
 """One contract for every adapter, run against the local emulator over a real socket.
 
-Each test is parametrised over the providers, so OpenAI and Anthropic are held to the same
-behaviour through `make_provider`, exactly as the scheduler builds them.
+Each test is parametrised over the providers, so OpenAI, Anthropic and a provider added by
+configuration (`groq`, played by the emulator's OpenAI API) are held to the same behaviour
+through `make_provider`, exactly as the scheduler builds them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from batchwise.config import Settings
+from batchwise.config import ProviderConfig, Settings
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ConfigError, ProviderError
 from batchwise.providers import PROVIDERS, make_provider
@@ -43,18 +44,33 @@ class Shape:
         return {"model": self.model, "max_tokens": 16, "messages": messages}
 
 
+#: a provider added by configuration (a `[providers.groq]` table speaking OpenAI's API)
+CONFIGURED = "groq"
+#: the API each provider speaks, as the emulator records its batches
+API = {"openai": "openai", "anthropic": "anthropic", CONFIGURED: "openai"}
+
 SHAPES = {
     "openai": Shape("/v1/chat/completions", "gpt-4o-mini"),
     "anthropic": Shape("/v1/messages", "claude-haiku-4-5"),
+    CONFIGURED: Shape("/v1/chat/completions", "gpt-4o-mini"),
 }
 
 
 def settings_for(emulator: Emulator, key: str | None = KEY) -> Settings:
+    configured = ProviderConfig(
+        name=CONFIGURED,
+        api="openai",
+        base_url=emulator.openai_base_url,
+        key_env="GROQ_API_KEY",
+        prices_provider="groq",
+    )
     return Settings(
         openai_api_key=key,
         openai_base_url=emulator.openai_base_url,
         anthropic_api_key=key,
         anthropic_base_url=emulator.anthropic_base_url,
+        configured_providers={CONFIGURED: configured},
+        provider_keys={} if key is None else {CONFIGURED: key},
     )
 
 
@@ -70,14 +86,14 @@ class StepClock:
 
 def direct(name: str, emu: Emulator, sleeps: list[float]) -> Provider:
     """The adapter built by hand, to record (and skip) its retry waits."""
-    if name == "openai":
-        return OpenAIProvider(KEY, emu.openai_base_url, sleep=sleeps.append)
+    if API[name] == "openai":
+        return OpenAIProvider(KEY, emu.openai_base_url, sleep=sleeps.append, name=name)
     return AnthropicProvider(KEY, emu.anthropic_base_url, sleep=sleeps.append)
 
 
 def created_batches(emu: Emulator, name: str) -> list[dict[str, Any]]:
     stats = httpx.get(f"{emu.url}/_emulator/stats").json()
-    return [b for b in stats["batches"] if b["provider"] == name]
+    return [b for b in stats["batches"] if b["provider"] == API[name]]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +117,7 @@ def faulty() -> Iterator[Emulator]:
         yield emu
 
 
-@pytest.fixture(params=PROVIDERS)
+@pytest.fixture(params=(*PROVIDERS, CONFIGURED))
 def name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -296,7 +312,17 @@ def test_error_lines_come_back_with_codes_and_retryability(
         assert outcome.error_code and outcome.error_message
     assert {o.retryable for o in errored} == {True, False}, "expected both final and retryable"
     # ... and the retried create made exactly one batch
-    mine = [b for b in created_batches(faulty, name) if b["request_count"] == len(ids)]
+    # (a duplicate would carry the same metadata, where the provider keeps it: the configured
+    # provider shares the OpenAI emulator's batches with OpenAI's own)
+    mine = [
+        b
+        for b in created_batches(faulty, name)
+        if b["request_count"] == len(ids)
+        and (
+            API[name] != "openai"
+            or (b["metadata"] or {}).get("batchwise_batch") == f"faulty-{name}"
+        )
+    ]
     assert [b["id"] for b in mine] == [ended.id]
 
 

@@ -361,3 +361,57 @@ def test_a_narrow_terminal_loses_token_columns_not_money(store: Store) -> None:
 )
 def test_money_for_people(nusd: int | None, shown: str) -> None:
     assert display_money(nusd) == shown
+
+
+def test_by_lane_and_provider_keeps_flex_and_a_configured_provider_apart(db_url: str) -> None:
+    # Given entries of the three lanes, for OpenAI and for a provider added by configuration
+    # (lane, kind, provider, actual, realtime)
+    entries = [
+        ("flex", "flex", "openai", 500, 1_000),
+        ("flex", "flex", "openai", 700, 1_400),
+        ("flex", "realtime", "openai", 900, 900),  # fell back to the standard tier
+        ("deferred", "batch", "groq", 100, 200),
+        ("realtime", "realtime", "groq", 300, 300),
+        ("deferred", "batch", "openai", 2_000, 4_000),
+    ]
+    store = Store(db_url)
+    try:
+        with store.write() as conn:
+            conn.execute(
+                sa.insert(ledger_t),
+                [
+                    {**ledger_rows()[0], "response_id": n, "request_id": n, "lane": lane,
+                     "kind": kind, "provider": provider, "actual_nusd": actual,
+                     "realtime_nusd": realtime, "price_source": "test"}
+                    for n, (lane, kind, provider, actual, realtime) in enumerate(entries, 1)
+                ],
+            )  # fmt: skip
+        # When the savings are grouped by lane and provider, and by provider, lane and kind
+        report = savings_report(store, by=("lane", "provider"))
+        three = savings_report(store, by=("provider", "lane", "kind")).as_dict()["groups"]
+    finally:
+        store.close()
+    # Then each (lane, provider) has its own figures, in key order
+    assert [
+        (g["lane"], g["provider"], g["requests"], g["actual_cost_usd"], g["saving_pct"])
+        for g in report.as_dict()["groups"]
+    ] == [
+        ("deferred", "groq", 1, "0.000000100", "50.00"),
+        ("deferred", "openai", 1, "0.000002000", "50.00"),
+        ("flex", "openai", 3, "0.000002100", "36.36"),  # 2100 vs 3300: 1200 saved
+        ("realtime", "groq", 1, "0.000000300", "0.00"),
+    ]
+    assert report.total.actual_nusd == sum(e[3] for e in entries)
+    assert [(g["provider"], g["lane"], g["kind"]) for g in three] == [
+        ("groq", "deferred", "batch"),
+        ("groq", "realtime", "realtime"),
+        ("openai", "deferred", "batch"),
+        ("openai", "flex", "flex"),
+        ("openai", "flex", "realtime"),
+    ]
+    console = Console(record=True, width=160)
+    print_savings(console, report)
+    text = console.export_text()
+    assert "savings by lane, provider" in text
+    for figure in ("flex", "groq", "36.36%", "deferred"):
+        assert figure in text

@@ -132,13 +132,13 @@ def test_forecast_per_task_matches_the_hand_computation(store: Store) -> None:
         {"use_case": "chat", "observed_tasks": 2, "projected_tasks": 120,
          "mean_cost_usd": "0.000001500", "median_cost_usd": "0.000001500",
          "p95_cost_usd": "0.000002300", "calls_per_task": "2.00", "tokens_per_call": "90",
-         "deferred_share": "0.5000", "dedupe_hits_per_task": "0.00",
+         "deferred_share": "0.5000", "flex_share": "0.0000", "dedupe_hits_per_task": "0.00",
          "with_batching_usd": "0.000180000", "without_batching_usd": "0.000156000",
          "without_batching_or_dedupe_usd": "0.000156000"},
         {"use_case": "summaries", "observed_tasks": 3, "projected_tasks": 180,
          "mean_cost_usd": "0.000005833", "median_cost_usd": "0.000005000",
          "p95_cost_usd": "0.000008500", "calls_per_task": "2.00", "tokens_per_call": "235",
-         "deferred_share": "0.8333", "dedupe_hits_per_task": "0.33",
+         "deferred_share": "0.8333", "flex_share": "0.0000", "dedupe_hits_per_task": "0.33",
          "with_batching_usd": "0.001050000", "without_batching_usd": "0.001770000",
          "without_batching_or_dedupe_usd": "0.002070000"},
     ]  # fmt: skip
@@ -152,6 +152,47 @@ def test_forecast_per_task_matches_the_hand_computation(store: Store) -> None:
         "batching_saves_usd": "0.000696000",
         "dedupe_saves_usd": "0.000300000",
     }
+
+
+def test_a_flex_task_is_projected_at_batch_prices_and_realtime_without_batching(
+    store: Store,
+) -> None:
+    # Given a triage task F1 of two flex calls (each at half its realtime price) and one
+    # realtime call, completed in the first half
+    with store.write() as conn:
+        conn.execute(
+            sa.insert(requests_t),
+            [
+                {"id": rid, "custom_id": f"c{rid}", "provider": "openai",
+                 "endpoint": "/v1/chat/completions", "model": "o4-mini",
+                 "body_hash": f"{rid:064d}", "tolerance": "20m", "deadline": day(5), "lane": lane,
+                 "reason": "t", "state": "succeeded", "use_case": "triage", "task_id": "F1",
+                 "created_at": day(5), "updated_at": day(5), "finished_at": day(5)}
+                for rid, lane in ((30, "flex"), (31, "flex"), (32, "realtime"))
+            ],
+        )  # fmt: skip
+        conn.execute(sa.insert(bodies_t), [{"id": rid, "body": "{}"} for rid in (30, 31, 32)])
+        record(
+            conn,
+            [
+                (100 + rid, rid, None, day(5), kind, lane, "openai", "o4-mini",
+                 "/v1/chat/completions", "triage", None, None, "F1", 100, 0, 0, 10, 0, actual,
+                 realtime, "test")
+                for rid, kind, lane, actual, realtime in (
+                    (30, "flex", "flex", 1_000, 2_000),
+                    (31, "flex", "flex", 3_000, 6_000),
+                    (32, "realtime", "realtime", 500, 500),
+                )
+            ],
+        )  # fmt: skip
+    # When 10 triage tasks a day are projected over 30 days
+    result = forecast_tasks(store, tasks_per_day=10, days=30, use_case="triage", **FIRST_HALF)
+    [triage] = result.as_dict()["use_cases"]
+    # Then with batching is what F1 cost (4500), without it every flex call at its realtime
+    # price (8500); two of its three calls were flex
+    assert triage["flex_share"] == "0.6667" and triage["deferred_share"] == "0.0000"
+    assert triage["with_batching_usd"] == "0.001350000"  # 300 x 4500
+    assert triage["without_batching_usd"] == "0.002550000"  # 300 x 8500
 
 
 def test_one_use_case_takes_the_whole_volume(store: Store) -> None:

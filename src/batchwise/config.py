@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -22,6 +23,37 @@ DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 
 def _secret_repr(value: str | None) -> str:
     return "None" if value is None else "'***'"
+
+
+#: the APIs a provider added by configuration may speak (`[providers.NAME] api`)
+PROVIDER_APIS = ("openai",)
+#: provider names batchwise knows by itself; a configured provider may not take one of them
+BUILTIN_PROVIDERS = ("openai", "anthropic")
+#: what a configured provider's name looks like: it is stored with every request (32 characters)
+_PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """A provider added by configuration alone (a `[providers.NAME]` table): a service that
+    speaks OpenAI's Files + Batches API (Groq, Together, a proxy) under its own name, key and
+    URL. Everything else is the OpenAI adapter's."""
+
+    name: str
+    #: the API it speaks: "openai"
+    api: str
+    base_url: str
+    #: the environment variable holding its API key (the key itself is never in a file)
+    key_env: str
+    #: genai-prices' provider id for its prices; the table name unless given
+    prices_provider: str
+    #: batch price as a fraction of realtime where genai-prices has no batch price; None:
+    #: `[pricing] batch_discount.NAME`, else realtime prices with a warning
+    batch_discount: float | None = None
+    #: lines per batch file; None: the API's own limit (OpenAI 50,000)
+    max_requests: int | None = None
+    #: bytes per batch file; None: the API's own limit (OpenAI 200 MB)
+    max_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +150,12 @@ class Settings:
     #: negotiated rates: "provider:model" -> {"input_mtok": ..., "output_mtok": ..., ...}
     price_overrides: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
+    # --- providers added by configuration ([providers.NAME]) ------------------------------
+    #: OpenAI-compatible providers by name (see `ProviderConfig`)
+    configured_providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    #: their API keys by provider name, read by `from_env` from each one's `key_env` variable
+    provider_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+
     #: the raw settings-file tables of the modules that parse their own sections
     #: (`[guards]`, `[routing]`, `[alerts]`)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -135,9 +173,11 @@ class Settings:
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        keys = ", ".join(f"{name}: '***'" for name in sorted(self.provider_keys))
         return (
             f"Settings({shown}, openai_api_key={_secret_repr(self.openai_api_key)}, "
-            f"anthropic_api_key={_secret_repr(self.anthropic_api_key)})"
+            f"anthropic_api_key={_secret_repr(self.anthropic_api_key)}, "
+            f"provider_keys={{{keys}}})"
         )
 
     @property
@@ -149,6 +189,16 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return not self.broker_url
+
+    def provider_api(self, provider: str) -> str:
+        """The API `provider` speaks: a configured provider's `api`, else its own name."""
+        configured = self.configured_providers.get(provider)
+        return provider if configured is None else configured.api
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        """Every provider a line may name: the built-in ones, then the configured ones."""
+        return (*BUILTIN_PROVIDERS, *sorted(self.configured_providers))
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields changed; `None` values are ignored."""
@@ -189,6 +239,10 @@ class Settings:
             values["jobs_dir"] = Path(env["BATCHWISE_JOBS_DIR"]).expanduser()
         if env.get("BATCHWISE_STRICT"):
             values["strict"] = env["BATCHWISE_STRICT"].lower() in {"1", "true", "yes", "on"}
+        configured: Mapping[str, ProviderConfig] = values.get("configured_providers", {})
+        keys = {name: env[p.key_env] for name, p in configured.items() if env.get(p.key_env)}
+        if keys:
+            values["provider_keys"] = keys
         return cls(**values)
 
 
@@ -242,8 +296,14 @@ def _load_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{key}] must be a table")
             for sub, sub_value in value.items():
+                if key == "providers" and isinstance(sub_value, dict) and sub not in _SECTIONS[key]:
+                    configured = values.setdefault("configured_providers", {})
+                    configured[sub] = _provider_table(path, sub, sub_value)
+                    continue
                 if sub not in _SECTIONS[key]:
                     allowed = ", ".join(sorted(_SECTIONS[key]))
+                    if key == "providers":
+                        allowed += ", or a [providers.NAME] table adding a provider"
                     raise ConfigError(
                         f"{path}: unknown key {key}.{sub} (expected one of {allowed})"
                     )
@@ -373,3 +433,95 @@ def _jobs_table(path: Path, table: Any) -> dict[str, Any]:
     if job_tables:
         values["job_tables"] = job_tables
     return values
+
+
+#: the keys of a `[providers.NAME]` table, and what each holds
+_PROVIDER_KEYS = {
+    "api": "the API it speaks (openai)",
+    "base_url": "its API's base URL, e.g. https://api.groq.com/openai/v1",
+    "key_env": "the environment variable holding its API key, e.g. GROQ_API_KEY",
+    "prices_provider": "genai-prices' provider id (default: the table name)",
+    "batch_discount": "the batch price as a fraction of realtime, e.g. 0.5",
+    "limits": "{ max_requests = N, max_bytes = N } per batch file",
+}
+_LIMIT_KEYS = ("max_requests", "max_bytes")
+
+
+def _provider_table(path: Path, name: str, table: dict[str, Any]) -> ProviderConfig:
+    """A `[providers.NAME]` table as a `ProviderConfig`; a `ConfigError` naming the table and
+    the field for anything missing or wrong."""
+    where = f"{path}: [providers.{name}]"
+    if name in BUILTIN_PROVIDERS:
+        raise ConfigError(
+            f"{where}: {name!r} is a built-in provider; configure it with its environment "
+            f"variables ({name.upper()}_API_KEY, {name.upper()}_BASE_URL), or give the table "
+            "another name"
+        )
+    if not _PROVIDER_NAME.match(name):
+        raise ConfigError(
+            f"{where}: a provider name is 1 to 32 lowercase letters, digits, '-' or '_', "
+            "starting with a letter"
+        )
+    unknown = sorted(set(table) - set(_PROVIDER_KEYS))
+    if unknown:
+        expected = "; ".join(f"{k}: {v}" for k, v in _PROVIDER_KEYS.items())
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (expected {expected})")
+    for key in ("api", "base_url", "key_env"):
+        if key not in table:
+            raise ConfigError(f"{where}: missing field {key!r} ({_PROVIDER_KEYS[key]})")
+
+    def text(key: str) -> str:
+        value = table[key]
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(
+                f"{where}: {key} = {_shown(value)} is invalid: expected {_PROVIDER_KEYS[key]}"
+            )
+        return value.strip()
+
+    api = text("api")
+    if api not in PROVIDER_APIS:
+        raise ConfigError(
+            f"{where}: api = {api!r} is invalid: expected one of {', '.join(PROVIDER_APIS)} "
+            "(the API the provider speaks)"
+        )
+    base_url = text("base_url")
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{where}: base_url = {_shown(base_url)} is invalid: expected an http:// or "
+            "https:// URL"
+        )
+    key_env = text("key_env")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        raise ConfigError(
+            f"{where}: key_env = {_shown(key_env)} is invalid: expected the name of an "
+            "environment variable (the key itself is read from the environment, never a file)"
+        )
+    discount = table.get("batch_discount")
+    if discount is not None and (
+        isinstance(discount, bool) or not isinstance(discount, int | float) or not 0 < discount <= 1
+    ):
+        raise ConfigError(
+            f"{where}: batch_discount = {_shown(discount)} is invalid: expected a fraction of "
+            "the realtime price above 0, at most 1 (e.g. 0.5)"
+        )
+    limits = table.get("limits", {})
+    if not isinstance(limits, dict) or not set(limits) <= set(_LIMIT_KEYS):
+        raise ConfigError(
+            f"{where}: limits = {_shown(limits)} is invalid: expected {_PROVIDER_KEYS['limits']}"
+        )
+    for key, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"{where}: limits.{key} = {_shown(value)} is invalid: expected a whole number "
+                "above 0"
+            )
+    return ProviderConfig(
+        name=name,
+        api=api,
+        base_url=base_url,
+        key_env=key_env,
+        prices_provider=text("prices_provider") if "prices_provider" in table else name,
+        batch_discount=None if discount is None else float(discount),
+        max_requests=limits.get("max_requests"),
+        max_bytes=limits.get("max_bytes"),
+    )

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 _BY_HELP = (
     "Group by these, comma-separated: use_case, step, business_unit, model, provider, lane, "
-    "kind (the cause: batch, realtime, rescue, late_batch, retry, dedupe), day. "
+    "kind (the cause: batch, realtime, flex, rescue, late_batch, retry, dedupe), day. "
     "Empty for the total only."
 )
 _TIME_HELP = "ISO date or datetime (UTC unless an offset is given), or a duration ago like 7d."

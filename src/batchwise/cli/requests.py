@@ -47,9 +47,10 @@ def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--provider",
     "-p",
-    type=click.Choice(["openai", "anthropic"]),
     default=None,
-    help="Default provider (else inferred from the line's shape or model).",
+    metavar="NAME",
+    help="Default provider: openai, anthropic or one added by a [providers.NAME] table "
+    "(else inferred from the line's shape or model).",
 )
 @click.option(
     "--tag",
@@ -256,9 +257,9 @@ def status(obj: Context, ids: tuple[str, ...], as_json: bool, submission_id: int
 )
 @click.option(
     "--provider",
-    type=click.Choice(["openai", "anthropic"]),
     default=None,
-    help="Only requests sent to this provider.",
+    metavar="NAME",
+    help="Only requests sent to this provider (openai, anthropic or a configured one).",
 )
 @click.option(
     "--submission",

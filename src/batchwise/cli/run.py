@@ -218,6 +218,14 @@ def demo(obj: Context, turnaround: str, keep: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Share of flex-tier calls refused with 429 resource_unavailable.",
 )
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="NAME",
+    help="A model name the OpenAI API answers beyond OpenAI's own, to play an OpenAI-compatible "
+    "provider (e.g. --model llama-3.1-8b-instant for Groq). Repeatable.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for fault injection.")
 def emulator(
     host: str,
@@ -236,6 +244,7 @@ def emulator(
     html_error_rate: float,
     flex_latency: str,
     flex_refusal_rate: float,
+    models: tuple[str, ...],
     seed: int,
 ) -> None:
     """Serve the OpenAI and Anthropic batch and realtime APIs locally, for demos and tests.
@@ -263,6 +272,7 @@ def emulator(
         malformed_line_rate=malformed_line_rate,
         flex_latency_s=parse_duration_option(flex_latency, "--flex-latency"),
         flex_refusal_rate=flex_refusal_rate,
+        models=frozenset(models),
     )
     run_server(host, port, config)
 

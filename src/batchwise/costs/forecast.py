@@ -1,8 +1,10 @@
 """What a month would cost at a given volume, with batching and without, from the recorded mix.
 
 The mix is read from the ledger: the share of requests per (provider, model, lane) and each
-group's average cost per request. "With batching" is what the recorded entries cost. "Without
-batching" prices the same work as if every request had gone realtime: batch lines at their
+group's average cost per request, so the three lanes (realtime, flex, deferred) and every
+provider, the configured ones too, are projected at the prices they were booked at. "With
+batching" is what the recorded entries cost. "Without batching" prices the same work as if
+every request had gone realtime at the standard tier: batch lines and flex calls at their
 realtime-equivalent cost, late batch lines (billed after a rescue) not at all, and everything
 else (realtime and rescue calls, retries, free dedupe hits) as recorded. Dedupe and retries
 are the same in both worlds, so the difference is the saving due to batching alone.
@@ -28,6 +30,10 @@ from batchwise.text import visible
 
 if TYPE_CHECKING:
     from batchwise.store.engine import Store
+
+#: entries that ran at Batch API prices (a batch line, a flex call): without batching, each
+#: would have cost its realtime equivalent
+BATCH_PRICED_KINDS = (Kind.BATCH.value, Kind.FLEX.value)
 
 _VOLUME = re.compile(r"^\s*(\d[\d_,]*)\s*([km])?\s*(?:/\s*(?:day|d))?\s*$", re.IGNORECASE)
 _MULTIPLIER = {None: 1, "k": 1_000, "m": 1_000_000}
@@ -100,6 +106,8 @@ class Forecast:
     recorded_requests: int
     deferred_requests: int
     groups: list[MixGroup]
+    #: recorded requests of the flex lane
+    flex_requests: int = 0
 
     @property
     def with_batching_nusd(self) -> int:
@@ -123,6 +131,7 @@ class Forecast:
             "projected_requests": self.volume_per_day * self.days,
             "recorded_requests": self.recorded_requests,
             "deferred_share": _share(self.deferred_requests, self.recorded_requests),
+            "flex_share": _share(self.flex_requests, self.recorded_requests),
             "with_batching_usd": format_usd(self.with_batching_nusd),
             "without_batching_usd": format_usd(self.without_batching_nusd),
             "saving_usd": format_usd(self.without_batching_nusd - self.with_batching_nusd),
@@ -147,9 +156,9 @@ def forecast(store: Store, *, volume_per_day: int, days: int = 30) -> Forecast:
     with store.read() as conn:
         # What each entry would have cost had every request gone realtime (see the module doc).
         rows = store_reports.ledger_mix(
-            conn, batch_kind=Kind.BATCH.value, late_batch_kind=Kind.LATE_BATCH.value
+            conn, batch_kinds=BATCH_PRICED_KINDS, late_batch_kind=Kind.LATE_BATCH.value
         )
-        recorded, deferred = store_reports.ledger_request_counts(conn)
+        recorded, deferred, flex = store_reports.ledger_request_counts(conn)
     if not rows:
         raise ForecastError(
             "the ledger is empty: there is no recorded mix to project from; run some work "
@@ -184,7 +193,7 @@ def forecast(store: Store, *, volume_per_day: int, days: int = 30) -> Forecast:
             "no ledger entry has a price, so there is no cost to project; add [prices] "
             "overrides for the models (see `batchwise savings --by model`)"
         )
-    return Forecast(volume_per_day, days, int(recorded), int(deferred), groups)
+    return Forecast(volume_per_day, days, int(recorded), int(deferred), groups, flex)
 
 
 def forecast_table(result: Forecast) -> Any:
@@ -195,7 +204,8 @@ def forecast_table(result: Forecast) -> Any:
     table = rich_table(
         f"{result.volume_per_day:,} requests/day for {result.days} days "
         f"({data['projected_requests']:,} requests), from a recorded mix of "
-        f"{result.recorded_requests:,} requests, {Decimal(data['deferred_share']):.1%} deferred",
+        f"{result.recorded_requests:,} requests, {Decimal(data['deferred_share']):.1%} deferred"
+        + (f", {Decimal(data['flex_share']):.1%} flex" if result.flex_requests else ""),
         ["provider", "model", "lane"],
         ["recorded", "projected", "avg actual", "avg realtime", "with batching", "all realtime"],
     )

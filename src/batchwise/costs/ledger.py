@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from batchwise.costs.pricing import FREE_ENDPOINTS, PriceBook, Quote, TokenUsage
+from batchwise.costs.pricing import PriceBook, Quote, TokenUsage
 
 
 class Kind(StrEnum):
@@ -101,7 +101,7 @@ class Pricer:
         provider, model = request["provider"], request["model"]
         actual: int | None
         realtime: int | None
-        free = FREE_ENDPOINTS.get((provider, request["endpoint"]))
+        free = self._book.free_endpoint(provider, request["endpoint"])
         if free is not None:  # an endpoint the provider does not bill: $0, as priced
             actual, realtime, source = 0, 0, free
             usage = usage or _NO_USAGE

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from decimal import Context, Decimal, localcontext
@@ -45,7 +45,7 @@ from genai_prices.units import UnitDef, UnitRegistry
 from batchwise.errors import ConfigError, ProviderDataError
 
 if TYPE_CHECKING:
-    from batchwise.config import Settings
+    from batchwise.config import ProviderConfig, Settings
 
 __all__ = [
     "FREE_ENDPOINTS",
@@ -585,9 +585,20 @@ class PriceBook:
         *,
         batch_discount: Mapping[str, float],
         overrides: Mapping[str, Mapping[str, float]] | None = None,
+        configured: Iterable[ProviderConfig] = (),
     ) -> None:
-        self._discounts = _parse_discounts(batch_discount)
-        known = sorted({*_GENAI_PROVIDER_IDS, *self._discounts})
+        """`configured`: providers added by configuration, priced under genai-prices'
+        `prices_provider` id with their own `batch_discount` (else `batch_discount`'s)."""
+        configured = tuple(configured)
+        self._discounts = _parse_discounts(
+            {
+                **batch_discount,
+                **{p.name: p.batch_discount for p in configured if p.batch_discount is not None},
+            }
+        )
+        self._genai_ids = {**_GENAI_PROVIDER_IDS, **{p.name: p.prices_provider for p in configured}}
+        self._apis = {p.name: p.api for p in configured}
+        known = sorted({*_GENAI_PROVIDER_IDS, *self._discounts, *self._apis})
         self._overrides: dict[tuple[str, str], _Override] = {}
         for name, raw in (overrides or {}).items():
             where = f'prices."{name}"'
@@ -608,8 +619,28 @@ class PriceBook:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PriceBook:
-        """A price book from `Settings.batch_discount` and the `[prices]` overrides."""
-        return cls(batch_discount=settings.batch_discount, overrides=settings.price_overrides)
+        """A price book from `Settings.batch_discount`, the `[prices]` overrides and the
+        providers added by configuration."""
+        return cls(
+            batch_discount=settings.batch_discount,
+            overrides=settings.price_overrides,
+            configured=settings.configured_providers.values(),
+        )
+
+    def api_of(self, provider: str) -> str:
+        """The API `provider` speaks, which says how its usage reads and which endpoints are
+        free: a configured provider's `api`, else its own name."""
+        return self._apis.get(provider, provider)
+
+    def usage(
+        self, provider: str, endpoint: str, usage: Mapping[str, Any] | None
+    ) -> TokenUsage | None:
+        """`normalise_usage` for `provider`, a configured one read as the API it speaks."""
+        return normalise_usage(self._apis.get(provider, provider), endpoint, usage)
+
+    def free_endpoint(self, provider: str, endpoint: str) -> str | None:
+        """The ledger source of an endpoint `provider` does not bill (`FREE_ENDPOINTS`)."""
+        return FREE_ENDPOINTS.get((self._apis.get(provider, provider), endpoint))
 
     def price(
         self, provider: str, model: str, usage: TokenUsage | None, *, batch: bool, at: datetime
@@ -665,7 +696,7 @@ class PriceBook:
 
     def _resolve_model(self, provider: str, model: str) -> _Model:
         label = f"{provider}:{model}"
-        genai_provider = _GENAI_PROVIDER_IDS.get(provider, provider)
+        genai_provider = self._genai_ids.get(provider, provider)
         try:
             found, info = data_snapshot.get_snapshot().find_provider_model(
                 model, None, genai_provider, None
@@ -696,7 +727,7 @@ class PriceBook:
             for (prov, name), override in self._overrides.items():
                 try:
                     _, info = snapshot.find_provider_model(
-                        name, None, _GENAI_PROVIDER_IDS.get(prov, prov), None
+                        name, None, self._genai_ids.get(prov, prov), None
                     )
                 except LookupError:
                     continue

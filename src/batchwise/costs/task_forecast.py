@@ -7,8 +7,8 @@ lane mix and dedupe hits from `store.reports.task_mix`. Per use case the project
 `tasks a day × days × mean cost per completed task`, in three worlds:
 
 - **with batching** — what the tasks actually cost (batch discounts, dedupe hits free);
-- **without batching** — every request realtime (batch lines at their realtime price, late
-  batch lines not at all), dedupe still on;
+- **without batching** — every request realtime at the standard tier (batch lines and flex
+  calls at their realtime price, late batch lines not at all), dedupe still on;
 - **without batching or dedupe** — also every dedupe hit paid as the realtime call it saved.
 
 Without `use_case`, the N tasks a day are split across use cases in the observed shares of
@@ -29,6 +29,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from batchwise.costs.forecast import BATCH_PRICED_KINDS
 from batchwise.costs.ledger import Kind
 from batchwise.costs.pricing import format_usd
 from batchwise.costs.savings import TaskCost, money, rich_table, task_costs
@@ -73,6 +74,7 @@ class TaskFigures:
     dedupe_hits: int
     deferred_calls: int
     tokens: int
+    flex_calls: int = 0
 
 
 def completed_tasks(
@@ -85,7 +87,7 @@ def completed_tasks(
             row.task_id: row
             for row in store_reports.task_mix(
                 conn,
-                batch_kind=Kind.BATCH.value,
+                batch_kinds=BATCH_PRICED_KINDS,
                 late_batch_kind=Kind.LATE_BATCH.value,
                 dedupe_kind=Kind.DEDUPE.value,
             )
@@ -119,6 +121,7 @@ def _figures(task: TaskCost, row: Any) -> TaskFigures:
         dedupe_hits=int(row.dedupe_hits),
         deferred_calls=int(row.deferred_calls),
         tokens=int(row.tokens),
+        flex_calls=int(row.flex_calls),
     )
 
 
@@ -166,6 +169,7 @@ class UseCaseForecast:
             "calls_per_task": _ratio(calls, n),
             "tokens_per_call": _ratio(sum(t.tokens for t in self.tasks), calls, "1"),
             "deferred_share": _ratio(sum(t.deferred_calls for t in self.tasks), calls, "0.0001"),
+            "flex_share": _ratio(sum(t.flex_calls for t in self.tasks), calls, "0.0001"),
             "dedupe_hits_per_task": _ratio(sum(t.dedupe_hits for t in self.tasks), n),
             "with_batching_usd": format_usd(self.with_batching_nusd),
             "without_batching_usd": format_usd(self.without_batching_nusd),
@@ -354,15 +358,19 @@ def _name(use_case: str | None) -> str:
 def task_forecast_table(result: TaskForecast) -> Any:
     """A rich table: per use case the distribution and the monthly projection."""
     data = result.as_dict()
+    # the flex column only when some use case has flex calls: a narrow terminal keeps its room
+    flex_shown = any(Decimal(u["flex_share"] or 0) for u in data["use_cases"])
     table = rich_table(
         f"{result.tasks_per_day:,} completed tasks/day for {result.days} days, from "
         f"{data['observed_tasks']:,} completed tasks",
         ["use case"],
         ["tasks", "projected", "median", "p95", "calls/task", "tokens/call", "deferred",
-         "with batching", "no batching", "no batching, no dedupe"],
+         *(["flex"] if flex_shown else []), "with batching", "no batching",
+         "no batching, no dedupe"],
     )  # fmt: skip
     for u in data["use_cases"]:
-        share = u["deferred_share"]
+        share, flex = u["deferred_share"], u["flex_share"]
+        flex_cell = [f"{Decimal(flex):.0%}" if flex is not None else ""] if flex_shown else []
         table.add_row(
             _name(u["use_case"]),
             f"{u['observed_tasks']:,}",
@@ -372,6 +380,7 @@ def task_forecast_table(result: TaskForecast) -> Any:
             u["calls_per_task"] or "",
             u["tokens_per_call"] or "",
             f"{Decimal(share):.0%}" if share is not None else "",
+            *flex_cell,
             money(_nusd(u["with_batching_usd"])),
             money(_nusd(u["without_batching_usd"])),
             money(_nusd(u["without_batching_or_dedupe_usd"])),
@@ -379,7 +388,7 @@ def task_forecast_table(result: TaskForecast) -> Any:
     table.add_section()
     table.add_row(
         "total", f"{data['observed_tasks']:,}", f"{result.tasks_per_day * result.days:,}",
-        "", "", "", "", "",
+        "", "", "", "", "", *([""] if flex_shown else []),
         money(result.with_batching_nusd), money(result.without_batching_nusd),
         money(result.without_batching_or_dedupe_nusd), style="bold",
     )  # fmt: skip

@@ -67,6 +67,9 @@ class EmulatorConfig:
     outage_s: float = 0.0
     #: share of API calls answered by an HTML page (half with status 200, half with 502)
     html_error_rate: float = 0.0
+    #: model names the OpenAI API answers (as chat models) beyond OpenAI's own, for an
+    #: emulator playing an OpenAI-compatible provider (`--model llama-3.1-8b-instant`)
+    models: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.malformed_line_rate <= 1.0:
@@ -98,7 +101,8 @@ class EmulatorConfig:
             f"seed={self.seed}, api_key={key!r}, slow_response_rate={self.slow_response_rate}, "
             f"outage_s={self.outage_s}, html_error_rate={self.html_error_rate}, "
             f"malformed_line_rate={self.malformed_line_rate}, "
-            f"flex_latency_s={self.flex_latency_s}, flex_refusal_rate={self.flex_refusal_rate})"
+            f"flex_latency_s={self.flex_latency_s}, flex_refusal_rate={self.flex_refusal_rate}, "
+            f"models={sorted(self.models)!r})"
         )
 
 

@@ -183,11 +183,15 @@ _CLAUDE_VERSION = re.compile(r"(?:^|-)(?P<major>\d+)(?:[-.](?P<minor>\d{1,2}))?(
 _GPT_VERSION = re.compile(r"^gpt-(?P<major>\d+)")
 
 
-def resolve(provider: str, name: str) -> ModelInfo | None:
-    """The model `name` of `provider`, or None where the provider would answer 404."""
+def resolve(provider: str, name: str, models: frozenset[str] = frozenset()) -> ModelInfo | None:
+    """The model `name` of `provider`, or None where the provider would answer 404. `models`
+    are names answered as chat models beyond the provider's own: an emulator playing an
+    OpenAI-compatible provider (Groq's `llama-3.1-8b-instant`) answers those too."""
     found = _BY_NAME.get((provider, name))
     if found is not None:
         return found
+    if name in models:
+        return _openai(name, "", max_output_tokens=32_768) if provider == "openai" else None
     base = name
     if provider == "openai" and (tuned := _FINE_TUNE.match(name)) is not None:
         base = tuned["base"]

@@ -262,16 +262,33 @@ def _check_body(provider: str, endpoint: str, body: Any, prefix: str) -> str:
     return model
 
 
-def _check_provider(given: Any, shape: str | None, model: str) -> str:
+#: no providers added by configuration: `parse_line`'s default
+_NO_CONFIGURED: Mapping[str, str] = {}
+
+
+def _check_provider(
+    given: Any, shape: str | None, model: str, apis: Mapping[str, str] = _NO_CONFIGURED
+) -> str:
+    """The line's provider: as given (a built-in one, or one of `apis`, the providers added
+    by configuration and the API each speaks), else the line's shape's, else the model's."""
     if given is not None:
         provider = _text(given, "provider")
-        if provider not in ENDPOINTS:
-            raise Invalid(
-                f"unknown provider {provider!r}: expected one of {', '.join(ENDPOINTS)}", "provider"
+        api = provider if provider in ENDPOINTS else apis.get(provider)
+        if api is None:
+            configured = (
+                f"; configured: {', '.join(sorted(apis))}"
+                if apis
+                else "; none configured (a [providers.NAME] table in the settings file adds one)"
             )
-        if shape is not None and provider != shape:
             raise Invalid(
-                f"this is a {shape}-format line but the provider is {provider!r} "
+                f"unknown provider {provider!r}: expected one of {', '.join(ENDPOINTS)} "
+                f"(built in){configured}",
+                "provider",
+            )
+        if shape is not None and api != shape:
+            speaks = "" if api == provider else f" (which speaks the {api} API)"
+            raise Invalid(
+                f"this is a {shape}-format line but the provider is {provider!r}{speaks} "
                 "(from the line or --provider)",
                 "provider",
             )
@@ -282,7 +299,7 @@ def _check_provider(given: Any, shape: str | None, model: str) -> str:
     if inferred is None:
         raise Invalid(
             f'cannot tell the provider of model {model!r}: add "provider": "openai" or '
-            '"anthropic" to the line, or pass --provider',
+            '"anthropic" (or a configured provider) to the line, or pass --provider',
             "provider",
         )
     return inferred
@@ -295,9 +312,12 @@ def _unexpected(obj: dict[str, Any], allowed: frozenset[str], shape: str) -> Inv
     )
 
 
-def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, str, Any, str]:
+def parse_line(
+    obj: Any, default_provider: str | None, apis: Mapping[str, str] = _NO_CONFIGURED
+) -> tuple[Any, str, str, str, Any, str]:
     """Validate one decoded line; return (custom_id, provider, endpoint, model, body, format),
-    the format being the line's shape: openai, anthropic or simple."""
+    the format being the line's shape: openai, anthropic or simple. `apis`: the providers
+    added by configuration, with the API each speaks (an OpenAI batch line may name one)."""
     if type(obj) is not dict:
         raise Invalid(f"expected a JSON object, got {_describe(obj)}")
     if "body" in obj or "url" in obj:
@@ -319,7 +339,7 @@ def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, s
         provider = (
             "openai"
             if given is None or given == "openai"
-            else _check_provider(given, "openai", model)
+            else _check_provider(given, "openai", model, apis)
         )
         return obj.get("custom_id"), provider, endpoint, model, body, "openai"
     if "params" in obj:
@@ -327,13 +347,13 @@ def parse_line(obj: Any, default_provider: str | None) -> tuple[Any, str, str, s
             raise _unexpected(obj, _ANTHROPIC_KEYS, "an Anthropic batch line")
         body = obj.get("params")
         model = _check_body("anthropic", MESSAGES, body, "params")
-        provider = _check_provider(obj.get("provider", default_provider), "anthropic", model)
+        provider = _check_provider(obj.get("provider", default_provider), "anthropic", model, apis)
         return obj.get("custom_id"), provider, MESSAGES, model, body, "anthropic"
-    return _parse_simple(obj, default_provider)
+    return _parse_simple(obj, default_provider, apis)
 
 
 def _parse_simple(
-    obj: dict[str, Any], default_provider: str | None
+    obj: dict[str, Any], default_provider: str | None, apis: Mapping[str, str]
 ) -> tuple[str | None, str, str, str, dict[str, Any], str]:
     model = obj.get("model")
     if not isinstance(model, str) or not model:
@@ -343,22 +363,22 @@ def _parse_simple(
             "{custom_id, params}, or a simple line {model, messages | prompt | input, ...})",
             "model",
         )
-    provider = _check_provider(obj.get("provider", default_provider), None, model)
+    provider = _check_provider(obj.get("provider", default_provider), None, model, apis)
+    # a configured provider's lines are read as the API it speaks
+    api = apis.get(provider, provider) if apis else provider
     body = {k: v for k, v in obj.items() if k not in _SIMPLE_META}
     endpoint = obj.get("endpoint")
-    if endpoint is not None and (
-        not isinstance(endpoint, str) or endpoint not in ENDPOINTS[provider]
-    ):
+    if endpoint is not None and (not isinstance(endpoint, str) or endpoint not in ENDPOINTS[api]):
         raise Invalid(
             f"unknown endpoint {endpoint!r} for {provider}: "
-            f"expected one of {sorted(ENDPOINTS[provider])}",
+            f"expected one of {sorted(ENDPOINTS[api])}",
             "endpoint",
         )
     if "prompt" in obj:
         if "messages" in obj:
             raise Invalid("give either prompt or messages, not both", "prompt")
         if endpoint == COMPLETIONS or (
-            endpoint is None and provider == "openai" and completions_model(model)
+            endpoint is None and api == "openai" and completions_model(model)
         ):
             # a completions model takes the prompt as it is (a string or a list of them)
             body["prompt"] = obj["prompt"]
@@ -366,7 +386,7 @@ def _parse_simple(
         else:
             body["messages"] = [{"role": "user", "content": _text(obj["prompt"], "prompt")}]
     if endpoint is None:
-        if provider == "anthropic":
+        if api == "anthropic":
             endpoint = MESSAGES
         elif "messages" in body:
             endpoint = CHAT
@@ -379,9 +399,9 @@ def _parse_simple(
                 endpoint = RESPONSES
         else:
             raise Invalid("expected messages, prompt or input", "messages")
-    if provider == "anthropic" and "max_tokens" not in body:
+    if api == "anthropic" and "max_tokens" not in body:
         body["max_tokens"] = DEFAULT_ANTHROPIC_MAX_TOKENS
-    _check_body(provider, endpoint, body, "body")
+    _check_body(api, endpoint, body, "body")
     return obj.get("custom_id"), provider, endpoint, model, body, "simple"
 
 
@@ -428,6 +448,8 @@ class Intake:
         )
         self._now_value = sink.time_value(now)
         self._default_provider = defaults.provider
+        #: providers added by configuration, and the API each speaks
+        self._apis = {name: p.api for name, p in settings.configured_providers.items()}
         self._default_tolerance = defaults.tolerance
         self.submission_id = sink.open_submission(
             name=defaults.name, source=defaults.source, job_run_id=defaults.job_run_id, at=now
@@ -503,6 +525,7 @@ class Intake:
         lanes, chunk, line_numbers = self._lanes, self._chunk, self._lines
         rejected = self.result.rejected
         default_provider, default_tolerance = self._default_provider, self._default_tolerance
+        apis = self._apis
         default_tags, tail = self._default_tags, self._tail
         # Tags made only of named string tags, with no --tag defaults to merge, skip split_tags.
         plain_tags = not self.defaults.tags
@@ -523,7 +546,9 @@ class Intake:
             else:
                 obj = dict(raw)  # type: ignore[arg-type]
             try:
-                custom_id, provider, endpoint, model, body, fmt = parse_line(obj, default_provider)
+                custom_id, provider, endpoint, model, body, fmt = parse_line(
+                    obj, default_provider, apis
+                )
                 if custom_id is not None and (
                     type(custom_id) is not str or not 0 < len(custom_id) <= CUSTOM_ID_MAX
                 ):

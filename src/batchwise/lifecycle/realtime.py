@@ -9,9 +9,10 @@ only.
 
 The flex lane goes the same way; only the call differs (`flex_tier`): a flex request is sent
 with `service_tier: "flex"` (Batch API prices, slower) while more than `flex_fallback_s` is left
-before its deadline, and at the standard tier after that. A flex refusal (429
-`resource_unavailable`) is retried with backoff and is not counted as an attempt while the
-deadline leaves room.
+before its deadline, and at the standard tier after that; a flex call may take only the time
+left before that point (`flex_timeout_s`), so a slow one still leaves the fallback its time. A
+flex refusal (429 `resource_unavailable`) is retried with backoff and is not counted as an
+attempt while the deadline leaves room.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import orjson
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
+from batchwise.costs.pricing import PriceBook, TokenUsage
 from batchwise.errors import ProviderError, RateLimited
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
@@ -94,16 +95,37 @@ def flex_tier(request: dict[str, Any], *, now: datetime, settings: Settings) -> 
     return (deadline - now).total_seconds() > settings.flex_fallback_s
 
 
-def call(provider: Provider, claim_: Claim, *, flex: bool = False) -> CallResult | ProviderError:
-    """Make the call (at the flex tier if `flex`); a provider error is returned, not raised, so
-    a pool can collect it."""
+def flex_timeout_s(request: dict[str, Any], *, now: datetime, settings: Settings) -> float:
+    """How long a flex call of `request` may take, retries included: the realtime timeout, cut
+    to the time left before its deadline less `flex_fallback_s`, which the standard-tier call
+    after it needs. (A flex call is made only while more than that is left.)"""
+    deadline: datetime = request["deadline"]
+    left_s = (deadline - now).total_seconds() - settings.flex_fallback_s
+    return max(min(settings.realtime_timeout_s, left_s), 0.001)
+
+
+def call(
+    provider: Provider, claim_: Claim, *, flex: bool = False, timeout_s: float | None = None
+) -> CallResult | ProviderError:
+    """Make the call (at the flex tier if `flex`), within `timeout_s` if given; a provider
+    error is returned, not raised, so a pool can collect it."""
     body = orjson.loads(claim_.request["body"])
     if flex:
         body["service_tier"] = "flex"
     try:
-        return provider.call(claim_.request["endpoint"], body)
+        return provider.call(claim_.request["endpoint"], body, timeout_s=timeout_s)
     except ProviderError as exc:
         return exc
+
+
+def _call_now(
+    provider: Provider, claim_: Claim, *, now: datetime, settings: Settings
+) -> tuple[bool, CallResult | ProviderError]:
+    """Call `claim_` at the tier its deadline allows: (whether at the flex tier, outcome). A
+    flex call is bounded so that a slow one leaves time for the standard-tier fallback."""
+    flex = flex_tier(claim_.request, now=now, settings=settings)
+    timeout_s = flex_timeout_s(claim_.request, now=now, settings=settings) if flex else None
+    return flex, call(provider, claim_, flex=flex, timeout_s=timeout_s)
 
 
 def apply_outcome(
@@ -124,7 +146,7 @@ def apply_outcome(
     won_kind = ledger.Kind.FLEX if flex else _LEDGER_KINDS[kind]
     with store.write() as conn:
         if isinstance(outcome, CallResult):
-            usage = _usage(request, outcome.body)
+            usage = _usage(book, request, outcome.body)
             response_id = requests.store_call_response(
                 conn,
                 rid,
@@ -226,12 +248,12 @@ def _outage(error: ProviderError) -> bool:
     )
 
 
-def _usage(request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
+def _usage(book: PriceBook, request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
     raw = body.get("usage")
     if not isinstance(raw, dict):
         return None
     try:
-        return normalise_usage(request["provider"], request["endpoint"], raw)
+        return book.usage(request["provider"], request["endpoint"], raw)
     except (ProviderError, ValueError) as exc:
         log.warning("request %s: unreadable usage: %s", request["id"], exc)
         return None
@@ -359,8 +381,8 @@ class Dispatcher:
         return calls, riders
 
     def _one(self, claim_: Claim) -> str:
-        flex = flex_tier(claim_.request, now=self.clock(), settings=self.settings)
-        outcome = call(self.provider_for(claim_.request["provider"]), claim_, flex=flex)
+        provider = self.provider_for(claim_.request["provider"])
+        flex, outcome = _call_now(provider, claim_, now=self.clock(), settings=self.settings)
         crashpoint("after_realtime_call")
         # a flex refusal says the flex tier is full, not that the provider rate-limits us
         refused = flex and isinstance(outcome, ProviderError) and outcome.code == FLEX_REFUSED
@@ -396,6 +418,6 @@ def dispatch_one(
     )
     if not claims:
         return "skipped"
-    flex = flex_tier(claims[0].request, now=clock(), settings=settings)
-    outcome = call(provider_for(claims[0].request["provider"]), claims[0], flex=flex)
+    provider = provider_for(claims[0].request["provider"])
+    flex, outcome = _call_now(provider, claims[0], now=clock(), settings=settings)
     return apply_outcome(store, book, claims[0], outcome, now=clock(), settings=settings, flex=flex)

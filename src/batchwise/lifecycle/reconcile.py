@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
+from batchwise.costs.pricing import PriceBook, TokenUsage
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
@@ -245,7 +245,9 @@ def _chunks(items: Iterable[LineOutcome], size: int) -> Iterator[list[LineOutcom
         yield chunk
 
 
-def _usage(provider: str, endpoint: str, outcome: LineOutcome) -> TokenUsage | None:
+def _usage(
+    book: PriceBook, provider: str, endpoint: str, outcome: LineOutcome
+) -> TokenUsage | None:
     if outcome.kind is _SUCCEEDED:
         body = outcome.body  # as `LineOutcome.usage` reads it, without the property call
         raw = body.get("usage") if body is not None else None
@@ -256,7 +258,7 @@ def _usage(provider: str, endpoint: str, outcome: LineOutcome) -> TokenUsage | N
         if raw is None:
             return None
     try:
-        return normalise_usage(provider, endpoint, raw)
+        return book.usage(provider, endpoint, raw)
     except (ProviderError, ValueError) as exc:
         log.warning("unreadable usage on line %s: %s", outcome.line, exc)
         return None
@@ -356,7 +358,7 @@ class _Step:
     def apply(self, request: dict[str, Any], outcome: LineOutcome, response_id: int) -> None:
         batch, report, now, stored_now = self.batch, self.report, self.now, self.stored_now
         batch_id, kind, body = batch.id, outcome.kind, outcome.body
-        usage = _usage(batch.provider, batch.endpoint, outcome)
+        usage = _usage(self.book, batch.provider, batch.endpoint, outcome)
         self.responses.append((
             response_id, request["id"], batch_id, "batch", _OUTCOME_VALUES[kind],
             outcome.status_code, orjson.dumps(body).decode() if body is not None else None,

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batchwise.config import DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_OPENAI_BASE_URL
+from batchwise.config import (
+    BUILTIN_PROVIDERS,
+    DEFAULT_ANTHROPIC_BASE_URL,
+    DEFAULT_OPENAI_BASE_URL,
+)
 from batchwise.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -16,13 +20,15 @@ if TYPE_CHECKING:
 
     import httpx
 
-    from batchwise.config import Settings
+    from batchwise.config import ProviderConfig, Settings
     from batchwise.providers.base import Provider
+    from batchwise.providers.http import Timeouts
 
 __all__ = ["PROVIDERS", "make_provider"]
 
-#: names `make_provider` accepts
-PROVIDERS = ("openai", "anthropic")
+#: the built-in names `make_provider` accepts (besides the configured providers): one list,
+#: `config.BUILTIN_PROVIDERS`, which a `[providers.NAME]` table may not take
+PROVIDERS = BUILTIN_PROVIDERS
 
 
 def make_provider(
@@ -80,7 +86,43 @@ def make_provider(
             timeouts=timeouts,
             stop=stop,
         )
-    raise ConfigError(f"unknown provider {name!r} (expected one of {', '.join(PROVIDERS)})")
+    configured = settings.configured_providers.get(name)
+    if configured is not None:
+        return _configured(configured, settings, client=client, timeouts=timeouts, stop=stop)
+    known = ", ".join(settings.provider_names)
+    raise ConfigError(f"unknown provider {name!r} (expected one of {known})")
+
+
+def _configured(
+    configured: ProviderConfig,
+    settings: Settings,
+    *,
+    client: httpx.Client | None,
+    timeouts: Timeouts,
+    stop: threading.Event | None,
+) -> Provider:
+    """A provider added by configuration (`[providers.NAME]`): the adapter of the API it
+    speaks under its own name, URL, key and limits. Its key comes only from the environment
+    variable its table names, and is required: the table names a real service."""
+    from batchwise.providers.openai import OpenAIProvider
+
+    key = settings.provider_keys.get(configured.name)
+    if not key:
+        raise ConfigError(
+            f"No API key for {configured.name}: set {configured.key_env} (the key_env of "
+            f"[providers.{configured.name}] in the settings file)"
+        )
+    return OpenAIProvider(
+        key,
+        configured.base_url,
+        client=client,
+        timeouts=timeouts,
+        stop=stop,
+        name=configured.name,
+        max_requests=configured.max_requests,
+        max_bytes=configured.max_bytes,
+        batch_discount=configured.batch_discount,
+    )
 
 
 def _require_key(

@@ -175,8 +175,13 @@ class Provider(Protocol):
         """
         ...
 
-    def call(self, endpoint: str, body: Mapping[str, Any]) -> CallResult:
-        """Make a realtime call. Raises `ProviderError` (with `retryable`) on failure."""
+    def call(
+        self, endpoint: str, body: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> CallResult:
+        """Make a realtime call. Raises `ProviderError` (with `retryable`) on failure.
+
+        `timeout_s` bounds the whole call, retries included, below the realtime deadline (a
+        flex call must end in time for its standard-tier fallback)."""
         ...
 
     def submit_batch(

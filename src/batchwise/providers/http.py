@@ -495,6 +495,7 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         resend_if_unsure: bool = True,
         kind: CallKind = "call",
+        timeout_s: float | None = None,
     ) -> httpx.Response:
         """Send until a 2xx answer, which is returned read; raise `ProviderError` otherwise.
 
@@ -502,6 +503,7 @@ class HttpClient:
         disk. With `resend_if_unsure=False` (creating a batch) a connection that broke after the
         request went out is not resent: the caller must look for the batch instead. `kind`
         chooses the overall deadline (see `Timeouts`); past it, a retryable `ProviderError`.
+        `timeout_s`, when given, bounds the whole request, retries and waits included.
         """
 
         def build() -> httpx.Request:
@@ -516,7 +518,13 @@ class HttpClient:
                 headers={**self._headers, **(headers or {})},
             )
 
-        return self._send(build, stream=False, resend_if_unsure=resend_if_unsure, kind=kind)
+        return self._send(
+            build,
+            stream=False,
+            resend_if_unsure=resend_if_unsure,
+            kind=kind,
+            until=None if timeout_s is None else time.monotonic() + timeout_s,
+        )
 
     def request_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """`request()` for endpoints that answer a JSON object."""
@@ -645,11 +653,14 @@ class HttpClient:
 
     # --- the retry loop ----------------------------------------------------------------------
 
-    def _bound(self, label: str, kind: CallKind) -> _Bound:
+    def _bound(self, label: str, kind: CallKind, until: float | None = None) -> _Bound:
         t = self.timeouts
+        total_s = t.total_s(kind)
+        if until is not None:  # what is left of the caller's bound on the whole request
+            total_s = max(min(total_s, until - time.monotonic()), 0.001)
         return _Bound(
             label,
-            total_s=t.total_s(kind),
+            total_s=total_s,
             stall_s=t.transfer_stall_s if kind == "transfer" else None,
             stop=self.stop,
         )
@@ -662,14 +673,16 @@ class HttpClient:
         resend_if_unsure: bool,
         what: str | None = None,
         kind: CallKind = "call",
+        until: float | None = None,
     ) -> httpx.Response:
+        """`until` (monotonic): no attempt runs, and no retry waits, past it."""
         retries = 0
         while True:
             request = build()
             label = what or f"{request.method} {request.url.path}"
-            # each attempt has the whole deadline; the waits between attempts are bounded by
-            # the retry policy and end at once on a stop
-            bound = self._bound(label, kind)
+            # each attempt has the whole deadline (what is left before `until`, if given); the
+            # waits between attempts are bounded by the retry policy and end at once on a stop
+            bound = self._bound(label, kind, until)
             try:
                 with _active(bound):
                     response = self._client.send(request, auth=self._auth, stream=stream)
@@ -679,7 +692,7 @@ class HttpClient:
                 may_retry = not isinstance(exc, _OUR_FAULT) and (resend_if_unsure or not sent)
                 reason = f"{type(exc).__name__}: {exc}"
                 delay = self.retry.backoff_s(retries, self._rng)
-                if may_retry and retries < self.retry.max_retries:
+                if may_retry and retries < self.retry.max_retries and _in_time(until, delay):
                     self._log_retry(label, reason, retries, delay)
                     self._sleep(delay)
                     retries += 1
@@ -706,12 +719,14 @@ class HttpClient:
             response.close()
             error = self._wire_error(response, body)
             retryable = self._retryable(error)
+            delay = 0.0
             if retryable and retries < self.retry.max_retries:
                 delay = (
                     error.retry_after_s
                     if error.retry_after_s is not None
                     else self.retry.backoff_s(retries, self._rng)
                 )
+            if retryable and retries < self.retry.max_retries and _in_time(until, delay):
                 self._log_retry(label, self._reason(error), retries, delay)
                 self._sleep(delay)
                 retries += 1
@@ -827,11 +842,18 @@ class HttpProvider:
         """Where `endpoint` lives relative to the base URL."""
         return endpoint
 
-    def call(self, endpoint: str, body: Mapping[str, Any]) -> CallResult:
-        """POST `body` to a realtime endpoint; transient failures are retried."""
+    def call(
+        self, endpoint: str, body: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> CallResult:
+        """POST `body` to a realtime endpoint; transient failures are retried, all within
+        `timeout_s` when given (else the realtime deadline)."""
         self._require_endpoint(endpoint)
         response = self._http.request(
-            "POST", self._realtime_path(endpoint), json=dict(body), kind="realtime"
+            "POST",
+            self._realtime_path(endpoint),
+            json=dict(body),
+            kind="realtime",
+            timeout_s=timeout_s,
         )
         return CallResult(
             body=self._http.json_object(response, what=f"POST {endpoint}"),
@@ -907,6 +929,11 @@ class HttpProvider:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self._http.base_url!r})"
+
+
+def _in_time(until: float | None, delay_s: float) -> bool:
+    """Whether a retry after `delay_s` would start before `until` (None: no bound)."""
+    return until is None or time.monotonic() + delay_s < until
 
 
 def check_custom_id(custom_id: str) -> None:

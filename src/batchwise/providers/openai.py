@@ -7,6 +7,7 @@ to requests on `custom_id`, never on order.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -72,7 +73,8 @@ DIALECT = Dialect(
 
 
 class OpenAIProvider(HttpProvider):
-    """OpenAI (or any server speaking its Batch API, such as the emulator)."""
+    """OpenAI (or any server speaking its Batch API, such as the emulator, or a provider added
+    by configuration under its own `name`, `limits` and `batch_discount`)."""
 
     name = "openai"
     limits = BatchLimits(
@@ -104,13 +106,29 @@ class OpenAIProvider(HttpProvider):
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        name: str = "openai",
+        max_requests: int | None = None,
+        max_bytes: int | None = None,
+        batch_discount: float | None = None,
     ) -> None:
         """`api_key=None` sends no key, for a local emulator or a proxy that adds its own.
 
         `timeouts` bound each call by its kind; `stop`, once set, abandons calls in flight.
+        `name`, `max_requests`, `max_bytes` and `batch_discount` are a configured provider's
+        (`config.ProviderConfig`): its errors and rows carry its name, its batches its limits.
         """
+        if name != self.name:
+            self.name = name
+        if max_requests is not None or max_bytes is not None:
+            self.limits = dataclasses.replace(
+                self.limits,
+                max_requests=max_requests or self.limits.max_requests,
+                max_bytes=max_bytes or self.limits.max_bytes,
+            )
+        if batch_discount is not None:
+            self.batch_discount = batch_discount
         self._http = HttpClient(
-            DIALECT,
+            DIALECT if name == DIALECT.provider else dataclasses.replace(DIALECT, provider=name),
             base_url=base_url,
             auth=ApiKeyAuth("authorization", api_key, prefix="Bearer ") if api_key else None,
             headers={"user-agent": "batchwise", "accept": "application/json"},

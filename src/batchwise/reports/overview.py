@@ -5,7 +5,7 @@ page and the commands cannot disagree:
 
 - totals (today, 7 d, 30 d, all): `costs.savings.savings_report(by=())`, as
   `savings --by '' --since … --json` (its `total`);
-- cost and saving by use case, step, business unit, model and lane, and by day:
+- cost and saving by use case, step, business unit, model, provider and lane, and by day:
   `savings_report(by=(key,))`, as `savings --by KEY --json` (its `groups`);
 - cost per completed task by use case: `costs.tasks.tasks_report`, as `tasks --json`
   (`summary`, `by_use_case`);
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from batchwise.store.engine import Store
 
 #: the breakdowns shown as charts and tables, in order
-BREAKDOWNS = ("use_case", "step", "business_unit", "model", "lane")
+BREAKDOWNS = ("use_case", "step", "business_unit", "model", "provider", "lane")
 #: the event kinds of the guard and alert panel
 EVENT_KINDS = ("guard", "anomaly")
 #: the guard whose refusals mark a runaway task
@@ -108,11 +108,19 @@ def _batch(row: Row[Any], now: datetime) -> dict[str, Any]:
 
 
 def status_report(store: Store, settings: Settings, *, now: datetime) -> dict[str, Any]:
-    """`status --json` (and `Client.status`): counts by lane and by state, and each model's
-    open tokens against its capacity estimate."""
+    """`status --json` (and `Client.status`): counts by lane (realtime, flex, deferred), by
+    state and by provider (each with the API it speaks; a configured provider is listed even
+    before it has requests), and each model's open tokens against its capacity estimate."""
     from batchwise.lifecycle import capacity
 
     counts = queries.status_counts(store)
+    by_provider = counts["by_provider"]
+    for name in settings.configured_providers:
+        by_provider.setdefault(name, {"total": 0, "by_lane": dict.fromkeys(counts["by_lane"], 0)})
+    counts["by_provider"] = {
+        name: {"api": settings.provider_api(name), **figures}
+        for name, figures in sorted(by_provider.items())
+    }
     counts["capacity"] = capacity.status(store, settings, now=now)
     return counts
 

@@ -52,7 +52,7 @@ def export(
 
     count = 0
     for row in finished_requests(store, provider):
-        line = to_line(row, fmt or row["provider"])
+        line = to_line(row, fmt or _own_format(row["provider"]))
         out.write(orjson.dumps(line))
         out.write(b"\n")
         count += 1
@@ -69,7 +69,7 @@ def submission_lines(
     if fmt is not None and fmt not in SHAPES:
         raise ValueError(f"unknown results format {fmt!r}: expected one of {', '.join(SHAPES)}")
     for row in result_rows(store, submission_id):
-        yield to_line(row, fmt or row["input_format"] or row["provider"])
+        yield to_line(row, fmt or row["input_format"] or _own_format(row["provider"]))
 
 
 def export_submission(
@@ -82,6 +82,12 @@ def export_submission(
         out.write(b"\n")
         count += 1
     return count
+
+
+def _own_format(provider: str) -> str:
+    """The results format of `provider`'s requests: its own, else OpenAI's (a provider added
+    by configuration speaks OpenAI's API, the only one a `[providers.NAME]` table may name)."""
+    return provider if provider in FORMATS else "openai"
 
 
 def _created(row: dict[str, Any]) -> int:

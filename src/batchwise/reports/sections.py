@@ -32,7 +32,7 @@ SECTIONS = (
     ("totals", "Cost and saving"),
     ("queue", "The queue"),
     ("tasks", "Cost per completed task, by use case"),
-    ("breakdowns", "Cost and saving by use case, step, business unit, model and lane"),
+    ("breakdowns", "Cost and saving by use case, step, business unit, model, provider and lane"),
     ("daily", "Cost and saving by day"),
     ("events", "Guard events and anomaly alerts"),
     ("forecast", "Forecast: this month at the current daily volume"),
@@ -142,10 +142,36 @@ def queue_section(data: dict[str, Any], *, live: bool) -> str:
         for state, n in counts["by_state"].items()
     ]
     total = ["total", figure(_count(counts["total"]), "queue.requests.total", counts["total"])]
+    lane_names = list(counts["by_lane"])
+    providers = [
+        [
+            name,
+            figures["api"],
+            *(
+                figure(
+                    _count(figures["by_lane"].get(lane, 0)),
+                    f"queue.requests.by_provider.{name}.by_lane.{lane}",
+                    figures["by_lane"].get(lane, 0),
+                )
+                for lane in lane_names
+            ),
+            figure(
+                _count(figures["total"]),
+                f"queue.requests.by_provider.{name}.total",
+                figures["total"],
+            ),
+        ]
+        for name, figures in counts.get("by_provider", {}).items()
+    ]
     parts = [
         '<div class="row">',
         table(("lane", "requests"), lanes, total, table_id="queue-lanes"),
         table(("state", "requests"), states, total, table_id="queue-states"),
+        table(
+            ("provider", "api", *lane_names, "total"),
+            providers,
+            table_id="queue-providers",
+        ),
         '<div class="facts">',
     ]
     oldest = q["oldest_waiting"]

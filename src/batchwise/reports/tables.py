@@ -22,12 +22,16 @@ if TYPE_CHECKING:
 console = Console()
 
 
+#: how the lanes are named for people: the deferred lane is the batch lane
+LANE_LABELS = {"realtime": "realtime", "flex": "flex", "deferred": "deferred (batch)"}
+
+
 def print_status(counts: dict[str, Any]) -> None:
     table = Table(title=f"{counts['total']} request(s)", title_justify="left")
     table.add_column("by lane")
     table.add_column("requests", justify="right")
     for lane, n in counts["by_lane"].items():
-        table.add_row(Text(visible(str(lane))), f"{n:,}")
+        table.add_row(Text(visible(LANE_LABELS.get(lane, str(lane)))), f"{n:,}")
     states = Table()
     states.add_column("by state")
     states.add_column("requests", justify="right")
@@ -35,8 +39,28 @@ def print_status(counts: dict[str, Any]) -> None:
         states.add_row(Text(visible(str(state))), f"{n:,}")
     console.print(table)
     console.print(states)
+    if counts.get("by_provider"):
+        print_providers(counts["by_provider"], lanes=list(counts["by_lane"]))
     if counts.get("capacity"):
         print_capacity(counts["capacity"])
+
+
+def print_providers(by_provider: dict[str, dict[str, Any]], *, lanes: list[str]) -> None:
+    """Each provider (and the API it speaks) with its requests in each lane."""
+    table = Table()
+    table.add_column("by provider")
+    table.add_column("api")
+    for lane in lanes:
+        table.add_column(LANE_LABELS.get(lane, lane), justify="right")
+    table.add_column("total", justify="right")
+    for name, figures in by_provider.items():
+        table.add_row(
+            Text(visible(name)),
+            Text(visible(str(figures.get("api", name)))),
+            *(f"{figures['by_lane'].get(lane, 0):,}" for lane in lanes),
+            f"{figures['total']:,}",
+        )
+    console.print(table)
 
 
 def print_capacity(rows: list[dict[str, Any]]) -> None:

@@ -10,6 +10,7 @@ import orjson
 import sqlalchemy as sa
 
 from batchwise.errors import AmbiguousIdError, StoreError
+from batchwise.states import Lane
 from batchwise.store.engine import Store, batches_t, requests_t, responses_t
 from batchwise.store.views import RequestView
 
@@ -17,23 +18,33 @@ _NAMED = ("use_case", "step", "business_unit", "task_id")
 
 
 def status_counts(store: Store) -> dict[str, Any]:
-    """{"total": N, "by_lane": {lane: N}, "by_state": {state: N}}."""
+    """{"total": N, "by_lane": {lane: N}, "by_state": {state: N}, "by_provider": {provider:
+    {"total": N, "by_lane": {lane: N}}}}; every lane is listed (realtime, flex, deferred), with
+    0 when it holds nothing."""
     t = requests_t
-    by_lane: dict[str, int] = {}
+    lanes = [lane.value for lane in Lane]
+    by_lane: dict[str, int] = dict.fromkeys(lanes, 0)
     by_state: dict[str, int] = {}
+    by_provider: dict[str, dict[str, Any]] = {}
     total = 0
     with store.read() as conn:
         rows = conn.execute(
-            sa.select(t.c.lane, t.c.state, sa.func.count()).group_by(t.c.lane, t.c.state)
+            sa.select(t.c.provider, t.c.lane, t.c.state, sa.func.count()).group_by(
+                t.c.provider, t.c.lane, t.c.state
+            )
         )
-        for lane, state, count in rows:
+        for provider, lane, state, count in rows:
             by_lane[lane] = by_lane.get(lane, 0) + count
             by_state[state] = by_state.get(state, 0) + count
+            own = by_provider.setdefault(provider, {"total": 0, "by_lane": dict.fromkeys(lanes, 0)})
+            own["total"] += count
+            own["by_lane"][lane] = own["by_lane"].get(lane, 0) + count
             total += count
     return {
         "total": total,
-        "by_lane": dict(sorted(by_lane.items())),
+        "by_lane": by_lane,
         "by_state": dict(sorted(by_state.items())),
+        "by_provider": dict(sorted(by_provider.items())),
     }
 
 

@@ -170,15 +170,18 @@ def task_ledger_totals(conn: Connection) -> list[Row[Any]]:
 # --- forecast ------------------------------------------------------------------------------
 
 
-def ledger_mix(conn: Connection, *, batch_kind: str, late_batch_kind: str) -> list[Row[Any]]:
+def ledger_mix(
+    conn: Connection, *, batch_kinds: Sequence[str], late_batch_kind: str
+) -> list[Row[Any]]:
     """Per (provider, model, lane), sorted: requests, priced (requests), actual and realtime
     (nano-USD over priced entries), where `realtime` is what each entry would have cost had
-    every request gone realtime: a `batch_kind` entry its realtime price, a `late_batch_kind`
-    entry nothing (its request was answered realtime already), any other its actual cost."""
+    every request gone realtime: a `batch_kinds` entry (a batch line, a flex call) its
+    realtime price, a `late_batch_kind` entry nothing (its request was answered realtime
+    already), any other its actual cost."""
     t = ledger_t
     priced = _priced()
     all_realtime = sa.case(
-        (t.c.kind == batch_kind, t.c.realtime_nusd),
+        (t.c.kind.in_(batch_kinds), t.c.realtime_nusd),
         (t.c.kind == late_batch_kind, 0),
         else_=t.c.actual_nusd,
     )
@@ -198,22 +201,23 @@ def ledger_mix(conn: Connection, *, batch_kind: str, late_batch_kind: str) -> li
     return list(conn.execute(query).all())
 
 
-def ledger_request_counts(conn: Connection) -> tuple[int, int]:
-    """(requests with a ledger entry, of which deferred-lane)."""
+def ledger_request_counts(conn: Connection) -> tuple[int, int, int]:
+    """(requests with a ledger entry, of which deferred-lane, of which flex-lane)."""
     t = ledger_t
     overall = sa.select(
         sa.func.count(sa.distinct(t.c.request_id)),
         sa.func.count(sa.distinct(sa.case((t.c.lane == Lane.DEFERRED.value, t.c.request_id)))),
+        sa.func.count(sa.distinct(sa.case((t.c.lane == Lane.FLEX.value, t.c.request_id)))),
     )
-    recorded, deferred = conn.execute(overall).one()
-    return int(recorded), int(deferred)
+    recorded, deferred, flex = conn.execute(overall).one()
+    return int(recorded), int(deferred), int(flex)
 
 
 def task_mix(
-    conn: Connection, *, batch_kind: str, late_batch_kind: str, dedupe_kind: str
+    conn: Connection, *, batch_kinds: Sequence[str], late_batch_kind: str, dedupe_kind: str
 ) -> list[Row[Any]]:
     """Per task_id: calls (entries other than `dedupe_kind`), dedupe_hits, deferred_calls,
-    tokens (input + output of the calls), unpriced (entries), actual, no_batching and
+    flex_calls, tokens (input + output of the calls), unpriced (entries), actual, no_batching and
     dedupe_realtime (nano-USD over priced entries). `no_batching` is what the task would have
     cost with every request realtime (as in `ledger_mix`); `dedupe_realtime` is what its
     dedupe hits would have cost as realtime calls."""
@@ -221,7 +225,7 @@ def task_mix(
     priced = _priced()
     call = t.c.kind != dedupe_kind
     all_realtime = sa.case(
-        (t.c.kind == batch_kind, t.c.realtime_nusd),
+        (t.c.kind.in_(batch_kinds), t.c.realtime_nusd),
         (t.c.kind == late_batch_kind, 0),
         else_=t.c.actual_nusd,
     )
@@ -232,6 +236,9 @@ def task_mix(
             _sum(sa.case((call, 0), else_=1)).label("dedupe_hits"),
             _sum(sa.case((sa.and_(call, t.c.lane == Lane.DEFERRED.value), 1), else_=0)).label(
                 "deferred_calls"
+            ),
+            _sum(sa.case((sa.and_(call, t.c.lane == Lane.FLEX.value), 1), else_=0)).label(
+                "flex_calls"
             ),
             _sum(sa.case((call, t.c.input_tokens + t.c.output_tokens), else_=0)).label("tokens"),
             _sum(sa.case((priced, 0), else_=1)).label("unpriced"),

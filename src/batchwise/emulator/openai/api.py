@@ -278,7 +278,7 @@ class OpenAIApi:
 
     def _realtime(self, req: Request) -> Response:
         body = req.json()
-        p = plan(req.path, body)
+        p = plan(req.path, body, self._env.config.models)
         self._env.realtime_gate()
         tier = body.get("service_tier")
         if tier == "flex":

@@ -95,8 +95,9 @@ class OpenAIBatches:
 
         now = env.now()
         batch_id, seq = state.new_id("openai-batch", "batch_", length=32)
-        scan = scan_input(Path(source.path), str(endpoint))
-        model = resolve("openai", scan.model) if scan.model else None
+        models = env.config.models
+        scan = scan_input(Path(source.path), str(endpoint), models)
+        model = resolve("openai", scan.model, models) if scan.model else None
         prompt_tokens = sum(d.input_tokens for d in scan.drafts)
         if not scan.errors:
             self._check_capacity(scan, model.snapshot if model else None, prompt_tokens, now)
@@ -335,7 +336,7 @@ class OpenAIBatches:
                 body = orjson.loads(read_at(fh, line.offset, line.length))["body"]
                 rid = hex_id(b.id, line.custom_id)
                 answer = render(
-                    plan(endpoint, body),
+                    plan(endpoint, body, self._env.config.models),
                     body,
                     cached_tokens=line.cached_tokens,
                     response_id=prefix + rid,

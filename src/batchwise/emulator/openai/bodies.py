@@ -86,14 +86,19 @@ def bad(message: str, *, param: str | None = None, code: str | None = None) -> A
 
 
 def _model(
-    body: Mapping[str, Any], kinds: frozenset[str], endpoint: str, *, default: str | None = None
+    body: Mapping[str, Any],
+    kinds: frozenset[str],
+    endpoint: str,
+    *,
+    default: str | None = None,
+    models: frozenset[str] = frozenset(),
 ) -> ModelInfo:
     name = body.get("model") or default
     if not isinstance(name, str) or not name:
         raise bad(
             "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
         )
-    info = resolve("openai", name)
+    info = resolve("openai", name, models)
     if info is None:
         raise ApiError(
             404,
@@ -202,8 +207,8 @@ def _hidden(key: bytes, model: ModelInfo, effort: Any) -> int:
     return hidden_tokens(key, effort=str(effort) if effort else None) if model.reasoning else 0
 
 
-def plan_chat(body: Mapping[str, Any]) -> OpenAIPlan:
-    model = _model(body, TEXT_KINDS, CHAT)
+def plan_chat(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> OpenAIPlan:
+    model = _model(body, TEXT_KINDS, CHAT, models=models)
     _common(body, model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -272,8 +277,8 @@ def _input_text(items: Any) -> list[tuple[str, str]]:
     return out
 
 
-def plan_responses(body: Mapping[str, Any]) -> OpenAIPlan:
-    model = _model(body, TEXT_KINDS, RESPONSES)
+def plan_responses(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> OpenAIPlan:
+    model = _model(body, TEXT_KINDS, RESPONSES, models=models)
     _common(body, model)
     items = body.get("input")
     if not (isinstance(items, str) and items) and not (isinstance(items, list) and items):
@@ -330,8 +335,8 @@ def embedding_inputs(value: Any) -> list[tuple[str, int]]:
     return out
 
 
-def plan_embeddings(body: Mapping[str, Any]) -> OpenAIPlan:
-    model = _model(body, frozenset({"embedding"}), EMBEDDINGS)
+def plan_embeddings(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> OpenAIPlan:
+    model = _model(body, frozenset({"embedding"}), EMBEDDINGS, models=models)
     inputs = embedding_inputs(body.get("input"))
     _fits(model, max(t for _, t in inputs), param="input")
     if body.get("dimensions") is not None and not model.name.startswith("text-embedding-3"):
@@ -381,9 +386,9 @@ def completion_prompts(value: Any) -> list[tuple[str, int]]:
     return out
 
 
-def plan_completions(body: Mapping[str, Any]) -> OpenAIPlan:
+def plan_completions(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> OpenAIPlan:
     """Legacy `/v1/completions`: `n` answers per prompt, 16 tokens each unless `max_tokens`."""
-    model = _model(body, TEXT_KINDS, COMPLETIONS)
+    model = _model(body, TEXT_KINDS, COMPLETIONS, models=models)
     _common(body, model)
     prompts = completion_prompts(body.get("prompt"))
     cap = _int(body, "max_tokens", low=0, high=model.max_output_tokens)
@@ -426,9 +431,15 @@ def moderation_inputs(value: Any) -> list[str]:
     )
 
 
-def plan_moderations(body: Mapping[str, Any]) -> OpenAIPlan:
+def plan_moderations(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> OpenAIPlan:
     """`/v1/moderations`: free, so no billed tokens; the model defaults as the API's does."""
-    model = _model(body, frozenset({"moderation"}), MODERATIONS, default=DEFAULT_MODERATION_MODEL)
+    model = _model(
+        body,
+        frozenset({"moderation"}),
+        MODERATIONS,
+        default=DEFAULT_MODERATION_MODEL,
+        models=models,
+    )
     moderation_inputs(body.get("input"))
     return OpenAIPlan(MODERATIONS, model, Prompt("", "auto"), 0)
 
@@ -442,6 +453,9 @@ _PLANNERS = {
 }
 
 
-def plan(endpoint: str, body: Mapping[str, Any]) -> OpenAIPlan:
-    """Validate `body` for `endpoint` (raises `ApiError`) and decide the answer."""
-    return _PLANNERS[endpoint](body)
+def plan(
+    endpoint: str, body: Mapping[str, Any], models: frozenset[str] = frozenset()
+) -> OpenAIPlan:
+    """Validate `body` for `endpoint` (raises `ApiError`) and decide the answer. `models`:
+    names answered beyond OpenAI's own (`EmulatorConfig.models`)."""
+    return _PLANNERS[endpoint](body, models)

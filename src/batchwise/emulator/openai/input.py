@@ -56,8 +56,9 @@ def check_metadata(value: Any) -> dict[str, str] | None:
     return dict(value)
 
 
-def scan_input(path: Path, endpoint: str) -> InputScan:
-    """Read a batch input file line by line: every line checked, valid ones planned."""
+def scan_input(path: Path, endpoint: str, models: frozenset[str] = frozenset()) -> InputScan:
+    """Read a batch input file line by line: every line checked, valid ones planned (`models`:
+    names answered beyond OpenAI's own)."""
     scan = InputScan()
     with path.open("rb") as fh:
         scan.lines = sum(1 for raw in fh if raw.strip())
@@ -81,10 +82,10 @@ def scan_input(path: Path, endpoint: str) -> InputScan:
             for b in blank:
                 scan.fail("invalid_json_line", "This line is not parseable as valid JSON.", line=b)
             blank.clear()
-            _scan_line(scan, seen, text, line_no, start, len(raw), endpoint)
+            _scan_line(scan, seen, text, line_no, start, len(raw), endpoint, models)
     if scan.lines == 0:
         scan.fail("empty_file", "The input file is empty.", line=None)
-    elif not scan.errors and scan.model and resolve("openai", scan.model) is None:
+    elif not scan.errors and scan.model and resolve("openai", scan.model, models) is None:
         scan.fail(
             "model_not_found",
             f"The provided model '{scan.model}' is not supported by the Batch API.",
@@ -102,6 +103,7 @@ def _scan_line(
     offset: int,
     length: int,
     endpoint: str,
+    models: frozenset[str],
 ) -> None:
     try:
         obj = orjson.loads(text)
@@ -167,7 +169,7 @@ def _scan_line(
             return  # the batch fails anyway: keep scanning for errors, skip the work
         draft = LineDraft(line_no, custom_id, offset, length)
         try:
-            p = plan(endpoint, body)
+            p = plan(endpoint, body, models)
         except ApiError as exc:
             draft.error = exc
         else:
