@@ -47,7 +47,7 @@ def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--provider",
     "-p",
-    type=click.Choice(["openai", "anthropic"]),
+    type=click.Choice(["openai", "anthropic", "gemini"]),
     default=None,
     help="Default provider (else inferred from the line's shape or model).",
 )
@@ -256,7 +256,7 @@ def status(obj: Context, ids: tuple[str, ...], as_json: bool, submission_id: int
 )
 @click.option(
     "--provider",
-    type=click.Choice(["openai", "anthropic"]),
+    type=click.Choice(["openai", "anthropic", "gemini"]),
     default=None,
     help="Only requests sent to this provider.",
 )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
+from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage, usage_of
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
@@ -248,7 +248,7 @@ def _chunks(items: Iterable[LineOutcome], size: int) -> Iterator[list[LineOutcom
 def _usage(provider: str, endpoint: str, outcome: LineOutcome) -> TokenUsage | None:
     if outcome.kind is _SUCCEEDED:
         body = outcome.body  # as `LineOutcome.usage` reads it, without the property call
-        raw = body.get("usage") if body is not None else None
+        raw = usage_of(body) if body is not None else None
         if not isinstance(raw, dict):
             return None
     else:
@@ -264,7 +264,7 @@ def _usage(provider: str, endpoint: str, outcome: LineOutcome) -> TokenUsage | N
 
 def _error_usage(outcome: LineOutcome) -> dict[str, Any] | None:
     """An errored line is billed only if the provider reported usage for it."""
-    usage = outcome.body.get("usage") if isinstance(outcome.body, dict) else None
+    usage = usage_of(outcome.body) if isinstance(outcome.body, dict) else None
     return usage if isinstance(usage, dict) else None
 
 

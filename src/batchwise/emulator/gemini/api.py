@@ -1,0 +1,559 @@
+"""The Gemini side of the emulator (Gemini Developer API, `v1beta` and `v1`): generateContent,
+batch mode (inline and file input), and the Files API with its resumable upload protocol.
+
+    POST /v1beta/models/{model}:generateContent       POST /v1beta/models/{model}:countTokens
+    POST /v1beta/models/{model}:batchGenerateContent  GET  /v1beta/batches[/{id}]
+    POST /v1beta/batches/{id}:cancel                  DELETE /v1beta/batches/{id}
+    POST /upload/v1beta/files (start; then upload, finalize at the x-goog-upload-url)
+    GET|DELETE /v1beta/files/{id}   GET /v1beta/files
+    GET /v1beta/files/{id}:download, GET /download/v1beta/files/{id}:download (alt=media)
+
+A batch is an operation `batches/{id}` whose `metadata` is the batch (state
+`BATCH_STATE_*`, `batchStats`, and once ended its `output`: inline responses in input order,
+or a generated responses file of `{"key", "response" | "error"}` lines in input order).
+Timing follows `lifecycle.Timeline`; line outcomes are settled at creation like the others'.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchwise.emulator.batches import LineDraft, chunked, read_at, settle_lines
+from batchwise.emulator.env import Env, retry_after_headers
+from batchwise.emulator.gemini.bodies import (
+    count_tokens,
+    error_body,
+    model_name,
+    plan_content,
+    render_response,
+)
+from batchwise.emulator.http import ApiError, Request, Response, Routes, json_response
+from batchwise.emulator.lifecycle import Phase, Timeline
+from batchwise.emulator.prompts import CacheUse, PrefixCache
+from batchwise.emulator.seeded import hex_id
+from batchwise.emulator.state import BatchRow, FileRow, LineRow
+
+log = logging.getLogger("batchwise.emulator")
+
+PROVIDER = "gemini"
+MAX_INLINE_BYTES = 20 << 20
+MAX_FILE_BYTES = 2 << 30
+_FILE_TTL_S = 48 * 3600.0
+_BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
+_OUTPUT_TYPE = (
+    "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
+)
+#: emulator phase → the batch's REST state (Gemini has no validating or finalizing word)
+_STATES = {
+    Phase.VALIDATING: "BATCH_STATE_PENDING",
+    Phase.IN_PROGRESS: "BATCH_STATE_RUNNING",
+    Phase.FINALIZING: "BATCH_STATE_RUNNING",
+    Phase.CANCELLING: "BATCH_STATE_RUNNING",
+    Phase.COMPLETED: "BATCH_STATE_SUCCEEDED",
+    Phase.FAILED: "BATCH_STATE_FAILED",
+    Phase.EXPIRED: "BATCH_STATE_EXPIRED",
+    Phase.CANCELLED: "BATCH_STATE_CANCELLED",
+}
+_UNREGISTERED = (
+    "Method doesn't allow unregistered callers (callers without established identity). "
+    "Please use API Key or other form of API consumer identity to call this API."
+)
+
+
+def rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class _Upload:
+    """A resumable upload in progress."""
+
+    file_id: str
+    path: Path
+    size: int | None
+    mime_type: str
+    display_name: str
+    received: int = 0
+
+
+class GeminiApi:
+    """Answers `/v1beta/...`, `/upload/v1beta/...` and `/download/v1beta/...` like
+    generativelanguage.googleapis.com."""
+
+    def __init__(self, env: Env, cache: PrefixCache) -> None:
+        self._env = env
+        self._cache = cache
+        self._uploads: dict[str, _Upload] = {}
+        self._lock = threading.Lock()
+        m, b, f = r"(?P<model>[^/:]+)", r"(?P<batch_id>[^/:]+)", r"(?P<file_id>[^/:]+)"
+        # every version the SDKs use: google-genai 3.x defaults to v1, the docs show v1beta
+        v = r"/(?:v1beta|v1alpha|v1)"
+        self._routes = Routes(
+            "",
+            [
+                ("POST", f"{v}/models/{m}:generateContent", self._generate),
+                ("POST", f"{v}/models/{m}:countTokens", self._count_tokens),
+                ("POST", f"{v}/models/{m}:batchGenerateContent", self._create),
+                ("GET", f"{v}/batches", self._list),
+                ("GET", f"{v}/batches/{b}", self._get),
+                ("POST", f"{v}/batches/{b}:cancel", self._cancel),
+                ("DELETE", f"{v}/batches/{b}", self._delete),
+                ("POST", f"/upload{v}/files", self._upload),
+                ("GET", f"{v}/files", self._list_files),
+                ("GET", f"{v}/files/{f}", self._get_file),
+                ("DELETE", f"{v}/files/{f}", self._delete_file),
+                ("GET", f"{v}/files/{f}:download", self._download),
+                ("GET", f"/download{v}/files/{f}:download", self._download),
+            ],
+        )
+
+    def handle(self, req: Request) -> Response:
+        try:
+            route = self._routes.match(req)
+            if route is None:
+                raise ApiError(404, f"Method not found: {req.method} {req.path}")
+            handler, params = route
+            if "upload_id" not in req.query:  # an upload session's id is its credential
+                self._authenticate(req)
+            fault = self._env.faults.http()
+            if fault is not None:
+                raise fault
+            return handler(req, **params)
+        except ApiError as exc:
+            response = json_response(error_body(exc.status, exc.message), exc.status)
+            if exc.retry_after_s is not None:
+                response.headers += retry_after_headers(exc.retry_after_s, with_ms=False)
+            return response
+        except Exception:
+            log.exception("emulator error on %s %s", req.method, req.path)
+            return json_response(error_body(500, "Internal error encountered (emulator)."), 500)
+
+    def _authenticate(self, req: Request) -> None:
+        key = req.headers.get("x-goog-api-key", "").strip() or req.query.get("key", "").strip()
+        if not key:
+            raise ApiError(403, _UNREGISTERED)
+        expected = self._env.config.api_key
+        if expected is not None and key != expected:
+            raise ApiError(400, "API key not valid. Please pass a valid API key.")
+
+    # -- generateContent --------------------------------------------------------------------
+
+    def _generate(self, req: Request, model: str) -> Response:
+        p = plan_content(model, req.json())
+        self._env.realtime_gate()
+        use = self._cache.use(p.prompt, self._env.now())
+        self._env.state.bump("realtime.gemini")
+        return json_response(render_response(p, cache=use, response_id=uuid.uuid4().hex[:22]))
+
+    def _count_tokens(self, req: Request, model: str) -> Response:
+        return json_response({"totalTokens": count_tokens(req.json())})
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _create(self, req: Request, model: str) -> Response:
+        env, state = self._env, self._env.state
+        body = req.json()
+        batch = body.get("batch", body)
+        if not isinstance(batch, dict):
+            raise ApiError(400, "Invalid value at 'batch': expected an object")
+        source = batch.get("inputConfig", batch.get("input_config"))
+        if not isinstance(source, dict):
+            raise ApiError(400, "* BatchGenerateContentRequest.batch.input_config: required")
+        now = env.now()
+        batch_id, seq = state.new_id("gemini-batch", "", length=24)
+        file_name = source.get("fileName", source.get("file_name"))
+        inline = source.get("requests")
+        if isinstance(file_name, str) and file_name:
+            file = state.get_file(file_name.removeprefix("files/"))
+            if file is None or file.batch_id is not None or file.path is None:
+                raise ApiError(404, f"File {file_name} not found.")
+            path, input_file_id, mode = Path(file.path), file.id, "file"
+            drafts = self._read_file(model, path)
+        elif isinstance(inline, dict) and isinstance(inline.get("requests"), list):
+            path = state.blob_dir / f"gemini-{batch_id}.jsonl"
+            input_file_id, mode = None, "inline"
+            try:
+                drafts = self._write_inline(model, inline["requests"], path)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        else:
+            raise ApiError(
+                400, "* BatchGenerateContentRequest.batch.input_config: give requests or file_name"
+            )
+        if not drafts:
+            raise ApiError(400, "* BatchGenerateContentRequest.batch.input_config: no requests")
+        expires = env.faults.expires(batch_id)
+        rows = settle_lines(env, self._cache, batch_id, drafts, provider=PROVIDER, now=now)
+        tl = Timeline.plan(
+            PROVIDER,
+            created_at=now,
+            turnaround_s=env.config.turnaround_s,
+            total=len(rows),
+            expires=expires,
+        )
+        output_id = f"batch-{batch_id}" if mode == "file" else None
+        display = batch.get("displayName", batch.get("display_name"))
+        row = BatchRow(
+            id=batch_id,
+            seq=seq,
+            provider=PROVIDER,
+            created_at=now,
+            turnaround_s=env.config.turnaround_s,
+            endpoint="batchGenerateContent",
+            model=model_name(model),
+            input_file_id=input_file_id,
+            input_path=str(path),
+            metadata=None,
+            request_count=len(rows),
+            errors=None,
+            expires=expires,
+            cancel_at=None,
+            ends_at=tl.final_at,
+            output_file_id=output_id,
+            error_file_id=None,
+            prompt_tokens=sum(d.input_tokens for d in drafts),
+            options={"display_name": display if isinstance(display, str) else "", "mode": mode},
+        )
+        results = []
+        if output_id is not None:
+            results.append(
+                FileRow(
+                    output_id, 0, "gemini:application/jsonl", f"{output_id}.jsonl", None, now,
+                    now + _FILE_TTL_S, None, batch_id, "output",
+                )  # fmt: skip
+            )
+        state.insert_batch(row, rows, results)
+        state.bump("batches.gemini")
+        if expires:
+            state.bump("fault.expired_batch")
+        return json_response(self.to_object(row, now, req.base_url, fresh=True))
+
+    def _draft(self, model: str, i: int, key: str, obj: Any, offset: int, size: int) -> LineDraft:
+        """One request of a batch: checked now, its error (if any) answered in the output."""
+        draft = LineDraft(i + 1, key, offset, size)
+        request = obj.get("request") if isinstance(obj, dict) else None
+        try:
+            if not isinstance(request, dict):
+                raise ApiError(400, "request: a GenerateContentRequest object is required")
+            inner = request.get("model")
+            p = plan_content(inner if isinstance(inner, str) and inner else model, request)
+        except ApiError as exc:
+            draft.error = ApiError(exc.status, exc.message)
+        else:
+            draft.prompt = p.prompt
+            draft.input_tokens = p.prompt.tokens
+            draft.output_tokens = p.generation.output_tokens
+            draft.reasoning_tokens = p.generation.reasoning_tokens
+        return draft
+
+    def _write_inline(self, model: str, requests: list[Any], path: Path) -> list[LineDraft]:
+        """Inline requests, one per line of a blob (`{"request", "metadata"}`)."""
+        drafts = []
+        offset = 0
+        with path.open("wb") as out:
+            for i, item in enumerate(requests):
+                if not isinstance(item, dict):
+                    raise ApiError(400, f"Invalid value at 'batch.input_config.requests[{i}]'")
+                raw = orjson.dumps(item) + b"\n"
+                out.write(raw)
+                meta = item.get("metadata")
+                key = meta.get("key") if isinstance(meta, dict) else None
+                key = key if isinstance(key, str) and key else str(i + 1)
+                drafts.append(self._draft(model, i, key, item, offset, len(raw)))
+                offset += len(raw)
+        return drafts
+
+    def _read_file(self, model: str, path: Path) -> list[LineDraft]:
+        """A JSONL input file of `{"key", "request"}` lines; a broken line errs on its own."""
+        drafts = []
+        offset = 0
+        with path.open("rb") as fh:
+            for i, raw in enumerate(fh):
+                size = len(raw)
+                if raw.strip():
+                    try:
+                        obj = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        obj = None
+                    key = obj.get("key") if isinstance(obj, dict) else None
+                    key = key if isinstance(key, str) and key else str(len(drafts) + 1)
+                    drafts.append(self._draft(model, len(drafts), key, obj, offset, size))
+                offset += size
+        return drafts
+
+    def timeline(self, b: BatchRow) -> Timeline:
+        return Timeline.plan(
+            PROVIDER,
+            created_at=b.created_at,
+            turnaround_s=b.turnaround_s,
+            total=b.request_count,
+            expires=b.expires,
+            cancel_at=b.cancel_at,
+        )
+
+    def status(self, b: BatchRow, now: float, *, fresh: bool = False) -> str:
+        """The batch's `BATCH_STATE_*` at `now` (`fresh`: as the create call answers)."""
+        if fresh:
+            return "BATCH_STATE_PENDING"
+        return _STATES[self.timeline(b).phase(now)]
+
+    def to_object(
+        self, b: BatchRow, now: float, base_url: str, *, fresh: bool = False
+    ) -> dict[str, Any]:
+        """The batch as an operation `{name, metadata, done, response?}`."""
+        tl = self.timeline(b)
+        state = self.status(b, now, fresh=fresh)
+        ended = tl.phase(now).terminal and not fresh
+        done = tl.done(now) if not fresh else 0
+        summary = self._env.state.line_summary(b.id, done) if done else None
+        options = b.options or {}
+        batch: dict[str, Any] = {
+            "@type": _BATCH_TYPE,
+            "model": f"models/{b.model}",
+            "displayName": options.get("display_name", ""),
+            "createTime": rfc3339(b.created_at),
+            "updateTime": rfc3339(min(now, tl.final_at) if ended else b.created_at),
+            "batchStats": {
+                "requestCount": str(b.request_count),
+                "successfulRequestCount": str(summary.succeeded if summary else 0),
+                "failedRequestCount": str(summary.errored if summary else 0),
+                "pendingRequestCount": str(0 if ended else b.request_count - done),
+            },
+            "state": state,
+            "name": f"batches/{b.id}",
+        }
+        if b.input_file_id is not None:
+            batch["inputConfig"] = {"fileName": f"files/{b.input_file_id}"}
+        operation: dict[str, Any] = {"name": f"batches/{b.id}", "metadata": batch, "done": ended}
+        if ended:
+            batch["endTime"] = rfc3339(tl.final_at)
+            output: dict[str, Any] = (
+                {"responsesFile": f"files/{b.output_file_id}"}
+                if b.output_file_id is not None
+                else {"inlinedResponses": {"inlinedResponses": list(self._inline(b, now))}}
+            )
+            batch["output"] = output
+            operation["response"] = {"@type": _OUTPUT_TYPE, **output}
+        return operation
+
+    def _results(self, b: BatchRow, now: float) -> Iterator[tuple[dict[str, Any], LineRow]]:
+        """(the input line as stored, its outcome) for every line, in input order."""
+        done = self.timeline(b).done(now)
+        rows = sorted(self._env.state.iter_lines(b.id, 0, b.request_count), key=lambda r: r[1])
+        with open(b.input_path, "rb") as fh:
+            for line in rows:
+                stored = orjson.loads(read_at(fh, line.offset, line.length) or b"{}")
+                result: dict[str, Any]
+                if line.pos >= done:
+                    cancelled = b.cancel_at is not None
+                    result = error_body(
+                        499 if cancelled else 504,
+                        "The batch was cancelled before this request ran."
+                        if cancelled
+                        else "The batch expired before this request ran.",
+                    )
+                elif line.ok:
+                    request = stored.get("request") or {}
+                    plan = plan_content(str(request.get("model") or b.model), request)
+                    response = render_response(
+                        plan,
+                        cache=CacheUse(line.cached_tokens),
+                        response_id=hex_id(b.id, line.custom_id, length=22),
+                    )
+                    result = {"response": response}
+                else:
+                    result = error_body(line.status, line.err_message or "request failed")
+                yield (stored if isinstance(stored, dict) else {}), {**result, "_line": line}
+
+    def _inline(self, b: BatchRow, now: float) -> Iterator[dict[str, Any]]:
+        for stored, result in self._results(b, now):
+            result.pop("_line")
+            meta = stored.get("metadata")
+            yield {**result, "metadata": meta} if meta is not None else result
+
+    def _batch(self, batch_id: str) -> BatchRow:
+        batch = self._env.state.get_batch(batch_id, provider=PROVIDER)
+        if batch is None:
+            raise ApiError(404, f"Batch batches/{batch_id} not found.")
+        return batch
+
+    def _get(self, req: Request, batch_id: str) -> Response:
+        return json_response(self.to_object(self._batch(batch_id), self._env.now(), req.base_url))
+
+    def _list(self, req: Request) -> Response:
+        size = req.int_param("pageSize", default=50, low=1, high=1000)
+        start = req.int_param("pageToken", default=0, low=0, high=1 << 62)
+        rows = self._env.state.batches(PROVIDER)
+        page = rows[start : start + size]
+        now = self._env.now()
+        answer: dict[str, Any] = {"operations": [self.to_object(b, now, req.base_url) for b in page]}
+        if start + size < len(rows):
+            answer["nextPageToken"] = str(start + size)
+        return json_response(answer)
+
+    def _cancel(self, req: Request, batch_id: str) -> Response:
+        now = self._env.now()
+        batch = self._batch(batch_id)
+        tl = self.timeline(batch)
+        if batch.cancel_at is None and not tl.phase(now).terminal:
+            self._env.state.set_cancel(batch_id, at=now, ends_at=tl.cancelled(now).final_at)
+        return json_response({})
+
+    def _delete(self, req: Request, batch_id: str) -> Response:
+        self._batch(batch_id)
+        self._env.state.delete_batch(batch_id)
+        return json_response({})
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _upload(self, req: Request) -> Response:
+        upload_id = req.query.get("upload_id")
+        if upload_id is None:
+            return self._start_upload(req)
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+        if upload is None:
+            raise ApiError(404, "No upload session with that upload_id.")
+        command = {c.strip() for c in req.headers.get("x-goog-upload-command", "").split(",")}
+        if "query" in command:
+            return self._upload_status(upload, "active")
+        if "upload" in command:
+            offset = int(req.headers.get("x-goog-upload-offset") or upload.received)
+            if offset != upload.received:
+                raise ApiError(400, f"Upload offset {offset} != {upload.received} bytes received.")
+            with upload.path.open("ab") as out:
+                for chunk in req.body.chunks():
+                    upload.received += len(chunk)
+                    if upload.received > MAX_FILE_BYTES:
+                        raise ApiError(400, "The file is larger than 2 GB.")
+                    out.write(chunk)
+        if "finalize" not in command:
+            return self._upload_status(upload, "active")
+        if upload.size is not None and upload.received != upload.size:
+            raise ApiError(
+                400, f"Received {upload.received} bytes, {upload.size} were announced."
+            )
+        now = self._env.now()
+        row = FileRow(
+            upload.file_id, 0, f"gemini:{upload.mime_type}", upload.display_name,
+            upload.received, now, now + _FILE_TTL_S, str(upload.path),
+        )  # fmt: skip
+        self._env.state.insert_file(row)
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+        response = json_response({"file": self._file_object(row, req.base_url)})
+        response.headers.append(("x-goog-upload-status", "final"))
+        return response
+
+    def _start_upload(self, req: Request) -> Response:
+        protocol = req.headers.get("x-goog-upload-protocol", "")
+        if protocol != "resumable":
+            raise ApiError(400, "Only the resumable upload protocol is emulated.")
+        raw = req.read_bytes()
+        meta = orjson.loads(raw) if raw.strip() else {}
+        file = meta.get("file") if isinstance(meta, dict) else None
+        file = file if isinstance(file, dict) else {}
+        size_header = req.headers.get("x-goog-upload-header-content-length")
+        file_id = hex_id(self._env.config.seed, "gemini-file", uuid.uuid4().hex, length=12)
+        upload = _Upload(
+            file_id=file_id,
+            path=self._env.state.blob_dir / f"gemini-file-{file_id}",
+            size=int(size_header) if size_header and size_header.isdigit() else None,
+            mime_type=req.headers.get("x-goog-upload-header-content-type")
+            or str(file.get("mimeType") or "application/octet-stream"),
+            display_name=str(
+                file.get("displayName") or req.headers.get("x-goog-upload-file-name") or file_id
+            ),
+        )
+        upload.path.write_bytes(b"")
+        upload_id = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[upload_id] = upload
+        response = self._upload_status(upload, "active")
+        response.headers.append(
+            (
+                "x-goog-upload-url",
+                f"{req.base_url}{req.path}?upload_id={upload_id}&upload_protocol=resumable",
+            )
+        )
+        response.headers.append(("x-goog-upload-chunk-granularity", str(8 << 20)))
+        return response
+
+    @staticmethod
+    def _upload_status(upload: _Upload, status: str) -> Response:
+        response = json_response({})
+        response.headers += [
+            ("x-goog-upload-status", status),
+            ("x-goog-upload-size-received", str(upload.received)),
+        ]
+        return response
+
+    def _file(self, file_id: str) -> FileRow:
+        file = self._env.state.get_file(file_id)
+        if file is None or not file.purpose.startswith("gemini:"):
+            raise ApiError(403, f"You do not have permission to access the File {file_id} "
+                           "or it may not exist.")  # fmt: skip
+        if file.batch_id is not None:
+            batch = self._env.state.get_batch(file.batch_id, provider=PROVIDER)
+            if batch is None or not self.timeline(batch).phase(self._env.now()).terminal:
+                raise ApiError(404, f"File files/{file_id} not found.")
+        return file
+
+    def _file_object(self, file: FileRow, base_url: str) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "name": f"files/{file.id}",
+            "displayName": file.filename,
+            "mimeType": file.purpose.removeprefix("gemini:"),
+            "sizeBytes": str(file.bytes or 0),
+            "createTime": rfc3339(file.created_at),
+            "updateTime": rfc3339(file.created_at),
+            "uri": f"{base_url}/v1beta/files/{file.id}",
+            "state": "ACTIVE",
+            "source": "UPLOADED",
+        }
+        if file.expires_at is not None:
+            obj["expirationTime"] = rfc3339(file.expires_at)
+        if file.batch_id is not None:
+            obj["source"] = "GENERATED"
+            obj["downloadUri"] = f"{base_url}/download/v1beta/files/{file.id}:download?alt=media"
+        return obj
+
+    def _get_file(self, req: Request, file_id: str) -> Response:
+        return json_response(self._file_object(self._file(file_id), req.base_url))
+
+    def _list_files(self, req: Request) -> Response:
+        files = [f for f in self._env.state.uploaded_files() if f.purpose.startswith("gemini:")]
+        return json_response({"files": [self._file_object(f, req.base_url) for f in files]})
+
+    def _delete_file(self, req: Request, file_id: str) -> Response:
+        self._file(file_id)
+        self._env.state.delete_file(file_id)
+        return json_response({})
+
+    def _download(self, req: Request, file_id: str) -> Response:
+        file = self._file(file_id)
+        if file.batch_id is None:
+            assert file.path is not None
+            return Response(200, Path(file.path).read_bytes(), content_type=file.purpose[7:])
+        batch = self._batch(file.batch_id)
+        lines = self._response_lines(batch, self._env.now())
+        return Response(
+            200,
+            chunked(self._env.faults.malformed(batch.id, "responses", lines)),
+            content_type="application/jsonl",
+        )
+
+    def _response_lines(self, b: BatchRow, now: float) -> Iterator[bytes]:
+        for _stored, result in self._results(b, now):
+            line: LineRow = result.pop("_line")
+            yield orjson.dumps({"key": line.custom_id, **result}) + b"\n"
