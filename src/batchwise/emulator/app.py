@@ -146,7 +146,8 @@ class Emulator:
             batches.append(
                 {
                     "provider": b.provider,
-                    "id": b.id,
+                    # a Gemini batch is known by its resource name, as its API calls it
+                    "id": f"batches/{b.id}" if b.provider == "gemini" else b.id,
                     "status": status,
                     "metadata": b.metadata,
                     "request_count": b.request_count,

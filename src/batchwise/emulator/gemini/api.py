@@ -470,9 +470,12 @@ class GeminiApi:
             path=self._env.state.blob_dir / f"gemini-file-{file_id}",
             size=int(size_header) if size_header and size_header.isdigit() else None,
             mime_type=req.headers.get("x-goog-upload-header-content-type")
-            or str(file.get("mimeType") or "application/octet-stream"),
+            or str(file.get("mimeType") or file.get("mime_type") or "application/octet-stream"),
             display_name=str(
-                file.get("displayName") or req.headers.get("x-goog-upload-file-name") or file_id
+                file.get("displayName")
+                or file.get("display_name")  # the SDK sends its own field names here
+                or req.headers.get("x-goog-upload-file-name")
+                or file_id
             ),
         )
         upload.path.write_bytes(b"")
