@@ -160,9 +160,7 @@ def test_batches_list_cancel_and_delete(client: genai.Client, clock: ManualClock
     assert caught.value.code == 404
 
 
-def test_stats_count_gemini_batches_and_realtime_calls(
-    client: genai.Client, emu: Emulator
-) -> None:
+def test_stats_count_gemini_batches_and_realtime_calls(client: genai.Client, emu: Emulator) -> None:
     client.models.generate_content(model=MODEL, contents="hi")
     client.batches.create(model=MODEL, src=[{"contents": [{"parts": [{"text": "x"}]}]}])
     stats = emu.stats()

@@ -101,8 +101,7 @@ class Emulator:
             return self._anthropic.handle(req)
         if req.path.startswith(_GEMINI_PREFIXES) or (
             # google-genai 3.x calls `/v1/…` too: told from OpenAI's paths by Google's key
-            req.path.startswith("/v1/")
-            and ("x-goog-api-key" in req.headers or "key" in req.query)
+            req.path.startswith("/v1/") and ("x-goog-api-key" in req.headers or "key" in req.query)
         ):
             return self._gemini.handle(req)
         if req.path.startswith("/v1/"):

@@ -178,9 +178,7 @@ def check_body(body: dict[str, Any], prefix: str) -> None:
         )
     for key, low, high in (("temperature", 0, 2), ("topP", 0, 1)):
         value = config.get(key)
-        if value is not None and (
-            type(value) not in (int, float) or not low <= value <= high
-        ):
+        if value is not None and (type(value) not in (int, float) or not low <= value <= high):
             raise Invalid(
                 f"expected a number from {low} to {high}, got {value!r}",
                 f"{prefix}.generationConfig.{key}",

@@ -363,8 +363,13 @@ def _parse_simple(
                 "endpoint",
             )
         body = gemini.simple(obj, model, _SIMPLE_META - {"prompt"})
-        return obj.get("custom_id"), provider, gemini.GENERATE, gemini.model_name(model), body, (
-            "simple"
+        return (
+            obj.get("custom_id"),
+            provider,
+            gemini.GENERATE,
+            gemini.model_name(model),
+            body,
+            ("simple"),
         )
     body = {k: v for k, v in obj.items() if k not in _SIMPLE_META}
     endpoint = obj.get("endpoint")

@@ -185,7 +185,7 @@ class GeminiProvider(HttpProvider):
         request = dict(body)
         model = request.pop("model", None)
         if not isinstance(model, str) or not model:
-            raise ValueError("a Gemini request body needs its model (\"model\": \"models/…\")")
+            raise ValueError('a Gemini request body needs its model ("model": "models/…")')
         path = f"/{API_VERSION}/{_quoted(model_path(model))}:generateContent"
         response = self._http.request("POST", path, json=request, kind="realtime")
         answer = self._http.json_object(response, what=f"POST {path}")
@@ -375,7 +375,7 @@ class GeminiProvider(HttpProvider):
             output = obj["response"]
         responses_file = output.get("responsesFile")
         error = obj.get("error") if isinstance(obj.get("error"), dict) else None
-        issues = ()
+        issues: tuple[BatchIssue, ...] = ()
         if error is not None:
             code = error.get("status") or error.get("code") or "unknown"
             issues = (BatchIssue(code=str(code), message=str(error.get("message") or "")),)
@@ -513,7 +513,7 @@ def _parse_time(value: Any) -> datetime | None:
     head, dot, rest = text.partition(".")
     if dot:  # Python reads at most 6 fractional digits
         digits = len(rest) - len(rest.lstrip("0123456789"))
-        text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)

@@ -49,9 +49,7 @@ MAX_INLINE_BYTES = 20 << 20
 MAX_FILE_BYTES = 2 << 30
 _FILE_TTL_S = 48 * 3600.0
 _BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
-_OUTPUT_TYPE = (
-    "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
-)
+_OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 #: emulator phase → the batch's REST state (Gemini has no validating or finalizing word)
 _STATES = {
     Phase.VALIDATING: "BATCH_STATE_PENDING",
@@ -228,9 +226,17 @@ class GeminiApi:
         if output_id is not None:
             results.append(
                 FileRow(
-                    output_id, 0, "gemini:application/jsonl", f"{output_id}.jsonl", None, now,
-                    now + _FILE_TTL_S, None, batch_id, "output",
-                )  # fmt: skip
+                    output_id,
+                    0,
+                    "gemini:application/jsonl",
+                    f"{output_id}.jsonl",
+                    None,
+                    now,
+                    now + _FILE_TTL_S,
+                    None,
+                    batch_id,
+                    "output",
+                )
             )
         state.insert_batch(row, rows, results)
         state.bump("batches.gemini")
@@ -258,7 +264,7 @@ class GeminiApi:
 
     def _write_inline(self, model: str, requests: list[Any], path: Path) -> list[LineDraft]:
         """Inline requests, one per line of a blob (`{"request", "metadata"}`)."""
-        drafts = []
+        drafts: list[LineDraft] = []
         offset = 0
         with path.open("wb") as out:
             for i, item in enumerate(requests):
@@ -275,10 +281,10 @@ class GeminiApi:
 
     def _read_file(self, model: str, path: Path) -> list[LineDraft]:
         """A JSONL input file of `{"key", "request"}` lines; a broken line errs on its own."""
-        drafts = []
+        drafts: list[LineDraft] = []
         offset = 0
         with path.open("rb") as fh:
-            for i, raw in enumerate(fh):
+            for _i, raw in enumerate(fh):
                 size = len(raw)
                 if raw.strip():
                     try:
@@ -346,8 +352,11 @@ class GeminiApi:
             operation["response"] = {"@type": _OUTPUT_TYPE, **output}
         return operation
 
-    def _results(self, b: BatchRow, now: float) -> Iterator[tuple[dict[str, Any], LineRow]]:
-        """(the input line as stored, its outcome) for every line, in input order."""
+    def _results(
+        self, b: BatchRow, now: float
+    ) -> Iterator[tuple[dict[str, Any], LineRow, dict[str, Any]]]:
+        """(the input line as stored, its line row, its outcome) for every line, in input
+        order."""
         done = self.timeline(b).done(now)
         rows = sorted(self._env.state.iter_lines(b.id, 0, b.request_count), key=lambda r: r[1])
         with open(b.input_path, "rb") as fh:
@@ -373,11 +382,10 @@ class GeminiApi:
                     result = {"response": response}
                 else:
                     result = error_body(line.status, line.err_message or "request failed")
-                yield (stored if isinstance(stored, dict) else {}), {**result, "_line": line}
+                yield (stored if isinstance(stored, dict) else {}), line, result
 
     def _inline(self, b: BatchRow, now: float) -> Iterator[dict[str, Any]]:
-        for stored, result in self._results(b, now):
-            result.pop("_line")
+        for stored, _line, result in self._results(b, now):
             meta = stored.get("metadata")
             yield {**result, "metadata": meta} if meta is not None else result
 
@@ -396,7 +404,9 @@ class GeminiApi:
         rows = self._env.state.batches(PROVIDER)
         page = rows[start : start + size]
         now = self._env.now()
-        answer: dict[str, Any] = {"operations": [self.to_object(b, now, req.base_url) for b in page]}
+        answer: dict[str, Any] = {
+            "operations": [self.to_object(b, now, req.base_url) for b in page]
+        }
         if start + size < len(rows):
             answer["nextPageToken"] = str(start + size)
         return json_response(answer)
@@ -440,9 +450,7 @@ class GeminiApi:
         if "finalize" not in command:
             return self._upload_status(upload, "active")
         if upload.size is not None and upload.received != upload.size:
-            raise ApiError(
-                400, f"Received {upload.received} bytes, {upload.size} were announced."
-            )
+            raise ApiError(400, f"Received {upload.received} bytes, {upload.size} were announced.")
         now = self._env.now()
         row = FileRow(
             upload.file_id, 0, f"gemini:{upload.mime_type}", upload.display_name,
@@ -557,6 +565,5 @@ class GeminiApi:
         )
 
     def _response_lines(self, b: BatchRow, now: float) -> Iterator[bytes]:
-        for _stored, result in self._results(b, now):
-            line: LineRow = result.pop("_line")
+        for _stored, line, result in self._results(b, now):
             yield orjson.dumps({"key": line.custom_id, **result}) + b"\n"

@@ -110,7 +110,7 @@ def _config(body: Mapping[str, Any]) -> Mapping[str, Any]:
     if config is None:
         return {}
     if not isinstance(config, Mapping):
-        raise bad('Invalid value at \'generation_config\': expected an object')
+        raise bad("Invalid value at 'generation_config': expected an object")
     return config
 
 
