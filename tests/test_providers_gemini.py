@@ -94,6 +94,28 @@ def test_a_large_batch_is_uploaded_resumably_and_read_back_from_its_responses_fi
     assert caught.value.status_code == 404 and not caught.value.retryable
 
 
+def test_broken_lines_of_a_responses_file_are_unreadable_and_the_rest_read(
+    tmp_path: Path,
+) -> None:
+    config = EmulatorConfig(turnaround_s=0.0, malformed_line_rate=0.5, seed=11, api_key=KEY)
+    with Emulator(config) as emu:
+        provider = GeminiProvider(KEY, emu.gemini_base_url, inline_max_bytes=0)
+        ids = [f"m{i}" for i in range(12)]
+        created = provider.submit_batch(
+            batch_file(tmp_path / "in.jsonl", provider, ids), endpoint=GENERATE, metadata={}
+        )
+        outcomes = list(provider.fetch_results(provider.get_batch(created.id)))
+        provider.close()
+    kinds = [o.kind for o in outcomes]
+    assert len(outcomes) == len(ids)
+    assert OutcomeKind.UNREADABLE in kinds and OutcomeKind.SUCCEEDED in kinds
+    assert set(kinds) == {OutcomeKind.UNREADABLE, OutcomeKind.SUCCEEDED}
+    for outcome in outcomes:
+        if outcome.kind is OutcomeKind.UNREADABLE:
+            assert outcome.custom_id == "" and outcome.error_message and outcome.line
+            assert KEY not in (outcome.excerpt or "")
+
+
 def test_realtime_generate_content_sends_the_model_in_the_path_only(tmp_path: Path) -> None:
     with Emulator(EmulatorConfig(api_key=KEY)) as emu:
         provider = GeminiProvider(KEY, emu.gemini_base_url)
@@ -406,6 +428,28 @@ def test_gemini_lines_run_through_batch_mode_at_about_half_the_realtime_price(
     assert [r["custom_id"] for r in simple] == [f"s{i}" for i in range(8)]
     assert all(r["state"] == "succeeded" and r["text"] for r in simple)
     assert native["key"] == "native-1" and native["response"]["candidates"]
+
+
+def test_failed_gemini_lines_go_again_or_fail_with_the_providers_word(tmp_path: Path) -> None:
+    config = EmulatorConfig(turnaround_s=2.0, error_rate=0.3, seed=5)
+    lines = [{"custom_id": f"f{i}", "model": MODEL, "prompt": f"Line {i}"} for i in range(20)]
+    with make_world(
+        tmp_path,
+        f"sqlite:///{tmp_path}/db.sqlite",
+        emulator_config=config,
+        clock=ManualClock(AFTER),
+    ) as world:
+        world.enqueue(lines)
+        world.drain()
+        requests = rows(world.store, requests_t)
+        made = world.stats()["batches"]
+    states = {r["state"] for r in requests}
+    assert states <= {"succeeded", "failed"} and "succeeded" in states
+    assert len(made) > 1  # transient line errors were sent again in a later batch
+    # a final error fails at once; a line that kept failing transiently fails after its tries
+    words = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL")
+    failed = [r for r in requests if r["state"] == "failed"]
+    assert all(any(w in (r["error"] or "") for w in words) for r in failed)
 
 
 def test_a_realtime_gemini_request_is_answered_through_generate_content(tmp_path: Path) -> None:

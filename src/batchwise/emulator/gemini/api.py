@@ -560,7 +560,7 @@ class GeminiApi:
         lines = self._response_lines(batch, self._env.now())
         return Response(
             200,
-            chunked(self._env.faults.malformed(batch.id, "responses", lines)),
+            chunked(self._env.faults.malformed(batch.id, "responses", lines, id_field="key")),
             content_type="application/jsonl",
         )
 
