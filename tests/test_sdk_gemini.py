@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import httpx
 import orjson
 import pytest
 from google import genai
@@ -108,7 +109,7 @@ def test_inline_batch_runs_to_success_with_responses_in_input_order(
 
 
 def test_file_batch_uploads_resumably_and_downloads_the_responses_file(
-    client: genai.Client, clock: ManualClock
+    client: genai.Client, clock: ManualClock, emu: Emulator
 ) -> None:
     # Given a JSONL input file uploaded through the Files API
     lines = b"".join(
@@ -122,6 +123,9 @@ def test_file_batch_uploads_resumably_and_downloads_the_responses_file(
     assert uploaded.name and uploaded.name.startswith("files/")
     assert uploaded.size_bytes == len(lines)
     assert client.files.get(name=uploaded.name).display_name == "in"
+    # ... a Gemini file, which OpenAI's Files API on the same server does not show
+    openai_files = httpx.get(f"{emu.url}/v1/files", headers={"authorization": f"Bearer {KEY}"})
+    assert openai_files.status_code == 200 and openai_files.json()["data"] == []
     # When a batch runs over it
     job = client.batches.create(model=MODEL, src=uploaded.name)
     assert job.name is not None
