@@ -488,3 +488,39 @@ def test_settings_read_the_gemini_key_and_base_url_as_the_sdk_does() -> None:
     both = Settings.from_env({**env, "GOOGLE_API_KEY": "google-key"})
     assert both.gemini_api_key == "google-key"  # GOOGLE_API_KEY wins, as in google-genai
     assert "g-key" not in repr(settings) and "google-key" not in repr(both)
+
+
+def test_the_cli_submits_runs_and_exports_gemini_lines_with_the_sdks_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from batchwise.cli.main import cli
+
+    lines = [
+        {"custom_id": "s1", "model": MODEL, "prompt": "One", "tolerance": "24h"},
+        {"key": "k2", "model": MODEL, "request": body("Two"), "tolerance": "24h"},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    with Emulator(EmulatorConfig(turnaround_s=0.2, api_key=KEY)) as emu:
+        for name in ("BATCHWISE_DATABASE_URL", "BATCHWISE_CONFIG", "BATCHWISE_BROKER_URL"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+        monkeypatch.setenv("BATCHWISE_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("GEMINI_API_KEY", KEY)
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", emu.gemini_base_url)
+        runner = CliRunner()
+        submitted = runner.invoke(cli, ["submit", str(source), "--json"])
+        assert submitted.exit_code == 0, submitted.output
+        assert orjson.loads(submitted.stdout)["deferred"] == 2
+        ran = runner.invoke(cli, ["run", "--until-idle", "--interval", "0.1"])
+        assert ran.exit_code == 0, ran.output
+        exported = runner.invoke(cli, ["results", "--submission", "1"])
+        made = httpx.get(f"{emu.url}/_emulator/stats").json()["batches"]
+    assert exported.exit_code == 0, exported.output
+    simple, native = (orjson.loads(line) for line in exported.stdout.splitlines())
+    assert simple["custom_id"] == "s1" and simple["state"] == "succeeded" and simple["text"]
+    assert native["key"] == "k2" and native["response"]["usageMetadata"]["promptTokenCount"]
+    assert [(b["provider"], b["request_count"]) for b in made] == [("gemini", 2)]
+    assert KEY not in ran.output + submitted.output + exported.output
