@@ -216,6 +216,9 @@ def test_result_lines_map_errors_by_their_google_status(tmp_path: Path) -> None:
             "error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED"},
         },
         {"key": "bad", "error": {"code": 400, "message": "no", "status": "INVALID_ARGUMENT"}},
+        # a google.rpc.Status as batch output holds it: a gRPC code and no status word
+        {"key": "rpc-busy", "error": {"code": 8, "message": "quota"}},
+        {"key": "rpc-bad", "error": {"code": 3, "message": "bad request"}},
         {"response": {}},
     ]
     content = b"".join(orjson.dumps(line) + b"\n" for line in lines) + b'{"key": "cut'
@@ -231,11 +234,14 @@ def test_result_lines_map_errors_by_their_google_status(tmp_path: Path) -> None:
         ("ok", OutcomeKind.SUCCEEDED, False),
         ("busy", OutcomeKind.ERRORED, True),
         ("bad", OutcomeKind.ERRORED, False),
+        ("rpc-busy", OutcomeKind.ERRORED, True),
+        ("rpc-bad", OutcomeKind.ERRORED, False),
         ("", OutcomeKind.UNREADABLE, False),
         ("", OutcomeKind.UNREADABLE, False),
     ]
     assert outcomes[1].error_code == "RESOURCE_EXHAUSTED" and outcomes[1].status_code == 429
     assert outcomes[2].error_message == "no"
+    assert (outcomes[3].error_code, outcomes[3].status_code) == ("RESOURCE_EXHAUSTED", None)
 
 
 def test_a_google_error_answer_is_classified_by_its_status() -> None:

@@ -84,6 +84,25 @@ _STATES = {
 }
 #: per-line error statuses that mean the line never ran, once the batch ended that way
 _NOT_RUN = {"CANCELLED": OutcomeKind.CANCELLED, "DEADLINE_EXCEEDED": OutcomeKind.EXPIRED}
+#: a line's error is a `google.rpc.Status`: its `code` is the gRPC code, not an HTTP status
+GRPC_CODES = {
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    3: "INVALID_ARGUMENT",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    6: "ALREADY_EXISTS",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    9: "FAILED_PRECONDITION",
+    10: "ABORTED",
+    11: "OUT_OF_RANGE",
+    12: "UNIMPLEMENTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
+    15: "DATA_LOSS",
+    16: "UNAUTHENTICATED",
+}
 
 
 def _never_quota(error: WireError) -> bool:
@@ -420,9 +439,13 @@ class GeminiProvider(HttpProvider):
             )
         error = obj.get("error")
         if isinstance(error, dict):
-            status_word = error.get("status") if isinstance(error.get("status"), str) else None
             code = error.get("code")
-            status_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            number = code if isinstance(code, int) and not isinstance(code, bool) else None
+            # a google.rpc.Status names a gRPC code; an HTTP-style error an HTTP status
+            status_code = number if number is not None and number >= 100 else None
+            status_word = error.get("status") if isinstance(error.get("status"), str) else None
+            if status_word is None and number is not None:
+                status_word = GRPC_CODES.get(number)
             not_run = _NOT_RUN.get(status_word or "")
             if not_run is not None and batch.status in (
                 BatchStatus.CANCELLED,

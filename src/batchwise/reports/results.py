@@ -9,7 +9,8 @@ Three line shapes, one output line per finished request:
 - **anthropic**: an Anthropic results line `{"custom_id", "result": {"type": "succeeded",
   "message"}}`, or `errored` (with the error), `canceled` or `expired`.
 - **gemini**: a line of Gemini's batch responses file, `{"key", "response"}` with the
-  GenerateContentResponse, or `{"key", "error": {"code", "message", "status"}}`.
+  GenerateContentResponse, or `{"key", "error": {"code", "message", "status"}}` (a
+  `google.rpc.Status`: `code` is the gRPC code, `status` its name).
 - **simple**: `{"custom_id", "request_id", "state", "model", "text", "body", "error"}`, for
   lines that came in simple (`{"model", "messages" | "prompt"}`).
 
@@ -39,6 +40,12 @@ SHAPES = ("openai", "anthropic", "gemini", "simple")
 _GOOGLE_STATUS = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}  # fmt: skip
+#: Google's status word → its gRPC code (a Gemini line's error is a `google.rpc.Status`)
+_GRPC_CODES = {
+    "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "INTERNAL": 13,
+    "UNAVAILABLE": 14, "UNAUTHENTICATED": 16,
 }  # fmt: skip
 #: Anthropic's error types (`error.error.type` of an errored line)
 ANTHROPIC_ERROR_TYPES = frozenset({
@@ -175,7 +182,8 @@ def _gemini_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, 
     else:
         word = _GOOGLE_STATUS.get(status or 0, "UNKNOWN")
         message = f"{code}: {message}" if code != message else message
-    return {"key": row["custom_id"], "error": {"code": status, "message": message, "status": word}}
+    error = {"code": _GRPC_CODES.get(word, 2), "message": message, "status": word}
+    return {"key": row["custom_id"], "error": error}
 
 
 def _anthropic_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from batchwise.emulator.env import Env, retry_after_headers
 from batchwise.emulator.gemini.bodies import (
     count_tokens,
     error_body,
+    line_status,
     model_name,
     plan_content,
     render_response,
@@ -365,7 +366,7 @@ class GeminiApi:
                 result: dict[str, Any]
                 if line.pos >= done:
                     cancelled = b.cancel_at is not None
-                    result = error_body(
+                    result = line_status(
                         499 if cancelled else 504,
                         "The batch was cancelled before this request ran."
                         if cancelled
@@ -381,7 +382,7 @@ class GeminiApi:
                     )
                     result = {"response": response}
                 else:
-                    result = error_body(line.status, line.err_message or "request failed")
+                    result = line_status(line.status, line.err_message or "request failed")
                 yield (stored if isinstance(stored, dict) else {}), line, result
 
     def _inline(self, b: BatchRow, now: float) -> Iterator[dict[str, Any]]:

@@ -69,6 +69,29 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"code": status, "message": message, "status": word}}
 
 
+#: Google's status word → its gRPC code (a batch line's error is a `google.rpc.Status`)
+GRPC_CODES = {
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "ABORTED": 10,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "UNAUTHENTICATED": 16,
+}
+
+
+def line_status(status: int, message: str) -> dict[str, Any]:
+    """A batch line's error, a `google.rpc.Status` (`{"code": gRPC code, "message"}`), for an
+    error of HTTP `status`."""
+    word = error_body(status, message)["error"]["status"]
+    return {"error": {"code": GRPC_CODES.get(word, 2), "message": message}}
+
+
 def bad(message: str) -> ApiError:
     return ApiError(400, message)
 
