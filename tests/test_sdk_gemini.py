@@ -65,6 +65,10 @@ def test_generate_content_answers_with_usage_and_thoughts(client: genai.Client) 
 def test_any_gemini_model_name_is_answered(client: genai.Client) -> None:
     for model in ("gemini-9.9-ultra-preview-11-2027", "gemini-2.0-flash-lite"):
         assert client.models.generate_content(model=model, contents="hi").text
+    assert client.models.get(model=MODEL).output_token_limit == 65_536
+    assert f"models/{MODEL}" in [m.name for m in client.models.list()]
+    counted = client.models.count_tokens(model=MODEL, contents="four words here now")
+    assert counted.total_tokens
 
 
 def test_a_wrong_key_and_a_bad_body_raise_the_sdks_errors(emu: Emulator) -> None:

@@ -7,6 +7,7 @@ batch mode (inline and file input), and the Files API with its resumable upload 
     POST /upload/v1beta/files (start; then upload, finalize at the x-goog-upload-url)
     GET|DELETE /v1beta/files/{id}   GET /v1beta/files
     GET /v1beta/files/{id}:download, GET /download/v1beta/files/{id}:download (alt=media)
+    GET /v1beta/models[/{model}]
 
 A batch is an operation `batches/{id}` whose `metadata` is the batch (state
 `BATCH_STATE_*`, `batchStats`, and once ended its `output`: inline responses in input order,
@@ -30,10 +31,12 @@ import orjson
 from batchwise.emulator.batches import LineDraft, chunked, read_at, settle_lines
 from batchwise.emulator.env import Env, retry_after_headers
 from batchwise.emulator.gemini.bodies import (
+    KNOWN_MODELS,
     count_tokens,
     error_body,
     line_status,
     model_name,
+    model_object,
     plan_content,
     render_response,
 )
@@ -99,6 +102,8 @@ class GeminiApi:
         self._routes = Routes(
             "",
             [
+                ("GET", f"{v}/models", self._models),
+                ("GET", f"{v}/models/{m}", self._model),
                 ("POST", f"{v}/models/{m}:generateContent", self._generate),
                 ("POST", f"{v}/models/{m}:countTokens", self._count_tokens),
                 ("POST", f"{v}/models/{m}:batchGenerateContent", self._create),
@@ -152,6 +157,12 @@ class GeminiApi:
         use = self._cache.use(p.prompt, self._env.now())
         self._env.state.bump("realtime.gemini")
         return json_response(render_response(p, cache=use, response_id=uuid.uuid4().hex[:22]))
+
+    def _model(self, req: Request, model: str) -> Response:
+        return json_response(model_object(model))
+
+    def _models(self, req: Request) -> Response:
+        return json_response({"models": [model_object(name) for name in KNOWN_MODELS]})
 
     def _count_tokens(self, req: Request, model: str) -> Response:
         return json_response({"totalTokens": count_tokens(req.json())})

@@ -92,6 +92,40 @@ def line_status(status: int, message: str) -> dict[str, Any]:
     return {"error": {"code": GRPC_CODES.get(word, 2), "message": message}}
 
 
+#: the models `GET models` lists (any other name is answered all the same)
+KNOWN_MODELS = (
+    "gemini-3-pro-preview",
+    "gemini-3-flash-preview",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.5-flash-lite",
+    "gemini-2.0-flash",
+    "gemini-2.0-flash-lite",
+)
+
+
+def model_object(model: str) -> dict[str, Any]:
+    """A Model resource as `GET models/{model}` answers it."""
+    name = model_name(model)
+    return {
+        "name": f"models/{name}",
+        "version": "001",
+        "displayName": name.replace("-", " ").title(),
+        "inputTokenLimit": CONTEXT_WINDOW_TOKENS,
+        "outputTokenLimit": MAX_OUTPUT_TOKENS,
+        "supportedGenerationMethods": [
+            "generateContent",
+            "countTokens",
+            "batchGenerateContent",
+        ],
+        "temperature": 1,
+        "maxTemperature": 2,
+        "topP": 0.95,
+        "topK": 64,
+        "thinking": thinks(name),
+    }
+
+
 def bad(message: str) -> ApiError:
     return ApiError(400, message)
 
