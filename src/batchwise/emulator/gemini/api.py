@@ -40,7 +40,14 @@ from batchwise.emulator.gemini.bodies import (
     plan_content,
     render_response,
 )
-from batchwise.emulator.http import ApiError, Request, Response, Routes, json_response
+from batchwise.emulator.http import (
+    ApiError,
+    Request,
+    Response,
+    Routes,
+    json_response,
+    parse_json_object,
+)
 from batchwise.emulator.lifecycle import Phase, Timeline
 from batchwise.emulator.prompts import CacheUse, PrefixCache
 from batchwise.emulator.seeded import hex_id
@@ -171,7 +178,7 @@ class GeminiApi:
 
     def _create(self, req: Request, model: str) -> Response:
         env, state = self._env, self._env.state
-        body = req.json()
+        body = parse_json_object(req.read_bytes(MAX_INLINE_BYTES))  # inline: under 20 MB
         batch = body.get("batch", body)
         if not isinstance(batch, dict):
             raise ApiError(400, "Invalid value at 'batch': expected an object")
