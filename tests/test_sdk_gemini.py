@@ -8,6 +8,7 @@ responses file, the wire format is right.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -174,3 +175,23 @@ def test_stats_count_gemini_batches_and_realtime_calls(client: genai.Client, emu
     stats = emu.stats()
     assert stats["realtime_calls"]["gemini"] == 1
     assert [(b["provider"], b["request_count"]) for b in stats["batches"]] == [("gemini", 1)]
+
+
+# google-genai's own aiohttp session subclass warns in aiohttp 3.10+; nothing of ours
+@pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
+def test_the_async_client_speaks_the_same_wire(emu: Emulator, clock: ManualClock) -> None:
+    async def session() -> tuple[str | None, types.JobState | None, int]:
+        client = genai.Client(api_key=KEY, http_options=types.HttpOptions(base_url=emu.url))
+        answer = await client.aio.models.generate_content(model=MODEL, contents="hello")
+        job = await client.aio.batches.create(
+            model=MODEL, src=[{"contents": [{"parts": [{"text": "x"}]}]}] * 3
+        )
+        assert job.name is not None
+        clock.advance(11)
+        done = await client.aio.batches.get(name=job.name)
+        assert done.dest is not None and done.dest.inlined_responses is not None
+        await client.aio.aclose()
+        return answer.text, done.state, len(done.dest.inlined_responses)
+
+    text, state, count = asyncio.run(session())
+    assert text and state == types.JobState.JOB_STATE_SUCCEEDED and count == 3
