@@ -392,7 +392,7 @@ def test_guards_cap_gemini_output_in_its_generation_config() -> None:
 
 
 def test_gemini_lines_run_through_batch_mode_at_about_half_the_realtime_price(
-    tmp_path: Path,
+    tmp_path: Path, db_url: str
 ) -> None:
     # Given Gemini simple lines and Gemini request lines in one file
     lines = [
@@ -402,7 +402,7 @@ def test_gemini_lines_run_through_batch_mode_at_about_half_the_realtime_price(
     lines.append({"key": "native-1", "model": MODEL, "request": body("Tell me a fact")})
     source = tmp_path / "gemini.jsonl"
     source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-    with make_world(tmp_path, f"sqlite:///{tmp_path}/db.sqlite", clock=ManualClock(AFTER)) as world:
+    with make_world(tmp_path, db_url, clock=ManualClock(AFTER)) as world:
         submission = world.client.submit_file(source)
         assert (submission.accepted, submission.deferred) == (9, 9)
         # When the scheduler packs, submits, polls and reconciles them
