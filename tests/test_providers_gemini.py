@@ -530,3 +530,52 @@ def test_the_cli_submits_runs_and_exports_gemini_lines_with_the_sdks_variables(
     assert native["key"] == "k2" and native["response"]["usageMetadata"]["promptTokenCount"]
     assert [(b["provider"], b["request_count"]) for b in made] == [("gemini", 2)]
     assert KEY not in ran.output + submitted.output + exported.output
+
+
+def test_gemini_answers_translate_to_chat_completions_and_messages() -> None:
+    from batchwise.reports.translate import to_anthropic, to_openai
+
+    response = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {"text": "thinking aloud", "thought": True},
+                        {"text": "Rivers: "},
+                        {"text": "Nile."},
+                        {"functionCall": {"name": "lookup", "args": {"q": "Nile"}}},
+                    ],
+                },
+                "finishReason": "STOP",
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": 100,
+            "cachedContentTokenCount": 60,
+            "candidatesTokenCount": 20,
+            "thoughtsTokenCount": 30,
+        },
+        "modelVersion": MODEL,
+        "responseId": "abc",
+    }
+    chat = to_openai(response, created=1_700_000_000)
+    assert chat["id"] == "chatcmpl-abc" and chat["model"] == MODEL
+    [choice] = chat["choices"]
+    assert choice["message"]["content"] == "Rivers: Nile."
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "lookup", "arguments": '{"q":"Nile"}'}
+    assert chat["usage"] == {
+        "prompt_tokens": 100,
+        "completion_tokens": 50,
+        "total_tokens": 150,
+        "prompt_tokens_details": {"cached_tokens": 60},
+        "completion_tokens_details": {"reasoning_tokens": 30},
+    }
+    message = to_anthropic(response)
+    assert message["type"] == "message" and message["stop_reason"] == "tool_use"
+    assert message["usage"]["input_tokens"] == 40  # Anthropic's count leaves the cache out
+    assert message["usage"]["cache_read_input_tokens"] == 60
+    blocked = {**response, "candidates": [{"finishReason": "SAFETY"}]}
+    assert to_openai(blocked)["choices"][0]["finish_reason"] == "content_filter"
