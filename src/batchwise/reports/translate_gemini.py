@@ -42,7 +42,8 @@ def gemini_to_chat(response: dict[str, Any], *, created: int = 0) -> dict[str, A
     """`response` as the chat completion OpenAI would have answered."""
     candidates = response.get("candidates") or []
     first = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
-    content = first.get("content") if isinstance(first.get("content"), dict) else {}
+    raw_content = first.get("content")
+    content: dict[str, Any] = raw_content if isinstance(raw_content, dict) else {}
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for part in content.get("parts") or []:
