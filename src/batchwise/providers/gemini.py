@@ -144,6 +144,7 @@ class GeminiProvider(HttpProvider):
     """Gemini (or any server speaking its batch mode, such as the emulator)."""
 
     name = "gemini"
+    #: the input file may hold 2 GB; no line limit is documented, so batchwise keeps OpenAI's
     limits = BatchLimits(
         max_requests=50_000,
         max_bytes=2 * 1024 * 1024 * 1024,
