@@ -144,6 +144,12 @@ def test_file_batch_uploads_resumably_and_downloads_the_responses_file(
     assert [r["key"] for r in results] == [f"req-{i}" for i in range(5)]
     assert all(r["response"]["candidates"][0]["content"]["parts"][0]["text"] for r in results)
     assert all(r["response"]["usageMetadata"]["promptTokenCount"] > 0 for r in results)
+    # ... and the uploaded file is listed until it is deleted
+    assert uploaded.name in [f.name for f in client.files.list()]
+    client.files.delete(name=uploaded.name)
+    assert uploaded.name not in [f.name for f in client.files.list()]
+    with pytest.raises(errors.ClientError):
+        client.files.get(name=uploaded.name)
 
 
 def test_batches_list_cancel_and_delete(client: genai.Client, clock: ManualClock) -> None:
