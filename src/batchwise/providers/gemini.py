@@ -318,7 +318,9 @@ class GeminiProvider(HttpProvider):
         created_after: datetime,
         request_count: int | None = None,
     ) -> list[BatchInfo]:
-        """Batches since `created_after` whose display name carries `metadata_key=value`."""
+        """Batches since `created_after` whose display name carries `metadata_key=value`,
+        newest first. `request_count` is not needed: the display name identifies the batch.
+        The list's order is not documented, so up to 20 pages are read whole."""
         since = whole_second(created_after)
         found: list[BatchInfo] = []
         params: dict[str, str | int] = {"pageSize": self.list_page_size}
