@@ -13,22 +13,26 @@ A batch is an operation `batches/{id}` whose `metadata` is the batch (state
 `BATCH_STATE_*`, `batchStats`, and once ended its `output`: inline responses in input order,
 or a generated responses file of `{"key", "response" | "error"}` lines in input order).
 Timing follows `lifecycle.Timeline`; line outcomes are settled at creation like the others'.
+Uploads and file objects live in `files.GeminiFiles`.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from batchwise.emulator.batches import LineDraft, chunked, read_at, settle_lines
+from batchwise.emulator.batches import (
+    RESULT_CHUNK_BYTES,
+    LineDraft,
+    chunked,
+    read_at,
+    settle_lines,
+)
 from batchwise.emulator.env import Env, retry_after_headers
 from batchwise.emulator.gemini.bodies import (
     KNOWN_MODELS,
@@ -40,6 +44,7 @@ from batchwise.emulator.gemini.bodies import (
     plan_content,
     render_response,
 )
+from batchwise.emulator.gemini.files import FILE_TTL_S, GeminiFiles, rfc3339
 from batchwise.emulator.http import (
     ApiError,
     Request,
@@ -57,8 +62,6 @@ log = logging.getLogger("batchwise.emulator")
 
 PROVIDER = "gemini"
 MAX_INLINE_BYTES = 20 << 20
-MAX_FILE_BYTES = 2 << 30
-_FILE_TTL_S = 48 * 3600.0
 _BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 _OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 #: emulator phase → the batch's REST state (Gemini has no validating or finalizing word)
@@ -78,22 +81,6 @@ _UNREGISTERED = (
 )
 
 
-def rfc3339(moment: float) -> str:
-    return datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass
-class _Upload:
-    """A resumable upload in progress."""
-
-    file_id: str
-    path: Path
-    size: int | None
-    mime_type: str
-    display_name: str
-    received: int = 0
-
-
 class GeminiApi:
     """Answers `/v1beta/...`, `/upload/v1beta/...` and `/download/v1beta/...` like
     generativelanguage.googleapis.com."""
@@ -101,8 +88,7 @@ class GeminiApi:
     def __init__(self, env: Env, cache: PrefixCache) -> None:
         self._env = env
         self._cache = cache
-        self._uploads: dict[str, _Upload] = {}
-        self._lock = threading.Lock()
+        self._files = GeminiFiles(env, self._ended)
         m, b, f = r"(?P<model>[^/:]+)", r"(?P<batch_id>[^/:]+)", r"(?P<file_id>[^/:]+)"
         # every version the SDKs use: google-genai 3.x defaults to v1, the docs show v1beta
         v = r"/(?:v1beta|v1alpha|v1)"
@@ -118,10 +104,10 @@ class GeminiApi:
                 ("GET", f"{v}/batches/{b}", self._get),
                 ("POST", f"{v}/batches/{b}:cancel", self._cancel),
                 ("DELETE", f"{v}/batches/{b}", self._delete),
-                ("POST", f"/upload{v}/files", self._upload),
-                ("GET", f"{v}/files", self._list_files),
-                ("GET", f"{v}/files/{f}", self._get_file),
-                ("DELETE", f"{v}/files/{f}", self._delete_file),
+                ("POST", f"/upload{v}/files", self._files.upload),
+                ("GET", f"{v}/files", self._files.list),
+                ("GET", f"{v}/files/{f}", self._files.get),
+                ("DELETE", f"{v}/files/{f}", self._files.delete),
                 ("GET", f"{v}/files/{f}:download", self._download),
                 ("GET", f"/download{v}/files/{f}:download", self._download),
             ],
@@ -251,7 +237,7 @@ class GeminiApi:
                     f"{output_id}.jsonl",
                     None,
                     now,
-                    now + _FILE_TTL_S,
+                    now + FILE_TTL_S,
                     None,
                     batch_id,
                     "output",
@@ -443,138 +429,15 @@ class GeminiApi:
         self._env.state.delete_batch(batch_id)
         return json_response({})
 
-    # -- files ------------------------------------------------------------------------------
-
-    def _upload(self, req: Request) -> Response:
-        upload_id = req.query.get("upload_id")
-        if upload_id is None:
-            return self._start_upload(req)
-        with self._lock:
-            upload = self._uploads.get(upload_id)
-        if upload is None:
-            raise ApiError(404, "No upload session with that upload_id.")
-        command = {c.strip() for c in req.headers.get("x-goog-upload-command", "").split(",")}
-        if "query" in command:
-            return self._upload_status(upload, "active")
-        if "upload" in command:
-            offset = int(req.headers.get("x-goog-upload-offset") or upload.received)
-            if offset != upload.received:
-                raise ApiError(400, f"Upload offset {offset} != {upload.received} bytes received.")
-            with upload.path.open("ab") as out:
-                for chunk in req.body.chunks():
-                    upload.received += len(chunk)
-                    if upload.received > MAX_FILE_BYTES:
-                        raise ApiError(400, "The file is larger than 2 GB.")
-                    out.write(chunk)
-        if "finalize" not in command:
-            return self._upload_status(upload, "active")
-        if upload.size is not None and upload.received != upload.size:
-            raise ApiError(400, f"Received {upload.received} bytes, {upload.size} were announced.")
-        now = self._env.now()
-        row = FileRow(
-            upload.file_id, 0, f"gemini:{upload.mime_type}", upload.display_name,
-            upload.received, now, now + _FILE_TTL_S, str(upload.path),
-        )  # fmt: skip
-        self._env.state.insert_file(row)
-        with self._lock:
-            self._uploads.pop(upload_id, None)
-        response = json_response({"file": self._file_object(row, req.base_url)})
-        response.headers.append(("x-goog-upload-status", "final"))
-        return response
-
-    def _start_upload(self, req: Request) -> Response:
-        protocol = req.headers.get("x-goog-upload-protocol", "")
-        if protocol != "resumable":
-            raise ApiError(400, "Only the resumable upload protocol is emulated.")
-        raw = req.read_bytes()
-        meta = orjson.loads(raw) if raw.strip() else {}
-        file = meta.get("file") if isinstance(meta, dict) else None
-        file = file if isinstance(file, dict) else {}
-        size_header = req.headers.get("x-goog-upload-header-content-length")
-        file_id = hex_id(self._env.config.seed, "gemini-file", uuid.uuid4().hex, length=12)
-        upload = _Upload(
-            file_id=file_id,
-            path=self._env.state.blob_dir / f"gemini-file-{file_id}",
-            size=int(size_header) if size_header and size_header.isdigit() else None,
-            mime_type=req.headers.get("x-goog-upload-header-content-type")
-            or str(file.get("mimeType") or file.get("mime_type") or "application/octet-stream"),
-            display_name=str(
-                file.get("displayName")
-                or file.get("display_name")  # the SDK sends its own field names here
-                or req.headers.get("x-goog-upload-file-name")
-                or file_id
-            ),
-        )
-        upload.path.write_bytes(b"")
-        upload_id = uuid.uuid4().hex
-        with self._lock:
-            self._uploads[upload_id] = upload
-        response = self._upload_status(upload, "active")
-        response.headers.append(
-            (
-                "x-goog-upload-url",
-                f"{req.base_url}{req.path}?upload_id={upload_id}&upload_protocol=resumable",
-            )
-        )
-        response.headers.append(("x-goog-upload-chunk-granularity", str(8 << 20)))
-        return response
-
-    @staticmethod
-    def _upload_status(upload: _Upload, status: str) -> Response:
-        response = json_response({})
-        response.headers += [
-            ("x-goog-upload-status", status),
-            ("x-goog-upload-size-received", str(upload.received)),
-        ]
-        return response
-
-    def _file(self, file_id: str) -> FileRow:
-        file = self._env.state.get_file(file_id)
-        if file is None or not file.purpose.startswith("gemini:"):
-            raise ApiError(403, f"You do not have permission to access the File {file_id} "
-                           "or it may not exist.")  # fmt: skip
-        if file.batch_id is not None:
-            batch = self._env.state.get_batch(file.batch_id, provider=PROVIDER)
-            if batch is None or not self.timeline(batch).phase(self._env.now()).terminal:
-                raise ApiError(404, f"File files/{file_id} not found.")
-        return file
-
-    def _file_object(self, file: FileRow, base_url: str) -> dict[str, Any]:
-        obj: dict[str, Any] = {
-            "name": f"files/{file.id}",
-            "displayName": file.filename,
-            "mimeType": file.purpose.removeprefix("gemini:"),
-            "sizeBytes": str(file.bytes or 0),
-            "createTime": rfc3339(file.created_at),
-            "updateTime": rfc3339(file.created_at),
-            "uri": f"{base_url}/v1beta/files/{file.id}",
-            "state": "ACTIVE",
-            "source": "UPLOADED",
-        }
-        if file.expires_at is not None:
-            obj["expirationTime"] = rfc3339(file.expires_at)
-        if file.batch_id is not None:
-            obj["source"] = "GENERATED"
-            obj["downloadUri"] = f"{base_url}/download/v1beta/files/{file.id}:download?alt=media"
-        return obj
-
-    def _get_file(self, req: Request, file_id: str) -> Response:
-        return json_response(self._file_object(self._file(file_id), req.base_url))
-
-    def _list_files(self, req: Request) -> Response:
-        files = [f for f in self._env.state.uploaded_files() if f.purpose.startswith("gemini:")]
-        return json_response({"files": [self._file_object(f, req.base_url) for f in files]})
-
-    def _delete_file(self, req: Request, file_id: str) -> Response:
-        self._file(file_id)
-        self._env.state.delete_file(file_id)
-        return json_response({})
+    def _ended(self, batch_id: str) -> bool:
+        batch = self._env.state.get_batch(batch_id, provider=PROVIDER)
+        return batch is not None and self.timeline(batch).phase(self._env.now()).terminal
 
     def _download(self, req: Request, file_id: str) -> Response:
-        file = self._file(file_id)
-        if file.batch_id is None:
+        file = self._files.file(file_id)
+        if file.batch_id is None:  # an uploaded file, as it was sent
             assert file.path is not None
-            return Response(200, Path(file.path).read_bytes(), content_type=file.purpose[7:])
+            return Response(200, _blob(Path(file.path)), content_type=file.purpose[7:])
         batch = self._batch(file.batch_id)
         lines = self._response_lines(batch, self._env.now())
         return Response(
@@ -586,3 +449,9 @@ class GeminiApi:
     def _response_lines(self, b: BatchRow, now: float) -> Iterator[bytes]:
         for _stored, line, result in self._results(b, now):
             yield orjson.dumps({"key": line.custom_id, **result}) + b"\n"
+
+
+def _blob(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(RESULT_CHUNK_BYTES):
+            yield chunk
