@@ -362,15 +362,9 @@ def _parse_simple(
                 f"unknown endpoint {endpoint!r} for gemini: expected {gemini.GENERATE!r}",
                 "endpoint",
             )
-        body = gemini.simple(obj, model, _SIMPLE_META - {"prompt"})
-        return (
-            obj.get("custom_id"),
-            provider,
-            gemini.GENERATE,
-            gemini.model_name(model),
-            body,
-            ("simple"),
-        )
+        body = gemini.simple(obj, model, _SIMPLE_META)
+        name = gemini.model_name(model)
+        return obj.get("custom_id"), provider, gemini.GENERATE, name, body, "simple"
     body = {k: v for k, v in obj.items() if k not in _SIMPLE_META}
     endpoint = obj.get("endpoint")
     if endpoint is not None and (
