@@ -60,6 +60,8 @@ def world_settings(home: Path, emulator: Emulator, **changes: Any) -> Settings:
         anthropic_base_url=emulator.anthropic_base_url,
         openai_api_key="test-key",
         anthropic_api_key="test-key",
+        gemini_base_url=emulator.gemini_base_url,
+        gemini_api_key="test-key",
         max_wait_s=60.0,
         tick_interval_s=1.0,
         lease_s=30.0,

@@ -99,7 +99,7 @@ def test_a_providers_table_adds_an_openai_compatible_provider(tmp_path: Path) ->
     assert (groq.max_requests, groq.max_bytes) == (1000, None)
     # the [providers] timeouts beside it are still read as settings
     assert settings.realtime_timeout_s == 300
-    assert settings.provider_names == ("openai", "anthropic", "groq")
+    assert settings.provider_names == ("openai", "anthropic", "gemini", "groq")
     assert settings.provider_api("groq") == "openai"
     # the key comes from the environment variable the table names, and never shows in repr
     assert settings.provider_keys == {"groq": "gsk-secret"}

@@ -864,7 +864,7 @@ def test_server_errors_and_realtime_errors_are_injected(make_rig: Callable[..., 
     failed = flaky.anthropic.post("/v1/messages", json=anthropic_item("x")["params"])
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "api_error"
     assert flaky.stats()["faults"]["realtime_error"] == 1
-    assert flaky.stats()["realtime_calls"] == {"openai": 0, "anthropic": 0}
+    assert flaky.stats()["realtime_calls"] == {"openai": 0, "anthropic": 0, "gemini": 0}
 
 
 def test_auth_is_checked_per_provider(make_rig: Callable[..., Rig]) -> None:

@@ -464,7 +464,7 @@ def test_the_portfolio_job_end_to_end_through_the_emulator(
         stored = requests_of(world.store, run.id)
         assert {(r["lane"], r["state"]) for r in stored} == {("deferred", "succeeded")}
         stats = world.stats()
-        assert stats["realtime_calls"] == {"openai": 0, "anthropic": 0}
+        assert stats["realtime_calls"] == {"openai": 0, "anthropic": 0, "gemini": 0}
         assert sum(b["request_count"] for b in stats["batches"]) == 10
         [row] = runs(world.store, "overnight_portfolio_summary")
         with world.store.read() as conn:

@@ -397,7 +397,7 @@ def test_from_settings_reads_discounts_and_overrides() -> None:
     ("overrides", "message"),
     [
         ({"gpt-4o": {"input_mtok": 1, "output_mtok": 2}}, "'provider:model'"),
-        ({"gemini:flash": {"input_mtok": 1, "output_mtok": 2}}, "unknown provider 'gemini'"),
+        ({"mistral:small": {"input_mtok": 1, "output_mtok": 2}}, "unknown provider 'mistral'"),
         ({"openai:x": {"input_mtok": 1, "output_mtok": 2, "input_mtoks": 1}}, "'input_mtoks'"),
         ({"openai:x": {"input_mtok": 1}}, "missing output_mtok"),
         ({"openai:x": {"input_mtok": -1, "output_mtok": 2}}, "input_mtok must be a finite"),

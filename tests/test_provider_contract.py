@@ -1,8 +1,8 @@
 """One contract for every adapter, run against the local emulator over a real socket.
 
-Each test is parametrised over the providers, so OpenAI, Anthropic and a provider added by
-configuration (`groq`, played by the emulator's OpenAI API) are held to the same behaviour
-through `make_provider`, exactly as the scheduler builds them.
+Each test is parametrised over the providers, so OpenAI, Anthropic, Gemini and a provider
+added by configuration (`groq`, played by the emulator's OpenAI API) are held to the same
+behaviour through `make_provider`, exactly as the scheduler builds them.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import orjson
 import pytest
 
 from batchwise.config import ProviderConfig, Settings
+from batchwise.costs.pricing import usage_of
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ConfigError, ProviderError
 from batchwise.providers import PROVIDERS, make_provider
 from batchwise.providers.anthropic import AnthropicProvider
 from batchwise.providers.base import BatchInfo, BatchStatus, LineOutcome, OutcomeKind, Provider
+from batchwise.providers.gemini import GENERATE, GeminiProvider
 from batchwise.providers.openai import OpenAIProvider
 
 KEY = "sk-contract-SECRET-9a9a9a9a9a"
@@ -40,6 +42,12 @@ class Shape:
     model: str
 
     def body(self, text: str) -> dict[str, Any]:
+        if self.endpoint == GENERATE:  # a GenerateContentRequest, its model named as in REST
+            return {
+                "model": f"models/{self.model}",
+                "contents": [{"role": "user", "parts": [{"text": text}]}],
+                "generationConfig": {"maxOutputTokens": 16},
+            }
         messages = [{"role": "user", "content": text}]
         return {"model": self.model, "max_tokens": 16, "messages": messages}
 
@@ -47,13 +55,16 @@ class Shape:
 #: a provider added by configuration (a `[providers.groq]` table speaking OpenAI's API)
 CONFIGURED = "groq"
 #: the API each provider speaks, as the emulator records its batches
-API = {"openai": "openai", "anthropic": "anthropic", CONFIGURED: "openai"}
+API = {"openai": "openai", "anthropic": "anthropic", "gemini": "gemini", CONFIGURED: "openai"}
 
 SHAPES = {
     "openai": Shape("/v1/chat/completions", "gpt-4o-mini"),
     "anthropic": Shape("/v1/messages", "claude-haiku-4-5"),
     CONFIGURED: Shape("/v1/chat/completions", "gpt-4o-mini"),
+    "gemini": Shape(GENERATE, "gemini-2.5-flash-lite"),
 }
+#: what each provider answers a wrong key with (Gemini: 400 `API key not valid`)
+WRONG_KEY_STATUS = {"openai": 401, "anthropic": 401, "gemini": 400, CONFIGURED: 401}
 
 
 def settings_for(emulator: Emulator, key: str | None = KEY) -> Settings:
@@ -71,6 +82,8 @@ def settings_for(emulator: Emulator, key: str | None = KEY) -> Settings:
         anthropic_base_url=emulator.anthropic_base_url,
         configured_providers={CONFIGURED: configured},
         provider_keys={} if key is None else {CONFIGURED: key},
+        gemini_api_key=key,
+        gemini_base_url=emulator.gemini_base_url,
     )
 
 
@@ -88,6 +101,8 @@ def direct(name: str, emu: Emulator, sleeps: list[float]) -> Provider:
     """The adapter built by hand, to record (and skip) its retry waits."""
     if API[name] == "openai":
         return OpenAIProvider(KEY, emu.openai_base_url, sleep=sleeps.append, name=name)
+    if name == "gemini":
+        return GeminiProvider(KEY, emu.gemini_base_url, sleep=sleeps.append)
     return AnthropicProvider(KEY, emu.anthropic_base_url, sleep=sleeps.append)
 
 
@@ -189,7 +204,8 @@ def test_submit_poll_fetch_joins_every_line_on_custom_id(
     for cid, outcome in outcomes.items():
         assert outcome.kind is OutcomeKind.SUCCEEDED, (cid, outcome)
         assert outcome.body is not None and outcome.usage, outcome
-        assert str(outcome.body["model"]).startswith(SHAPES[provider.name].model)
+        model = outcome.body.get("model", outcome.body.get("modelVersion"))
+        assert str(model).startswith(SHAPES[provider.name].model)
         assert outcome.line is not None and outcome.source is not None
 
 
@@ -247,7 +263,9 @@ def test_cancel_ends_the_batch_with_every_line_accounted_for(name: str, tmp_path
         clock.now += 50.0
         # When it is cancelled
         cancelling = provider.cancel(created.id)
-        assert cancelling.status is BatchStatus.CANCELLING
+        # Gemini has no cancelling state: the batch runs on until it is cancelled
+        expected = BatchStatus.IN_PROGRESS if name == "gemini" else BatchStatus.CANCELLING
+        assert cancelling.status is expected
         ended = wait_terminal(provider, created.id, clock)
         outcomes = by_custom_id(list(provider.fetch_results(ended)))
         provider.close()
@@ -341,7 +359,8 @@ def test_a_wrong_key_is_refused_and_never_shown(
     with pytest.raises(ProviderError) as caught:
         provider.call(SHAPES[name].endpoint, SHAPES[name].body("hello"))
     provider.close()
-    assert caught.value.status_code == 401 and caught.value.retryable is False
+    assert caught.value.status_code == WRONG_KEY_STATUS[name]
+    assert caught.value.retryable is False
     for text in (str(caught.value), repr(caught.value), repr(provider), caplog.text):
         assert wrong not in text and KEY not in text
 
@@ -353,7 +372,7 @@ def test_realtime_call_answers_with_usage_and_a_request_id(provider: Provider) -
     shape = SHAPES[provider.name]
     result = provider.call(shape.endpoint, shape.body("hello"))
     assert result.status_code == 200
-    assert isinstance(result.body.get("usage"), dict)
+    assert isinstance(usage_of(result.body), dict)
     assert result.provider_request_id
 
 
@@ -377,7 +396,7 @@ def test_realtime_calls_ride_out_injected_429s_and_500s(name: str, faulty: Emula
 
 
 def test_make_provider_builds_each_adapter_lazily() -> None:
-    settings = Settings(openai_api_key="k1", anthropic_api_key="k2")
+    settings = Settings(openai_api_key="k1", anthropic_api_key="k2", gemini_api_key="k3")
     with httpx.Client() as client:
         for name in PROVIDERS:
             adapter = make_provider(name, settings, client=client)
@@ -386,7 +405,9 @@ def test_make_provider_builds_each_adapter_lazily() -> None:
         assert not client.is_closed, "an injected client belongs to its owner"
 
 
-@pytest.mark.parametrize(("name", "env"), [("openai", "OPENAI"), ("anthropic", "ANTHROPIC")])
+@pytest.mark.parametrize(
+    ("name", "env"), [("openai", "OPENAI"), ("anthropic", "ANTHROPIC"), ("gemini", "GEMINI")]
+)
 def test_a_missing_key_says_how_to_fix_it(name: str, env: str) -> None:
     with pytest.raises(ConfigError) as caught:
         make_provider(name, Settings())
@@ -396,8 +417,8 @@ def test_a_missing_key_says_how_to_fix_it(name: str, env: str) -> None:
 
 
 def test_an_unknown_provider_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="expected one of openai, anthropic"):
-        make_provider("gemini", Settings())
+    with pytest.raises(ConfigError, match="expected one of openai, anthropic, gemini"):
+        make_provider("mistral", Settings())
 
 
 def test_importing_the_package_loads_no_adapter() -> None:
@@ -407,7 +428,8 @@ def test_importing_the_package_loads_no_adapter() -> None:
     code = (
         "import sys, batchwise.providers; "
         "print(any(m in sys.modules for m in "
-        "('httpx', 'batchwise.providers.openai', 'batchwise.providers.anthropic')))"
+        "('httpx', 'batchwise.providers.openai', 'batchwise.providers.anthropic', "
+        "'batchwise.providers.gemini')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -282,4 +282,4 @@ def test_failures_in_each_shape() -> None:
     assert errored == {"type": "api_error", "message": "budget: over budget"}
     assert to_line(refused, "simple")["error"] == {"code": "budget", "message": "over budget"}
     with pytest.raises(ValueError, match="unknown results format"):
-        to_line(_row(), "gemini")
+        to_line(_row(), "mistral")

@@ -19,6 +19,8 @@ from batchwise.errors import ConfigError
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+#: the Gemini API's root, without its version (as `GOOGLE_GEMINI_BASE_URL` gives it to the SDK)
+DEFAULT_GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 def _secret_repr(value: str | None) -> str:
@@ -28,7 +30,7 @@ def _secret_repr(value: str | None) -> str:
 #: the APIs a provider added by configuration may speak (`[providers.NAME] api`)
 PROVIDER_APIS = ("openai",)
 #: provider names batchwise knows by itself; a configured provider may not take one of them
-BUILTIN_PROVIDERS = ("openai", "anthropic")
+BUILTIN_PROVIDERS = ("openai", "anthropic", "gemini")
 #: what a configured provider's name looks like: it is stored with every request (32 characters)
 _PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -69,6 +71,9 @@ class Settings:
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     anthropic_api_key: str | None = field(default=None, repr=False)
     anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
+    #: from GOOGLE_API_KEY, else GEMINI_API_KEY (the google-genai SDK's order)
+    gemini_api_key: str | None = field(default=None, repr=False)
+    gemini_base_url: str = DEFAULT_GEMINI_BASE_URL
     #: IANA zone for `by HH:MM` tolerances; None means the machine's local zone
     timezone: str | None = None
 
@@ -86,7 +91,7 @@ class Settings:
     # --- classification -------------------------------------------------------------------
     #: expected batch turnaround per provider before the store has history (seconds)
     turnaround_prior_s: Mapping[str, float] = field(
-        default_factory=lambda: {"openai": 7200.0, "anthropic": 7200.0}
+        default_factory=lambda: {"openai": 7200.0, "anthropic": 7200.0, "gemini": 7200.0}
     )
     #: percentile of observed turnarounds used once there is history
     turnaround_percentile: float = 0.95
@@ -145,7 +150,7 @@ class Settings:
     # --- pricing ---------------------------------------------------------------------------
     #: batch price as a fraction of realtime, where the price table has no batch variant
     batch_discount: Mapping[str, float] = field(
-        default_factory=lambda: {"openai": 0.5, "anthropic": 0.5}
+        default_factory=lambda: {"openai": 0.5, "anthropic": 0.5, "gemini": 0.5}
     )
     #: negotiated rates: "provider:model" -> {"input_mtok": ..., "output_mtok": ..., ...}
     price_overrides: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -177,6 +182,7 @@ class Settings:
         return (
             f"Settings({shown}, openai_api_key={_secret_repr(self.openai_api_key)}, "
             f"anthropic_api_key={_secret_repr(self.anthropic_api_key)}, "
+            f"gemini_api_key={_secret_repr(self.gemini_api_key)}, "
             f"provider_keys={{{keys}}})"
         )
 
@@ -232,9 +238,13 @@ class Settings:
             ("openai_base_url", "OPENAI_BASE_URL"),
             ("anthropic_api_key", "ANTHROPIC_API_KEY"),
             ("anthropic_base_url", "ANTHROPIC_BASE_URL"),
+            ("gemini_base_url", "GOOGLE_GEMINI_BASE_URL"),
         ):
             if env.get(name):
                 values[key] = env[name]
+        gemini_key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")
+        if gemini_key:
+            values["gemini_api_key"] = gemini_key
         if env.get("BATCHWISE_JOBS_DIR"):
             values["jobs_dir"] = Path(env["BATCHWISE_JOBS_DIR"]).expanduser()
         if env.get("BATCHWISE_STRICT"):
@@ -277,7 +287,14 @@ _SECTIONS = {
         "shutdown_timeout_s",
     },
 }
-_TOP = {"database_url", "broker_url", "timezone", "openai_base_url", "anthropic_base_url"}
+_TOP = {
+    "database_url",
+    "broker_url",
+    "timezone",
+    "openai_base_url",
+    "anthropic_base_url",
+    "gemini_base_url",
+}
 _OWN_SECTIONS = {"guards", "routing", "alerts"}
 
 
@@ -316,7 +333,7 @@ def _load_file(path: Path) -> dict[str, Any]:
             values.update(_jobs_table(path, value))
         elif key in _OWN_SECTIONS:
             extra[key] = value
-        elif key in {"openai_api_key", "anthropic_api_key"}:
+        elif key in {"openai_api_key", "anthropic_api_key", "gemini_api_key"}:
             raise ConfigError(
                 f"{path}: API keys are read from the environment only "
                 f"(set {key.upper()}), never from a file"

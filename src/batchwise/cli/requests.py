@@ -49,7 +49,7 @@ def _parse_tags(values: tuple[str, ...]) -> dict[str, str]:
     "-p",
     default=None,
     metavar="NAME",
-    help="Default provider: openai, anthropic or one added by a [providers.NAME] table "
+    help="Default provider: openai, anthropic, gemini or one added by a [providers.NAME] table "
     "(else inferred from the line's shape or model).",
 )
 @click.option(
@@ -259,7 +259,7 @@ def status(obj: Context, ids: tuple[str, ...], as_json: bool, submission_id: int
     "--provider",
     default=None,
     metavar="NAME",
-    help="Only requests sent to this provider (openai, anthropic or a configured one).",
+    help="Only requests sent to this provider (openai, anthropic, gemini or a configured one).",
 )
 @click.option(
     "--submission",

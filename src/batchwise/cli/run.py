@@ -247,10 +247,12 @@ def emulator(
     models: tuple[str, ...],
     seed: int,
 ) -> None:
-    """Serve the OpenAI and Anthropic batch and realtime APIs locally, for demos and tests.
+    """Serve the OpenAI, Anthropic and Gemini batch and realtime APIs locally, for demos and
+    tests.
 
-    Point clients at it with OPENAI_BASE_URL=http://HOST:PORT/v1 and
-    ANTHROPIC_BASE_URL=http://HOST:PORT (any non-empty API key works).
+    Point clients at it with OPENAI_BASE_URL=http://HOST:PORT/v1,
+    ANTHROPIC_BASE_URL=http://HOST:PORT and GOOGLE_GEMINI_BASE_URL=http://HOST:PORT (any
+    non-empty API key works).
     """
     from pathlib import Path
 

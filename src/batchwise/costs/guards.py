@@ -249,6 +249,10 @@ def _prompt_text(body: Mapping[str, Any]) -> str:
         parts.append(str(body["input"]))
     if "prompt" in body:  # a legacy completions body
         parts.append(str(body["prompt"]))
+    instruction = body.get("systemInstruction")  # a Gemini body
+    for content in [instruction, *(body.get("contents") or [])]:
+        if isinstance(content, Mapping):
+            parts.append(_content_text(content.get("parts")))
     return "".join(parts)
 
 
@@ -269,10 +273,13 @@ def shape(policy: Policy, provider: str, endpoint: str, model: str, body: dict[s
     """Apply routing, output caps and the context budget to a body (a new dict if changed)."""
     changes: list[str] = []
     if policy.route_to and policy.route_to != model:
-        body = {**body, "model": policy.route_to}
+        routed = f"models/{policy.route_to}" if provider == "gemini" else policy.route_to
+        body = {**body, "model": routed}
         changes.append(f"routed {model} → {policy.route_to}")
         model = policy.route_to
-    if endpoint not in _UNCAPPED and (policy.default_max_tokens or policy.max_max_tokens):
+    if provider == "gemini":
+        body = _cap_gemini(policy, body, changes)
+    elif endpoint not in _UNCAPPED and (policy.default_max_tokens or policy.max_max_tokens):
         key = next((k for k in _CAP_KEYS if k in body), None)
         if key is None:
             key = "max_output_tokens" if endpoint == "/v1/responses" else "max_tokens"
@@ -304,6 +311,21 @@ def shape(policy: Policy, provider: str, endpoint: str, model: str, body: dict[s
                 f"{estimate_tokens(body):,} tokens (budget {policy.max_input_tokens:,})"
             )
     return Shaped(body, model, tuple(changes))
+
+
+def _cap_gemini(policy: Policy, body: dict[str, Any], changes: list[str]) -> dict[str, Any]:
+    """Output caps for a Gemini body: `generationConfig.maxOutputTokens`."""
+    raw = body.get("generationConfig")
+    config = dict(raw) if isinstance(raw, Mapping) else {}
+    cap = config.get("maxOutputTokens")
+    key = "generationConfig.maxOutputTokens"
+    if cap is None and policy.default_max_tokens:
+        cap = config["maxOutputTokens"] = policy.default_max_tokens
+        changes.append(f"{key} set to the default {cap}")
+    if policy.max_max_tokens and isinstance(cap, int) and cap > policy.max_max_tokens:
+        config["maxOutputTokens"] = policy.max_max_tokens
+        changes.append(f"{key} capped {cap} → {policy.max_max_tokens}")
+    return {**body, "generationConfig": config} if config != raw and config else body
 
 
 def trim_context(body: dict[str, Any], budget: int) -> tuple[dict[str, Any], int] | None:

@@ -56,14 +56,17 @@ __all__ = [
     "format_usd",
     "normalise_usage",
     "nusd_to_decimal",
+    "usage_of",
 ]
 
 _log = logging.getLogger(__name__)
 
 NANO_PER_USD = 1_000_000_000
 #: batchwise provider name -> genai-prices provider id; other names are passed through unchanged
-_GENAI_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic"}
+_GENAI_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
 _BATCH_CONTEXT = {"processing": "batch"}
+#: the endpoint of every Gemini request (the model goes where `{model}` is)
+GEMINI_GENERATE = "/v1beta/models/{model}:generateContent"
 #: enough digits that no Decimal step here ever rounds (prices have a handful of digits)
 _EXACT = Context(prec=80)
 
@@ -206,6 +209,24 @@ def _anthropic_messages(usage: Mapping[str, Any]) -> TokenUsage:
     )
 
 
+def _gemini(usage: Mapping[str, Any]) -> TokenUsage:
+    # promptTokenCount includes the cached tokens; thoughts are billed as output but are not
+    # in candidatesTokenCount; tool-use prompts are input
+    thoughts = _count(usage, "thoughtsTokenCount")
+    return TokenUsage(
+        input_tokens=_count(usage, "promptTokenCount") + _count(usage, "toolUsePromptTokenCount"),
+        cache_read_tokens=_count(usage, "cachedContentTokenCount"),
+        output_tokens=_count(usage, "candidatesTokenCount") + thoughts,
+        reasoning_tokens=thoughts,
+    )
+
+
+def usage_of(body: Mapping[str, Any]) -> Any:
+    """A response body's raw usage object: `usage`, or Gemini's `usageMetadata`."""
+    usage = body.get("usage")
+    return body.get("usageMetadata") if usage is None else usage
+
+
 def _unbilled(usage: Mapping[str, Any]) -> TokenUsage:
     return TokenUsage(input_tokens=0)
 
@@ -221,6 +242,7 @@ _USAGE_SHAPES = {
     ("openai", "/v1/embeddings"): _openai_embeddings,
     ("openai", "/v1/moderations"): _unbilled,
     ("anthropic", "/v1/messages"): _anthropic_messages,
+    ("gemini", GEMINI_GENERATE): _gemini,
 }
 
 

@@ -1,4 +1,5 @@
-"""A local HTTP server that speaks the OpenAI and Anthropic batch and realtime wire formats.
+"""A local HTTP server that speaks the OpenAI, Anthropic and Gemini batch and realtime wire
+formats.
 
 No real provider is needed: the demo, the tests and users without keys point the official
 SDKs (or batchwise's adapters) at it, changing only `base_url` and `api_key`.
@@ -32,8 +33,10 @@ from typing import Any
 
 from batchwise.emulator.anthropic.api import AnthropicApi
 from batchwise.emulator.env import EmulatorClock, EmulatorConfig, Env, Faults
+from batchwise.emulator.gemini.api import GeminiApi
 from batchwise.emulator.http import Request, Response, json_response
 from batchwise.emulator.openai.api import OpenAIApi
+from batchwise.emulator.openai.batches import OpenAIBatches
 from batchwise.emulator.prompts import PrefixCache
 from batchwise.emulator.server import BackgroundServer
 from batchwise.emulator.state import State
@@ -55,6 +58,7 @@ class Emulator:
         cache = PrefixCache(self._state)
         self._openai = OpenAIApi(env, cache)
         self._anthropic = AnthropicApi(env, cache)
+        self._gemini = GeminiApi(env, cache)
         self._server: BackgroundServer | None = None
         self._url: str | None = None
         self._closing = threading.Event()
@@ -95,6 +99,11 @@ class Emulator:
         """Answer one request (the WSGI layer aside)."""
         if req.path.startswith("/v1/messages"):
             return self._anthropic.handle(req)
+        if req.path.startswith(_GEMINI_PREFIXES) or (
+            # google-genai 3.x calls `/v1/…` too: told from OpenAI's paths by Google's key
+            req.path.startswith("/v1/") and ("x-goog-api-key" in req.headers or "key" in req.query)
+        ):
+            return self._gemini.handle(req)
         if req.path.startswith("/v1/"):
             return self._openai.handle(req)
         if req.path == "/_emulator/stats" and req.method == "GET":
@@ -125,12 +134,19 @@ class Emulator:
         now = self._env.now()
         batches = []
         for b in reversed(self._state.batches(include_deleted=True)):
-            api = self._openai.batches if b.provider == "openai" else self._anthropic
+            api: OpenAIBatches | AnthropicApi | GeminiApi = (
+                self._openai.batches
+                if b.provider == "openai"
+                else self._gemini
+                if b.provider == "gemini"
+                else self._anthropic
+            )
             status = api.status(b, now)
             batches.append(
                 {
                     "provider": b.provider,
-                    "id": b.id,
+                    # a Gemini batch is known by its resource name, as its API calls it
+                    "id": f"batches/{b.id}" if b.provider == "gemini" else b.id,
                     "status": status,
                     "metadata": b.metadata,
                     "request_count": b.request_count,
@@ -147,7 +163,7 @@ class Emulator:
         return {
             "batches": batches,
             "realtime_calls": {
-                p: counters.get(f"realtime.{p}", 0) for p in ("openai", "anthropic")
+                p: counters.get(f"realtime.{p}", 0) for p in ("openai", "anthropic", "gemini")
             },
             #: OpenAI calls served at the flex tier (counted in `realtime_calls` too)
             "flex_calls": counters.get("realtime.flex", 0),
@@ -222,6 +238,14 @@ class Emulator:
     def anthropic_base_url(self) -> str:
         return self.url
 
+    @property
+    def gemini_base_url(self) -> str:
+        """The Gemini API's root (`GOOGLE_GEMINI_BASE_URL`; the SDK adds `/v1beta`)."""
+        return self.url
+
+
+#: paths the Gemini API answers (its API, its uploads and its downloads)
+_GEMINI_PREFIXES = ("/v1beta/", "/v1alpha/", "/upload/", "/download/")
 
 _HTML_PAGE = (
     b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
@@ -262,6 +286,7 @@ def run_server(host: str, port: int, config: EmulatorConfig) -> None:
         print(f"batchwise emulator listening on {url}", flush=True)
         print(f"  OpenAI:    OPENAI_BASE_URL={emulator.openai_base_url}", flush=True)
         print(f"  Anthropic: ANTHROPIC_BASE_URL={emulator.anthropic_base_url}", flush=True)
+        print(f"  Gemini:    GOOGLE_GEMINI_BASE_URL={emulator.gemini_base_url}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

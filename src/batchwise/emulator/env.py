@@ -224,10 +224,13 @@ class Faults:
         """Whether this batch runs out of time with about half its lines done."""
         return draw(self._config.seed, "expire", batch_id) < self._config.expire_rate
 
-    def malformed(self, batch_id: str, source: str, lines: Iterable[bytes]) -> Iterator[bytes]:
-        """The lines of one result file (`source`: output, error, results), a seeded share of
-        them broken (`malformed_line_rate`), drawn per (batch, file, line number): a file
-        reads the same way on every download, as a provider's stored file would."""
+    def malformed(
+        self, batch_id: str, source: str, lines: Iterable[bytes], *, id_field: str = "custom_id"
+    ) -> Iterator[bytes]:
+        """The lines of one result file (`source`: output, error, results, responses), a seeded
+        share of them broken (`malformed_line_rate`), drawn per (batch, file, line number): a
+        file reads the same way on every download, as a provider's stored file would.
+        `id_field` names the line's id (Gemini's is `key`)."""
         rate, seed = self._config.malformed_line_rate, self._config.seed
         if rate == 0:
             yield from lines
@@ -236,20 +239,21 @@ class Faults:
             if draw(seed, "malformed", batch_id, source, n) >= rate:
                 yield line
             else:
-                yield malform(line, draw(seed, "malformed-kind", batch_id, source, n))
+                u = draw(seed, "malformed-kind", batch_id, source, n)
+                yield malform(line, u, id_field=id_field)
 
 
-def malform(line: bytes, u: float) -> bytes:
+def malform(line: bytes, u: float, *, id_field: str = "custom_id") -> bytes:
     """`line` (one JSON object and its newline) broken one of three ways, chosen by `u` in
-    [0, 1): cut off in the middle, its `custom_id` removed, or its `custom_id` emptied."""
+    [0, 1): cut off in the middle, its id (`id_field`) removed, or its id emptied."""
     text = line.rstrip(b"\n")
     if u < 1 / 3:
         return text[: len(text) // 2] + b"\n"
     obj = orjson.loads(text)
     if u < 2 / 3:
-        obj.pop("custom_id", None)
+        obj.pop(id_field, None)
     else:
-        obj["custom_id"] = ""
+        obj[id_field] = ""
     return orjson.dumps(obj) + b"\n"
 
 

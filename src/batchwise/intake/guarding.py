@@ -262,6 +262,9 @@ class Keeper:
         output = _DEFAULT_OUTPUT_ESTIMATE
         if body:
             parsed = orjson.loads(body)
+            config = parsed.get("generationConfig")  # a Gemini body's cap
+            if isinstance(config, dict) and isinstance(config.get("maxOutputTokens"), int):
+                output = config["maxOutputTokens"]
             output = next(
                 (
                     parsed[k]

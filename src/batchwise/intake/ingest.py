@@ -1,10 +1,11 @@
 """Intake: validate submitted lines, give each a deadline and a lane, store them in bulk.
 
-Three line shapes are accepted, each optionally carrying `tolerance`, `provider` and `tags`:
+Four line shapes are accepted, each optionally carrying `tolerance`, `provider` and `tags`:
 OpenAI batch lines `{custom_id, method, url, body}` (every text endpoint of the Batch API:
 chat completions, responses, embeddings, completions, moderations), Anthropic batch lines
-`{custom_id, params}`, and simple lines `{model, messages | prompt | input, max_tokens?, ...}`
-whose other keys are passed through as body parameters.
+`{custom_id, params}`, Gemini request lines `{key, request, model}` (`intake/gemini.py`), and
+simple lines `{model, messages | prompt | input, max_tokens?, ...}` whose other keys are passed
+through as body parameters (translated for a Gemini model).
 
 This is the hot path of `batchwise submit`: lines are streamed, validated and inserted in
 chunks inside one transaction, so a file with a bad line is refused whole (nothing stored)
@@ -24,6 +25,7 @@ import orjson
 from batchwise.config import Settings
 from batchwise.costs.guards import loop_key
 from batchwise.errors import IntakeError, LineError, ToleranceError
+from batchwise.intake import gemini
 from batchwise.intake.classify import Turnaround, classify, expected_turnaround
 from batchwise.intake.lines import Invalid, infer_provider
 from batchwise.intake.tolerance import parse_tolerance
@@ -55,6 +57,7 @@ MESSAGES = "/v1/messages"
 ENDPOINTS: dict[str, frozenset[str]] = {
     "openai": frozenset({CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS, MODERATIONS}),
     "anthropic": frozenset({MESSAGES}),
+    "gemini": frozenset({gemini.GENERATE}),
 }
 #: models served by the legacy completions endpoint (a simple line's `prompt` stays a prompt)
 _COMPLETION_MODELS = ("davinci-", "babbage-", "gpt-3.5-turbo-instruct")
@@ -81,6 +84,7 @@ CHUNK_ROWS = 2000
 _LINE_KEYS = frozenset({"tolerance", "provider", "tags"})
 _OPENAI_KEYS = frozenset({"custom_id", "method", "url", "body"}) | _LINE_KEYS
 _ANTHROPIC_KEYS = frozenset({"custom_id", "params"}) | _LINE_KEYS
+_GEMINI_KEYS = gemini.LINE_KEYS | _LINE_KEYS
 _SIMPLE_META = frozenset({"custom_id", "provider", "tolerance", "tags", "endpoint", "prompt"})
 _SORT = orjson.OPT_SORT_KEYS
 
@@ -189,6 +193,7 @@ NUMERIC_RANGES: dict[str, tuple[tuple[str, bool, float, float | None], ...]] = {
         ("top_p", False, 0, 1),
         ("top_k", True, 0, None),
     ),
+    "gemini": (),  # checked by `intake.gemini.check_body`
 }
 _RANGED = {p: frozenset(f for f, *_ in checks) for p, checks in NUMERIC_RANGES.items()}
 
@@ -298,8 +303,8 @@ def _check_provider(
     inferred = infer_provider(model)
     if inferred is None:
         raise Invalid(
-            f'cannot tell the provider of model {model!r}: add "provider": "openai" or '
-            '"anthropic" (or a configured provider) to the line, or pass --provider',
+            f'cannot tell the provider of model {model!r}: add "provider": "openai", '
+            '"anthropic" or "gemini" (or a configured provider) to the line, or pass --provider',
             "provider",
         )
     return inferred
@@ -349,6 +354,12 @@ def parse_line(
         model = _check_body("anthropic", MESSAGES, body, "params")
         provider = _check_provider(obj.get("provider", default_provider), "anthropic", model, apis)
         return obj.get("custom_id"), provider, MESSAGES, model, body, "anthropic"
+    if "request" in obj:
+        if not _GEMINI_KEYS.issuperset(obj):
+            raise _unexpected(obj, _GEMINI_KEYS, "a Gemini request line")
+        custom_id, model, body = gemini.parse_request_line(obj)
+        provider = _check_provider(obj.get("provider", default_provider), "gemini", model, apis)
+        return custom_id, provider, gemini.GENERATE, model, body, "gemini"
     return _parse_simple(obj, default_provider, apis)
 
 
@@ -366,6 +377,16 @@ def _parse_simple(
     provider = _check_provider(obj.get("provider", default_provider), None, model, apis)
     # a configured provider's lines are read as the API it speaks
     api = apis.get(provider, provider) if apis else provider
+    if api == "gemini":
+        endpoint = obj.get("endpoint")
+        if endpoint is not None and endpoint != gemini.GENERATE:
+            raise Invalid(
+                f"unknown endpoint {endpoint!r} for gemini: expected {gemini.GENERATE!r}",
+                "endpoint",
+            )
+        body = gemini.simple(obj, model, _SIMPLE_META)
+        name = gemini.model_name(model)
+        return obj.get("custom_id"), provider, gemini.GENERATE, name, body, "simple"
     body = {k: v for k, v in obj.items() if k not in _SIMPLE_META}
     endpoint = obj.get("endpoint")
     if endpoint is not None and (not isinstance(endpoint, str) or endpoint not in ENDPOINTS[api]):

@@ -33,4 +33,6 @@ def infer_provider(model: str) -> str | None:
         return "anthropic"
     if model.startswith(_OPENAI_PREFIXES):
         return "openai"
+    if model.startswith(("gemini-", "models/gemini-")):
+        return "gemini"
     return None

@@ -32,7 +32,7 @@ import orjson
 from batchwise.clock import Clock
 from batchwise.config import Settings
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage
+from batchwise.costs.pricing import PriceBook, TokenUsage, usage_of
 from batchwise.errors import ProviderError, RateLimited
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
@@ -249,7 +249,7 @@ def _outage(error: ProviderError) -> bool:
 
 
 def _usage(book: PriceBook, request: dict[str, Any], body: dict[str, Any]) -> TokenUsage | None:
-    raw = body.get("usage")
+    raw = usage_of(body)
     if not isinstance(raw, dict):
         return None
     try:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage
+from batchwise.costs.pricing import PriceBook, TokenUsage, usage_of
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
@@ -250,7 +250,7 @@ def _usage(
 ) -> TokenUsage | None:
     if outcome.kind is _SUCCEEDED:
         body = outcome.body  # as `LineOutcome.usage` reads it, without the property call
-        raw = body.get("usage") if body is not None else None
+        raw = usage_of(body) if body is not None else None
         if not isinstance(raw, dict):
             return None
     else:
@@ -266,7 +266,7 @@ def _usage(
 
 def _error_usage(outcome: LineOutcome) -> dict[str, Any] | None:
     """An errored line is billed only if the provider reported usage for it."""
-    usage = outcome.body.get("usage") if isinstance(outcome.body, dict) else None
+    usage = usage_of(outcome.body) if isinstance(outcome.body, dict) else None
     return usage if isinstance(usage, dict) else None
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from batchwise.config import (
     BUILTIN_PROVIDERS,
     DEFAULT_ANTHROPIC_BASE_URL,
+    DEFAULT_GEMINI_BASE_URL,
     DEFAULT_OPENAI_BASE_URL,
 )
 from batchwise.errors import ConfigError
@@ -86,6 +87,25 @@ def make_provider(
             timeouts=timeouts,
             stop=stop,
         )
+    if name == "gemini":
+        from batchwise.providers.gemini import GeminiProvider
+
+        _require_key(
+            name,
+            settings.gemini_api_key,
+            settings.gemini_base_url,
+            DEFAULT_GEMINI_BASE_URL,
+            example_url="http://127.0.0.1:8900",
+            env="GEMINI_API_KEY (or GOOGLE_API_KEY)",
+            url_env="GOOGLE_GEMINI_BASE_URL",
+        )
+        return GeminiProvider(
+            settings.gemini_api_key,
+            settings.gemini_base_url,
+            client=client,
+            timeouts=timeouts,
+            stop=stop,
+        )
     configured = settings.configured_providers.get(name)
     if configured is not None:
         return _configured(configured, settings, client=client, timeouts=timeouts, stop=stop)
@@ -126,12 +146,20 @@ def _configured(
 
 
 def _require_key(
-    name: str, key: str | None, base_url: str, default_url: str, *, example_url: str
+    name: str,
+    key: str | None,
+    base_url: str,
+    default_url: str,
+    *,
+    example_url: str,
+    env: str | None = None,
+    url_env: str | None = None,
 ) -> None:
     if key or base_url.rstrip("/") != default_url.rstrip("/"):
         return
-    env = name.upper()
+    env = env or f"{name.upper()}_API_KEY"
+    url_env = url_env or f"{name.upper()}_BASE_URL"
     raise ConfigError(
-        f"No API key for {name}: set {env}_API_KEY, or run `batchwise emulator` and set "
-        f"{env}_BASE_URL={example_url} to work offline"
+        f"No API key for {name}: set {env}, or run `batchwise emulator` and set "
+        f"{url_env}={example_url} to work offline"
     )

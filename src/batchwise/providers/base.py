@@ -133,6 +133,8 @@ class LineOutcome:
         if self.body is None or self.kind is not OutcomeKind.SUCCEEDED:
             return None
         usage = self.body.get("usage")
+        if usage is None:  # Gemini's name for it
+            usage = self.body.get("usageMetadata")
         return usage if isinstance(usage, dict) else None
 
 
@@ -161,7 +163,7 @@ class BatchLimits:
 class Provider(Protocol):
     """A provider adapter. One instance holds one HTTP client; call `close()` when done."""
 
-    #: short id used in the store and in tags: "openai", "anthropic"
+    #: short id used in the store and in tags: "openai", "anthropic", "gemini"
     name: str
     limits: BatchLimits
     #: fraction of the realtime price a batch call costs (0.5 = half price), used when the

@@ -1,11 +1,12 @@
-"""One table of provider error codes → kind, for both providers: final or transient.
+"""One table of provider error codes → kind, for every provider: final or transient.
 
 A *final* error is the request's (or the account's) own fault: sending it again gets the same
 answer, so it fails at once with the provider's message. A *transient* error is the provider's
 moment (a rate limit, an outage, a timeout, a page from a proxy): it is tried again later.
 
 The code is looked up first (OpenAI's `error.code`, Anthropic's `error.type`, the code of a
-non-HTTP batch line), then the type (OpenAI's `error.type`), then the HTTP status. Pure: no
+non-HTTP batch line), then the type (OpenAI's `error.type`, Gemini's `error.status`), then the
+HTTP status. Pure: no
 HTTP, no store. Sources: `/work/shared/reference/provider-apis.md` §1.7, 1.9, 2.4, 2.6.
 """
 
@@ -60,6 +61,22 @@ CODES: dict[str, ErrorKind] = {
     "timeout_error": _T,
     "overloaded_error": _T,
     "conflict_error": _T,
+    # Gemini (Google's canonical error statuses, `error.status`)
+    "INVALID_ARGUMENT": _F,
+    "FAILED_PRECONDITION": _F,
+    "OUT_OF_RANGE": _F,
+    "UNAUTHENTICATED": _F,
+    "PERMISSION_DENIED": _F,
+    "NOT_FOUND": _F,
+    "ALREADY_EXISTS": _F,
+    "UNIMPLEMENTED": _F,
+    "RESOURCE_EXHAUSTED": _T,
+    "UNAVAILABLE": _T,
+    "INTERNAL": _T,
+    "DEADLINE_EXCEEDED": _T,
+    "ABORTED": _T,
+    "CANCELLED": _T,
+    "UNKNOWN": _T,
 }
 
 #: codes of a batch that failed as a whole that doom every request in it (not one bad line):
@@ -74,6 +91,8 @@ BATCH_FINAL_CODES = frozenset(
         "permission_error",
         "insufficient_quota",
         "billing_error",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
     }
 )
 

@@ -754,7 +754,8 @@ class HttpClient:
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             err = parsed["error"]
             code = _str_or_none(err.get("code"))
-            type_ = _str_or_none(err.get("type"))
+            # Google's canonical status word (`RESOURCE_EXHAUSTED`) stands where a type would
+            type_ = _str_or_none(err.get("type")) or _str_or_none(err.get("status"))
             message = _str_or_none(err.get("message"))
         should = response.headers.get("x-should-retry", "").strip().lower()
         retry_after = parse_retry_after(response.headers, now=self._clock())

@@ -8,6 +8,9 @@ Three line shapes, one output line per finished request:
   `response` null, or, for an HTTP-level failure, a non-200 `response` with the error body.
 - **anthropic**: an Anthropic results line `{"custom_id", "result": {"type": "succeeded",
   "message"}}`, or `errored` (with the error), `canceled` or `expired`.
+- **gemini**: a line of Gemini's batch responses file, `{"key", "response"}` with the
+  GenerateContentResponse, or `{"key", "error": {"code", "message", "status"}}` (a
+  `google.rpc.Status`: `code` is the gRPC code, `status` its name).
 - **simple**: `{"custom_id", "request_id", "state", "model", "text", "body", "error"}`, for
   lines that came in simple (`{"model", "messages" | "prompt"}`).
 
@@ -32,7 +35,18 @@ if TYPE_CHECKING:
 
 FORMATS = ("openai", "anthropic")
 #: every shape a result line can take (the input formats)
-SHAPES = ("openai", "anthropic", "simple")
+SHAPES = ("openai", "anthropic", "gemini", "simple")
+#: HTTP status → Google's canonical error status, for Gemini error lines
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}  # fmt: skip
+#: Google's status word → its gRPC code (a Gemini line's error is a `google.rpc.Status`)
+_GRPC_CODES = {
+    "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "INTERNAL": 13,
+    "UNAVAILABLE": 14, "UNAUTHENTICATED": 16,
+}  # fmt: skip
 #: Anthropic's error types (`error.error.type` of an errored line)
 ANTHROPIC_ERROR_TYPES = frozenset({
     "invalid_request_error", "authentication_error", "billing_error", "permission_error",
@@ -111,6 +125,8 @@ def to_line(row: dict[str, Any], fmt: str) -> dict[str, Any]:
         return _openai_line(row, body)
     if fmt == "anthropic":
         return _anthropic_line(row, body)
+    if fmt == "gemini":
+        return _gemini_line(row, body)
     if fmt == "simple":
         code, message = _failure(row)
         return {
@@ -157,6 +173,25 @@ def _openai_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, 
     }
 
 
+def _gemini_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, Any]:
+    """A Gemini responses-file line; a Gemini answer is given as it came (not translated)."""
+    if body is not None:
+        return {"key": row["custom_id"], "response": body}
+    code, message = _failure(row)
+    status = row["status_code"] if isinstance(row["status_code"], int) else None
+    if row["state"] == RequestState.CANCELLED.value:
+        word = "CANCELLED"
+    elif code in _EXPIRED_CODES or code == "DEADLINE_EXCEEDED":
+        word = "DEADLINE_EXCEEDED"
+    elif code in _GOOGLE_STATUS.values():
+        word = code
+    else:
+        word = _GOOGLE_STATUS.get(status or 0, "UNKNOWN")
+        message = f"{code}: {message}" if code != message else message
+    error = {"code": _GRPC_CODES.get(word, 2), "message": message, "status": word}
+    return {"key": row["custom_id"], "error": error}
+
+
 def _anthropic_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[str, Any]:
     custom_id = row["custom_id"]
     if body is not None:
@@ -200,6 +235,13 @@ def answer_text(body: dict[str, Any]) -> str:
     verdicts = body.get("results")
     if isinstance(verdicts, list) and verdicts and isinstance(verdicts[0], dict):
         return "; ".join(_verdict(v) for v in verdicts if isinstance(v, dict))
+    candidates = body.get("candidates")  # a Gemini GenerateContentResponse
+    if isinstance(candidates, list):
+        first = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
+        parts = (first.get("content") or {}).get("parts") or []
+        return "".join(
+            str(p.get("text", "")) for p in parts if isinstance(p, dict) and not p.get("thought")
+        )
     content = body.get("content")
     if isinstance(content, list):
         return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))

@@ -60,7 +60,9 @@ A Responses API answer (`object: "response"`) becomes a Message the same way (`o
 message text → text blocks, `function_call` items → `tool_use` blocks, `status: completed` →
 `end_turn`, `incomplete` for `max_output_tokens` → `max_tokens`, `usage.input_tokens` less
 `input_tokens_details.cached_tokens`), and a chat completion through `message_to_chat` of
-that. Bodies with no counterpart (embeddings, moderations, completions) are left as they are.
+that. A Gemini GenerateContentResponse becomes a chat completion by `translate_gemini`, and a
+Message through it. Bodies with no counterpart (embeddings, moderations, completions) are left
+as they are.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+
+from batchwise.reports.translate_gemini import gemini_to_chat, is_gemini
 
 #: Anthropic stop_reason → OpenAI finish_reason
 STOP_TO_FINISH = {
@@ -113,8 +117,11 @@ def is_response(body: Any) -> bool:
 
 
 def to_openai(body: dict[str, Any], *, created: int = 0) -> dict[str, Any]:
-    """`body` as OpenAI would have answered: a Message becomes a chat completion; anything
-    else is OpenAI's already, or has no counterpart, and is returned as it is."""
+    """`body` as OpenAI would have answered: a Message or a Gemini response becomes a chat
+    completion; anything else is OpenAI's already, or has no counterpart, and is returned as
+    it is."""
+    if is_gemini(body):
+        return gemini_to_chat(body, created=created)
     return message_to_chat(body, created=created) if is_message(body) else body
 
 
@@ -125,6 +132,8 @@ def to_anthropic(body: dict[str, Any]) -> dict[str, Any]:
         return chat_to_message(body)
     if is_response(body):
         return response_to_message(body)
+    if is_gemini(body):  # through the chat completion it would have been
+        return chat_to_message(gemini_to_chat(body))
     return body
 
 

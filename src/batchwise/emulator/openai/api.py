@@ -207,6 +207,8 @@ class OpenAIApi:
 
     def _visible_file(self, file_id: str) -> tuple[FileRow, BatchRow | None]:
         row = self._env.state.get_file(file_id)
+        if row is not None and row.purpose.startswith("gemini:"):
+            row = None  # the Gemini API's file: OpenAI knows nothing of it
         batch = None
         if row is not None and row.batch_id is not None:
             batch = self.batches.result_batch(row, self._env.now())
@@ -219,7 +221,11 @@ class OpenAIApi:
     def _list_files(self, req: Request) -> Response:
         limit = req.int_param("limit", default=10_000, low=1, high=10_000)
         purpose = req.query.get("purpose")
-        rows = [r for r in self._env.state.uploaded_files() if purpose in (None, r.purpose)]
+        rows = [
+            r
+            for r in self._env.state.uploaded_files()
+            if purpose in (None, r.purpose) and not r.purpose.startswith("gemini:")
+        ]
         if req.query.get("order") == "asc":
             rows.reverse()
         after = req.query.get("after")

@@ -1,0 +1,1 @@
+"""The emulator's Gemini API (generateContent, batch mode, Files)."""
