@@ -1,6 +1,6 @@
 """The local provider emulator: wire formats, lifecycle, validation, faults, caching, state.
 
-Most tests mount the WSGI app with `httpx.WSGITransport` and move an injected clock by hand;
+Most tests call the emulator in process (`Emulator.transport()`) and move an injected clock by hand;
 a few go over a real socket to test the HTTP server itself (chunked bodies, keep-alive,
 concurrency, the blocking `run_server`).
 """
@@ -48,7 +48,7 @@ class Rig:
 
 
 def clients(emu: Emulator, key: str = "sk-test") -> tuple[httpx.Client, httpx.Client]:
-    transport = httpx.WSGITransport(app=emu)
+    transport = emu.transport()
     oa = httpx.Client(
         transport=transport, base_url=f"{HOST}/v1", headers={"Authorization": f"Bearer {key}"}
     )
@@ -875,7 +875,7 @@ def test_auth_is_checked_per_provider(make_rig: Callable[..., Rig]) -> None:
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         assert "sk-wrong" not in wrong.text
         assert an.get("/v1/messages/batches").json()["error"]["type"] == "authentication_error"
-    missing = httpx.Client(transport=httpx.WSGITransport(app=rig.emu), base_url=HOST)
+    missing = httpx.Client(transport=rig.emu.transport(), base_url=HOST)
     with missing:
         assert missing.get("/v1/batches").status_code == 401
         no_version = missing.get("/v1/messages/batches", headers={"x-api-key": "sk-right"})
@@ -1145,6 +1145,63 @@ def test_keep_alive_and_chunked_json_bodies(served: Emulator) -> None:
         assert len({a["choices"][0]["message"]["content"] for a in answers}) == 1
     finally:
         conn.close()
+
+
+def test_a_broken_upload_gets_a_clear_400_and_leaves_no_file(rig: Rig) -> None:
+    blobs = Path(rig.emu._state.blob_dir)
+    before = set(blobs.iterdir())
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
+    )
+    cases = {
+        # the body stops inside the file, before its closing boundary
+        head + b'{"a": 1}\n' * 1000: "ended before its closing boundary",
+        b"garbage\r\n--b--\r\n": "malformed",
+        b"--b\r\nContent-Disposition: form-data\r\n\r\nbatch\r\n--b--\r\n": "has no name",
+    }
+    for body, message in cases.items():
+        answer = rig.openai.post(
+            "/files", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+        assert answer.status_code == 400 and message in answer.json()["error"]["message"], body
+    not_multipart = rig.openai.post("/files", json={"purpose": "batch"})
+    assert not_multipart.status_code == 400 and "multipart" in not_multipart.text
+    assert set(blobs.iterdir()) == before
+
+
+def test_a_stop_cuts_open_connections_and_drips_at_once() -> None:
+    emu = Emulator(EmulatorConfig(slow_response_rate=1.0))
+    emu.start()
+    idle = httpx.Client(base_url=emu.url)
+    assert idle.get("/_emulator/health").status_code == 200  # left open, kept alive
+    started = threading.Event()
+    outcome: list[BaseException | httpx.Response] = []
+
+    def drip() -> None:
+        with httpx.Client(base_url=emu.openai_base_url, timeout=60) as client:
+            try:
+                with client.stream("GET", "/batches", headers={"authorization": "Bearer k"}) as r:
+                    started.set()
+                    r.read()  # a byte a second: minutes of it
+                    outcome.append(r)
+            except httpx.HTTPError as exc:
+                outcome.append(exc)
+
+    dripping = threading.Thread(target=drip)
+    dripping.start()
+    assert started.wait(10)
+    url = emu.url
+    emu.stop()
+    dripping.join(10)
+    # the dripping answer was cut short, not completed
+    assert not dripping.is_alive() and isinstance(outcome[0], httpx.RemoteProtocolError)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/_emulator/health")
+    with pytest.raises(httpx.TransportError):
+        idle.get("/_emulator/health")  # its connection was closed by the stop
+    idle.close()
+    emu.close()
 
 
 def test_concurrent_clients(served: Emulator) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
-import threading
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from starlette.testclient import TestClient
 
-from batchwise.reports.metrics import CONTENT_TYPE, Metric, collect, exposition, make_server, render
+from batchwise.reports.metrics import CONTENT_TYPE, collect, create_app, exposition
 from batchwise.store.engine import Store, batches_t, ledger_t, requests_t
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
@@ -159,48 +164,65 @@ def test_exposition_matches_the_store(store: Store) -> None:
     check(parse(exposition(store)))
 
 
-def test_served_over_http(store: Store) -> None:
-    # Given a server on a free loopback port
-    server = make_server(store, port=0)
-    host, port = server.server_address[:2]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        # When Prometheus scrapes /metrics
-        with httpx.Client(base_url=f"http://{host!s}:{port}", timeout=10) as client:
-            response = client.get("/metrics")
-            missing = client.get("/")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-    # Then it gets the exposition, with its content type
-    assert host == "127.0.0.1"
+FAMILIES = [
+    "batchwise_requests",
+    "batchwise_batches",
+    "batchwise_batches_in_flight",
+    "batchwise_cost_usd_total",
+    "batchwise_realtime_equivalent_usd_total",
+    "batchwise_saving_usd",
+    "batchwise_ledger_entries_total",
+    "batchwise_unpriced_entries_total",
+]
+
+
+def test_served_over_http(store: Store, db_url: str, tmp_path: Path) -> None:
+    # Given `batchwise metrics --serve` on a free loopback port
+    env = {**os.environ, "BATCHWISE_HOME": str(tmp_path / "home")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "batchwise", "--db", db_url, "metrics", "--serve", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            found = re.fullmatch(r"serving metrics on (http://127\.0\.0\.1:\d+)/metrics\n", line)
+            assert found, line + proc.stderr.read()
+            # When Prometheus scrapes /metrics
+            with httpx.Client(base_url=found[1], timeout=10) as client:
+                response = client.get("/metrics")
+                missing = client.get("/")
+            # and the server is asked to stop
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # Then it got the exposition, with its content type
     assert response.status_code == 200
     assert response.headers["content-type"] == CONTENT_TYPE
     check(parse(response.text))
-    assert missing.status_code == 404
+    assert missing.status_code == 404 and "/metrics" in missing.text
+
+
+def test_a_scrape_of_an_unreadable_store_is_answered_500(db_url: str) -> None:
+    store = Store(db_url)
+    try:
+        with store.write() as conn:
+            conn.execute(sa.text("DROP TABLE ledger"))
+        with TestClient(create_app(store)) as client:
+            response = client.get("/metrics")
+    finally:
+        store.close()
+    assert response.status_code == 500
+    assert response.text.startswith("cannot read the store: ")
 
 
 def test_empty_store_still_exposes_every_family(db_url: str) -> None:
     store = Store(db_url)
     families = parse(exposition(store))
-    names = [m.name for m in collect(store)]
+    families_read = len(collect(store))
     store.close()
-    assert list(families) == names
+    assert list(families) == FAMILIES and families_read == len(FAMILIES)
     assert sample(families, "batchwise_unpriced_entries_total") == 0
     assert sample(families, "batchwise_batches_in_flight") == 0
-
-
-def test_render_formats_values_and_escapes_help() -> None:
-    metric = Metric("m_total", "counter", "line one\nback\\slash")
-    metric.add(3.0, a="1")
-    metric.add(float("nan"), a="2")
-    metric.add(0.1, a="3")
-    assert render([metric]) == (
-        "# HELP m_total line one\\nback\\\\slash\n"
-        "# TYPE m_total counter\n"
-        'm_total{a="1"} 3\n'
-        'm_total{a="2"} NaN\n'
-        'm_total{a="3"} 0.1\n'
-    )

@@ -382,26 +382,26 @@ def purge(obj: Context, older_than: str, dry_run: bool, as_json: bool) -> None:
 @click.pass_obj
 def metrics(obj: Context, port: int | None, host: str) -> None:
     """Prometheus metrics: requests by lane and state, batches, cost and saving, ledger."""
-    from batchwise.reports.metrics import exposition, make_server
+    from batchwise.reports.metrics import exposition
 
     with _store(obj) as store:
         if port is None:
             click.echo(exposition(store), nl=False)
             return
+        from batchwise.dashboard.serve import bind, serve
+
         try:
-            server = make_server(store, host=host, port=port)
+            sock = bind(host, port)
         except OSError as exc:
             raise click.ClickException(
                 f"cannot listen on {host}:{port}: {exc}\nhint: pick another --serve PORT"
             ) from exc
-        bound_host, bound_port = server.server_address[:2]
-        click.echo(f"serving metrics on http://{bound_host!s}:{bound_port}/metrics", err=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+        from batchwise.reports.metrics import create_app
+
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+        click.echo(f"serving metrics on http://{shown}:{bound_port}/metrics", err=True)
+        serve(create_app(store), sock)
 
 
 COMMANDS = (savings, tasks, forecast, purge, metrics)

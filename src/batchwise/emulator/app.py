@@ -7,17 +7,19 @@ SDKs (or batchwise's adapters) at it, changing only `base_url` and `api_key`.
     with Emulator(EmulatorConfig(turnaround_s=0)) as emu:
         client = openai.OpenAI(base_url=emu.openai_base_url, api_key="sk-test")
 
-`Emulator` is a WSGI app (mount it with `httpx.WSGITransport` in fast tests) and can serve
-itself on a background thread (`start()` / `stop()`). Everything it does is deterministic
-given `EmulatorConfig.seed` and the injected clock; `GET /_emulator/stats` tells tests what
-happened (every batch ever created, realtime calls, injected faults).
+`Emulator` serves itself over HTTP on a background thread (`start()` / `stop()`, uvicorn
+underneath), is an ASGI app, and gives fast tests an in-process httpx transport
+(`transport()`). Everything it does is deterministic given `EmulatorConfig.seed` and the
+injected clock; `GET /_emulator/stats` tells tests what happened (every batch ever created,
+realtime calls, injected faults).
 
 Internals live in `_emulator_*` modules, one concept each: `env` (config, seeded randomness,
 faults), `state` (SQLite store), `lifecycle` (batch timing), `models`, `text` and `prompts`
 (deterministic answers, token counts, prefix cache), `openai_bodies` / `openai_render` /
 `anthropic_bodies` (request validation and response objects), `openai_input` (batch input
 files), `openai`, `openai_batches` and `anthropic` (routes), `batches` (shared line
-settling), `http` (requests, errors, multipart) and `server` (the threaded HTTP/1.1 server).
+settling), `http` (requests, errors, multipart) and `server` (uvicorn on a thread, the ASGI
+adapter and the in-process transport).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from http import HTTPStatus
+from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
 
 from batchwise.emulator.anthropic.api import AnthropicApi
 from batchwise.emulator.env import EmulatorClock, EmulatorConfig, Env, Faults
@@ -38,14 +42,14 @@ from batchwise.emulator.http import Request, Response, json_response
 from batchwise.emulator.openai.api import OpenAIApi
 from batchwise.emulator.openai.batches import OpenAIBatches
 from batchwise.emulator.prompts import PrefixCache
-from batchwise.emulator.server import BackgroundServer
+from batchwise.emulator.server import BackgroundServer, InProcessTransport, serve_asgi
 from batchwise.emulator.state import State
 
 __all__ = ["Emulator", "EmulatorConfig", "run_server"]
 
 
 class Emulator:
-    """The emulator: a WSGI app over one state, optionally serving itself over HTTP."""
+    """The emulator: one state answering requests, in process or serving itself over HTTP."""
 
     def __init__(
         self, config: EmulatorConfig | None = None, *, clock: EmulatorClock = time.time
@@ -63,40 +67,34 @@ class Emulator:
         self._url: str | None = None
         self._closing = threading.Event()
 
-    # -- WSGI -------------------------------------------------------------------------------
+    # -- serving requests -------------------------------------------------------------------
 
-    def __call__(
-        self, environ: dict[str, Any], start_response: Callable[..., Any]
-    ) -> Iterable[bytes]:
-        fault = (
-            self._env.faults.network() if str(environ.get("PATH_INFO")).startswith("/v1/") else None
-        )
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The emulator as an ASGI app (what uvicorn serves in `start()`)."""
+        await serve_asgi(self.respond, scope, receive, send)
+
+    def transport(self) -> httpx.BaseTransport:
+        """An httpx transport calling the emulator in process, for fast tests:
+        `httpx.Client(transport=emu.transport(), base_url="http://emulator.test/v1")`."""
+        return InProcessTransport(self.respond)
+
+    def respond(self, req: Request) -> Response:
+        """Answer one request, network faults included (what a client on the wire sees)."""
+        provider_api = req.path.startswith("/v1/") or req.path.startswith(_GEMINI_PREFIXES)
+        fault = self._env.faults.network() if provider_api else None
         if fault is not None and fault.startswith("html"):
             # a proxy or captive portal answers instead of the provider: nothing reaches it
-            status = 200 if fault == "html_200" else 502
-            start_response(
-                f"{status} {_reason(status)}",
-                [("content-type", "text/html"), ("content-length", str(len(_HTML_PAGE)))],
-            )
-            return [_HTML_PAGE]
-        response = self.handle(Request.from_environ(environ))
-        headers = [("content-type", response.content_type), *response.headers]
-        body: Iterable[bytes]
+            return Response(200 if fault == "html_200" else 502, _HTML_PAGE, "text/html")
+        response = self.handle(req)
         if fault == "slow":
-            whole = response.body if isinstance(response.body, bytes) else b"".join(response.body)
-            headers.append(("content-length", str(len(whole))))
-            start_response(f"{response.status} {_reason(response.status)}", headers)
-            return self._drip(whole)
-        if isinstance(response.body, bytes):
-            headers.append(("content-length", str(len(response.body))))
-            body = [response.body]
-        else:
             body = response.body
-        start_response(f"{response.status} {_reason(response.status)}", headers)
-        return body
+            whole = body if isinstance(body, bytes) else b"".join(body)
+            response.headers.append(("content-length", str(len(whole))))
+            response.body = self._drip(whole)
+        return response
 
     def handle(self, req: Request) -> Response:
-        """Answer one request (the WSGI layer aside)."""
+        """Answer one request (network faults aside)."""
         if req.path.startswith("/v1/messages"):
             return self._anthropic.handle(req)
         if req.path.startswith(_GEMINI_PREFIXES) or (
@@ -189,7 +187,9 @@ class Emulator:
         if self._server is not None:
             raise RuntimeError(f"the emulator is already serving on {self._url}")
         self._closing.clear()
-        self._server = BackgroundServer(self, host, port, refuse_for_s=self.config.outage_s)
+        self._server = BackgroundServer(
+            self, host, port, refuse_for_s=self.config.outage_s, on_cut=self._closing.set
+        )
         shown = f"[{host}]" if ":" in host else host
         self._url = f"http://{shown}:{self._server.port}"
         return self._url
@@ -197,8 +197,8 @@ class Emulator:
     def stop(self) -> None:
         """Stop serving (state is kept; `start()` may be called again)."""
         if self._server is not None:
-            self._closing.set()  # dripping answers end now, so the server can stop
-            self._server.stop()
+            self._server.stop()  # dripping answers end once their connections are cut
+            self._closing.set()
             self._server = None
 
     def close(self) -> None:
@@ -251,13 +251,6 @@ _HTML_PAGE = (
     b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
     b"<p>The proxy could not reach the upstream server (emulated).</p></body></html>"
 )
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Overloaded" if status == 529 else "Unknown"
 
 
 def run_server(host: str, port: int, config: EmulatorConfig) -> None:

@@ -1,21 +1,25 @@
-"""Requests, responses and errors as the emulator's handlers see them, independent of WSGI.
+"""Requests, responses and errors as the emulator's handlers see them, independent of how
+they came (a socket through uvicorn, or an httpx transport in process: `emulator.server`).
 
 Bodies are read as streams: a JSON body is read into memory (bounded), an upload is parsed
-by a streaming multipart reader that writes the file straight to disk.
+by python-multipart as it arrives, its file written straight to disk.
 """
 
 from __future__ import annotations
 
-import email.message
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import parse_qsl
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 _CHUNK_BYTES = 1 << 16
 #: largest JSON body read into memory (Anthropic batches go through `spool` instead)
@@ -122,25 +126,28 @@ class Routes:
 
 
 class BodyReader:
-    """The request body: reads stop at Content-Length (or EOF for a de-chunked body)."""
+    """The request body as it arrives, chunk by chunk; `read()` returns b"" at its end."""
 
-    def __init__(self, stream: IO[bytes], length: int | None) -> None:
-        self._stream = stream
-        self._left = length
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
 
     def read(self, size: int = _CHUNK_BYTES) -> bytes:
-        if self._left is not None:
-            if self._left <= 0:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
                 return b""
-            size = min(size, self._left)
-        data = self._stream.read(size)
-        if self._left is not None:
-            self._left -= len(data)
+            self._pending = chunk
+        data, self._pending = self._pending[:size], self._pending[size:]
         return data
 
     def chunks(self) -> Iterator[bytes]:
-        while data := self.read():
+        if self._pending:
+            data, self._pending = self._pending, b""
             yield data
+        for chunk in self._chunks:
+            if chunk:
+                yield chunk
 
 
 @dataclass
@@ -154,37 +161,6 @@ class Request:
     body: BodyReader
     #: "http://host:port" as the client addressed us (for absolute URLs in responses)
     base_url: str
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, Any]) -> Request:
-        headers = {
-            key[5:].replace("_", "-").lower(): str(value)
-            for key, value in environ.items()
-            if key.startswith("HTTP_")
-        }
-        if environ.get("CONTENT_TYPE"):
-            headers["content-type"] = str(environ["CONTENT_TYPE"])
-        length: int | None = None
-        raw_length = environ.get("CONTENT_LENGTH")
-        if raw_length:
-            try:
-                length = int(raw_length)
-            except ValueError:
-                length = 0
-        elif not (
-            "chunked" in headers.get("transfer-encoding", "").lower()
-            or environ.get("wsgi.input_terminated")
-        ):
-            length = 0  # no length and not de-chunked: reading on would block
-        host = headers.get("host") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
-        return cls(
-            method=str(environ.get("REQUEST_METHOD", "GET")).upper(),
-            path=str(environ.get("PATH_INFO", "/")) or "/",
-            query=dict(parse_qsl(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)),
-            headers=headers,
-            body=BodyReader(environ["wsgi.input"], length),
-            base_url=f"{environ.get('wsgi.url_scheme', 'http')}://{host}",
-        )
 
     def read_bytes(self, limit: int = MAX_JSON_BYTES) -> bytes:
         parts: list[bytes] = []
@@ -256,124 +232,130 @@ class Upload:
     size: int
 
 
-_BOUNDARY = re.compile(r"boundary=(\"?)([^\";]+)\1", re.IGNORECASE)
+#: largest text field of a multipart body
+_MAX_FIELD_BYTES = 1 << 20
 
 
 def parse_multipart(
     request: Request, file_path: Callable[[], Path], *, max_file_bytes: int
 ) -> tuple[dict[str, str], dict[str, Upload]]:
-    """Stream a multipart/form-data body: text fields into memory, files to `file_path()`."""
-    match = _BOUNDARY.search(request.headers.get("content-type", ""))
-    if (
-        not request.headers.get("content-type", "").lower().startswith("multipart/form-data")
-        or match is None
-    ):
+    """Stream a multipart/form-data body through python-multipart: text fields into memory,
+    files straight to `file_path()` as their bytes arrive (never whole in memory)."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
         raise ApiError(400, "Expected a multipart/form-data body with a boundary.")
-    reader = _PartReader(request.body, b"--" + match.group(2).encode("latin-1"))
-    fields: dict[str, str] = {}
-    files: dict[str, Upload] = {}
+    form = _Form(file_path, max_file_bytes)
     try:
-        while (headers := reader.next_part()) is not None:
-            disposition = email.message.Message()
-            disposition["content-disposition"] = headers.get("content-disposition", "")
-            name = disposition.get_param("name", header="content-disposition")
-            filename = disposition.get_filename()
-            if not isinstance(name, str):
-                raise ApiError(400, "A multipart part has no name.")
-            if filename is None:
-                fields[name] = reader.read_part(1 << 20).decode("utf-8", "replace")
-                continue
-            path = file_path()
-            size = reader.copy_part(path, max_file_bytes)
-            files[name] = Upload(filename, path, size)
+        parser = MultipartParser(boundary, form.callbacks())
+        for chunk in request.body.chunks():
+            parser.write(chunk)
+        parser.finalize()
+        if not form.ended:
+            raise ApiError(400, "The multipart body ended before its closing boundary.")
+    except MultipartParseError as exc:
+        form.discard()
+        raise ApiError(400, f"The multipart body is malformed: {exc}") from exc
     except BaseException:
-        for upload in files.values():
-            upload.path.unlink(missing_ok=True)
+        form.discard()
         raise
-    return fields, files
+    return form.fields, form.files
 
 
-class _PartReader:
-    """Splits a multipart stream at its delimiter without holding more than a chunk."""
+class _Form:
+    """python-multipart's callbacks: a part's headers, then its bytes to memory or a file."""
 
-    def __init__(self, body: BodyReader, delimiter: bytes) -> None:
-        self._body = body
-        self._delim = b"\r\n" + delimiter
-        self._buf = b"\r\n"  # so the first delimiter matches like the others
-        self._eof = False
-        self._done = False
+    def __init__(self, file_path: Callable[[], Path], max_file_bytes: int) -> None:
+        self._file_path = file_path
+        self._max_file_bytes = max_file_bytes
+        self.fields: dict[str, str] = {}
+        self.files: dict[str, Upload] = {}
+        self.ended = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._field = b""
+        self._value = b""
+        self._name = ""
+        self._text: bytearray | None = None
+        self._upload: Upload | None = None
+        self._out: IO[bytes] | None = None
 
-    def _fill(self) -> bool:
-        data = self._body.read()
-        if not data:
-            self._eof = True
-            return False
-        self._buf += data
-        return True
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
 
-    def next_part(self) -> dict[str, str] | None:
-        """Skip to the next part and return its headers, or None after the last one."""
-        while not self._done:
-            idx = self._buf.find(self._delim)
-            if idx < 0:
-                self._buf = self._buf[-len(self._delim) :]
-                if not self._fill():
-                    raise ApiError(400, "The multipart body ended before its closing boundary.")
-                continue
-            while len(self._buf) < idx + len(self._delim) + 2 and self._fill():
-                pass
-            rest = self._buf[idx + len(self._delim) :]
-            if rest.startswith(b"--"):
-                self._done = True
-                return None
-            while (end := self._buf.find(b"\r\n\r\n", idx)) < 0:
-                if len(self._buf) > 64 << 10 or not self._fill():
-                    raise ApiError(400, "A multipart part has malformed headers.")
-            raw = self._buf[idx + len(self._delim) : end].decode("latin-1")
-            self._buf = self._buf[end + 4 :]
-            headers = {}
-            for line in raw.split("\r\n"):
-                key, sep, value = line.partition(":")
-                if sep:
-                    headers[key.strip().lower()] = value.strip()
-            return headers
-        return None
+    def _part_begin(self) -> None:
+        self._headers = []
+        self._field = self._value = b""
 
-    def _part_chunks(self) -> Iterator[bytes]:
-        """The current part's bytes; leaves the buffer at its closing delimiter."""
-        keep = len(self._delim) + 2
-        while True:
-            idx = self._buf.find(self._delim)
-            if idx >= 0:
-                yield self._buf[:idx]
-                self._buf = self._buf[idx:]
-                return
-            if len(self._buf) > keep:
-                yield self._buf[:-keep]
-                self._buf = self._buf[-keep:]
-            if not self._fill():
-                raise ApiError(400, "The multipart body ended inside a part.")
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
 
-    def read_part(self, limit: int) -> bytes:
-        out = bytearray()
-        for chunk in self._part_chunks():
-            out += chunk
-            if len(out) > limit:
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers.append((self._field.lower(), self._value))
+        self._field = self._value = b""
+
+    def _headers_finished(self) -> None:
+        disposition = dict(self._headers).get(b"content-disposition", b"")
+        _, options = parse_options_header(disposition.decode("latin-1"))
+        name = options.get(b"name")
+        if name is None:
+            raise ApiError(400, "A multipart part has no name.")
+        self._name = name.decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        if filename is None:
+            self._text = bytearray()
+            return
+        path = self._file_path()
+        self._upload = Upload(filename.decode("utf-8", "replace"), path, 0)
+        self._out = path.open("wb")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._out is not None and self._upload is not None:
+            self._upload.size += end - start
+            if self._upload.size > self._max_file_bytes:
+                raise ApiError(
+                    413,
+                    f"The file is larger than {self._max_file_bytes} bytes.",
+                    code="file_too_large",
+                )
+            self._out.write(memoryview(data)[start:end])
+        elif self._text is not None:
+            self._text += memoryview(data)[start:end]
+            if len(self._text) > _MAX_FIELD_BYTES:
                 raise ApiError(400, "A multipart form field is too large.")
-        return bytes(out)
 
-    def copy_part(self, path: Path, limit: int) -> int:
-        size = 0
-        try:
-            with path.open("wb") as out:
-                for chunk in self._part_chunks():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ApiError(
-                            413, f"The file is larger than {limit} bytes.", code="file_too_large"
-                        )
-                    out.write(chunk)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return size
+    def _part_end(self) -> None:
+        if self._out is not None and self._upload is not None:
+            self._out.close()
+            self._out = None
+            previous = self.files.pop(self._name, None)
+            if previous is not None:
+                previous.path.unlink(missing_ok=True)
+            self.files[self._name] = self._upload
+            self._upload = None
+        elif self._text is not None:
+            self.fields[self._name] = self._text.decode("utf-8", "replace")
+            self._text = None
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def discard(self) -> None:
+        """Delete what was written: the request failed."""
+        if self._out is not None:
+            self._out.close()
+        if self._upload is not None:
+            self._upload.path.unlink(missing_ok=True)
+        for upload in self.files.values():
+            upload.path.unlink(missing_ok=True)

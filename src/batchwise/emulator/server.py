@@ -1,284 +1,243 @@
-"""A small threaded HTTP/1.1 server for a WSGI app, from the standard library.
+"""How requests reach the emulator's `handle`, with no HTTP parsing of its own.
 
-`wsgiref` speaks HTTP/1.0 without keep-alive or chunked request bodies, which the SDKs (and
-large uploads) need; so this bridges `http.server.ThreadingHTTPServer` to WSGI itself:
-Content-Length or chunked request bodies, keep-alive, responses streamed chunked when their
-length is unknown, and a `stop()` that also closes idle keep-alive connections.
+Over a socket, uvicorn serves the ASGI adapter (`serve_asgi`) on a background thread
+(`BackgroundServer`): uvicorn speaks HTTP/1.1 (keep-alive, chunked bodies), Starlette turns
+the answer into ASGI messages. `handle` is synchronous (SQLite, the emulated latency), so it
+runs in a worker thread; the request body streams into it from the event loop as it is read,
+and an answer given as an iterator streams out as it is produced.
+
+In process, `InProcessTransport` hands an httpx request to `handle` directly, in the calling
+thread: no socket and no HTTP on the wire (the fast tests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
-import sys
 import threading
-from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
-from urllib.parse import unquote
+from collections.abc import Callable, Iterator
+from urllib.parse import parse_qsl
+
+import anyio.from_thread
+import anyio.to_thread
+import httpx
+import uvicorn
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import Response as StarletteResponse
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchwise.emulator.http import BodyReader, Request, Response
 
 log = logging.getLogger("batchwise.emulator")
 
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+#: `handle` itself: a request in, an answer out
+Respond = Callable[[Request], Response]
 
-#: seconds an idle keep-alive connection stays open
-_IDLE_TIMEOUT_S = 60.0
-
-
-class _Stream(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-    def readline(self, size: int = -1, /) -> bytes: ...
-
-
-class ChunkedReader:
-    """Decodes a chunked request body; `read()` returns b"" after the last chunk."""
-
-    def __init__(self, stream: _Stream) -> None:
-        self._stream = stream
-        self._left = 0
-        self._eof = False
-
-    def read(self, size: int = -1) -> bytes:
-        out = bytearray()
-        while not self._eof and (size < 0 or len(out) < size):
-            if self._left == 0:
-                line = self._stream.readline(1024)
-                if not line:
-                    raise ConnectionError("chunked body ended early")
-                self._left = int(line.split(b";", 1)[0].strip(), 16)
-                if self._left == 0:
-                    while self._stream.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    self._eof = True
-                    break
-            want = self._left if size < 0 else min(self._left, size - len(out))
-            data = self._stream.read(want)
-            if not data:
-                raise ConnectionError("chunked body ended early")
-            out += data
-            self._left -= len(data)
-            if self._left == 0:
-                self._stream.readline(8)  # the CRLF after each chunk
-        return bytes(out)
+#: seconds an idle keep-alive connection stays open (longer than clients keep them, so a
+#: client never reuses a connection the server is closing)
+_IDLE_TIMEOUT_S = 60
+#: worker threads answering at once: a request's `handle`, or the next chunk of a streamed
+#: answer (a dripping answer holds one while it waits)
+_THREADS = 256
+#: how long a stop waits for handlers still running before it gives up on them
+_STOP_WAIT_S = 10.0
+_STARTUP_TIMEOUT_S = 10.0
 
 
-class LimitedReader:
-    """Reads at most `length` bytes of a Content-Length body."""
+async def serve_asgi(respond: Respond, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one ASGI HTTP request with `respond`, run in a worker thread."""
+    if scope["type"] != "http":
+        return  # no lifespan, no websockets
+    incoming = StarletteRequest(scope, receive)
+    request = Request(
+        method=incoming.method,
+        path=scope["path"],
+        query=dict(incoming.query_params),
+        headers=dict(incoming.headers.items()),
+        body=BodyReader(_pull(receive)),
+        base_url=str(incoming.base_url).rstrip("/"),
+    )
+    response = await anyio.to_thread.run_sync(respond, request)
+    await _outgoing(response)(scope, receive, send)
 
-    def __init__(self, stream: _Stream, length: int) -> None:
-        self._stream = stream
-        self._left = length
 
-    def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        want = self._left if size < 0 else min(size, self._left)
-        data = self._stream.read(want)
-        self._left -= len(data)
-        if not data:
-            self._left = 0
-        return data
+def _pull(receive: Receive) -> Iterator[bytes]:
+    """The request body as the event loop receives it, read from `handle`'s worker thread;
+    uvicorn stops reading the socket while a chunk waits, so nothing piles up in memory."""
 
+    async def next_message() -> Message:
+        return await receive()
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = _IDLE_TIMEOUT_S
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # headers and body go out in separate writes: without this, Nagle's algorithm and
-        # delayed ACKs add ~40 ms to every response
-        with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self.connection, add=True)
-
-    def finish(self) -> None:
-        self.server.track(self.connection, add=False)
-        with contextlib.suppress(OSError):
-            super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the emulator runs inside tests and demos."""
-
-    def _serve(self) -> None:
-        try:
-            body = self._body_reader()
-        except ValueError:
-            self.send_error(400, "Bad Content-Length")
+    while True:
+        message = anyio.from_thread.run(next_message)
+        if message["type"] != "http.request":
+            return  # the client went away: the body ends here
+        if chunk := message.get("body", b""):
+            yield chunk
+        if not message.get("more_body", False):
             return
-        path, _, query = self.path.partition("?")
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": self.command,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote(path, "latin-1"),
-            "QUERY_STRING": query,
-            "SERVER_NAME": self.server.server_address[0],
-            "SERVER_PORT": str(self.server.server_address[1]),
-            "SERVER_PROTOCOL": self.request_version,
-            "REMOTE_ADDR": self.client_address[0],
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": body,
-            "wsgi.input_terminated": True,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-        }
-        for key, value in self.headers.items():
-            name = key.upper().replace("-", "_")
-            environ[name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name] = value
-        try:
-            self._respond(environ)
-            _drain(body)
-        except (ValueError, OSError):
-            # a client that went away or sent a broken chunked body: drop the connection
-            self.close_connection = True
-        except Exception:
-            # the app failed while streaming: the response is cut, so the connection must go
-            log.exception("emulator failed while answering %s %s", self.command, path)
-            self.close_connection = True
-
-    def _body_reader(self) -> ChunkedReader | LimitedReader:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return ChunkedReader(self.rfile)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length < 0:
-            raise ValueError("negative Content-Length")
-        return LimitedReader(self.rfile, length)
-
-    def _respond(self, environ: dict[str, Any]) -> None:
-        started: list[Any] = []
-
-        def start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> Callable[[bytes], object]:
-            started[:] = [status, headers]
-            return self.wfile.write
-
-        result = self.server.app(environ, start_response)
-        try:
-            status, headers = started
-            code, _, reason = status.partition(" ")
-            self.send_response(int(code), reason)
-            names = {name.lower() for name, _ in headers}
-            chunked = "content-length" not in names and self.request_version >= "HTTP/1.1"
-            for name, value in headers:
-                self.send_header(name, value)
-            if chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            elif "content-length" not in names:
-                self.close_connection = True
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            for data in result:
-                if not data:
-                    continue
-                if chunked:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                else:
-                    self.wfile.write(data)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
 
 
-def _drain(body: ChunkedReader | LimitedReader) -> None:
-    """Read what the app left of the body, so the next request on the connection parses."""
-    while body.read(1 << 16):
-        pass
+def _outgoing(response: Response) -> StarletteResponse:
+    """Starlette's response for ours: bytes with their length, an iterator streamed (chunked
+    unless the handler gave a content-length)."""
+    out: StarletteResponse
+    if isinstance(response.body, bytes):
+        out = StarletteResponse(response.body, status_code=response.status)
+    else:
+        out = StreamingResponse(response.body, status_code=response.status)
+    headers = [("content-type", response.content_type), *response.headers]
+    out.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    return out
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False
-    block_on_close = True
+class InProcessTransport(httpx.BaseTransport):
+    """An httpx transport that hands each request to `respond` in the calling thread."""
 
-    def __init__(self, address: tuple[str, int], app: WsgiApp, *, activate: bool = True) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.app = app
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(address, _Handler, bind_and_activate=False)
-        try:
-            self.server_bind()
-            if activate:
-                self.server_activate()
-        except BaseException:
-            self.server_close()
-            raise
+    def __init__(self, respond: Respond) -> None:
+        self._respond = respond
 
-    def track(self, conn: socket.socket, *, add: bool) -> None:
-        with self._open_lock:
-            if add:
-                self._open.add(conn)
-            else:
-                self._open.discard(conn)
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(request.stream, httpx.SyncByteStream):
+            raise TypeError("InProcessTransport serves httpx.Client, not httpx.AsyncClient")
+        url = request.url
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers.raw}
+        response = self._respond(
+            Request(
+                method=request.method,
+                path=url.path,
+                query=dict(parse_qsl(url.query.decode("ascii"), keep_blank_values=True)),
+                headers=headers,
+                body=BodyReader(request.stream),
+                base_url=f"{url.scheme}://{headers.get('host') or url.netloc.decode('ascii')}",
+            )
+        )
+        return httpx.Response(
+            response.status,
+            headers=[("content-type", response.content_type), *response.headers],
+            content=response.body,
+        )
 
-    def close_connections(self) -> None:
-        with self._open_lock:
-            conns = list(self._open)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening; port 0 picks a free one."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class BackgroundServer:
-    """Serves a WSGI app on a thread until `stop()`.
+    """Serves an ASGI app with uvicorn on a thread of its own until `stop()`.
 
     With `refuse_for_s`, the port is bound at once but listened on only after that many
-    seconds: until then a connection is refused, as by a provider in an outage.
+    seconds: until then a connection is refused, as by a provider in an outage. `on_cut` is
+    called by a stop once open connections are cut: answers still streaming may end then
+    (ended before, a short answer would be sent as if complete).
     """
 
-    def __init__(self, app: WsgiApp, host: str, port: int, *, refuse_for_s: float = 0.0) -> None:
-        self._server = _Server((host, port), app, activate=refuse_for_s <= 0)
-        self._stopping = threading.Event()
-        self._serving = False
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str,
+        port: int,
+        *,
+        refuse_for_s: float = 0.0,
+        on_cut: Callable[[], object] = lambda: None,
+    ) -> None:
+        self._app = app
+        self._on_cut = on_cut
+        self._sock = _bind(host, port)
+        self.host, self.port = self._sock.getsockname()[:2]
         self._refuse_for_s = refuse_for_s
+        self._stopping = threading.Event()
+        self._started = threading.Event()
+        self._lock = threading.Lock()
+        self._wake: Callable[[], object] | None = None
+        self._failure: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._serve,
-            name=f"batchwise-emulator-{self.port}",
-            daemon=True,
+            target=self._run, name=f"batchwise-emulator-{self.port}", daemon=True
         )
         self._thread.start()
+        if refuse_for_s <= 0:
+            self._started.wait(_STARTUP_TIMEOUT_S)
+            if self._failure is not None:
+                self.stop()
+                raise RuntimeError(f"the emulator's server did not start: {self._failure}")
 
-    def _serve(self) -> None:
-        if self._refuse_for_s > 0 and self._stopping.wait(self._refuse_for_s):
-            return
+    def _run(self) -> None:
+        try:
+            if self._refuse_for_s > 0 and self._stopping.wait(self._refuse_for_s):
+                return
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported by __init__, or logged when it no longer waits
+            self._failure = exc
+            log.exception("the emulator's server failed")
+        finally:
+            self._sock.close()
+            self._started.set()
+
+    async def _serve(self) -> None:
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            ws="none",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            timeout_keep_alive=_IDLE_TIMEOUT_S,
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = _THREADS
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
         with self._lock:
             if self._stopping.is_set():
                 return
-            if self._refuse_for_s > 0:
-                self._server.server_activate()
-            self._serving = True
-        self._server.serve_forever(poll_interval=0.1)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def host(self) -> str:
-        return str(self._server.server_address[0])
+            self._wake = lambda: loop.call_soon_threadsafe(stop.set)
+        await server.startup(sockets=[self._sock])  # listens on the socket
+        self._started.set()
+        try:
+            await stop.wait()
+        finally:
+            await _shutdown(server, self._on_cut)
 
     def stop(self) -> None:
-        """Stop accepting, close open connections and wait for request threads to end."""
+        """Stop accepting, cut open connections and wait for running handlers to return."""
         with self._lock:
             self._stopping.set()
-            serving = self._serving
-        if serving:
-            self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
+            wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                wake()
         self._thread.join()
+
+
+async def _shutdown(server: uvicorn.Server, on_cut: Callable[[], object]) -> None:
+    """Stop at once, as a provider going away would: no new connections, open ones closed
+    (idle ones cleanly, those mid-request cut), then wait for their handlers to return."""
+    for listener in server.servers:
+        listener.close()
+    for connection in list(server.server_state.connections):
+        connection.shutdown()  # closes an idle connection
+    await asyncio.sleep(0)
+    for connection in list(server.server_state.connections):
+        connection.transport.abort()  # a request in flight: the client sees the cut
+    await asyncio.sleep(0)  # uvicorn learns of the cuts
+    on_cut()
+    tasks = set(server.server_state.tasks)
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=_STOP_WAIT_S)
+        for task in pending:
+            log.warning("the emulator stopped with a request still being answered")
+            task.cancel()

@@ -1,18 +1,25 @@
-"""Prometheus metrics: the store's state as text exposition format 0.0.4, written by hand.
+"""Prometheus metrics: the store's state, read afresh by a collector on every scrape;
+prometheus_client writes the text exposition, Starlette on uvicorn serves it (`metrics --serve`).
 
-Every scrape reads the store afresh with a few `GROUP BY` queries, so several processes
-(workers, beat, producers) need no shared in-memory registry: the database is the registry.
-Costs are exposed in USD as floats, as Prometheus expects; the exact figures are in
+Every scrape reads the store with a few `GROUP BY` queries, so several processes (workers,
+beat, producers) need no shared in-memory registry: the database is the registry. Costs are
+exposed in USD as floats, as Prometheus expects; the exact figures are in
 `batchwise savings --json`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Metric, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from batchwise.costs.pricing import NANO_PER_USD
 from batchwise.states import LIVE_BATCH_STATES
@@ -21,51 +28,9 @@ from batchwise.store import reports as store_reports
 if TYPE_CHECKING:
     from batchwise.store.engine import Store
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: text exposition format 0.0.4, what `generate_latest` writes
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DEFAULT_PORT = 9464
-
-Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass(slots=True)
-class Metric:
-    """One metric family: name, type, help and its samples (labels → value)."""
-
-    name: str
-    type: str
-    help: str
-    samples: list[tuple[Labels, float]] = field(default_factory=list)
-
-    def add(self, value: float, **labels: str | None) -> None:
-        self.samples.append((tuple((k, v or "") for k, v in labels.items()), value))
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
-
-
-def render(metrics: Iterable[Metric]) -> str:
-    """The text exposition of `metrics`: HELP and TYPE lines, then one line per sample."""
-    lines: list[str] = []
-    for metric in metrics:
-        help_text = metric.help.replace("\\", "\\\\").replace("\n", "\\n")
-        lines.append(f"# HELP {metric.name} {help_text}")
-        lines.append(f"# TYPE {metric.name} {metric.type}")
-        for labels, value in metric.samples:
-            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            braces = f"{{{label_text}}}" if label_text else ""
-            lines.append(f"{metric.name}{braces} {_format_value(value)}")
-    return "\n".join(lines) + "\n"
 
 
 def _usd(nusd: Any) -> float:
@@ -74,86 +39,92 @@ def _usd(nusd: Any) -> float:
 
 def collect(store: Store) -> list[Metric]:
     """Read the store once (one transaction) and return every metric family."""
-    requests = Metric("batchwise_requests", "gauge", "Requests by lane and state.")
-    batches = Metric("batchwise_batches", "gauge", "Batches by state.")
-    in_flight = Metric(
-        "batchwise_batches_in_flight", "gauge", "Batches the provider holds (being polled)."
+    money = ["use_case", "model"]
+    requests = GaugeMetricFamily(
+        "batchwise_requests", "Requests by lane and state.", labels=["lane", "state"]
     )
-    cost = Metric(
-        "batchwise_cost_usd_total", "counter", "Actual cost of priced ledger entries, USD."
+    batches = GaugeMetricFamily("batchwise_batches", "Batches by state.", labels=["state"])
+    in_flight = GaugeMetricFamily(
+        "batchwise_batches_in_flight", "Batches the provider holds (being polled).", labels=[]
     )
-    realtime = Metric(
-        "batchwise_realtime_equivalent_usd_total",
-        "counter",
+    # a counter's family is named without `_total`; its sample, as exposed, keeps it
+    cost = CounterMetricFamily(
+        "batchwise_cost_usd", "Actual cost of priced ledger entries, USD.", labels=money
+    )
+    realtime = CounterMetricFamily(
+        "batchwise_realtime_equivalent_usd",
         "Realtime-equivalent cost of priced ledger entries, USD.",
+        labels=money,
     )
-    saving = Metric(
+    saving = GaugeMetricFamily(
         "batchwise_saving_usd",
-        "gauge",
         "Realtime-equivalent minus actual cost, USD (late batch lines and retries lower it).",
+        labels=money,
     )
-    entries = Metric("batchwise_ledger_entries_total", "counter", "Ledger entries by kind.")
-    unpriced = Metric(
-        "batchwise_unpriced_entries_total",
-        "counter",
+    entries = CounterMetricFamily(
+        "batchwise_ledger_entries", "Ledger entries by kind.", labels=["kind"]
+    )
+    unpriced = CounterMetricFamily(
+        "batchwise_unpriced_entries",
         "Ledger entries whose model has no price; their cost is unknown, not zero.",
+        labels=[],
     )
     with store.read() as conn:
         for lane, state, n in store_reports.request_counts(conn):
-            requests.add(n, lane=lane, state=state)
+            requests.add_metric([lane, state], n)
         live = 0
         for state, n in store_reports.batch_counts(conn):
-            batches.add(n, state=state)
+            batches.add_metric([state], n)
             live += n if state in LIVE_BATCH_STATES else 0
-        in_flight.add(live)
+        in_flight.add_metric([], live)
         for use_case, model, actual, realtime_nusd, priced_entries in store_reports.ledger_money(
             conn
         ):
             if not priced_entries:
                 continue  # unknown cost: counted below, never exported as $0
-            cost.add(_usd(actual), use_case=use_case, model=model)
-            realtime.add(_usd(realtime_nusd), use_case=use_case, model=model)
-            saving.add(_usd(int(realtime_nusd) - int(actual)), use_case=use_case, model=model)
+            labels = [use_case or "", model or ""]
+            cost.add_metric(labels, _usd(actual))
+            realtime.add_metric(labels, _usd(realtime_nusd))
+            saving.add_metric(labels, _usd(int(realtime_nusd) - int(actual)))
         for kind, n in store_reports.ledger_kind_counts(conn):
-            entries.add(n, kind=kind)
-        unpriced.add(store_reports.unpriced_entries(conn))
+            entries.add_metric([kind], n)
+        unpriced.add_metric([], store_reports.unpriced_entries(conn))
     return [requests, batches, in_flight, cost, realtime, saving, entries, unpriced]
+
+
+class StoreCollector(Collector):
+    """The store's metric families, read when Prometheus scrapes (a custom collector)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield from collect(self._store)
+
+
+def _registry(store: Store) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    return registry
 
 
 def exposition(store: Store) -> str:
     """The current metrics of `store` as Prometheus text."""
-    return render(collect(store))
+    return generate_latest(_registry(store)).decode()
 
 
-def make_server(
-    store: Store, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT
-) -> ThreadingHTTPServer:
-    """An HTTP server answering `GET /metrics` (bound, not yet serving: call `serve_forever`).
+def create_app(store: Store) -> Starlette:
+    """The ASGI app answering `GET /metrics` (`dashboard.serve` binds and runs it)."""
+    registry = _registry(store)
 
-    Binds to loopback by default: the metrics name use cases and models, which is not
-    something to publish on every interface by accident.
-    """
+    def scrape(request: Request) -> Response:
+        try:
+            body = generate_latest(registry)
+        except Exception as exc:  # a scrape must get an answer, not a hung socket
+            return PlainTextResponse(f"cannot read the store: {exc}\n", status_code=500)
+        return Response(body, media_type=CONTENT_TYPE)
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] != "/metrics":
-                self._reply(404, b"not found: metrics are at /metrics\n", "text/plain")
-                return
-            try:
-                body = exposition(store).encode()
-            except Exception as exc:  # a scrape must get an answer, not a hung socket
-                self._reply(500, f"cannot read the store: {exc}\n".encode(), "text/plain")
-                return
-            self._reply(200, body, CONTENT_TYPE)
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("not found: metrics are at /metrics\n", status_code=404)
 
-        def _reply(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # one line per scrape on stderr is noise
-
-    return ThreadingHTTPServer((host, port), Handler)
+    return Starlette(routes=[Route("/metrics", scrape)], exception_handlers={404: not_found})
