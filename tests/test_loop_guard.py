@@ -1,5 +1,6 @@
 """The runaway-loop guard counted in the store: across chunks and submissions, refused
-requests left out, and the 0004 upgrade that gives stored requests their loop keys."""
+requests left out, the 0004 upgrade that gives stored requests their loop keys, and near
+repeats in realistic agent traces (a retry loop, two alternating states, genuine progress)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,124 @@ def test_upgrade_from_0003_gives_task_requests_their_loop_keys(db_url: str) -> N
         keys = dict(conn.execute(sa.text("SELECT id, loop_key FROM requests")).all())
     store.close()
     assert keys == {1: loop_key(body.encode()), 2: None, 3: None, 4: 7}
+
+
+# --- near repeats: realistic agent traces ---------------------------------------------------
+
+_SYSTEM = {"role": "system", "content": "You are an operations agent. Use the tools you have."}
+
+
+def turn(task: str, history: list[dict[str, str]], *latest: tuple[str, str]) -> dict[str, Any]:
+    """One agent step: the whole conversation so far, as an agent sends it."""
+    messages = [_SYSTEM, *history, *({"role": r, "content": c} for r, c in latest)]
+    return {
+        "model": "gpt-4o-mini",
+        "messages": messages,
+        "tolerance": "2d",
+        "tags": {"task_id": task, "use_case": "ops"},
+    }
+
+
+def errors(client: Client) -> dict[int, str]:
+    return {r["id"]: r["error"] for r in rows(client.store, requests_t) if r["error"]}
+
+
+def test_a_retry_loop_with_a_counter_and_timestamps_is_stopped(client: Client) -> None:
+    # Given an agent retrying a failing tool call, one request per step as agents send them
+    history = [{"role": "user", "content": "Deploy release 4.2 to staging"}]
+    states, ids = [], []
+    for attempt in range(1, 9):
+        handle = client.enqueue_many(
+            [
+                turn(
+                    "deploy-17",
+                    history,
+                    (
+                        "assistant",
+                        f"Calling deploy(target='staging', request_id='req_{attempt:04x}9')",
+                    ),
+                    (
+                        "tool",
+                        f"2026-12-05T07:{50 + attempt}:0{attempt}Z ERROR deploy failed: lock "
+                        f"held by job 9f86d0{attempt}1884c7d65 (attempt {attempt} of 10)",
+                    ),
+                )
+            ]
+        )[0]
+        states.append(handle.state)
+        ids.append(handle.id)
+    # Then the 6th attempt on is refused, naming the task, the pattern and the latest repeat
+    assert states == ["queued"] * 5 + ["rejected"] * 3
+    reason = errors(client)[ids[5]]
+    assert "task 'deploy-17'" in reason and "pattern: normalised" in reason
+    assert f"request {ids[4]}" in reason
+
+
+def test_two_states_alternating_are_stopped(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an agent bouncing between a search and a page, with small changes each time,
+    # in one submission of chunks of 4
+    monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 4)
+    words = ["again", "once more", "now", "one more time", "still", "then", "anew"]
+    trace = []
+    for i, word in enumerate(words):
+        trace.append(
+            turn(
+                "refunds-3",
+                [],
+                ("assistant", f"Searching the help centre {word} for the refund policy"),
+                ("tool", "No article matches 'refund policy'; try a broader query"),
+            )
+        )
+        trace.append(
+            turn(
+                "refunds-3",
+                [],
+                ("assistant", f"Opening the billing FAQ page {word} to look for refunds"),
+                ("tool", f"The billing FAQ lists {i + 3} questions, none about refunds"),
+            )
+        )
+    handles = client.enqueue_many(trace)
+    # Then each state passes five times, then both are refused (A/B/A/B: two repeating states)
+    assert [h.state for h in handles] == ["queued"] * 10 + ["rejected"] * 4
+    found = errors(client)
+    assert all("task 'refunds-3'" in found[h.id] for h in handles[10:])
+    assert "pattern: similar" in found[handles[10].id]
+    assert f"request {handles[8].id}" in found[handles[10].id]
+
+
+def test_a_task_making_progress_is_not_refused(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an agent walking through a report, section by section, its history growing
+    monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 7)
+    sections = [
+        ("the revenue table for the third quarter", "Revenue rose 12% to $4.1M, led by EMEA"),
+        ("the churn analysis", "Churn fell from 3.2% to 2.7% after the onboarding change"),
+        ("the hiring plan", "Eleven engineers and two designers are planned for 2027"),
+        ("the incident review of 2026-11-14", "A DNS change took checkout down for 23 minutes"),
+        ("the vendor contracts", "Three contracts renew in January; one can be dropped"),
+        ("the security audit findings", "Two medium findings remain open in the VPN setup"),
+        ("the customer survey", "NPS is 41; users ask for exports and a dark theme"),
+        ("the infrastructure costs", "Cloud spend is $212k a month, storage the largest part"),
+        ("the roadmap for next year", "Offline mode and SSO lead the plan for the first half"),
+        ("the legal update", "The new privacy law needs consent logs by March"),
+        ("the marketing results", "Webinars brought 40% of qualified leads this quarter"),
+        ("the support backlog", "412 tickets are open, most about invoices and logins"),
+    ]
+    history: list[dict[str, str]] = [{"role": "user", "content": "Summarise the board pack"}]
+    trace = []
+    for i, (section, finding) in enumerate(sections):
+        trace.append(
+            turn(
+                "board-pack",
+                history,
+                ("assistant", f"Reading section {i + 1}: {section}"),
+                ("tool", finding),
+            )
+        )
+        history = [*history, {"role": "assistant", "content": f"Noted: {finding}"}]
+    # Then every step is stored
+    handles = client.enqueue_many(trace)
+    assert [h.state for h in handles] == ["queued"] * len(sections)
