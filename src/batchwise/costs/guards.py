@@ -6,8 +6,8 @@ Guards are settings per tag, in the settings file:
     [guards]                          # everyone (the loop limits are on by default)
     max_requests_per_task = 200
     max_identical_per_task = 5        # also the limit on near repeats (normalised text)
-    max_similar_per_task = 5          # recent requests at least this similar (costs.repeats)
-    similarity_threshold = 0.6
+    max_similar_per_task = 8          # recent requests at least this similar (costs.repeats)
+    similarity_threshold = 0.8
 
     [guards.use_case.support_triage]  # also [guards.step.NAME], [guards.business_unit.NAME]
     default_max_tokens = 256
@@ -53,10 +53,11 @@ class Policy:
 
     max_requests_per_task: int = 200
     max_identical_per_task: int = 5
-    #: how many of a task's recent requests one may resemble (`costs.repeats`)
-    max_similar_per_task: int = 5
-    #: estimated Jaccard similarity of word shingles from which two requests resemble
-    similarity_threshold: float = 0.6
+    #: how many of a task's recent requests one may resemble (`costs.repeats`): more than
+    #: `max_identical_per_task`, a resemblance being weaker evidence than a masked equality
+    max_similar_per_task: int = 8
+    #: estimated Jaccard similarity of word pairs from which two conversation states resemble
+    similarity_threshold: float = 0.8
     default_max_tokens: int | None = None
     max_max_tokens: int | None = None
     max_input_tokens: int | None = None
@@ -405,27 +406,33 @@ def loop_refusal(
 def near_repeat_refusal(
     policy: Policy, task_id: str, normalised: Repeat | None, similar: Repeat | None
 ) -> str | None:
-    """The refusal reason for a request of a task whose recent requests it repeats, once its
-    numbers, ids and timestamps are masked (`normalised`) or nearly (`similar`); None if it
-    passes (see `costs.repeats.near_repeats`)."""
+    """The refusal reason for a request of a task whose recent requests it repeats with only
+    counters, times or ids changed (`normalised`) or nearly (`similar`); None if it passes
+    (see `costs.repeats.near_repeats`)."""
     if normalised is not None and normalised.count >= policy.max_identical_per_task:
         return (
-            f"task {task_id!r} sent the same request with only numbers, ids or times changed "
+            f"task {task_id!r} sent the same request with only counters, times or ids changed "
             f"{normalised.count} times already{_repeats(normalised.request_id)} (pattern: "
-            "normalised; a retry loop?); raise max_identical_per_task in [guards] to allow more"
+            f"normalised{_cycle(normalised)}; a retry loop?); raise max_identical_per_task in "
+            "[guards] to allow more"
         )
     if similar is not None and similar.count >= policy.max_similar_per_task:
         return (
             f"task {task_id!r} sent {similar.count} requests at least "
             f"{policy.similarity_threshold:.0%} similar to this one among its recent ones"
-            f"{_repeats(similar.request_id)} (pattern: similar; not progressing?); raise "
-            "max_similar_per_task or similarity_threshold in [guards] to allow more"
+            f"{_repeats(similar.request_id)} (pattern: similar{_cycle(similar)}; not "
+            "progressing?); raise max_similar_per_task or similarity_threshold in [guards] to "
+            "allow more"
         )
     return None
 
 
 def _repeats(earlier: int | None) -> str:
     return "" if earlier is None else f", latest as request {earlier}"
+
+
+def _cycle(repeat: Repeat) -> str:
+    return "" if repeat.period == 1 else f", a cycle of {repeat.period} states"
 
 
 def check_task(policy: Policy, task_id: str, seen: TaskCount, canonical_body: str) -> str | None:

@@ -1,20 +1,38 @@
 """Near repeats: when one request of a task says again what an earlier one said.
 
 An agent stuck in a loop rarely sends the very same body twice: it retries a failing tool call
-with "attempt 3" and a fresh timestamp, or bounces between two states with small changes. So,
-besides the exact repeats the store counts by `requests.loop_key` (`guards.loop_key`), a task's
-request is compared with the task's recent requests in two cheaper-than-a-model ways:
+with "attempt 3" and a fresh timestamp, or bounces between two states with small changes. A
+task that works through records ("Summarise record 8", "… record 15") also sends texts that
+differ in one token, and that is work, not a loop. The rule tells them apart by *what* changed:
 
-- **normalised**: its *focus text* with numbers, ids, uuids, hex strings, timestamps,
-  punctuation and whitespace masked (`normalise`) is the same as an earlier one's;
-- **similar**: the estimated Jaccard similarity of the word shingles of the two normalised
-  texts (`Sketch`, a one-permutation MinHash of `SKETCH_BINS` bins) is at least the policy's
-  `similarity_threshold`.
+- a **tick** is a token that changes on every try without naming new work: a timestamp with
+  its time of day, a clock time to the second, a duration ("30s", "250 ms") or a counter in
+  context ("attempt 3", "retry #4", "try 2/5", "attempt 3 of 10", `"attempt": 3`);
+- an **id** is a token minted per call: a uuid, a hex string of 8 or more characters holding
+  a digit and a letter, an id with a request-like prefix (`req_8f2a1`, `call_42`, `toolu_…`);
+- anything else, plain numbers included ("record 8", "page 4", "HTTP 503"), is content.
 
-The focus text is what moves an agent forward: the last two turns of a conversation (the
-newest tool result or user turn, and the assistant turn before it), without the system prompt
-and the older history a conversation carries along; for a prompt or an input, all of it. An
-A/B/A/B cycle is then two repeating states, each counted on its own.
+A request's *focus* (what moves an agent forward: the last two turns of a conversation without
+the system prompt, tool-call ids left out; for a prompt or an input, all of it) is compared
+with its task's latest `RECENT_PER_TASK` requests in two ways:
+
+- **normalised** (a retry loop): the focus is the same as an earlier one's with ticks and ids
+  masked, and the two differ in a tick or not at all. Differing in ids alone is new work ("…
+  record 123e4567-…" after "… record 0e2b8e51-…"); differing in a plain number is new work.
+  Counted against `max_identical_per_task`, as an exact repeat is;
+- **similar** (no progress): only for a conversation state (the focus holds an assistant or
+  tool turn) of at least `SIMILAR_MIN_SHINGLES` word pairs, the estimated Jaccard similarity of
+  the word pairs (`Sketch`, a one-permutation MinHash of `SKETCH_BINS` bins, ticks masked,
+  ids kept) is at least the policy's `similarity_threshold` (0.8 by default). A standalone
+  prompt has no agent state to stall: near-identical prompts of a task are a template filled
+  with work items, or a prompt that grows step by step. Counted against its own, larger limit
+  (`max_similar_per_task`), since a resemblance is weaker evidence than a masked equality.
+
+An A/B/A/B cycle is two states, each recurring after the other: each counts on its own, and
+the refusal names the cycle's length. A linear walk through records never repeats a state, so
+it meets only the hard cap (`max_requests_per_task`). A conversation that makes progress ends
+each request with new content (a new tool result), so its focus moves on even as the history
+it carries grows.
 
 Everything here is pure: texts in, keys and verdicts out (`guarding.Keeper` does the I/O).
 """
@@ -32,34 +50,65 @@ from typing import Any, NamedTuple
 import orjson
 
 #: bins of a sketch: the similarity estimate's standard error is about 0.5 / √bins
-SKETCH_BINS = 32
-_SLOT_BITS = 5
+SKETCH_BINS = 64
+_SLOT_BITS = 6
 _SLOT = SKETCH_BINS - 1
 #: words per shingle (shorter texts give one shingle of all their words)
 SHINGLE_WORDS = 2
+#: word pairs a focus needs before its resemblance means something (shorter: distinct items)
+SIMILAR_MIN_SHINGLES = 12
 #: the characters of a focus text's head and of its tail that are compared, which bounds the
 #: work per request (about 50 µs for a few hundred words)
 FOCUS_EDGE_CHARS = 2_000
 #: how many of a task's latest requests (not refused) a new one is compared with
 RECENT_PER_TASK = 20
 
-#: a token (word characters joined by . : + / - and _) holding a digit: numbers, ids
-#: (req_8f2a1, call-42), uuids, hex (9f86d08…), dates and times (2026-12-05T07:50:01.250Z) are
-#: each one such token; the lookbehind starts a match only at a token's start (linear time)
-_DIGITS = re.compile(r"(?<![\w.:+/-])[\w.:+/-]*\d[\w.:+/-]*")
+_COUNTER_WORDS = (
+    r"attempts?|retry|retries|retrying|retry_count|try|tries|trial|iteration|round|poll|polling"
+)
+#: ticks, on lower-case text (see the module docstring); no capturing groups (findall)
+_TICKS = re.compile(
+    r"\d{4}-\d{2}-\d{2}[t ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:z|[+-]\d{2}(?::?\d{2})?)?"
+    r"|(?<![\w:])\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?(?:z|[+-]\d{2}:?\d{2})?"
+    r"|(?<![\w.])(?:\d+(?:\.\d+)?\s?(?:ms|µs|us|ns|secs?|seconds?)|\d{1,3}(?:\.\d+)?s)\b"
+    rf"|\b(?:{_COUNTER_WORDS})\b[\"']?\s*(?:[#:=]|no\.?|number)?\s*\d+(?:\s*(?:/|of)\s*\d+)?"
+    r"|\b\d+(?:st|nd|rd|th)\s+(?:attempt|retry|try)\b"
+)
+#: ids, on lower-case text with its ticks masked
+_IDS = re.compile(
+    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
+    r"|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b"
+    r"|\b(?:req|request|call|chatcmpl|toolu|msg|run|trace|span|evt|sess|session|corr)"
+    r"(?:[_-]?id)?[_-]?[0-9a-z]*\d[0-9a-z]*\b"
+)
 _WORDS = re.compile(r"\w+")
+_MASK = " 0 "
+#: keys of a conversation's content blocks that are plumbing, not content
+_PLUMBING = frozenset(("id", "tool_use_id", "tool_call_id", "cache_control"))
+
+
+def masked(text: str) -> tuple[str, str]:
+    """(the text with ticks masked, with ticks and ids masked), both in lower case as words
+    joined by single spaces: "Attempt 3 at 2026-12-05T07:50:01Z, req_8f2a1" and "attempt 4 at
+    2026-12-05T07:51:12.250+00:00: req_77c0e" mask to one. C regular expressions, no callback:
+    intake runs this on every request of a long task."""
+    ticked = _TICKS.sub(_MASK, text.lower())
+    return " ".join(_WORDS.findall(ticked)), " ".join(_WORDS.findall(_IDS.sub(_MASK, ticked)))
 
 
 def normalise(text: str) -> str:
-    """The text in lower case, each token holding a digit masked as `0`, punctuation and
-    whitespace dropped: "Attempt 3 at 2026-12-05T07:50:01Z" and "attempt 4 at
-    2026-12-05T07:51:12.250+00:00" become one. Two passes of C regular expressions, no
-    callback: intake runs it on every request of a long task."""
-    return " ".join(_WORDS.findall(_DIGITS.sub(" 0 ", text.lower())))
+    """The text with its ticks and ids masked (see `masked`)."""
+    return masked(text)[1]
 
 
-def focus_text(body: Mapping[str, Any]) -> str:
-    """The part of a body that shows whether its task moves on (see the module docstring)."""
+def ticks(text: str) -> list[str]:
+    """The ticks of a text, in order."""
+    return _TICKS.findall(text.lower())
+
+
+def focus_text(body: Mapping[str, Any]) -> tuple[str, bool]:
+    """The part of a body that shows whether its task moves on (see the module docstring), and
+    whether it is a conversation state (an assistant or tool turn in it)."""
     messages = body.get("messages")
     if isinstance(messages, list) and messages:
         turns = [
@@ -67,39 +116,69 @@ def focus_text(body: Mapping[str, Any]) -> str:
             for m in messages
             if isinstance(m, Mapping) and m.get("role") not in ("system", "developer")
         ][-2:]
-        return "\n".join(f"{m.get('role')}: {_content(m)}" for m in turns)
+        text = "\n".join(f"{m.get('role')}: {_content(m)}" for m in turns)
+        return text, any(m.get("role") in ("assistant", "tool") for m in turns)
     parts = [body[k] for k in ("prompt", "input") if k in body]
-    return "\n".join(p if isinstance(p, str) else _dumps(p) for p in parts) or _dumps(body)
+    return "\n".join(p if isinstance(p, str) else _dumps(p) for p in parts) or _dumps(body), False
 
 
 def _content(message: Mapping[str, Any]) -> str:
     content = message.get("content")
+    if isinstance(content, list):  # content blocks: their ids are plumbing
+        content = [_unplumbed(block) for block in content]
     text = content if isinstance(content, str) else _dumps(content) if content else ""
     calls = message.get("tool_calls")
-    return f"{text} {_dumps(calls)}" if calls else text
+    if isinstance(calls, list) and calls:  # the call, not its id
+        return f"{text} {_dumps([_unplumbed(call) for call in calls])}"
+    return text
+
+
+def _unplumbed(block: Any) -> Any:
+    return (
+        {k: v for k, v in block.items() if k not in _PLUMBING} if isinstance(block, dict) else block
+    )
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
+def _key(text: str) -> int:
+    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 @dataclass(frozen=True)
 class Fingerprint:
-    """What a request is compared by: its normalised text's key and its sketch."""
+    """What a request is compared by (see the module docstring)."""
 
-    normal_key: int
+    #: the focus with ticks and ids masked
+    state_key: int
+    #: its ticks, in order
+    ticks_key: int
+    #: the focus with ticks masked, ids kept
+    ticked_key: int
+    #: a conversation state long enough to be compared by resemblance
+    comparable: bool
     sketch: Sketch
 
 
 def fingerprint(canonical_body: str) -> Fingerprint:
     """The fingerprint of a canonical (orjson) body, as stored and as intake builds it."""
     parsed = orjson.loads(canonical_body)
-    focus = focus_text(parsed) if isinstance(parsed, Mapping) else canonical_body
+    focus, conversation = (
+        focus_text(parsed) if isinstance(parsed, Mapping) else (canonical_body, False)
+    )
     if len(focus) > 2 * FOCUS_EDGE_CHARS:  # a long tool output: its head and tail will do
         focus = f"{focus[:FOCUS_EDGE_CHARS]} {focus[-FOCUS_EDGE_CHARS:]}"
-    text = normalise(focus)
-    key = int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
-    return Fingerprint(key, sketch(text))
+    ticked, state = masked(focus)
+    shingles = ticked.count(" ")  # words - 1: the word pairs
+    return Fingerprint(
+        _key(state),
+        _key("\n".join(ticks(focus))),
+        _key(ticked),
+        conversation and shingles >= SIMILAR_MIN_SHINGLES,
+        sketch(ticked),
+    )
 
 
 class Sketch(NamedTuple):
@@ -144,6 +223,17 @@ class Repeat:
     count: int
     #: the latest of them
     request_id: int
+    #: 1 + how many other requests came after that latest one: 1 is a repeat in a row, 2 an
+    #: A/B/A/B cycle (the state recurring after one other), and so on
+    period: int = 1
+
+
+def same_state(a: Fingerprint, b: Fingerprint) -> bool:
+    """Whether two requests are in the same state: equal once ticks and ids are masked, and
+    not differing in ids alone (a new id with nothing else changed names new work)."""
+    return a.state_key == b.state_key and (
+        a.ticks_key != b.ticks_key or a.ticked_key == b.ticked_key
+    )
 
 
 def near_repeats(
@@ -153,13 +243,21 @@ def near_repeats(
     latest first; a normalised repeat is also a similar one."""
     normal: list[int] = []
     similar: list[int] = []
-    for rid, seen in recent:
-        if seen.normal_key == new.normal_key:
+    first_normal = first_similar = 0
+    for at, (rid, seen) in enumerate(recent):
+        if same_state(new, seen):
+            first_normal = first_normal or at + 1
             normal.append(rid)
-            similar.append(rid)
-        elif similarity(seen.sketch, new.sketch) >= threshold:
-            similar.append(rid)
+        elif not (
+            new.comparable
+            and seen.comparable
+            and seen.state_key != new.state_key  # differing in ids alone: new work
+            and similarity(seen.sketch, new.sketch) >= threshold
+        ):
+            continue
+        first_similar = first_similar or at + 1
+        similar.append(rid)
     return (
-        Repeat("normalised", len(normal), normal[0]) if normal else None,
-        Repeat("similar", len(similar), similar[0]) if similar else None,
+        Repeat("normalised", len(normal), normal[0], first_normal) if normal else None,
+        Repeat("similar", len(similar), similar[0], first_similar) if similar else None,
     )
