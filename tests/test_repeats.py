@@ -169,7 +169,8 @@ def test_resemblance_counts_only_for_conversation_states_long_enough() -> None:
     )
     # a long templated prompt differing in a number: a template filled with work items
     prompts = [fingerprint(prompt(template.format(n))) for n in range(10)]
-    assert similarity(prompts[0].sketch, prompts[1].sketch) >= 0.8
+    one, two = (sketch(normalise(template.format(n))) for n in (1, 2))
+    assert similarity(one, two) >= 0.8 and prompts[0].sketch is None
     assert walk(prompts) == [(None, None)] * 10
     # the same words as an agent's state: a resemblance worth counting
     states = [
@@ -206,4 +207,4 @@ def test_a_long_tool_output_is_compared_by_its_head_and_tail() -> None:
     a = fingerprint(body(("tool", head + "alpha " * 5000 + tail)))
     b = fingerprint(body(("tool", head + "beta " * 5000 + tail)))
     # Then they count as the same output, and each took bounded work
-    assert a.state_key == b.state_key
+    assert a.ticked_key == b.ticked_key

@@ -40,6 +40,7 @@ Everything here is pure: texts in, keys and verdicts out (`guarding.Keeper` does
 from __future__ import annotations
 
 import re
+import string
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,42 +59,68 @@ SHINGLE_WORDS = 2
 #: word pairs a focus needs before its resemblance means something (shorter: distinct items)
 SIMILAR_MIN_SHINGLES = 12
 #: the characters of a focus text's head and of its tail that are compared, which bounds the
-#: work per request (about 50 µs for a few hundred words)
-FOCUS_EDGE_CHARS = 2_000
+#: work per request (about 100 µs for a conversation state at that length)
+FOCUS_EDGE_CHARS = 1_000
 #: how many of a task's latest requests (not refused) a new one is compared with
 RECENT_PER_TASK = 20
 
 _COUNTER_WORDS = (
     r"attempts?|retry|retries|retrying|retry_count|try|tries|trial|iteration|round|poll|polling"
 )
-#: ticks, on lower-case text (see the module docstring); no capturing groups (findall)
+#: ticks, on lower-case text (see the module docstring), as the one group (for `split`); each
+#: starts a word with a digit or a counter word, which the lookahead checks first (cheap)
 _TICKS = re.compile(
+    r"\b(?=[\dartip])("
     r"\d{4}-\d{2}-\d{2}[t ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:z|[+-]\d{2}(?::?\d{2})?)?"
     r"|(?<![\w:])\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?(?:z|[+-]\d{2}:?\d{2})?"
     r"|(?<![\w.])(?:\d+(?:\.\d+)?\s?(?:ms|µs|us|ns|secs?|seconds?)|\d{1,3}(?:\.\d+)?s)\b"
-    rf"|\b(?:{_COUNTER_WORDS})\b[\"']?\s*(?:[#:=]|no\.?|number)?\s*\d+(?:\s*(?:/|of)\s*\d+)?"
-    r"|\b\d+(?:st|nd|rd|th)\s+(?:attempt|retry|try)\b"
+    rf"|(?:{_COUNTER_WORDS})\b[\"']?\s*(?:[#:=]|no\.?|number)?\s*\d+(?:\s*(?:/|of)\s*\d+)?"
+    r"|\d+(?:st|nd|rd|th)\s+(?:attempt|retry|try)\b"
+    r")"
 )
-#: ids, on lower-case text with its ticks masked
+#: ids, on lower-case text with its ticks masked; each holds a digit, which the lookahead
+#: checks first
 _IDS = re.compile(
-    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
-    r"|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b"
-    r"|\b(?:req|request|call|chatcmpl|toolu|msg|run|trace|span|evt|sess|session|corr)"
+    r"\b(?=[\w-]*\d)(?:"
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
+    r"|(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b"
+    r"|(?:req|request|call|chatcmpl|toolu|msg|run|trace|span|evt|sess|session|corr)"
     r"(?:[_-]?id)?[_-]?[0-9a-z]*\d[0-9a-z]*\b"
+    r")"
 )
-_WORDS = re.compile(r"\w+")
+#: ASCII punctuation (not `_`, which ids hold) to spaces: `str.translate` and `split` find the
+#: words of a text in half the time of a regular expression
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation if c != "_"})
+_DIGIT = re.compile(r"\d")
 _MASK = " 0 "
 #: keys of a conversation's content blocks that are plumbing, not content
 _PLUMBING = frozenset(("id", "tool_use_id", "tool_call_id", "cache_control"))
 
 
-def masked(text: str) -> tuple[str, str]:
-    """(the text with ticks masked, with ticks and ids masked), both in lower case as words
-    joined by single spaces: "Attempt 3 at 2026-12-05T07:50:01Z, req_8f2a1" and "attempt 4 at
-    2026-12-05T07:51:12.250+00:00: req_77c0e" mask to one. C regular expressions, no callback:
-    intake runs this on every request of a long task."""
-    ticked = _TICKS.sub(_MASK, text.lower())
-    return " ".join(_WORDS.findall(ticked)), " ".join(_WORDS.findall(_IDS.sub(_MASK, ticked)))
+def masked(text: str) -> tuple[str, str, list[str]]:
+    """(the text with ticks masked, with ticks and ids masked, its ticks in order), the texts in
+    lower case as words joined by single spaces: "Attempt 3 at 2026-12-05T07:50:01Z, req_8f2a1"
+    and "attempt 4 at 2026-12-05T07:51:12.250+00:00: req_77c0e" mask to one."""
+    ticked, found = _ticked(text.lower())
+    return _words(ticked), _state(ticked), found
+
+
+def _ticked(low: str) -> tuple[str, list[str]]:
+    """A lower-case text with its ticks masked, and its ticks. A few passes of C regular
+    expressions, no callback: intake runs this on every request of a long task; a text without
+    a digit (ticks and ids all hold one) takes one quick scan."""
+    if _DIGIT.search(low) is None:
+        return low, []
+    parts = _TICKS.split(low)  # text, tick, text, tick, …, text
+    return _MASK.join(parts[::2]), parts[1::2]
+
+
+def _words(text: str) -> str:
+    return " ".join(text.translate(_PUNCTUATION).split())
+
+
+def _state(ticked: str) -> str:
+    return _words(_IDS.sub(_MASK, ticked))
 
 
 def normalise(text: str) -> str:
@@ -103,7 +130,7 @@ def normalise(text: str) -> str:
 
 def ticks(text: str) -> list[str]:
     """The ticks of a text, in order."""
-    return _TICKS.findall(text.lower())
+    return _ticked(text.lower())[1]
 
 
 def focus_text(body: Mapping[str, Any]) -> tuple[str, bool]:
@@ -149,17 +176,17 @@ def _key(text: str) -> int:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What a request is compared by (see the module docstring)."""
+    """What a request is compared by (see the module docstring); the parts only some requests
+    need are left out of the others, which keeps intake cheap."""
 
-    #: the focus with ticks and ids masked
-    state_key: int
-    #: its ticks, in order
-    ticks_key: int
     #: the focus with ticks masked, ids kept
     ticked_key: int
-    #: a conversation state long enough to be compared by resemblance
-    comparable: bool
-    sketch: Sketch
+    #: its ticks, in order (None: it has none)
+    ticks_key: int | None
+    #: the focus with ticks and ids masked (None: neither ticks nor comparable)
+    state_key: int | None
+    #: for a conversation state long enough to be compared by resemblance
+    sketch: Sketch | None
 
 
 def fingerprint(canonical_body: str) -> Fingerprint:
@@ -170,14 +197,14 @@ def fingerprint(canonical_body: str) -> Fingerprint:
     )
     if len(focus) > 2 * FOCUS_EDGE_CHARS:  # a long tool output: its head and tail will do
         focus = f"{focus[:FOCUS_EDGE_CHARS]} {focus[-FOCUS_EDGE_CHARS:]}"
-    ticked, state = masked(focus)
-    shingles = ticked.count(" ")  # words - 1: the word pairs
+    ticked, found = _ticked(focus.lower())
+    words = _words(ticked)
+    comparable = conversation and words.count(" ") >= SIMILAR_MIN_SHINGLES  # words - 1: pairs
     return Fingerprint(
-        _key(state),
-        _key("\n".join(ticks(focus))),
-        _key(ticked),
-        conversation and shingles >= SIMILAR_MIN_SHINGLES,
-        sketch(ticked),
+        _key(words),
+        _key("\n".join(found)) if found else None,
+        _key(_state(ticked)) if found or comparable else None,
+        sketch(words) if comparable else None,
     )
 
 
@@ -229,10 +256,14 @@ class Repeat:
 
 
 def same_state(a: Fingerprint, b: Fingerprint) -> bool:
-    """Whether two requests are in the same state: equal once ticks and ids are masked, and
-    not differing in ids alone (a new id with nothing else changed names new work)."""
-    return a.state_key == b.state_key and (
-        a.ticks_key != b.ticks_key or a.ticked_key == b.ticked_key
+    """Whether two requests are in the same state: equal once ticks are masked, or both with
+    ticks, different ones, and equal once ticks and ids are masked. Not when they differ in
+    ids alone: a new id with nothing else changed names new work."""
+    return a.ticked_key == b.ticked_key or (
+        a.ticks_key is not None
+        and b.ticks_key is not None
+        and a.ticks_key != b.ticks_key
+        and a.state_key == b.state_key
     )
 
 
@@ -240,24 +271,37 @@ def near_repeats(
     new: Fingerprint, recent: Sequence[tuple[int, Fingerprint]], *, threshold: float
 ) -> tuple[Repeat | None, Repeat | None]:
     """(normalised repeats, similar repeats) of `new` among `recent` (request id, fingerprint),
-    latest first; a normalised repeat is also a similar one."""
-    normal: list[int] = []
-    similar: list[int] = []
-    first_normal = first_similar = 0
-    for at, (rid, seen) in enumerate(recent):
-        if same_state(new, seen):
-            first_normal = first_normal or at + 1
-            normal.append(rid)
-        elif not (
-            new.comparable
-            and seen.comparable
-            and seen.state_key != new.state_key  # differing in ids alone: new work
+    latest first; a normalised repeat is also a similar one. `same_state` inlined: intake runs
+    this on every request of a long task, against up to `RECENT_PER_TASK` others."""
+    key, ticked, state = new.ticked_key, new.ticks_key, new.state_key
+    normal = [
+        (at, rid)
+        for at, (rid, seen) in enumerate(recent)
+        if seen.ticked_key == key
+        or (
+            ticked is not None
+            and seen.ticks_key is not None
+            and seen.ticks_key != ticked
+            and seen.state_key == state
+        )
+    ]
+    similar = normal
+    if new.sketch is not None:
+        near = {
+            at
+            for at, (_, seen) in enumerate(recent)
+            if seen.sketch is not None
+            and seen.state_key != state  # differing in ids alone: new work
             and similarity(seen.sketch, new.sketch) >= threshold
-        ):
-            continue
-        first_similar = first_similar or at + 1
-        similar.append(rid)
-    return (
-        Repeat("normalised", len(normal), normal[0], first_normal) if normal else None,
-        Repeat("similar", len(similar), similar[0], first_similar) if similar else None,
-    )
+        }
+        near.update(at for at, _ in normal)
+        similar = [(at, recent[at][0]) for at in sorted(near)]
+    return _repeat("normalised", normal), _repeat("similar", similar)
+
+
+def _repeat(pattern: str, found: list[tuple[int, int]]) -> Repeat | None:
+    """The `Repeat` of the (position, request id) pairs found, latest first."""
+    if not found:
+        return None
+    at, rid = found[0]
+    return Repeat(pattern, len(found), rid, at + 1)
