@@ -3,37 +3,45 @@
 An agent stuck in a loop rarely sends the very same body twice: it retries a failing tool call
 with "attempt 3" and a fresh timestamp, or bounces between two states with small changes. A
 task that works through records ("Summarise record 8", "… record 15") also sends texts that
-differ in one token, and that is work, not a loop. The rule tells them apart by *what* changed:
+differ in one token, and that is work, not a loop. Masking every number cannot tell the two
+apart, so the rule looks at *what* changed:
 
-- a **tick** is a token that changes on every try without naming new work: a timestamp with
-  its time of day, a clock time to the second, a duration ("30s", "250 ms") or a counter in
-  context ("attempt 3", "retry #4", "try 2/5", "attempt 3 of 10", `"attempt": 3`);
-- an **id** is a token minted per call: a uuid, a hex string of 8 or more characters holding
-  a digit and a letter, an id with a request-like prefix (`req_8f2a1`, `call_42`, `toolu_…`);
-- anything else, plain numbers included ("record 8", "page 4", "HTTP 503"), is content.
+- a **tick** changes on every try without naming new work: a timestamp with its time of day,
+  a clock time to the second, a duration ("30s", "250 ms") or a counter in context ("attempt
+  3", "retry #4", "try 2/5", "attempt 3 of 10", `"attempt": 3`, "3rd attempt");
+- an **id** is minted per call: a uuid, a hex string of 8 or more characters holding a digit
+  and a letter, an id with a request-like prefix (`req_8f2a1`, `call_42`, `toolu_…`);
+- anything else is content, plain numbers included ("record 8", "page 4", "HTTP 503", a date
+  without a time): a new value there is a new work item.
 
-A request's *focus* (what moves an agent forward: the last two turns of a conversation without
-the system prompt, tool-call ids left out; for a prompt or an input, all of it) is compared
-with its task's latest `RECENT_PER_TASK` requests in two ways:
+A request's *focus* is what moves an agent forward: the last two turns of a conversation
+without the system prompt and with tool-call ids left out (protocol plumbing, fresh on every
+call); for a prompt or an input, all of it; a long one by its first and last
+`FOCUS_EDGE_CHARS`. It is compared with its task's latest `RECENT_PER_TASK` requests:
 
-- **normalised** (a retry loop): the focus is the same as an earlier one's with ticks and ids
-  masked, and the two differ in a tick or not at all. Differing in ids alone is new work ("…
-  record 123e4567-…" after "… record 0e2b8e51-…"); differing in a plain number is new work.
-  Counted against `max_identical_per_task`, as an exact repeat is;
-- **similar** (no progress): only for a conversation state (the focus holds an assistant or
-  tool turn) of at least `SIMILAR_MIN_SHINGLES` word pairs, the estimated Jaccard similarity of
-  the word pairs (`Sketch`, a one-permutation MinHash of `SKETCH_BINS` bins, ticks masked,
-  ids kept) is at least the policy's `similarity_threshold` (0.8 by default). A standalone
-  prompt has no agent state to stall: near-identical prompts of a task are a template filled
-  with work items, or a prompt that grows step by step. Counted against its own, larger limit
-  (`max_similar_per_task`), since a resemblance is weaker evidence than a masked equality.
+- **normalised** (a retry loop): the same words once ticks are masked, or, both having ticks
+  and different ones, the same words once ticks and ids are masked (a retry that also mints a
+  request id). Differing in ids alone is new work ("… record 123e4567-…" after "… record
+  0e2b8e51-…"), and so is differing in a plain number. Counted against
+  `max_identical_per_task`, as an exact repeat is: a masked equality is nearly as strong;
+- **similar** (no progress): only between conversation states (an assistant or tool turn in
+  the focus) of at least `SIMILAR_MIN_SHINGLES` word pairs, and not differing in ids alone,
+  the estimated Jaccard similarity of their word pairs (`Sketch`, a one-permutation MinHash of
+  `SKETCH_BINS` bins, ticks masked, ids kept) is at least `similarity_threshold` (0.8 by
+  default). A standalone prompt has no agent state to stall: near-identical prompts of a task
+  are a template filled with work items, or a prompt that grows step by step; and a short line
+  is too short for its resemblance to mean anything. Counted against its own, larger limit
+  (`max_similar_per_task`), since a resemblance is weaker evidence than an equality.
 
 An A/B/A/B cycle is two states, each recurring after the other: each counts on its own, and
-the refusal names the cycle's length. A linear walk through records never repeats a state, so
-it meets only the hard cap (`max_requests_per_task`). A conversation that makes progress ends
-each request with new content (a new tool result), so its focus moves on even as the history
-it carries grows.
+the refusal names the cycle's length (`Repeat.period`). A linear walk through records never
+repeats a state, so it meets only the hard cap (`max_requests_per_task`). A conversation making
+progress ends each request with new content (a new tool result), so its focus moves on even as
+the history it carries grows.
 
+The checks run on every request of a task past `max_identical_per_task` requests, so each part
+is paid only where needed: the id pass only for a text with ticks, the sketch only for a long
+conversation state, a text without a digit (ticks and ids all hold one) one quick scan.
 Everything here is pure: texts in, keys and verdicts out (`guarding.Keeper` does the I/O).
 """
 
