@@ -185,6 +185,40 @@ def test_a_retry_loop_with_a_counter_and_timestamps_is_stopped(client: Client) -
     assert f"latest as request {ids[4]}" in reason
 
 
+def test_a_retry_loop_in_anthropic_shape_is_stopped(client: Client) -> None:
+    # Given a Claude agent re-running a failing query: a fresh tool_use id each time, the
+    # error counting its retries and the seconds it waited
+    handles = []
+    for retry in range(1, 8):
+        use = f"toolu_01{retry}Kq9ZtW"
+        error = f"statement timeout after {retry * 15}s (retry #{retry})"
+        handles += client.enqueue_many(
+            [
+                {
+                    "model": "claude-haiku-4-5",
+                    "max_tokens": 512,
+                    "system": "You are a data analyst with SQL access.",
+                    "messages": [
+                        {"role": "user", "content": "How many orders shipped late in November?"},
+                        {"role": "assistant", "content": [
+                            {"type": "tool_use", "id": use, "name": "run_sql",
+                             "input": {"query": "SELECT count(*) FROM orders WHERE late"}}]},
+                        {"role": "user", "content": [
+                            {"type": "tool_result", "tool_use_id": use, "is_error": True,
+                             "content": error}]},
+                    ],
+                    "tolerance": "2d",
+                    "tags": {"task_id": "late-orders", "use_case": "analytics"},
+                }
+            ]
+        )  # fmt: skip
+    # Then the sixth is refused, as a retry loop
+    assert [h.state for h in handles] == ["queued"] * 5 + ["rejected"] * 2
+    reason = errors(client)[handles[5].id]
+    assert "task 'late-orders'" in reason and "pattern: normalised;" in reason
+    assert f"latest as request {handles[4].id}" in reason
+
+
 def test_two_states_alternating_with_timestamps_are_stopped(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
