@@ -52,7 +52,6 @@ import string
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from hashlib import blake2b
 from operator import eq
 from typing import Any, NamedTuple
 
@@ -146,11 +145,12 @@ def focus_text(body: Mapping[str, Any]) -> tuple[str, bool]:
     whether it is a conversation state (an assistant or tool turn in it)."""
     messages = body.get("messages")
     if isinstance(messages, list) and messages:
-        turns = [
-            m
-            for m in messages
-            if isinstance(m, Mapping) and m.get("role") not in ("system", "developer")
-        ][-2:]
+        turns: list[Mapping[str, Any]] = []
+        for m in reversed(messages):  # from the end: a long history is not walked
+            if isinstance(m, Mapping) and m.get("role") not in ("system", "developer"):
+                turns.insert(0, m)
+                if len(turns) == 2:
+                    break
         text = "\n".join(f"{m.get('role')}: {_content(m)}" for m in turns)
         return text, any(m.get("role") in ("assistant", "tool") for m in turns)
     parts = [body[k] for k in ("prompt", "input") if k in body]
@@ -178,14 +178,10 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _key(text: str) -> int:
-    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
-
-
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(NamedTuple):
     """What a request is compared by (see the module docstring); the parts only some requests
-    need are left out of the others, which keeps intake cheap."""
+    need are left out of the others, which keeps intake cheap. The keys are Python's string
+    hashes: fingerprints live only in one process, for one chunk, and are never stored."""
 
     #: the focus with ticks masked, ids kept
     ticked_key: int
@@ -209,9 +205,9 @@ def fingerprint(canonical_body: str) -> Fingerprint:
     words = _words(ticked)
     comparable = conversation and words.count(" ") >= SIMILAR_MIN_SHINGLES  # words - 1: pairs
     return Fingerprint(
-        _key(words),
-        _key("\n".join(found)) if found else None,
-        _key(_state(ticked)) if found or comparable else None,
+        hash(words),
+        hash("\n".join(found)) if found else None,
+        hash(_state(ticked)) if found or comparable else None,
         sketch(words) if comparable else None,
     )
 
