@@ -6,8 +6,10 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 
-from batchwise.costs.guards import Policy, near_repeat_refusal
+from batchwise.config import Settings
+from batchwise.costs.guards import Guards, Policy, near_repeat_refusal
 from batchwise.costs.repeats import (
     Fingerprint,
     Repeat,
@@ -20,6 +22,7 @@ from batchwise.costs.repeats import (
     sketch,
     ticks,
 )
+from batchwise.errors import ConfigError
 
 
 def body(*turns: tuple[str, str], system: str = "You are a careful agent.") -> str:
@@ -195,10 +198,16 @@ def test_near_repeat_refusal_names_task_pattern_request_and_cycle() -> None:
     assert near_repeat_refusal(policy, "t", None, Repeat("similar", 3, 7)) is None
 
 
-def test_the_defaults_give_resemblance_more_room_than_equality() -> None:
+def test_the_limits_are_on_by_default_and_set_per_tag() -> None:
     policy = Policy()
     assert policy.max_similar_per_task > policy.max_identical_per_task
     assert policy.similarity_threshold == 0.8
+    polling = {"max_similar_per_task": 30, "similarity_threshold": 0.95}
+    guards = Guards.from_settings(Settings(extra={"guards": {"step": {"poll": polling}}}))
+    assert guards.policy("ops", "poll", None).max_similar_per_task == 30
+    assert guards.policy("ops", "plan", None) == Policy()
+    with pytest.raises(ConfigError, match="similarity_threshold must be above 0 and at most 1"):
+        Guards.from_settings(Settings(extra={"guards": {"similarity_threshold": 1.5}}))
 
 
 def test_a_long_tool_output_is_compared_by_its_head_and_tail() -> None:

@@ -6,7 +6,7 @@ Guards are settings per tag, in the settings file:
     [guards]                          # everyone (the loop limits are on by default)
     max_requests_per_task = 200
     max_identical_per_task = 5        # also the limit on near repeats (normalised text)
-    max_similar_per_task = 8          # recent requests at least this similar (costs.repeats)
+    max_similar_per_task = 8          # recent conversation states this similar (costs.repeats)
     similarity_threshold = 0.8
 
     [guards.use_case.support_triage]  # also [guards.step.NAME], [guards.business_unit.NAME]
