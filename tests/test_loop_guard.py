@@ -227,7 +227,7 @@ def test_two_states_alternating_with_timestamps_are_stopped(
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 4)
     trace = []
     for i in range(7):
-        at = f"2026-12-05T08:{10 + i:02d}:{7 * i % 60:02d}Z"
+        at = f"2026-12-05T08:{10 + i:02d}:{7 * i + 3:02d}.{i}41Z"
         search, page = f"call_s{i}Qz", f"call_p{i}Qz"
         trace.append(
             agent_step(

@@ -81,6 +81,9 @@ def test_ticks_are_counters_times_and_durations() -> None:
         "2 seconds",
     ]
     assert ticks("Summarise record 8, step 3, page 2, by 07:00, try a broader query") == []
+    # a whole minute bounds a window; rounds, iterations, polls and trials may be the work
+    windows = "from 07:00:00 to 08:00:00, 2026-12-05T07:00:00.000Z, 2026-12-05 08:00"
+    assert ticks(f"{windows}, round 3, iteration 5, poll 2, trial 4") == []
 
 
 def test_the_focus_is_the_last_two_turns_without_the_system_prompt_or_call_ids() -> None:
@@ -160,9 +163,14 @@ def test_a_walk_through_records_never_repeats() -> None:
                          ("tool", f"Ticket {n}: the customer asks about order {9000 + n}")))
         for n in range(50)
     ]  # fmt: skip
+    hourly = [
+        fingerprint(prompt(f"Summarise the checkout errors logged from 2026-12-05T{h:02d}:00:00Z "
+                           f"to 2026-12-05T{h + 1:02d}:00:00Z, grouped by cause."))
+        for h in range(23)
+    ]  # fmt: skip
     # Then none of them repeats an earlier one
-    for trace in (numbered, by_uuid, reading):
-        assert walk(trace) == [(None, None)] * 50
+    for trace in (numbered, by_uuid, reading, hourly):
+        assert walk(trace) == [(None, None)] * len(trace)
 
 
 def test_resemblance_counts_only_for_conversation_states_long_enough() -> None:

@@ -6,13 +6,15 @@ task that works through records ("Summarise record 8", "… record 15") also sen
 differ in one token, and that is work, not a loop. Masking every number cannot tell the two
 apart, so the rule looks at *what* changed:
 
-- a **tick** changes on every try without naming new work: a timestamp with its time of day,
-  a clock time to the second, a duration ("30s", "250 ms") or a counter in context ("attempt
-  3", "retry #4", "try 2/5", "attempt 3 of 10", `"attempt": 3`, "3rd attempt");
+- a **tick** changes on every try without naming new work: a timestamp or a clock time to
+  the second ("2026-12-05T07:51:02.250Z", "07:51:02"; a whole minute, "07:00:00", bounds a
+  time window, which is content), a duration ("30s", "250 ms") or a counter of tries ("attempt
+  3", "retry #4", "try 2/5", "attempt 3 of 10", `"attempt": 3`, "3rd attempt"; not "round 3"
+  or "iteration 5", which may name work);
 - an **id** is minted per call: a uuid, a hex string of 8 or more characters holding a digit
   and a letter, an id with a request-like prefix (`req_8f2a1`, `call_42`, `toolu_…`);
-- anything else is content, plain numbers included ("record 8", "page 4", "HTTP 503", a date
-  without a time): a new value there is a new work item.
+- anything else is content, plain numbers included ("record 8", "page 4", "HTTP 503", a date,
+  an hour): a new value there is a new work item.
 
 A request's *focus* is what moves an agent forward: the last two turns of a conversation
 without the system prompt and with tool-call ids left out (protocol plumbing, fresh on every
@@ -71,15 +73,17 @@ FOCUS_EDGE_CHARS = 1_000
 #: how many of a task's latest requests (not refused) a new one is compared with
 RECENT_PER_TASK = 20
 
-_COUNTER_WORDS = (
-    r"attempts?|retry|retries|retrying|retry_count|try|tries|trial|iteration|round|poll|polling"
-)
+#: words that count tries; "round 3", "iteration 5", "poll 2" or "trial 4" may name work
+_COUNTER_WORDS = r"attempts?|retry|retries|retrying|retry_count|try|tries"
+#: seconds that are not all zeros: "07:00:00" bounds a window (content), "07:51:02" stamps an
+#: event (a tick)
+_SECONDS = r":(?!00(?:[.,]0+)?(?!\d))\d{2}(?:[.,]\d+)?"
 #: ticks, on lower-case text (see the module docstring), as the one group (for `split`); each
 #: starts a word with a digit or a counter word, which the lookahead checks first (cheap)
 _TICKS = re.compile(
-    r"\b(?=[\dartip])("
-    r"\d{4}-\d{2}-\d{2}[t ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:z|[+-]\d{2}(?::?\d{2})?)?"
-    r"|(?<![\w:])\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?(?:z|[+-]\d{2}:?\d{2})?"
+    r"\b(?=[\dart])("
+    rf"\d{{4}}-\d{{2}}-\d{{2}}[t ]\d{{1,2}}:\d{{2}}{_SECONDS}(?:z|[+-]\d{{2}}(?::?\d{{2}})?)?"
+    rf"|(?<![\w:])\d{{1,2}}:\d{{2}}{_SECONDS}(?:z|[+-]\d{{2}}:?\d{{2}})?"
     r"|(?<![\w.])(?:\d+(?:\.\d+)?\s?(?:ms|µs|us|ns|secs?|seconds?)|\d{1,3}(?:\.\d+)?s)\b"
     rf"|(?:{_COUNTER_WORDS})\b[\"']?\s*(?:[#:=]|no\.?|number)?\s*\d+(?:\s*(?:/|of)\s*\d+)?"
     r"|\d+(?:st|nd|rd|th)\s+(?:attempt|retry|try)\b"
