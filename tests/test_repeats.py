@@ -168,8 +168,13 @@ def test_a_walk_through_records_never_repeats() -> None:
                            f"to 2026-12-05T{h + 1:02d}:00:00Z, grouped by cause."))
         for h in range(23)
     ]  # fmt: skip
+    stamped = [
+        fingerprint(prompt(f"Sent 2026-12-05T07:{n:02d}:{n + 1:02d}Z. Summarise customer "
+                           f"{uuid.UUID(int=n * 7919)} (attempt 1)."))
+        for n in range(50)
+    ]  # fmt: skip
     # Then none of them repeats an earlier one
-    for trace in (numbered, by_uuid, reading, hourly):
+    for trace in (numbered, by_uuid, reading, hourly, stamped):
         assert walk(trace) == [(None, None)] * len(trace)
 
 

@@ -23,9 +23,12 @@ call); for a prompt or an input, all of it; a long one by its first and last
 
 - **normalised** (a retry loop): the same words once ticks are masked, or, both having ticks
   and different ones, the same words once ticks and ids are masked (a retry that also mints a
-  request id). Differing in ids alone is new work ("… record 123e4567-…" after "… record
-  0e2b8e51-…"), and so is differing in a plain number. Counted against
-  `max_identical_per_task`, as an exact repeat is: a masked equality is nearly as strong;
+  request id). Ids are masked only in a conversation state, where they are what a tool echoes
+  per call (request, job, trace ids); in a standalone prompt an id names its work item ("…
+  record 123e4567-…", stamped with the time it was sent, is new work after "… record
+  0e2b8e51-…"). Differing in ids alone is new work either way, and so is differing in a
+  plain number. Counted against `max_identical_per_task`, as an exact repeat is: a masked
+  equality is nearly as strong;
 - **similar** (no progress): only between conversation states (an assistant or tool turn in
   the focus) of at least `SIMILAR_MIN_SHINGLES` word pairs, and not differing in ids alone,
   the estimated Jaccard similarity of their word pairs (`Sketch`, a one-permutation MinHash of
@@ -211,7 +214,8 @@ def fingerprint(canonical_body: str) -> Fingerprint:
     return Fingerprint(
         hash(words),
         hash("\n".join(found)) if found else None,
-        hash(_state(ticked)) if found or comparable else None,
+        # a standalone prompt's ids are its work items: its state keeps them
+        (hash(_state(ticked)) if conversation else hash(words)) if found or comparable else None,
         sketch(words) if comparable else None,
     )
 
