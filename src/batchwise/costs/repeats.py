@@ -71,7 +71,7 @@ SHINGLE_WORDS = 2
 #: word pairs a focus needs before its resemblance means something (shorter: distinct items)
 SIMILAR_MIN_SHINGLES = 12
 #: the characters of a focus text's head and of its tail that are compared, which bounds the
-#: work per request (about 100 µs for a conversation state at that length)
+#: work per request
 FOCUS_EDGE_CHARS = 1_000
 #: how many of a task's latest requests (not refused) a new one is compared with
 RECENT_PER_TASK = 20
