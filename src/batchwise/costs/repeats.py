@@ -45,8 +45,9 @@ progress ends each request with new content (a new tool result), so its focus mo
 the history it carries grows.
 
 The checks run on every request of a task past `max_identical_per_task` requests, so each part
-is paid only where needed: the id pass only for a text with ticks, the sketch only for a long
-conversation state, a text without a digit (ticks and ids all hold one) one quick scan.
+is paid only where needed: the id pass only for a conversation state with ticks or a long one,
+the sketch only for a long conversation state, a text without a digit (ticks and ids all hold
+one) one quick scan.
 Everything here is pure: texts in, keys and verdicts out (`guarding.Keeper` does the I/O).
 """
 
