@@ -85,6 +85,36 @@ def dashboard_json(url: str) -> dict[str, Any]:
         store.close()
 
 
+def cli_or_error(url: str, *args: str) -> Any:
+    """A command's JSON, or {"error": its message} when it has nothing to show."""
+    result = CliRunner().invoke(cli, ["--db", url, *args], catch_exceptions=False)
+    if result.exit_code == 0:
+        return json.loads(result.stdout)
+    assert result.exit_code == 1, result.output
+    return {"error": result.output.strip().removeprefix("Error: ")}
+
+
+def task_forecast_says(url: str, panel: dict[str, Any]) -> dict[str, Any]:
+    """`forecast --tasks` and `forecast --check` over the panel's own windows."""
+    f, c = panel["forecast"], panel["check"]
+    return {
+        "forecast": cli_or_error(
+            url, "forecast", "--tasks", f"{max(f['tasks_per_day'], 1)}/day", "--days",
+            str(f["days"]), "--since", f["since"], "--until", f["until"], "--json",
+        ),
+        "check": cli_or_error(
+            url, "forecast", "--check", "--since", c.get("since") or c["previous"]["since"],
+            "--until", c.get("until") or c["checked"]["until"], "--json",
+        ),
+    }  # fmt: skip
+
+
+def same_or_same_error(panel: dict[str, Any], cli_says: dict[str, Any]) -> bool:
+    if "error" in panel:
+        return bool(panel["error"] == cli_says.get("error"))
+    return panel == cli_says
+
+
 def cli_reports(url: str, data: dict[str, Any]) -> dict[str, Any]:
     """What the CLI says about everything the dashboard shows."""
     forecast = data["forecast"]
@@ -110,6 +140,7 @@ def cli_reports(url: str, data: dict[str, Any]) -> dict[str, Any]:
         "events": cli_json(
             url, "events", "--kind", ",".join(EVENT_KINDS), "--limit", str(EVENT_LIMIT), "--json"
         ),
+        "task_forecast": task_forecast_says(url, data["task_forecast"]),
     }  # fmt: skip
 
 
@@ -124,6 +155,10 @@ def test_the_dashboard_json_is_the_cli_json(demo_url: str) -> None:
     assert data["tasks"] == {k: cli_says["tasks"][k] for k in ("summary", "by_use_case")}
     assert data["tasks"]["by_use_case"], "the demo has tasks"
     assert data["forecast"] == cli_says["forecast"]
+    # the forecast per task and its check are `forecast --tasks` and `forecast --check`
+    for part in ("forecast", "check"):
+        assert same_or_same_error(data["task_forecast"][part], cli_says["task_forecast"][part])
+    assert "error" not in data["task_forecast"]["forecast"], "the demo completes tasks"
     assert [{k: v for k, v in e.items() if k != "runaway"} for e in data["events"]] == (
         cli_says["events"]
     )
@@ -223,6 +258,10 @@ def test_the_page_shows_the_cli_figures_and_refreshes(
     for key in ("with_batching_usd", "without_batching_usd", "saving_usd"):
         value = cli_says["forecast"][key]
         assert figures[f"forecast.{key}"] == [value, shown(value)]
+    # the forecast per task is `forecast --tasks --json` at the last week's pace
+    per_task = cli_says["task_forecast"]["forecast"]
+    for key in ("with_batching_usd", "without_batching_usd", "without_batching_or_dedupe_usd"):
+        assert figures[f"task_forecast.forecast.{key}"] == [per_task[key], shown(per_task[key])]
     # the runaway task stands out
     assert browser.evaluate("document.querySelectorAll('#events-table tr.runaway').length") == 1
 

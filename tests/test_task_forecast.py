@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from batchwise.cli.main import cli
 from batchwise.cli.reports import register
-from batchwise.costs.task_forecast import check_forecast, forecast_tasks, parse_tasks
+from batchwise.costs.task_forecast import check_forecast, forecast_tasks, panel, parse_tasks
 from batchwise.errors import ForecastError
+from batchwise.reports.sections import task_forecast_section
 from batchwise.store.engine import Store, bodies_t, requests_t
 from batchwise.store.ledger import record
 
@@ -251,3 +252,26 @@ def test_cli_tasks_and_check(store: Store, db_url: str, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "invalid task volume" in bad.output
     empty = run(f"sqlite:///{tmp_path / 'e.db'}", "forecast", "--tasks", "5/day")
     assert empty.exit_code == 1 and "no completed, priced task" in empty.output
+
+
+def test_the_dashboard_panel_is_the_cli_json(store: Store, db_url: str) -> None:
+    # Given the panel at 15 November, the forecast from the last week, the check over 14 days
+    now = day(15).replace(hour=0)
+    data = panel(store, now=now, checked=timedelta(days=14))
+    # Then each half is what the matching command prints
+    f = data["forecast"]
+    assert (f["tasks_per_day"], f["observed_tasks"]) == (1, 3)  # S4, S5, C3 in 7 days
+    window = ["--since", f["since"], "--until", f["until"]]
+    out = run(db_url, "forecast", "--tasks", "1/day", *window, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout) == f
+    check = run(db_url, "forecast", "--check", "--since", "2026-11-01", "--until", "2026-11-15",
+                "--json")  # fmt: skip
+    assert json.loads(check.stdout) == data["check"]
+    assert data["check"]["error_pct"] == "-2.47"
+    # and the panel shows them, or says why there is nothing to show
+    html = task_forecast_section({"task_forecast": data}, live=False)
+    assert 'data-figure="task_forecast.check.error_pct" data-value="-2.47"' in html
+    assert 'data-figure="task_forecast.forecast.tasks_per_day" data-value="1"' in html
+    empty = panel(store, now=day(30))
+    assert "error" in empty["forecast"] and "both halves" in empty["check"]["error"]

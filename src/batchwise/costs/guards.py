@@ -5,7 +5,9 @@ Guards are settings per tag, in the settings file:
 
     [guards]                          # everyone (the loop limits are on by default)
     max_requests_per_task = 200
-    max_identical_per_task = 5
+    max_identical_per_task = 5        # also the limit on near repeats (normalised text)
+    max_similar_per_task = 8          # recent conversation states this similar (costs.repeats)
+    similarity_threshold = 0.8
 
     [guards.use_case.support_triage]  # also [guards.step.NAME], [guards.business_unit.NAME]
     default_max_tokens = 256
@@ -38,6 +40,7 @@ from hashlib import blake2b
 from typing import Any
 
 from batchwise.config import Settings
+from batchwise.costs.repeats import Repeat
 from batchwise.errors import ConfigError
 
 _TAG_KINDS = ("business_unit", "use_case", "step")  # in order of precedence, lowest first
@@ -50,6 +53,11 @@ class Policy:
 
     max_requests_per_task: int = 200
     max_identical_per_task: int = 5
+    #: how many of a task's recent requests one may resemble (`costs.repeats`): more than
+    #: `max_identical_per_task`, a resemblance being weaker evidence than a masked equality
+    max_similar_per_task: int = 8
+    #: estimated Jaccard similarity of word pairs from which two conversation states resemble
+    similarity_threshold: float = 0.8
     default_max_tokens: int | None = None
     max_max_tokens: int | None = None
     max_input_tokens: int | None = None
@@ -78,7 +86,8 @@ class Policy:
 
 
 _FIELDS = {
-    "max_requests_per_task": int, "max_identical_per_task": int, "default_max_tokens": int,
+    "max_requests_per_task": int, "max_identical_per_task": int, "max_similar_per_task": int,
+    "similarity_threshold": float, "default_max_tokens": int,
     "max_max_tokens": int, "max_input_tokens": int, "trim_context": bool,
     "dedupe_window_s": float, "daily_budget_usd": float, "monthly_budget_usd": float,
     "budget_policy": str, "owner": str,
@@ -103,6 +112,8 @@ def _values(where: str, table: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}.{key} must be a number ≥ 0, not {value!r}")
         if kind is int and value != int(value):
             raise ConfigError(f"{where}.{key} must be a whole number, not {value!r}")
+        if key == "similarity_threshold" and not 0 < value <= 1:
+            raise ConfigError(f"{where}.similarity_threshold must be above 0 and at most 1")
         if key == "owner" and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f'{where}.owner must be a team or person, e.g. "team-payments"')
         if key == "budget_policy" and value not in ("wait", "refuse"):
@@ -394,10 +405,12 @@ class TaskCount:
     bodies: dict[str, int] = field(default_factory=dict)
 
 
-def loop_refusal(policy: Policy, task_id: str, requests: int, identical: int) -> str | None:
+def loop_refusal(
+    policy: Policy, task_id: str, requests: int, identical: int, *, earlier: int | None = None
+) -> str | None:
     """The refusal reason for one more request of a task that already counts `requests`
-    requests, `identical` of them the same as this one (modulo whitespace); None if it passes.
-    Requests a guard refused do not count."""
+    requests, `identical` of them the same as this one (modulo whitespace), the latest being
+    request `earlier`; None if it passes. Requests a guard refused do not count."""
     if requests + 1 > policy.max_requests_per_task:
         return (
             f"task {task_id!r} reached its limit of {policy.max_requests_per_task} requests "
@@ -406,9 +419,42 @@ def loop_refusal(policy: Policy, task_id: str, requests: int, identical: int) ->
     if identical + 1 > policy.max_identical_per_task:
         return (
             f"task {task_id!r} sent the same request {policy.max_identical_per_task} times "
-            "already (a repeating loop?); raise max_identical_per_task in [guards] to allow more"
+            f"already{_repeats(earlier)} (pattern: exact; a repeating loop?); raise "
+            "max_identical_per_task in [guards] to allow more"
         )
     return None
+
+
+def near_repeat_refusal(
+    policy: Policy, task_id: str, normalised: Repeat | None, similar: Repeat | None
+) -> str | None:
+    """The refusal reason for a request of a task whose recent requests it repeats with only
+    counters, times or ids changed (`normalised`) or nearly (`similar`); None if it passes
+    (see `costs.repeats.near_repeats`)."""
+    if normalised is not None and normalised.count >= policy.max_identical_per_task:
+        return (
+            f"task {task_id!r} sent the same request with only counters, times or ids changed "
+            f"{normalised.count} times already{_repeats(normalised.request_id)} (pattern: "
+            f"normalised{_cycle(normalised)}; a retry loop?); raise max_identical_per_task in "
+            "[guards] to allow more"
+        )
+    if similar is not None and similar.count >= policy.max_similar_per_task:
+        return (
+            f"task {task_id!r} sent {similar.count} requests at least "
+            f"{policy.similarity_threshold:.0%} similar to this one among its recent ones"
+            f"{_repeats(similar.request_id)} (pattern: similar{_cycle(similar)}; not "
+            "progressing?); raise max_similar_per_task or similarity_threshold in [guards] to "
+            "allow more"
+        )
+    return None
+
+
+def _repeats(earlier: int | None) -> str:
+    return "" if earlier is None else f", latest as request {earlier}"
+
+
+def _cycle(repeat: Repeat) -> str:
+    return "" if repeat.period == 1 else f", a cycle of {repeat.period} states"
 
 
 def check_task(policy: Policy, task_id: str, seen: TaskCount, canonical_body: str) -> str | None:

@@ -24,7 +24,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -338,6 +338,47 @@ def check_forecast(
         "flat_volume_error_pct": _error_pct(flat_total, actual_total),
         "use_cases": rows,
     }
+
+
+# --- the dashboard's panel -------------------------------------------------------------------
+
+#: the panel's windows: the forecast reads the last week, the check splits the last 30 days
+PANEL_OBSERVED = timedelta(days=7)
+PANEL_CHECKED = timedelta(days=30)
+PANEL_DAYS = 30
+
+
+def panel(
+    store: Store,
+    *,
+    now: datetime,
+    observed: timedelta = PANEL_OBSERVED,
+    checked: timedelta = PANEL_CHECKED,
+) -> dict[str, Any]:
+    """The dashboard's task forecast and its check, each the object of the CLI command it
+    names, or that object's window with `"error": why`:
+
+    - "forecast": `forecast --tasks N/day --since S --until U --days 30 --json` for the last
+      `observed` (7 days), at N = the completed tasks a day seen then (rounded up);
+    - "check": `forecast --check --since S --until U --json` over the last `checked` (30 days).
+    """
+    since = now - observed
+    tasks = completed_tasks(store, since=since, until=now)
+    per_day = -(-len(tasks) * 86_400 // int(observed.total_seconds()))
+    window = {"since": since.isoformat(), "until": now.isoformat()}
+    forecast: dict[str, Any]
+    try:
+        forecast = project(
+            tasks, tasks_per_day=per_day, days=PANEL_DAYS, since=since, until=now
+        ).as_dict()
+    except ForecastError as exc:
+        forecast = {"tasks_per_day": per_day, "days": PANEL_DAYS, **window, "error": str(exc)}
+    checked_since = now - checked
+    try:
+        check = check_forecast(store, since=checked_since, until=now)
+    except ForecastError as exc:
+        check = {"since": checked_since.isoformat(), "until": now.isoformat(), "error": str(exc)}
+    return {"forecast": forecast, "check": check}
 
 
 # --- tables ----------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from batchwise.costs.guards import (
     Guards,
     Policy,
     loop_refusal,
+    near_repeat_refusal,
     period_starts,
     shape,
 )
+from batchwise.costs.repeats import RECENT_PER_TASK, Fingerprint, fingerprint, near_repeats
 from batchwise.intake.lines import Invalid, infer_provider
 from batchwise.states import RequestState
 from batchwise.store.intake_rows import ROW
@@ -112,7 +114,9 @@ class Keeper:
 
     def _loops(self, rows: list[tuple[Any, ...]]) -> None:
         """The per-task limits, counted in the store per chunk (`task_counts`, from an index)
-        and in this chunk as it goes: nothing is kept from one chunk to the next."""
+        and in this chunk as it goes: nothing is kept from one chunk to the next. Exact
+        repeats count over the task's whole history; near repeats over its latest
+        `RECENT_PER_TASK` requests, whose bodies are read once per chunk (`costs.repeats`)."""
         task_at, key_at, use_case, task_end = (
             ROW["task_id"],
             ROW["loop_key"],
@@ -127,30 +131,47 @@ class Keeper:
         if not checked:
             return
         requests = self.sink.task_counts(list({row[task_at] for _, row, _ in checked}))
-        # Only a task that may pass a limit on identical bodies needs its counts per body.
+        # Only a task that may pass a limit on repeats needs its counts per body and its
+        # recent bodies: a task can repeat at most as often as it has requests.
         totals = dict(requests)
         strictest: dict[str, int] = {}
         for _, row, policy in checked:
             task_id = row[task_at]
             totals[task_id] = totals.get(task_id, 0) + 1
-            limit = policy.max_identical_per_task
+            limit = min(policy.max_identical_per_task, policy.max_similar_per_task)
             if strictest.get(task_id, limit) >= limit:
                 strictest[task_id] = limit
         watched = {t for t, total in totals.items() if total > strictest[t]}
-        identical: dict[tuple[str, int], int] = {}
+        identical: dict[tuple[str, int], tuple[int, int]] = {}
+        recent: dict[str, list[tuple[int, Fingerprint]]] = defaultdict(list)
         if watched:
             keys = list({row[key_at] for _, row, _ in checked if row[task_at] in watched})
             identical = self.sink.task_key_counts(list(watched), keys)
+            for task_id, rid, body in self.sink.recent_task_bodies(
+                list(watched), per_task=RECENT_PER_TASK
+            ):
+                recent[task_id].append((rid, fingerprint(body)))
         for position, row, policy in checked:
             task_id = row[task_at]
             pair = (task_id, row[key_at])
-            reason = loop_refusal(policy, task_id, requests.get(task_id, 0), identical.get(pair, 0))
+            same, latest = identical.get(pair, (0, None))
+            reason = loop_refusal(policy, task_id, requests.get(task_id, 0), same, earlier=latest)
+            mark: Fingerprint | None = None
+            if reason is None and task_id in watched:
+                mark = fingerprint(row[ROW["body"]])
+                normalised, similar = near_repeats(
+                    mark, recent[task_id], threshold=policy.similarity_threshold
+                )
+                reason = near_repeat_refusal(policy, task_id, normalised, similar)
             if reason is not None:
                 self._outcome(position).refused = ("runaway_loop", reason)
                 continue
             requests[task_id] = requests.get(task_id, 0) + 1
-            if task_id in watched:
-                identical[pair] = identical.get(pair, 0) + 1
+            if mark is not None:
+                identical[pair] = (same + 1, row[ROW["id"]])
+                window = recent[task_id]
+                window.insert(0, (row[ROW["id"]], mark))
+                del window[RECENT_PER_TASK:]
 
     def _dedupe(self, rows: list[tuple[Any, ...]]) -> None:
         wanted: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))

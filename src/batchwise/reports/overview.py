@@ -12,7 +12,10 @@ page and the commands cannot disagree:
 - the queue's requests by lane and state: `store.queries.status_counts`, as `status --json`;
 - guard events and anomaly alerts: `store.events.list_events`, as
   `events --kind guard,anomaly --json`;
-- the forecast: `costs.forecast.month_forecast`, as `forecast --volume V --days D --json`.
+- the forecast: `costs.forecast.month_forecast`, as `forecast --volume V --days D --json`;
+- the forecast per completed task and its check: `costs.task_forecast.panel`, as
+  `forecast --tasks N/day --since S --until U --json` and `forecast --check --since S
+  --until U --json`.
 
 The queue's other figures (open batches, the oldest waiting request, deadlines at risk) have
 no CLI twin; their SQL is in `store.reports`. A later panel (in-flight tokens against learned
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.config import Settings
+from batchwise.costs import task_forecast
 from batchwise.costs.forecast import month_forecast
 from batchwise.costs.savings import savings_report
 from batchwise.costs.tasks import tasks_report
@@ -169,4 +173,5 @@ def overview(store: Store, *, now: datetime, settings: Settings | None = None) -
         "by_day": by_day.as_dict()["groups"],
         "events": events(store),
         "forecast": month_forecast(store, now=now),
+        "task_forecast": task_forecast.panel(store, now=now),
     }

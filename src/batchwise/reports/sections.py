@@ -36,6 +36,7 @@ SECTIONS = (
     ("daily", "Cost and saving by day"),
     ("events", "Guard events and anomaly alerts"),
     ("forecast", "Forecast: this month at the current daily volume"),
+    ("task_forecast", "Forecast per completed task, and how the last one did"),
 )
 _WINDOWS = {"today": "today (UTC)", "7d": "last 7 days", "30d": "last 30 days", "all": "all time"}
 _MONEY = (("actual", "actual_cost_usd"), ("realtime equivalent", "realtime_cost_usd"))
@@ -391,6 +392,80 @@ def forecast_section(data: dict[str, Any], *, live: bool) -> str:
     )
 
 
+def task_forecast_section(data: dict[str, Any], *, live: bool) -> str:
+    """`forecast --tasks N/day --json` at the last week's pace, and `forecast --check --json`
+    over the last 30 days (`costs.task_forecast.panel`)."""
+    return _task_projection(data["task_forecast"]["forecast"]) + _task_check(
+        data["task_forecast"]["check"]
+    )
+
+
+def _task_projection(f: dict[str, Any]) -> str:
+    if "error" in f:
+        return f'<p class="note">No forecast per task: {escape(f["error"])}</p>'
+    name = "task_forecast.forecast"
+    kpis = (
+        ("tasks a day lately", figure(_count(f["tasks_per_day"]), f"{name}.tasks_per_day",
+                                      f["tasks_per_day"])),
+        (f"{f['days']} days with batching", _usd(f, "with_batching_usd", name)),
+        ("without batching", _usd(f, "without_batching_usd", name)),
+        ("without batching or dedupe", _usd(f, "without_batching_or_dedupe_usd", name)),
+    )  # fmt: skip
+    cards = "".join(f'<div class="kpi">{escape(k)}<b>{v}</b></div>' for k, v in kpis)
+    rows = []
+    for u in f["use_cases"]:
+        label = u["use_case"] or "(none)"
+        at = f"{name}.{label}"
+        rows.append(
+            [
+                label,
+                figure(_count(u["observed_tasks"]), f"{at}.observed_tasks", u["observed_tasks"]),
+                _usd(u, "median_cost_usd", at),
+                _usd(u, "p95_cost_usd", at),
+                u["calls_per_task"] or "—",
+                _usd(u, "with_batching_usd", at),
+            ]
+        )
+    columns = ("use case", "tasks seen", "median", "p95", "calls/task", "projected")
+    return (
+        f'<div class="kpis">{cards}</div>'
+        + table(columns, rows, table_id="task-forecast-table")
+        + f'<p class="note">From the {f["observed_tasks"]:,} tasks completed since '
+        f"{escape(f['since'][:16])} UTC, split across use cases as they were.</p>"
+    )
+
+
+def _task_check(c: dict[str, Any]) -> str:
+    if "error" in c:
+        return f'<p class="note">No check: {escape(c["error"])}</p>'
+    name = "task_forecast.check"
+    rows = [
+        [
+            u["use_case"] or "(none)",
+            _count(u["tasks"]),
+            dollars(u["forecast_usd"]) if u["forecast_usd"] is not None else "—",
+            dollars(u["actual_usd"]),
+            _pct(u["error_pct"]),
+        ]
+        for u in c["use_cases"]
+    ]
+    total = [
+        "all",
+        "",
+        _usd(c, "forecast_usd", name),
+        _usd(c, "actual_usd", name),
+        figure(_pct(c["error_pct"]), f"{name}.error_pct", c["error_pct"]),
+    ]
+    columns = ("use case", "tasks", "forecast", "actual", "error")
+    return (
+        f'<p class="note">The check: the cost per task of {escape(c["previous"]["since"][:10])} '
+        f"– {escape(c['previous']['until'][:10])} at the task counts of the days after, "
+        "against what those tasks cost (holding the volume flat instead: "
+        f"{escape(_pct(c['flat_volume_error_pct']))} off).</p>"
+        + table(columns, rows, total, table_id="task-check-table")
+    )
+
+
 _RENDERERS: dict[str, Callable[..., str]] = {
     "totals": totals_section,
     "queue": queue_section,
@@ -399,6 +474,7 @@ _RENDERERS: dict[str, Callable[..., str]] = {
     "daily": daily_section,
     "events": events_section,
     "forecast": forecast_section,
+    "task_forecast": task_forecast_section,
 }
 
 

@@ -72,18 +72,37 @@ class GuardQueries:
 
     def task_key_counts(
         self, task_ids: Sequence[str], loop_keys: Sequence[int]
-    ) -> dict[tuple[str, int], int]:
+    ) -> dict[tuple[str, int], tuple[int, int]]:
         tasks = ", ".join("?" for _ in task_ids)
         keys = ", ".join("?" for _ in loop_keys)
         return {
-            (task_id, int(key)): int(count)
-            for task_id, key, count in self._query(
-                "SELECT task_id, loop_key, count(*) FROM requests "
+            (task_id, int(key)): (int(count), int(latest))
+            for task_id, key, count, latest in self._query(
+                "SELECT task_id, loop_key, count(*), max(id) FROM requests "
                 f"WHERE task_id IS NOT NULL AND task_id IN ({tasks}) AND loop_key IN ({keys}) "
                 "GROUP BY task_id, loop_key",
                 [*task_ids, *loop_keys],
             )
         }
+
+    def recent_task_bodies(
+        self, task_ids: Sequence[str], *, per_task: int
+    ) -> list[tuple[str, int, str]]:
+        # The (task_id, loop_key) index finds a task's rows (refused ones have no loop_key);
+        # the window keeps the latest few per task, so the read is bounded by tasks, not rows.
+        marks = ", ".join("?" for _ in task_ids)
+        return [
+            (task_id, int(rid), body)
+            for task_id, rid, body in self._query(
+                "SELECT task_id, id, body FROM (SELECT r.task_id, r.id, b.body, "
+                "row_number() OVER (PARTITION BY r.task_id ORDER BY r.id DESC) AS n "
+                "FROM requests r JOIN request_bodies b ON b.id = r.id "
+                f"WHERE r.task_id IS NOT NULL AND r.task_id IN ({marks}) "
+                "AND r.loop_key IS NOT NULL) recent "
+                "WHERE n <= ? ORDER BY task_id, id DESC",
+                [*task_ids, per_task],
+            )
+        ]
 
     def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:
         marks = ", ".join("?" for _ in body_hashes)

@@ -106,8 +106,16 @@ class RequestSink(Protocol):
 
     def task_key_counts(
         self, task_ids: Sequence[str], loop_keys: Sequence[int]
-    ) -> dict[tuple[str, int], int]:
-        """How many stored requests (not refused) each (task, loop_key) pair among these has."""
+    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """How many stored requests (not refused) each (task, loop_key) pair among these has,
+        and the latest one's id."""
+        ...
+
+    def recent_task_bodies(
+        self, task_ids: Sequence[str], *, per_task: int
+    ) -> list[tuple[str, int, str]]:
+        """(task_id, request id, body) of each task's latest `per_task` stored requests (not
+        refused, body not purged), latest first per task."""
         ...
 
     def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:
