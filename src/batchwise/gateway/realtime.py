@@ -1,22 +1,44 @@
-"""Realtime passthrough: `POST /v1/chat/completions` and `POST /v1/embeddings`.
+"""Realtime passthrough: `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings` and
+Anthropic's `POST /v1/messages`, plain or streamed (`"stream": true`).
 
 The body is stored as a realtime request (tags: the key's, then `X-Batchwise-Tags:
-use_case=…,step=…,task_id=…`), with the cost guards applied at intake, then called at once
-(`Gateway.dispatch`, or by the workers when a broker is configured); the answer is the
-provider's body, priced and booked in the ledger like every other call. A guard's refusal is
-a 429 naming the limit. Streaming (`"stream": true`) is refused in this increment.
+use_case=…,step=…,task_id=…`), with the cost guards applied at intake; a guard's refusal is a
+429 naming the limit, in the API's own error shape. Then this process claims the request and
+makes the call itself (`calls.Caller`): the provider's answer goes back as it came, its status
+and body (an error included), a stream chunk by chunk as it arrives, and is priced and booked
+in the ledger from its `usage` (a stream's from its final events, `stream_options.
+include_usage` being asked for upstream and held back if the caller did not ask). A caller
+that goes away mid-stream closes the provider's connection and ends the request failed.
+
+With a broker (no `Caller` here), or when another worker claimed the request first, or when an
+identical request's answer was reused, the gateway waits for the stored answer; a streaming
+caller then gets it as the stream that answer would have been (`streams.synthesize`).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import httpx
+import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from batchwise.api import Handle
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout
-from batchwise.gateway.context import json_response, openai_error
+from batchwise.gateway.calls import Caller, failure
+from batchwise.gateway.context import anthropic_error, json_response, openai_error
+from batchwise.gateway.streams import STREAMING, Collector, SseReader, collector, parse_event
+from batchwise.gateway.streams import synthesize as synthesize_stream
+from batchwise.gateway.upstream import request_id_of
+from batchwise.lifecycle.realtime import Claim
+from batchwise.states import RequestState
 from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
@@ -25,6 +47,9 @@ if TYPE_CHECKING:
 TAGS_HEADER = "x-batchwise-tags"
 #: how long a caller waits for its answer before a 504
 ANSWER_TIMEOUT_S = 600.0
+#: body fields about how the answer is sent, not what is asked: never stored
+_STREAM_KEYS = ("stream", "stream_options")
+_SSE = "text/event-stream"
 
 
 def header_tags(value: str | None) -> dict[str, str]:
@@ -40,52 +65,315 @@ def header_tags(value: str | None) -> dict[str, str]:
     return tags
 
 
-def _call(gateway: Gateway, endpoint: str, body: dict[str, Any], tags: dict[str, str]) -> Response:
+@dataclass(frozen=True)
+class Api:
+    """One realtime endpoint as the gateway serves it: its provider and path."""
+
+    provider: str
+    endpoint: str
+
+    def error(
+        self, status_code: int, message: str, *, type_: str | None = None, code: str | None = None
+    ) -> Response:
+        """An error in this API's shape (Anthropic's or OpenAI's)."""
+        if self.provider == "anthropic":
+            return anthropic_error(status_code, message, type_=type_)
+        return openai_error(status_code, message, type_=type_ or "invalid_request_error", code=code)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One caller's request: what is stored and what is sent."""
+
+    api: Api
+    body: dict[str, Any]
+    stream: bool
+    #: the caller asked for the final usage chunk (chat completions)
+    include_usage: bool
+    headers: dict[str, str]
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        """The body without the streaming fields: the same question, however it is answered."""
+        return {k: v for k, v in self.body.items() if k not in _STREAM_KEYS}
+
+    @property
+    def sent(self) -> dict[str, Any]:
+        """The body sent upstream: a chat stream always asks for its usage, to price it."""
+        if self.stream and self.api.endpoint == "/v1/chat/completions":
+            options = dict(self.body.get("stream_options") or {})
+            return {**self.body, "stream_options": {**options, "include_usage": True}}
+        return self.body
+
+
+def _enqueue(gateway: Gateway, call: Call, tags: dict[str, str]) -> Handle | Response:
+    api = call.api
     try:
-        handle = gateway.client.enqueue(
-            body=body,
-            provider="openai",
-            endpoint=endpoint,
+        return gateway.client.enqueue(
+            body=call.stored,
+            provider=api.provider,
+            endpoint=api.endpoint,
             tolerance="realtime",
             tags=tags,
-            submission_name=f"gateway {endpoint}",
+            submission_name=f"gateway {api.endpoint}",
         )
     except GuardRefused as exc:
-        return openai_error(429, str(exc), type_="rate_limit_error", code="batchwise_guard")
+        return api.error(429, str(exc), type_="rate_limit_error", code="batchwise_guard")
     except IntakeError as exc:
-        return openai_error(400, str(exc))
-    if gateway.dispatch is not None:
-        gateway.dispatch(handle.id)
+        return api.error(400, str(exc))
+
+
+def _wait(handle: Handle) -> dict[str, Any] | str:
+    """The stored answer, or why there is none."""
     try:
-        return json_response(handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05))
+        return handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05)
     except RequestFailed as exc:
-        return openai_error(502, f"the provider call failed: {exc}", type_="api_error")
+        return f"the provider call failed: {exc}"
     except ResultTimeout as exc:
-        return openai_error(504, str(exc), type_="api_error", code="timeout")
+        return str(exc)
 
 
-def _passthrough(endpoint: str) -> Any:
-    async def handler(gateway: Gateway, request: Request, key: KeyView) -> Response:
+async def _stored_answer(call: Call, handle: Handle) -> Response:
+    """Wait for the answer someone else is getting (or got), and send it as asked."""
+    found = await run_in_threadpool(_wait, handle)
+    if isinstance(found, str):
+        timeout = "still" in found
+        return call.api.error(
+            504 if timeout else 502,
+            found,
+            type_="timeout_error" if timeout and call.api.provider == "anthropic" else "api_error",
+            code="timeout" if timeout else None,
+        )
+    if call.stream:
+        events = synthesize_stream(call.api.endpoint, found, include_usage=call.include_usage)
+        return StreamingResponse(_iterate(events), media_type=_SSE)
+    return json_response(found)
+
+
+async def _iterate(events: Any) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+def _passed_headers(provider: str, headers: httpx.Headers) -> dict[str, str]:
+    """The provider's request id header, passed on so a caller can quote it."""
+    found = request_id_of(provider, headers)
+    return {} if found is None else {_request_id_header(provider): found}
+
+
+def _request_id_header(provider: str) -> str:
+    return "request-id" if provider == "anthropic" else "x-request-id"
+
+
+async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack) -> Response:
+    """Make the claimed call and answer with what the provider answered."""
+    api = call.api
+    if call.stream:
+        return await _open_stream(caller, call, claim, holding)
+    with holding:
         try:
-            body = await request.json()
-        except ValueError:
-            return openai_error(400, "the request body is not JSON")
-        if not isinstance(body, dict):
-            return openai_error(400, "the request body must be a JSON object")
-        if body.get("stream"):
-            return openai_error(
-                400, "streaming is not supported by this gateway yet: send stream=false"
+            answer = await caller.upstream.send(api.provider, api.endpoint, call.sent, call.headers)
+        except httpx.HTTPError as exc:
+            reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
+            await run_in_threadpool(
+                caller.failed, claim, failure(api.provider, reason, code="connection_error")
             )
+            return api.error(502, reason, type_="api_error")
+        parsed = answer.json()
+        if 200 <= answer.status_code < 300 and isinstance(parsed, dict):
+            await run_in_threadpool(
+                caller.answered,
+                claim,
+                parsed,
+                status_code=answer.status_code,
+                request_id=answer.request_id,
+            )
+        else:
+            error = failure(
+                api.provider,
+                f"status {answer.status_code}",
+                status_code=answer.status_code,
+                body=parsed,
+                request_id=answer.request_id,
+            )
+            await run_in_threadpool(caller.failed, claim, error)
+    found = answer.request_id
+    return Response(
+        answer.body,
+        status_code=answer.status_code,
+        media_type=answer.content_type,
+        headers={} if found is None else {_request_id_header(api.provider): found},
+    )
+
+
+class Relay:
+    """A provider's stream passed on event by event, and the call recorded when it ends: the
+    whole answer collected from it, or a failure if it stopped short (the caller went away, the
+    provider broke off). Closing is idempotent and shielded from cancellation, so the
+    provider's connection and the claim are released however the response ends."""
+
+    def __init__(
+        self,
+        caller: Caller,
+        call: Call,
+        claim: Claim,
+        upstream: httpx.Response,
+        resources: AsyncExitStack,
+        holding: ExitStack,
+    ) -> None:
+        self.caller, self.call, self.claim = caller, call, claim
+        self.upstream, self.resources, self.holding = upstream, resources, holding
+        self.collector: Collector = collector(call.api.endpoint, include_usage=call.include_usage)
+        self.finished = False
+        self.closed = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        reader = SseReader()
         try:
-            tags = {**key.tags, **header_tags(request.headers.get(TAGS_HEADER))}
-        except ValueError as exc:
-            return openai_error(400, str(exc))
-        return await run_in_threadpool(_call, gateway, endpoint, body, tags)
+            async for chunk in self.upstream.aiter_bytes():
+                out = b"".join(e.raw for e in reader.feed(chunk) if self.collector.add(e))
+                if out:
+                    yield out
+            rest = reader.rest()
+            if rest.strip():
+                event = parse_event(rest)
+                if self.collector.add(event):
+                    yield event.raw
+            self.finished = True
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True), self.holding:
+            await self.resources.aclose()
+            body = self.collector.body() if self.finished else None
+            api = self.call.api
+            if body is not None:
+                await run_in_threadpool(
+                    self.caller.answered,
+                    self.claim,
+                    body,
+                    status_code=self.upstream.status_code,
+                    request_id=request_id_of(api.provider, self.upstream.headers),
+                )
+            else:
+                why = (
+                    "stream ended before the answer was complete"
+                    if self.finished
+                    else ("the caller went away mid-stream")
+                )
+                error = failure(api.provider, why, code="stream_interrupted")
+                await run_in_threadpool(self.caller.failed, self.claim, error)
+
+
+class RelayResponse(StreamingResponse):
+    """A streaming response that closes its relay however it ends, even before it starts."""
+
+    def __init__(self, relay: Relay) -> None:
+        headers = _passed_headers(relay.call.api.provider, relay.upstream.headers)
+        super().__init__(relay.events(), media_type=_SSE, headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.close()
+
+
+async def _open_stream(caller: Caller, call: Call, claim: Claim, holding: ExitStack) -> Response:
+    api = call.api
+    resources = AsyncExitStack()
+    try:
+        upstream = await resources.enter_async_context(
+            caller.upstream.stream(api.provider, api.endpoint, call.sent, call.headers)
+        )
+    except httpx.HTTPError as exc:
+        await resources.aclose()
+        with holding:
+            reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
+            await run_in_threadpool(
+                caller.failed, claim, failure(api.provider, reason, code="connection_error")
+            )
+        return api.error(502, reason, type_="api_error")
+    if not 200 <= upstream.status_code < 300:
+        async with resources:
+            body = await upstream.aread()
+        with holding:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                parsed = None
+            error = failure(
+                api.provider,
+                f"status {upstream.status_code}",
+                status_code=upstream.status_code,
+                body=parsed,
+            )
+            await run_in_threadpool(caller.failed, claim, error)
+        return Response(
+            body,
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type", "application/json"),
+            headers=_passed_headers(api.provider, upstream.headers),
+        )
+    return RelayResponse(Relay(caller, call, claim, upstream, resources, holding))
+
+
+async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView) -> Response:
+    """Store the caller's request, make the call (or wait for it), answer as the provider."""
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        return api.error(400, f"the request body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return api.error(400, "the request body must be a JSON object")
+    stream = body.get("stream") is True
+    if stream and api.endpoint not in STREAMING:
+        return api.error(400, f"{api.endpoint} does not stream: send stream=false")
+    options = body.get("stream_options")
+    try:
+        tags = {**key.tags, **header_tags(request.headers.get(TAGS_HEADER))}
+    except ValueError as exc:
+        return api.error(400, str(exc))
+    call = Call(
+        api,
+        body,
+        stream,
+        include_usage=stream and isinstance(options, dict) and bool(options.get("include_usage")),
+        headers=dict(request.headers),
+    )
+    enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
+    if isinstance(enqueued, Response):
+        return enqueued
+    caller = gateway.caller
+    if caller is not None and enqueued.state == RequestState.DISPATCHING.value:
+        holding = ExitStack()
+        owner = holding.enter_context(caller.holding())
+        claim = await run_in_threadpool(caller.claim, enqueued.id, owner)
+        if claim is not None:
+            return await _call_now(caller, call, claim, holding)
+        holding.close()
+    return await _stored_answer(call, enqueued)
+
+
+def _route(provider: str, endpoint: str) -> Any:
+    api = Api(provider, endpoint)
+
+    async def handler(gateway: Gateway, request: Request, key: KeyView) -> Response:
+        return await serve_call(gateway, api, request, key)
 
     return handler
 
 
 ROUTES = [
-    ("/v1/chat/completions", _passthrough("/v1/chat/completions"), ["POST"]),
-    ("/v1/embeddings", _passthrough("/v1/embeddings"), ["POST"]),
+    ("/v1/chat/completions", _route("openai", "/v1/chat/completions"), ["POST"]),
+    ("/v1/responses", _route("openai", "/v1/responses"), ["POST"]),
+    ("/v1/embeddings", _route("openai", "/v1/embeddings"), ["POST"]),
+]
+ANTHROPIC_ROUTES = [
+    ("/v1/messages", _route("anthropic", "/v1/messages"), ["POST"]),
 ]

@@ -2,7 +2,9 @@
 
 A file row names the bytes kept under the home folder; a batch row ties an OpenAI-style batch
 to the submission its lines became (its counts and results are the submission's, read through
-`store.submissions`), with what the caller asked: endpoint, completion window, metadata.
+`store.submissions`), with what the caller asked: endpoint, completion window, metadata. An
+Anthropic Message Batch is a batch row too: its endpoint is `/v1/messages` (no OpenAI batch
+names it) and it has no input file (`NO_FILE`), its requests having come inline.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ import sqlalchemy as sa
 
 from batchwise.store.engine import Store
 from batchwise.store.schema import GatewayBatch, GatewayFile
+
+#: the endpoint of every Anthropic Message Batch; OpenAI batches name one of theirs
+MESSAGES_ENDPOINT = "/v1/messages"
+#: the input file id of a batch whose requests came inline (an Anthropic Message Batch)
+NO_FILE = 0
 
 files_t: sa.Table = GatewayFile.__table__  # type: ignore[attr-defined]
 gateway_batches_t: sa.Table = GatewayBatch.__table__  # type: ignore[attr-defined]
@@ -169,15 +176,29 @@ def get_batch(store: Store, batch_id: int) -> BatchRow | None:
     return None if row is None else _batch(row)
 
 
-def list_batches(store: Store, *, limit: int, after: int | None = None) -> list[BatchRow]:
-    """Batches newest first; `after` pages on from that id (older ones)."""
+def list_batches(
+    store: Store,
+    *,
+    limit: int,
+    after: int | None = None,
+    before: int | None = None,
+    anthropic: bool = False,
+) -> list[BatchRow]:
+    """One family's batches (OpenAI's, or Anthropic's Message Batches), newest first; `after`
+    pages on from that id to older ones, `before` back to the newer ones just before it."""
     t = gateway_batches_t
-    query = sa.select(t).order_by(t.c.id.desc()).limit(limit)
+    family = t.c.endpoint == MESSAGES_ENDPOINT
+    query = sa.select(t).where(family if anthropic else ~family).limit(limit)
+    if before is not None:
+        query = query.where(t.c.id > before).order_by(t.c.id.asc())
+    else:
+        query = query.order_by(t.c.id.desc())
     if after is not None:
         query = query.where(t.c.id < after)
     with store.read() as conn:
         rows = conn.execute(query).mappings().all()
-    return [_batch(row) for row in rows]
+    found = [_batch(row) for row in rows]
+    return found[::-1] if before is not None else found
 
 
 def mark_batch_cancelled(store: Store, batch_id: int, *, at: datetime) -> None:
