@@ -220,3 +220,232 @@ def test_a_bad_request_item_is_refused_whole_in_anthropic_shape(
         # nothing half-stored
         assert client.messages.batches.list().data == []
     assert stored_tags(home) == []
+
+
+# --- realtime: Anthropic messages, OpenAI responses, streams --------------------------------
+
+
+def question(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def request_rows(home: Path) -> list[Any]:
+    store = Store(f"sqlite:///{home / 'batchwise.db'}")
+    try:
+        views = [queries.request_view(store, i) for i in range(1, 200)]
+    finally:
+        store.close()
+    return [v for v in views if v is not None]
+
+
+def test_anthropic_sdk_messages_plain_and_streamed_through_the_gateway(
+    home: Path, gateway_url: str
+) -> None:
+    key = new_key("team-m", "business_unit=support")
+    with claude(gateway_url, key) as client:
+        # Given a plain call and a streamed one, each tagged
+        plain = client.messages.create(
+            model=MODEL,
+            max_tokens=40,
+            messages=question("hello"),  # type: ignore[arg-type]
+            extra_headers={"X-Batchwise-Tags": "use_case=chat,task_id=t-1"},
+        )
+        assert plain.type == "message" and plain.content[0].type == "text"
+        with client.messages.stream(
+            model=MODEL,
+            max_tokens=40,
+            messages=question("hello"),  # type: ignore[arg-type]
+            extra_headers={"X-Batchwise-Tags": "use_case=live,task_id=t-2"},
+        ) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_message()
+        # Then the stream is Anthropic's event sequence, and the same answer as the plain call
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+        assert {"content_block_start", "content_block_delta", "content_block_stop"} <= set(kinds)
+        assert kinds.index("message_delta") > kinds.index("content_block_stop")
+        assert final.content[0].type == "text" and plain.content[0].type == "text"
+        assert final.content[0].text == plain.content[0].text
+        assert final.usage.output_tokens == plain.usage.output_tokens > 0
+        # And the provider's own errors come back with its status and message
+        with pytest.raises(anthropic.BadRequestError) as too_long:
+            client.messages.create(
+                model=MODEL, max_tokens=10**6, messages=question("x"), timeout=30
+            )  # type: ignore[arg-type]
+        assert "max_tokens: 1000000 >" in str(too_long.value.body)
+        with pytest.raises(anthropic.NotFoundError) as unknown:
+            client.messages.create(model="claude-nope", max_tokens=5, messages=question("x"))  # type: ignore[arg-type]
+        assert unknown.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    # And both calls are stored under their tags, answered, and booked in the ledger
+    rows = {r.tags.get("task_id"): r for r in request_rows(home)}
+    assert rows["t-1"].state == rows["t-2"].state == "succeeded"
+    assert rows["t-2"].tags == {"business_unit": "support", "use_case": "live", "task_id": "t-2"}
+    assert {("chat", "realtime"), ("live", "realtime")} <= savings_groups("use_case", "kind")
+
+
+def test_openai_sdk_streams_chat_and_calls_the_responses_api_through_the_gateway(
+    home: Path, gateway_url: str
+) -> None:
+    import openai
+
+    key = new_key("team-o")
+    tags = {"X-Batchwise-Tags": "use_case=stream,step=draft"}
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": question("hi"), "max_tokens": 30}
+    with openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0) as oa:
+        plain = oa.chat.completions.create(**body)
+        # Given a chat stream with its usage asked for
+        chunks = list(
+            oa.chat.completions.create(
+                **body, stream=True, stream_options={"include_usage": True}, extra_headers=tags
+            )
+        )
+        # Then its pieces make the same answer, and its last chunk has the usage
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
+        # and one without: no usage chunk reaches the caller
+        bare = list(oa.chat.completions.create(**body, stream=True, extra_headers=tags))
+        assert all(c.choices for c in bare) and all(c.usage is None for c in bare)
+        # When the Responses API is called, plain and streamed
+        answer = oa.responses.create(
+            model="gpt-4o-mini",
+            input="Summarise the week",
+            max_output_tokens=40,
+            extra_headers={"X-Batchwise-Tags": "use_case=responses"},
+        )
+        assert answer.output_text and answer.usage is not None and answer.usage.output_tokens > 0
+        events = list(
+            oa.responses.create(
+                model="gpt-4o-mini",
+                input="Summarise the week",
+                max_output_tokens=40,
+                stream=True,
+                extra_headers={"X-Batchwise-Tags": "use_case=responses"},
+            )
+        )
+        assert events[0].type == "response.created" and events[-1].type == "response.completed"
+        deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert deltas == answer.output_text
+        # And a provider error keeps its status and code
+        with pytest.raises(openai.BadRequestError) as refused:
+            oa.chat.completions.create(
+                model="o3-mini",
+                messages=question("x"),
+                temperature=0.5,  # type: ignore[arg-type]
+            )
+        assert refused.value.code == "unsupported_value"
+    # And every call is in the ledger under its tags, the streams priced from their usage
+    rows = request_rows(home)
+    assert [r.state for r in rows] == ["succeeded"] * 5 + ["failed"]
+    assert rows[2].tags == {"use_case": "stream", "step": "draft"}
+    groups = savings_groups("use_case", "kind")
+    assert {("stream", "realtime"), ("responses", "realtime")} <= groups
+    ledger = CliRunner().invoke(cli, ["savings", "--by", "use_case", "--json"])
+    spent = {g["use_case"]: g for g in json.loads(ledger.stdout)["groups"]}
+    assert spent["stream"]["output_tokens"] == 2 * plain.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_a_runaway_loop_is_refused_with_a_429_in_each_apis_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulator: Emulator
+) -> None:
+    import openai
+
+    folder = tmp_path / "strict"
+    write_home(folder, "[guards]\nmax_requests_per_task = 2\n")
+    monkeypatch.setenv("BATCHWISE_HOME", str(folder))
+    for name in ("BATCHWISE_DATABASE_URL", "BATCHWISE_CONFIG", "BATCHWISE_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    key = new_key("agent")
+    loop = {"X-Batchwise-Tags": "use_case=agent,task_id=loop-7"}
+    with running_gateway(emulator) as url, claude(url, key) as client:
+        for i in range(2):
+            client.messages.create(
+                model=MODEL,
+                max_tokens=10,
+                messages=question(f"step {i}"),
+                extra_headers=loop,  # type: ignore[arg-type]
+            )
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            client.messages.create(
+                model=MODEL,
+                max_tokens=10,
+                messages=question("step 2"),
+                extra_headers=loop,  # type: ignore[arg-type]
+            )
+        error = refused.value.body["error"]  # type: ignore[index]
+        assert error["type"] == "rate_limit_error"
+        assert "loop-7" in error["message"] and "2" in error["message"]
+        with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as oa:
+            with pytest.raises(openai.RateLimitError) as again:
+                oa.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=question("step 3"),
+                    extra_headers=loop,  # type: ignore[arg-type]
+                )
+            assert again.value.code == "batchwise_guard" and "loop-7" in again.value.message
+
+
+def test_a_caller_leaving_mid_stream_leaves_no_call_held(home: Path, gateway_url: str) -> None:
+    import httpx
+
+    key = new_key("team-x")
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": question("a long story"),
+        "max_tokens": 2000,
+        "stream": True,
+    }
+    with (
+        httpx.Client() as http,
+        http.stream(
+            "POST",
+            f"{gateway_url}/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        first = next(response.iter_raw())
+        assert first.startswith(b"data: ")
+    # the call ends (answered, or failed as abandoned) and is held by nobody
+    deadline = time.monotonic() + 30
+    while (state := request_rows(home)[0].state) == "dispatching":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert state in {"succeeded", "failed"}
+    # and the gateway goes on serving
+    import openai
+
+    with openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0) as oa:
+        again = oa.chat.completions.create(model="gpt-4o-mini", messages=question("hi"))  # type: ignore[arg-type]
+        assert again.choices[0].message.content
+
+
+def test_the_emulator_streams_in_each_providers_wire_format(emulator: Emulator) -> None:
+    """Judged by the SDKs straight against the emulator: the pieces make the plain answer."""
+    import openai
+
+    with openai.OpenAI(base_url=emulator.openai_base_url, api_key="x", max_retries=0) as oa:
+        body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": question("yo")}
+        plain = oa.chat.completions.create(**body)
+        chunks = list(
+            oa.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        assert chunks[-1].usage == plain.usage
+        with oa.responses.stream(model="gpt-4o-mini", input="yo") as stream:
+            done = stream.get_final_response()
+        assert done.output_text == oa.responses.create(model="gpt-4o-mini", input="yo").output_text
+    with anthropic.Anthropic(
+        base_url=emulator.anthropic_base_url, api_key="x", max_retries=0
+    ) as client:
+        args: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": question("yo")}
+        with client.messages.stream(**args) as stream:
+            final = stream.get_final_message()
+        plain = client.messages.create(**args)
+        assert [b.model_dump(exclude={"parsed_output"}) for b in final.content] == [
+            b.model_dump() for b in plain.content
+        ]
+        assert final.usage.output_tokens == plain.usage.output_tokens
