@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from click.testing import CliRunner
 
 from batchwise.cli.main import cli
 from batchwise.emulator.app import Emulator, EmulatorConfig
+from batchwise.gateway.batches import batch_status
 from batchwise.store import queries
 from batchwise.store.engine import Store
+from batchwise.store.views import SubmissionView
 from gateway_helpers import new_key, running_gateway, write_home
 
 pytestmark = pytest.mark.timeout(90)
@@ -351,7 +354,10 @@ def test_a_runaway_loop_is_refused_with_a_429_in_each_apis_shape(
     import openai
 
     folder = tmp_path / "strict"
-    write_home(folder, "[guards]\nmax_requests_per_task = 2\n")
+    write_home(
+        folder,
+        "[guards]\nmax_requests_per_task = 2\n[guards.use_case.capped]\ndefault_max_tokens = 3\n",
+    )
     monkeypatch.setenv("BATCHWISE_HOME", str(folder))
     for name in ("BATCHWISE_DATABASE_URL", "BATCHWISE_CONFIG", "BATCHWISE_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -383,6 +389,18 @@ def test_a_runaway_loop_is_refused_with_a_429_in_each_apis_shape(
                     extra_headers=loop,  # type: ignore[arg-type]
                 )
             assert again.value.code == "batchwise_guard" and "loop-7" in again.value.message
+            # a request the guards rewrite is sent as rewritten (here: an output cap added)
+            capped = {"X-Batchwise-Tags": "use_case=capped"}
+            for stream in (False, True):
+                answer = oa.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=question("write a long essay"),  # type: ignore[arg-type]
+                    extra_headers=capped,
+                    stream=stream,
+                    stream_options={"include_usage": True} if stream else openai.NOT_GIVEN,
+                )
+                usage = list(answer)[-1].usage if stream else answer.usage  # type: ignore[union-attr, arg-type]
+                assert usage is not None and usage.completion_tokens <= 3
 
 
 def test_a_caller_leaving_mid_stream_leaves_no_call_held(home: Path, gateway_url: str) -> None:
@@ -449,3 +467,130 @@ def test_the_emulator_streams_in_each_providers_wire_format(emulator: Emulator) 
             b.model_dump() for b in plain.content
         ]
         assert final.usage.output_tokens == plain.usage.output_tokens
+
+
+def test_an_answer_reused_from_the_store_streams_like_the_providers_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulator: Emulator
+) -> None:
+    """A streaming call answered without a stream (here: from an identical request's stored
+    answer, by the dedupe guard) is sent as the events the provider would have sent."""
+    import openai
+
+    folder = tmp_path / "dedupe"
+    write_home(folder, "[guards.use_case.faq]\ndedupe_window_s = 86400\n")
+    monkeypatch.setenv("BATCHWISE_HOME", str(folder))
+    for name in ("BATCHWISE_DATABASE_URL", "BATCHWISE_CONFIG", "BATCHWISE_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    key = new_key("faq-bot", "use_case=faq")
+    with running_gateway(emulator) as url:
+        with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as oa:
+            chat: dict[str, Any] = {"model": "gpt-4o-mini", "messages": question("hours?")}
+            plain = oa.chat.completions.create(**chat)
+            chunks = list(
+                oa.chat.completions.create(
+                    **chat, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == plain.choices[0].message.content
+            assert chunks[-1].usage == plain.usage
+            first = oa.responses.create(model="gpt-4o-mini", input="hours?")
+            with oa.responses.stream(model="gpt-4o-mini", input="hours?") as stream:
+                again = stream.get_final_response()
+            assert again.output_text == first.output_text and again.id == first.id
+        with claude(url, key) as client:
+            args: dict[str, Any] = {"model": MODEL, "max_tokens": 30, "messages": question("hi")}
+            message = client.messages.create(**args)
+            with client.messages.stream(**args) as streamed:
+                final = streamed.get_final_message()
+            assert (
+                final.id == message.id and final.usage.output_tokens == message.usage.output_tokens
+            )
+            assert [b.model_dump(exclude={"parsed_output"}) for b in final.content] == [
+                b.model_dump() for b in message.content
+            ]
+    states = [r.state for r in request_rows(folder)]
+    assert states == ["succeeded", "deduplicated"] * 3
+
+
+# --- OpenAI batches: finalizing -----------------------------------------------------------
+
+
+def view_of(**counts: int) -> SubmissionView:
+    now = datetime.now(UTC)
+    return SubmissionView(1, None, "gateway", "openai", None, now, None, counts)
+
+
+@pytest.mark.parametrize(
+    ("counts", "cancelled", "written", "status"),
+    [
+        ({"queued": 3}, False, False, "validating"),
+        ({"queued": 1, "submitted": 2}, False, False, "in_progress"),
+        ({"succeeded": 2, "dispatching": 1}, False, False, "in_progress"),
+        ({"succeeded": 2, "failed": 1}, False, False, "finalizing"),
+        ({"succeeded": 2, "failed": 1}, False, True, "completed"),
+        ({"queued": 2}, True, False, "cancelling"),
+        ({"cancelled": 2}, True, False, "cancelling"),
+        ({"cancelled": 2}, True, True, "cancelled"),
+    ],
+)
+def test_an_openai_batch_is_finalizing_until_its_output_files_are_written(
+    counts: dict[str, int], cancelled: bool, written: bool, status: str
+) -> None:
+    view = view_of(**counts)
+    assert batch_status(cancelled=cancelled, view=view, written=written) == status
+
+
+def test_openai_batch_statuses_run_in_openais_order_and_its_files_are_kept(
+    home: Path, gateway_url: str
+) -> None:
+    import openai
+
+    key = new_key("team-f")
+    lines = b"".join(
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "messages": question(f"item {i}")},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(4)
+    )
+    order = ["validating", "in_progress", "finalizing", "completed"]
+    with openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0) as oa:
+        uploaded = oa.files.create(file=("in.jsonl", lines), purpose="batch")
+        batch = oa.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        seen = [batch.status]
+        deadline = time.monotonic() + 60
+        while batch.status != "completed":
+            assert time.monotonic() < deadline, batch
+            batch = oa.batches.retrieve(batch.id)
+            counts = batch.request_counts
+            assert counts is not None and counts.completed + counts.failed <= counts.total == 4
+            if batch.status != seen[-1]:
+                seen.append(batch.status)
+        # statuses only move forward, in OpenAI's order
+        assert seen == sorted(seen, key=order.index) and seen[-1] == "completed"
+        assert batch.finalizing_at is not None and batch.completed_at is not None
+        assert batch.finalizing_at <= batch.completed_at
+        assert batch.output_file_id is not None
+        output = oa.files.content(batch.output_file_id).text.splitlines()
+        assert sorted(json.loads(x)["custom_id"] for x in output) == ["r0", "r1", "r2", "r3"]
+        assert oa.files.retrieve(batch.output_file_id).bytes == len(
+            oa.files.content(batch.output_file_id).content
+        )
+    written = home / "gateway" / "outputs" / batch.id / "output.jsonl"
+    assert written.stat().st_mode & 0o777 == 0o600
+    # an Anthropic batch id is not an OpenAI one, nor the reverse
+    with (
+        openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0) as oa,
+        pytest.raises(openai.NotFoundError),
+    ):
+        oa.batches.retrieve("msgbatch_1")
+    with claude(gateway_url, key) as client, pytest.raises(anthropic.NotFoundError):
+        client.messages.batches.retrieve("msgbatch_" + batch.id.removeprefix("batch_"))

@@ -3,7 +3,7 @@ call a realtime request now) and the responses in OpenAI's and Anthropic's shape
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from batchwise.api import Client
 from batchwise.clock import Clock, system_clock
+from batchwise.gateway.outputs import Outputs
 from batchwise.store.engine import Store
 
 if TYPE_CHECKING:
@@ -29,6 +30,11 @@ class Gateway:
     clock: Clock = system_clock
     #: makes realtime calls in this process (None: the workers make them, with a broker)
     caller: Caller | None = None
+    #: batches' output files, under `files_dir`'s sibling `outputs`
+    outputs: Outputs = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outputs = Outputs(self.files_dir.parent / "outputs")
 
     @property
     def store(self) -> Store:

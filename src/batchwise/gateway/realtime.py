@@ -97,13 +97,18 @@ class Call:
         """The body without the streaming fields: the same question, however it is answered."""
         return {k: v for k, v in self.body.items() if k not in _STREAM_KEYS}
 
-    @property
-    def sent(self) -> dict[str, Any]:
-        """The body sent upstream: a chat stream always asks for its usage, to price it."""
-        if self.stream and self.api.endpoint == "/v1/chat/completions":
+    def sent(self, claim: Claim) -> dict[str, Any]:
+        """The body sent upstream: the stored one (the guards may have rewritten it: a routed
+        model, an output cap, a trimmed context) with the caller's streaming fields; a chat
+        stream always asks for its usage, to price it."""
+        body = orjson.loads(claim.request["body"])
+        if not self.stream:
+            return dict(body)
+        body.update({k: self.body[k] for k in _STREAM_KEYS if k in self.body})
+        if self.api.endpoint == "/v1/chat/completions":
             options = dict(self.body.get("stream_options") or {})
-            return {**self.body, "stream_options": {**options, "include_usage": True}}
-        return self.body
+            body["stream_options"] = {**options, "include_usage": True}
+        return dict(body)
 
 
 def _enqueue(gateway: Gateway, call: Call, tags: dict[str, str]) -> Handle | Response:
@@ -172,7 +177,9 @@ async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack
         return await _open_stream(caller, call, claim, holding)
     with holding:
         try:
-            answer = await caller.upstream.send(api.provider, api.endpoint, call.sent, call.headers)
+            answer = await caller.upstream.send(
+                api.provider, api.endpoint, call.sent(claim), call.headers
+            )
         except httpx.HTTPError as exc:
             reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
             await run_in_threadpool(
@@ -289,7 +296,7 @@ async def _open_stream(caller: Caller, call: Call, claim: Claim, holding: ExitSt
     resources = AsyncExitStack()
     try:
         upstream = await resources.enter_async_context(
-            caller.upstream.stream(api.provider, api.endpoint, call.sent, call.headers)
+            caller.upstream.stream(api.provider, api.endpoint, call.sent(claim), call.headers)
         )
     except httpx.HTTPError as exc:
         await resources.aclose()
