@@ -10,6 +10,7 @@ call again behind its back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +64,9 @@ class Caller:
         self.clock = clock
         self.book = PriceBook.from_settings(settings)
         self.upstream = Upstream(settings)
+        #: held from storing a request to claiming it; the embedded runner's realtime pool
+        #: claims under it too, so it never takes a call this process is about to make
+        self.claim_lock = threading.Lock()
         self._heartbeat = Heartbeat(store, lease_s=settings.lease_s, clock=clock)
 
     @contextmanager

@@ -128,6 +128,18 @@ def _enqueue(gateway: Gateway, call: Call, tags: dict[str, str]) -> Handle | Res
         return api.error(400, str(exc))
 
 
+def _enqueue_and_claim(
+    gateway: Gateway, caller: Caller, call: Call, tags: dict[str, str], owner: str
+) -> tuple[Handle | Response, Claim | None]:
+    """Store the request and claim it for `owner` under the claim lock, so the embedded
+    runner cannot take it in between."""
+    with caller.claim_lock:
+        enqueued = _enqueue(gateway, call, tags)
+        if isinstance(enqueued, Response) or enqueued.state != RequestState.DISPATCHING.value:
+            return enqueued, None
+        return enqueued, caller.claim(enqueued.id, owner)
+
+
 def _wait(handle: Handle) -> dict[str, Any] | str:
     """The stored answer, or why there is none."""
     try:
@@ -353,17 +365,30 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         include_usage=stream and isinstance(options, dict) and bool(options.get("include_usage")),
         headers=dict(request.headers),
     )
-    enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
+    caller = gateway.caller
+    if caller is None:
+        enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
+        if isinstance(enqueued, Response):
+            return enqueued
+        return await _stored_answer(call, enqueued)
+    holding = ExitStack()
+    owner = holding.enter_context(caller.holding())
+    try:
+        enqueued, claim = await run_in_threadpool(
+            _enqueue_and_claim, gateway, caller, call, tags, owner
+        )
+    except BaseException:
+        holding.close()
+        raise
+    if claim is not None:
+        try:
+            return await _call_now(caller, call, claim, holding)
+        except BaseException:
+            holding.close()  # its claim lapses with its lease, and is called again then
+            raise
+    holding.close()
     if isinstance(enqueued, Response):
         return enqueued
-    caller = gateway.caller
-    if caller is not None and enqueued.state == RequestState.DISPATCHING.value:
-        holding = ExitStack()
-        owner = holding.enter_context(caller.holding())
-        claim = await run_in_threadpool(caller.claim, enqueued.id, owner)
-        if claim is not None:
-            return await _call_now(caller, call, claim, holding)
-        holding.close()
     return await _stored_answer(call, enqueued)
 
 

@@ -54,6 +54,7 @@ def run_gateway(
                 "clock": clock,
                 "stop": stop,
                 "interval_s": runner_interval_s,
+                "realtime_claim_lock": caller.claim_lock,
             },
             name="batchwise-scheduler",
             daemon=True,
