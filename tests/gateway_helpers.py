@@ -40,14 +40,15 @@ def new_key(name: str, *tags: str) -> str:
 
 
 @contextmanager
-def running_gateway(emulator: Emulator) -> Iterator[str]:
-    """`batchwise serve --port 0` over both of the emulator's APIs; yields its base URL (with
-    `/v1`). It must stop within seconds on SIGTERM, with exit status 0."""
+def running_gateway(emulator: Emulator, *, anthropic_base_url: str | None = None) -> Iterator[str]:
+    """`batchwise serve --port 0` over both of the emulator's APIs (or another Anthropic);
+    yields its base URL (with `/v1`). It must stop within seconds on SIGTERM, with exit
+    status 0."""
     env = {
         **os.environ,
         "OPENAI_BASE_URL": emulator.openai_base_url,
         "OPENAI_API_KEY": "emulator",
-        "ANTHROPIC_BASE_URL": emulator.anthropic_base_url,
+        "ANTHROPIC_BASE_URL": anthropic_base_url or emulator.anthropic_base_url,
         "ANTHROPIC_API_KEY": "emulator",
     }
     proc = subprocess.Popen(

@@ -5,9 +5,11 @@ the ledger under the tags given; the OpenAI side's streaming and Responses API b
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -594,3 +596,83 @@ def test_openai_batch_statuses_run_in_openais_order_and_its_files_are_kept(
         oa.batches.retrieve("msgbatch_1")
     with claude(gateway_url, key) as client, pytest.raises(anthropic.NotFoundError):
         client.messages.batches.retrieve("msgbatch_" + batch.id.removeprefix("batch_"))
+
+
+@pytest.fixture
+def slow_anthropic() -> Iterator[tuple[str, threading.Event]]:
+    """An Anthropic stand-in whose stream sends one event, then one every half second for a
+    minute; the event is set when its stream is closed from the other end."""
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    closed = threading.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "msg_slow",
+                "type": "message",
+                "role": "assistant",
+                "model": MODEL,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 1},
+            },
+        }
+        try:
+            yield b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"
+            for _ in range(120):
+                await asyncio.sleep(0.5)
+                yield b'event: ping\ndata: {"type": "ping"}\n\n'
+        finally:
+            closed.set()
+
+    async def messages(request: Request) -> StreamingResponse:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/messages", messages, methods=["POST"])])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", closed
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_a_caller_hanging_up_mid_stream_closes_the_providers_stream_and_ends_the_call(
+    home: Path, emulator: Emulator, slow_anthropic: tuple[str, threading.Event]
+) -> None:
+    import httpx
+
+    url, closed = slow_anthropic
+    key = new_key("team-h")
+    body = {"model": MODEL, "max_tokens": 50, "messages": question("tell me"), "stream": True}
+    with running_gateway(emulator, anthropic_base_url=url) as gateway:
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream(
+                "POST", f"{gateway}/messages", json=body, headers={"x-api-key": key}
+            ) as response,
+        ):
+            assert response.status_code == 200
+            first = next(response.iter_raw())
+            assert b"message_start" in first
+        # the provider's stream is closed long before it would have ended (a minute)
+        assert closed.wait(20)
+        deadline = time.monotonic() + 20
+        while (row := request_rows(home)[0]).state == "dispatching":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert row.state == "failed" and "went away" in (row.error or "")
