@@ -92,14 +92,17 @@ def test_anthropic_sdk_runs_a_message_batch_through_the_gateway(
 ) -> None:
     key = new_key("team-a", "business_unit=search")
     with claude(gateway_url, key) as client:
-        # Given a Message Batch of three requests, tagged by a header
+        # Given a Message Batch of three requests and one the provider will refuse (Anthropic
+        # checks params once the batch runs), tagged by a header
+        refused = items(1, prefix="bad")[0]
+        refused["params"]["max_tokens"] = 10**6
         batch = client.messages.batches.create(
-            requests=items(3),  # type: ignore[arg-type]
+            requests=[*items(3), refused],  # type: ignore[arg-type]
             extra_headers={"X-Batchwise-Tags": "use_case=faq,step=answer"},
         )
         assert batch.type == "message_batch" and batch.id.startswith("msgbatch_")
         assert batch.processing_status == "in_progress" and batch.results_url is None
-        assert batch.request_counts.processing == 3
+        assert batch.request_counts.processing == 4
         # When it is polled until it ends
         deadline = time.monotonic() + 60
         while str(batch.processing_status) != "ended":
@@ -108,11 +111,15 @@ def test_anthropic_sdk_runs_a_message_batch_through_the_gateway(
             batch = client.messages.batches.retrieve(batch.id)
         # Then its counts are Anthropic's, and its results every answer in Anthropic's shape
         counts = batch.request_counts
-        assert (counts.processing, counts.succeeded, counts.errored) == (0, 3, 0)
+        assert (counts.processing, counts.succeeded, counts.errored) == (0, 3, 1)
+        assert (counts.canceled, counts.expired) == (0, 0)
         assert batch.ended_at is not None and batch.results_url is not None
         assert batch.results_url.endswith(f"/v1/messages/batches/{batch.id}/results")
         results = {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
-        assert sorted(results) == ["q0", "q1", "q2"]
+        assert sorted(results) == ["bad0", "q0", "q1", "q2"]
+        error = results.pop("bad0")
+        assert error.type == "errored" and error.error.error.type == "invalid_request_error"
+        assert "max_tokens" in error.error.error.message
         for result in results.values():
             assert result.type == "succeeded"
             assert result.message.type == "message" and result.message.content[0].type == "text"
@@ -121,9 +128,8 @@ def test_anthropic_sdk_runs_a_message_batch_through_the_gateway(
         with pytest.raises(anthropic.BadRequestError, match="already ended"):
             client.messages.batches.cancel(batch.id)
     # And its requests carry the key's tags and the header's, and the ledger books them
-    assert (
-        stored_tags(home) == [{"business_unit": "search", "use_case": "faq", "step": "answer"}] * 3
-    )
+    tagged = {"business_unit": "search", "use_case": "faq", "step": "answer"}
+    assert stored_tags(home) == [tagged] * 4
     assert ("faq", "batch") in savings_groups("use_case", "kind")
 
 
@@ -207,7 +213,7 @@ def test_a_wrong_or_revoked_key_gets_a_401_in_anthropic_shape(home: Path, gatewa
                     "messages": [{"role": "user", "content": "x"}],
                 }
             },
-            "requests.1.params.model: 'gpt-4o-mini' is a openai model",
+            "requests.1.params.model: 'gpt-4o-mini' is an OpenAI model",
         ),
     ],
 )

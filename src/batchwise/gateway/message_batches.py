@@ -26,12 +26,13 @@ from batchwise.errors import IntakeError, ToleranceError
 from batchwise.gateway.context import anthropic_error, json_response
 from batchwise.gateway.realtime import TAGS_HEADER, header_tags
 from batchwise.intake.lines import infer_provider
-from batchwise.reports.results import submission_lines
+from batchwise.reports.results import EXPIRED_CODES, submission_lines
+from batchwise.states import RequestState
 from batchwise.store import gateway as rows
 from batchwise.store.gateway import MESSAGES_ENDPOINT, NO_FILE, BatchRow
 from batchwise.store.keys import KeyView
 from batchwise.store.submissions import get_submission, request_states
-from batchwise.store.views import SubmissionView
+from batchwise.store.views import ANSWERED_STATES, SubmissionView
 
 if TYPE_CHECKING:
     from batchwise.gateway.context import Gateway
@@ -61,12 +62,17 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def result_counts(lines: list[dict[str, Any]]) -> dict[str, int]:
-    """How many results of each type (`succeeded`, `errored`, `canceled`, `expired`)."""
-    counts = dict.fromkeys(_RESULT_TYPES, 0)
-    for line in lines:
-        counts[line["result"]["type"]] += 1
-    return counts
+def result_counts(view: SubmissionView, failures: dict[str, int]) -> dict[str, int]:
+    """An ended batch's requests by result type, as its results file reads (`reports.results`):
+    answered ones `succeeded`, cancelled ones `canceled`, failed ones `expired` when their
+    code says so and `errored` otherwise."""
+    expired = sum(n for code, n in failures.items() if code in EXPIRED_CODES)
+    return {
+        "succeeded": sum(n for state, n in view.counts.items() if state in ANSWERED_STATES),
+        "errored": sum(failures.values()) - expired,
+        "canceled": view.counts.get(RequestState.CANCELLED.value, 0),
+        "expired": expired,
+    }
 
 
 def batch_object(
@@ -76,7 +82,7 @@ def batch_object(
     ended = view.done
     counts = {"processing": 0 if ended else view.total, **dict.fromkeys(_RESULT_TYPES, 0)}
     if ended:
-        counts.update(result_counts(list(_lines(gateway, row))))
+        counts.update(result_counts(view, rows.failure_codes(gateway.store, row.submission_id)))
     if ended:
         status = "ended"
     elif row.cancelled_at is not None:
@@ -161,8 +167,8 @@ def check_items(requests: Any) -> list[dict[str, Any]]:
         model = params.get("model")
         if isinstance(model, str) and infer_provider(model) not in (None, "anthropic"):
             raise _Bad(
-                f"requests.{i}.params.model: {model!r} is a {infer_provider(model)} model, not "
-                "one Anthropic serves; send it to /v1/batches (OpenAI's Batch API) instead"
+                f"requests.{i}.params.model: {model!r} is an OpenAI model, not one Anthropic "
+                "serves; send it to /v1/batches (OpenAI's Batch API) instead"
             )
     return requests
 

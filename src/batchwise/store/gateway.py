@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from batchwise.store.engine import Store
+from batchwise.states import RequestState
+from batchwise.store.engine import Store, requests_t, submissions_t
 from batchwise.store.schema import GatewayBatch, GatewayFile
 
 #: the endpoint of every Anthropic Message Batch; OpenAI batches name one of theirs
@@ -210,3 +211,26 @@ def mark_batch_cancelled(store: Store, batch_id: int, *, at: datetime) -> None:
             .where(t.c.id == batch_id, t.c.cancelled_at.is_(None))
             .values(cancelled_at=at)
         )
+
+
+def failure_codes(store: Store, submission_id: int) -> dict[str, int]:
+    """A submission's requests that ended failed or rejected, counted by their error code (the
+    state when they have none): what an Anthropic batch's `errored` and `expired` counts read."""
+    r, s = requests_t, submissions_t
+    failed = (RequestState.FAILED.value, RequestState.REJECTED.value)
+    with store.read() as conn:
+        span = conn.execute(
+            sa.select(s.c.first_request_id, s.c.last_request_id).where(s.c.id == submission_id)
+        ).first()
+        if span is None or span[0] is None:
+            return {}
+        rows = conn.execute(
+            sa.select(sa.func.coalesce(r.c.error_code, r.c.state), sa.func.count())
+            .where(
+                r.c.id.between(span[0], span[1]),
+                r.c.submission_id == submission_id,
+                r.c.state.in_(failed),
+            )
+            .group_by(sa.func.coalesce(r.c.error_code, r.c.state))
+        )
+        return {str(code): int(count) for code, count in rows}
