@@ -14,13 +14,14 @@ counts by result type and a `results_url`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from batchwise.errors import IntakeError, ToleranceError
 from batchwise.gateway.context import anthropic_error, json_response
@@ -45,6 +46,8 @@ _PREFIX = "msgbatch_"
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _WINDOW = timedelta(hours=24)
 _RESULT_TYPES = ("succeeded", "errored", "canceled", "expired")
+#: result lines sent per chunk of a results download
+_RESULTS_CHUNK = 500
 
 
 def message_batch_id(row_id: int) -> str:
@@ -106,7 +109,7 @@ def batch_object(
     }
 
 
-def _lines(gateway: Gateway, row: BatchRow) -> Any:
+def _lines(gateway: Gateway, row: BatchRow) -> Iterator[dict[str, Any]]:
     return submission_lines(gateway.store, row.submission_id, fmt="anthropic")
 
 
@@ -253,8 +256,20 @@ def _results(gateway: Gateway, wanted: str) -> Response:
             f"Message batch {wanted} has not ended yet; results are available once "
             "processing_status is 'ended'.",
         )
-    content = b"".join(orjson.dumps(line) + b"\n" for line in _lines(gateway, row))
-    return Response(content, media_type="application/binary")
+    return StreamingResponse(_jsonl(gateway, row), media_type="application/binary")
+
+
+def _jsonl(gateway: Gateway, row: BatchRow) -> Iterator[bytes]:
+    """The results file, read from the store as it is sent, in pieces of `_RESULTS_CHUNK`
+    lines (a batch of 100,000 answers is never held whole)."""
+    piece: list[bytes] = []
+    for line in _lines(gateway, row):
+        piece.append(orjson.dumps(line) + b"\n")
+        if len(piece) == _RESULTS_CHUNK:
+            yield b"".join(piece)
+            piece.clear()
+    if piece:
+        yield b"".join(piece)
 
 
 async def batch_results(gateway: Gateway, request: Request, key: KeyView) -> Response:

@@ -17,7 +17,7 @@ caller then gets it as the stream that answer would have been (`streams.synthesi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -140,34 +140,33 @@ def _enqueue_and_claim(
         return enqueued, caller.claim(enqueued.id, owner)
 
 
-def _wait(handle: Handle) -> dict[str, Any] | str:
-    """The stored answer, or why there is none."""
+def _wait(handle: Handle) -> dict[str, Any] | tuple[int, str]:
+    """The stored answer, or the status and reason there is none (502, or 504 in time)."""
     try:
         return handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05)
     except RequestFailed as exc:
-        return f"the provider call failed: {exc}"
+        return 502, f"the provider call failed: {exc}"
     except ResultTimeout as exc:
-        return str(exc)
+        return 504, str(exc)
 
 
 async def _stored_answer(call: Call, handle: Handle) -> Response:
     """Wait for the answer someone else is getting (or got), and send it as asked."""
     found = await run_in_threadpool(_wait, handle)
-    if isinstance(found, str):
-        timeout = "still" in found
-        return call.api.error(
-            504 if timeout else 502,
-            found,
-            type_="timeout_error" if timeout and call.api.provider == "anthropic" else "api_error",
-            code="timeout" if timeout else None,
-        )
+    api = call.api
+    if isinstance(found, tuple):
+        status, reason = found
+        if status == 504:
+            kind = "timeout_error" if api.provider == "anthropic" else "api_error"
+            return api.error(status, reason, type_=kind, code="timeout")
+        return api.error(status, reason, type_="api_error")
     if call.stream:
-        events = synthesize_stream(call.api.endpoint, found, include_usage=call.include_usage)
+        events = synthesize_stream(api.endpoint, found, include_usage=call.include_usage)
         return StreamingResponse(_iterate(events), media_type=_SSE)
     return json_response(found)
 
 
-async def _iterate(events: Any) -> AsyncIterator[bytes]:
+async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
     for event in events:
         yield event
 
@@ -243,7 +242,8 @@ class Relay:
         self.caller, self.call, self.claim = caller, call, claim
         self.upstream, self.resources, self.holding = upstream, resources, holding
         self.collector: Collector = collector(call.api.endpoint, include_usage=call.include_usage)
-        self.finished = False
+        #: why the stream stopped short, once it has (None while it runs or when it ended)
+        self.cut: str | None = "the caller went away mid-stream"
         self.closed = False
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -258,7 +258,10 @@ class Relay:
                 event = parse_event(rest)
                 if self.collector.add(event):
                     yield event.raw
-            self.finished = True
+            self.cut = None
+        except httpx.HTTPError as exc:
+            self.cut = f"the provider's stream broke off: {type(exc).__name__}: {exc}"
+            raise
         finally:
             await self.close()
 
@@ -268,8 +271,8 @@ class Relay:
         self.closed = True
         with anyio.CancelScope(shield=True), self.holding:
             await self.resources.aclose()
-            body = self.collector.body() if self.finished else None
             api = self.call.api
+            body = self.collector.body() if self.cut is None else None
             if body is not None:
                 await run_in_threadpool(
                     self.caller.answered,
@@ -278,14 +281,10 @@ class Relay:
                     status_code=self.upstream.status_code,
                     request_id=request_id_of(api.provider, self.upstream.headers),
                 )
-            else:
-                why = (
-                    "stream ended before the answer was complete"
-                    if self.finished
-                    else ("the caller went away mid-stream")
-                )
-                error = failure(api.provider, why, code="stream_interrupted")
-                await run_in_threadpool(self.caller.failed, self.claim, error)
+                return
+            why = self.cut or "the stream ended before its answer was complete"
+            error = failure(api.provider, why, code="stream_interrupted")
+            await run_in_threadpool(self.caller.failed, self.claim, error)
 
 
 class RelayResponse(StreamingResponse):
