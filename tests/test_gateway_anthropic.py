@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from batchwise.cli.main import cli
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.gateway.batches import batch_status
+from batchwise.gateway.streams import CHAT, MESSAGES, RESPONSES, SseReader, collector, synthesize
 from batchwise.store import queries
 from batchwise.store.engine import Store
 from batchwise.store.views import SubmissionView
@@ -682,3 +683,102 @@ def test_a_caller_hanging_up_mid_stream_closes_the_providers_stream_and_ends_the
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert row.state == "failed" and "went away" in (row.error or "")
+
+
+# --- streams: read, collected, made -----------------------------------------------------------
+
+
+CHAT_ANSWER: dict[str, Any] = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-4o-mini",
+    "system_fingerprint": "fp",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Open at nine.",
+                "refusal": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "hours", "arguments": '{"day": "mon"}'},
+                    }
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
+}
+MESSAGE_ANSWER: dict[str, Any] = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": MODEL,
+    "content": [
+        {"type": "thinking", "thinking": "Hours are…", "signature": "sig"},
+        {"type": "text", "text": "Open at nine."},
+        {"type": "tool_use", "id": "toolu_1", "name": "hours", "input": {"day": "mon"}},
+    ],
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 5, "output_tokens": 7},
+}
+RESPONSE_ANSWER: dict[str, Any] = {
+    "id": "resp_1",
+    "object": "response",
+    "status": "completed",
+    "model": "gpt-4o-mini",
+    "output": [
+        {"id": "rs_1", "type": "reasoning", "summary": []},
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "Open at nine.", "annotations": []}],
+        },
+    ],
+    "usage": {"input_tokens": 5, "output_tokens": 4, "total_tokens": 9},
+}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "answer"),
+    [(CHAT, CHAT_ANSWER), (MESSAGES, MESSAGE_ANSWER), (RESPONSES, RESPONSE_ANSWER)],
+)
+@pytest.mark.parametrize("cut", [1, 7, 10_000])
+def test_a_stream_made_from_an_answer_collects_back_into_it(
+    endpoint: str, answer: dict[str, Any], cut: int
+) -> None:
+    """Whatever the chunk boundaries (one byte, a few, everything at once)."""
+    wire = b"".join(synthesize(endpoint, answer, include_usage=True)).replace(b"\n", b"\r\n")
+    reader, found = SseReader(), collector(endpoint, include_usage=True)
+    for start in range(0, len(wire), cut):
+        for event in reader.feed(wire[start : start + cut]):
+            assert found.add(event)
+    assert reader.rest() == b""
+    assert found.body() == answer
+
+
+def test_a_chat_stream_holds_back_the_usage_chunk_the_caller_did_not_ask_for() -> None:
+    wire = b"".join(synthesize(CHAT, CHAT_ANSWER, include_usage=True))
+    events = SseReader().feed(wire)
+    quiet = collector(CHAT, include_usage=False)
+    passed = [e for e in events if quiet.add(e)]
+    assert len(passed) == len(events) - 1 and passed[-1].data == "[DONE]"
+    assert quiet.body() == CHAT_ANSWER  # still priced from it
+
+
+def test_a_stream_cut_short_has_no_answer() -> None:
+    for endpoint, answer in ((CHAT, CHAT_ANSWER), (MESSAGES, MESSAGE_ANSWER)):
+        events = SseReader().feed(b"".join(synthesize(endpoint, answer, include_usage=True)))
+        found = collector(endpoint, include_usage=True)
+        for event in events[:-1]:
+            found.add(event)
+        assert found.body() is None
