@@ -18,7 +18,7 @@ from batchwise.store.engine import Store
 if TYPE_CHECKING:
     from batchwise.gateway.calls import Caller
 
-__all__ = ["Gateway", "anthropic_error", "json_response", "openai_error"]
+__all__ = ["Api", "Gateway", "anthropic_error", "json_response", "openai_error"]
 
 
 @dataclass
@@ -86,3 +86,19 @@ def anthropic_error(status_code: int, message: str, *, type_: str | None = None)
         },
         status_code,
     )
+
+
+@dataclass(frozen=True)
+class Api:
+    """One realtime endpoint as the gateway serves it: its provider and path."""
+
+    provider: str
+    endpoint: str
+
+    def error(
+        self, status_code: int, message: str, *, type_: str | None = None, code: str | None = None
+    ) -> Response:
+        """An error in this API's shape (Anthropic's or OpenAI's)."""
+        if self.provider == "anthropic":
+            return anthropic_error(status_code, message, type_=type_)
+        return openai_error(status_code, message, type_=type_ or "invalid_request_error", code=code)

@@ -5,8 +5,8 @@ The body is stored as a realtime request (tags: the key's, then `X-Batchwise-Tag
 use_case=…,step=…,task_id=…`), with the cost guards applied at intake; a guard's refusal is a
 429 naming the limit, in the API's own error shape. Then this process claims the request and
 makes the call itself (`calls.Caller`): the provider's answer goes back as it came, its status
-and body (an error included), a stream chunk by chunk as it arrives, and is priced and booked
-in the ledger from its `usage` (a stream's from its final events, `stream_options.
+and body (an error included), a stream event by event as it arrives (`relay`), and is priced
+and booked in the ledger from its `usage` (a stream's from its final events, `stream_options.
 include_usage` being asked for upstream and held back if the caller did not ask). A caller
 that goes away mid-stream closes the provider's connection and ends the request failed.
 
@@ -18,25 +18,24 @@ caller then gets it as the stream that answer would have been (`streams.synthesi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from batchwise.api import Handle
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout
 from batchwise.gateway.calls import Caller, failure
-from batchwise.gateway.context import anthropic_error, json_response, openai_error
-from batchwise.gateway.streams import STREAMING, Collector, SseReader, collector, parse_event
+from batchwise.gateway.context import Api, json_response
+from batchwise.gateway.relay import open_stream
+from batchwise.gateway.streams import STREAMING
 from batchwise.gateway.streams import synthesize as synthesize_stream
-from batchwise.gateway.upstream import request_id_of
+from batchwise.gateway.upstream import request_id_header
 from batchwise.lifecycle.realtime import Claim
 from batchwise.states import RequestState
 from batchwise.store.keys import KeyView
@@ -63,22 +62,6 @@ def header_tags(value: str | None) -> dict[str, str]:
             raise ValueError(f"{TAGS_HEADER} part {part.strip()!r} is not name=value")
         tags[name.strip()] = tag.strip()
     return tags
-
-
-@dataclass(frozen=True)
-class Api:
-    """One realtime endpoint as the gateway serves it: its provider and path."""
-
-    provider: str
-    endpoint: str
-
-    def error(
-        self, status_code: int, message: str, *, type_: str | None = None, code: str | None = None
-    ) -> Response:
-        """An error in this API's shape (Anthropic's or OpenAI's)."""
-        if self.provider == "anthropic":
-            return anthropic_error(status_code, message, type_=type_)
-        return openai_error(status_code, message, type_=type_ or "invalid_request_error", code=code)
 
 
 @dataclass(frozen=True)
@@ -171,21 +154,19 @@ async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield event
 
 
-def _passed_headers(provider: str, headers: httpx.Headers) -> dict[str, str]:
-    """The provider's request id header, passed on so a caller can quote it."""
-    found = request_id_of(provider, headers)
-    return {} if found is None else {_request_id_header(provider): found}
-
-
-def _request_id_header(provider: str) -> str:
-    return "request-id" if provider == "anthropic" else "x-request-id"
-
-
 async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack) -> Response:
     """Make the claimed call and answer with what the provider answered."""
     api = call.api
     if call.stream:
-        return await _open_stream(caller, call, claim, holding)
+        return await open_stream(
+            caller,
+            api,
+            claim,
+            holding,
+            body=call.sent(claim),
+            headers=call.headers,
+            include_usage=call.include_usage,
+        )
     with holding:
         try:
             answer = await caller.upstream.send(
@@ -220,125 +201,8 @@ async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack
         answer.body,
         status_code=answer.status_code,
         media_type=answer.content_type,
-        headers={} if found is None else {_request_id_header(api.provider): found},
+        headers={} if found is None else {request_id_header(api.provider): found},
     )
-
-
-class Relay:
-    """A provider's stream passed on event by event, and the call recorded when it ends: the
-    whole answer collected from it, or a failure if it stopped short (the caller went away, the
-    provider broke off). Closing is idempotent and shielded from cancellation, so the
-    provider's connection and the claim are released however the response ends."""
-
-    def __init__(
-        self,
-        caller: Caller,
-        call: Call,
-        claim: Claim,
-        upstream: httpx.Response,
-        resources: AsyncExitStack,
-        holding: ExitStack,
-    ) -> None:
-        self.caller, self.call, self.claim = caller, call, claim
-        self.upstream, self.resources, self.holding = upstream, resources, holding
-        self.collector: Collector = collector(call.api.endpoint, include_usage=call.include_usage)
-        #: why the stream stopped short, once it has (None while it runs or when it ended)
-        self.cut: str | None = "the caller went away mid-stream"
-        self.closed = False
-
-    async def events(self) -> AsyncIterator[bytes]:
-        reader = SseReader()
-        try:
-            async for chunk in self.upstream.aiter_bytes():
-                out = b"".join(e.raw for e in reader.feed(chunk) if self.collector.add(e))
-                if out:
-                    yield out
-            rest = reader.rest()
-            if rest.strip():
-                event = parse_event(rest)
-                if self.collector.add(event):
-                    yield event.raw
-            self.cut = None
-        except httpx.HTTPError as exc:
-            self.cut = f"the provider's stream broke off: {type(exc).__name__}: {exc}"
-            raise
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with anyio.CancelScope(shield=True), self.holding:
-            await self.resources.aclose()
-            api = self.call.api
-            body = self.collector.body() if self.cut is None else None
-            if body is not None:
-                await run_in_threadpool(
-                    self.caller.answered,
-                    self.claim,
-                    body,
-                    status_code=self.upstream.status_code,
-                    request_id=request_id_of(api.provider, self.upstream.headers),
-                )
-                return
-            why = self.cut or "the stream ended before its answer was complete"
-            error = failure(api.provider, why, code="stream_interrupted")
-            await run_in_threadpool(self.caller.failed, self.claim, error)
-
-
-class RelayResponse(StreamingResponse):
-    """A streaming response that closes its relay however it ends, even before it starts."""
-
-    def __init__(self, relay: Relay) -> None:
-        headers = _passed_headers(relay.call.api.provider, relay.upstream.headers)
-        super().__init__(relay.events(), media_type=_SSE, headers=headers)
-        self.relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.relay.close()
-
-
-async def _open_stream(caller: Caller, call: Call, claim: Claim, holding: ExitStack) -> Response:
-    api = call.api
-    resources = AsyncExitStack()
-    try:
-        upstream = await resources.enter_async_context(
-            caller.upstream.stream(api.provider, api.endpoint, call.sent(claim), call.headers)
-        )
-    except httpx.HTTPError as exc:
-        await resources.aclose()
-        with holding:
-            reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
-            await run_in_threadpool(
-                caller.failed, claim, failure(api.provider, reason, code="connection_error")
-            )
-        return api.error(502, reason, type_="api_error")
-    if not 200 <= upstream.status_code < 300:
-        async with resources:
-            body = await upstream.aread()
-        with holding:
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                parsed = None
-            error = failure(
-                api.provider,
-                f"status {upstream.status_code}",
-                status_code=upstream.status_code,
-                body=parsed,
-            )
-            await run_in_threadpool(caller.failed, claim, error)
-        return Response(
-            body,
-            status_code=upstream.status_code,
-            media_type=upstream.headers.get("content-type", "application/json"),
-            headers=_passed_headers(api.provider, upstream.headers),
-        )
-    return RelayResponse(Relay(caller, call, claim, upstream, resources, holding))
 
 
 async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView) -> Response:

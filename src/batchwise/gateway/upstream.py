@@ -45,8 +45,19 @@ class Answer:
             return None
 
 
+def request_id_header(provider: str) -> str:
+    """The header naming a provider's id for a call."""
+    return "request-id" if provider == "anthropic" else "x-request-id"
+
+
 def request_id_of(provider: str, headers: Mapping[str, str]) -> str | None:
-    return headers.get("request-id" if provider == "anthropic" else "x-request-id")
+    return headers.get(request_id_header(provider))
+
+
+def passed_headers(provider: str, headers: Mapping[str, str]) -> dict[str, str]:
+    """The provider's request id header, passed on so a caller can quote it."""
+    found = request_id_of(provider, headers)
+    return {} if found is None else {request_id_header(provider): found}
 
 
 class Upstream:
