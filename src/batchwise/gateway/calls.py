@@ -25,34 +25,7 @@ from batchwise.lifecycle.realtime import Claim, apply_outcome, claim
 from batchwise.providers.base import CallResult
 from batchwise.store.engine import Store
 
-__all__ = ["Caller", "failure"]
-
-
-def failure(
-    provider: str,
-    message: str,
-    *,
-    status_code: int | None = None,
-    body: Any = None,
-    request_id: str | None = None,
-    code: str | None = None,
-) -> ProviderError:
-    """A call's failure as recorded: never retried by batchwise (see the module doc); the
-    provider's error code read from its error body when there is one."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        found = error.get("code") or error.get("type")
-        code = code or (found if isinstance(found, str) else None)
-        text = error.get("message")
-        message = text if isinstance(text, str) and text else message
-    return ProviderError(
-        message,
-        provider=provider,
-        status_code=status_code,
-        code=code,
-        retryable=False,
-        request_id=request_id,
-    )
+__all__ = ["Caller"]
 
 
 class Caller:
@@ -86,6 +59,37 @@ class Caller:
             request_id=request_id,
         )
         return found[0] if found else None
+
+    def failure(
+        self,
+        provider: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body: Any = None,
+        request_id: str | None = None,
+        code: str | None = None,
+    ) -> ProviderError:
+        """A call's failure as recorded: never retried by batchwise (see the module doc); the
+        provider's error code and message read from its error body when there is one, any
+        provider key in it masked."""
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            found = error.get("code") or error.get("type")
+            code = code or (found if isinstance(found, str) else None)
+            text = error.get("message")
+            message = text if isinstance(text, str) and text else message
+        for secret in (self.settings.openai_api_key, self.settings.anthropic_api_key):
+            if secret:
+                message = message.replace(secret, "***")
+        return ProviderError(
+            message,
+            provider=provider,
+            status_code=status_code,
+            code=code,
+            retryable=False,
+            request_id=request_id,
+        )
 
     def answered(
         self, claim_: Claim, body: dict[str, Any], *, status_code: int, request_id: str | None

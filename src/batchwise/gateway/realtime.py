@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 
 from batchwise.api import Handle
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout
-from batchwise.gateway.calls import Caller, failure
+from batchwise.gateway.calls import Caller
 from batchwise.gateway.context import Api, json_response
 from batchwise.gateway.relay import open_stream
 from batchwise.gateway.streams import STREAMING
@@ -175,7 +175,7 @@ async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack
         except httpx.HTTPError as exc:
             reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
             await run_in_threadpool(
-                caller.failed, claim, failure(api.provider, reason, code="connection_error")
+                caller.failed, claim, caller.failure(api.provider, reason, code="connection_error")
             )
             return api.error(502, reason, type_="api_error")
         parsed = answer.json()
@@ -188,7 +188,7 @@ async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack
                 request_id=answer.request_id,
             )
         else:
-            error = failure(
+            error = caller.failure(
                 api.provider,
                 f"status {answer.status_code}",
                 status_code=answer.status_code,

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from batchwise.gateway.calls import Caller, failure
+from batchwise.gateway.calls import Caller
 from batchwise.gateway.context import Api
 from batchwise.gateway.streams import Collector, SseReader, collector, parse_event
 from batchwise.gateway.upstream import passed_headers, request_id_of
@@ -90,7 +90,7 @@ class Relay:
                 )
                 return
             why = self.cut or "the stream ended before its answer was complete"
-            error = failure(api.provider, why, code="stream_interrupted")
+            error = self.caller.failure(api.provider, why, code="stream_interrupted")
             await run_in_threadpool(self.caller.failed, self.claim, error)
 
 
@@ -132,7 +132,7 @@ async def open_stream(
         with holding:
             reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
             await run_in_threadpool(
-                caller.failed, claim, failure(api.provider, reason, code="connection_error")
+                caller.failed, claim, caller.failure(api.provider, reason, code="connection_error")
             )
         return api.error(502, reason, type_="api_error")
     if not 200 <= upstream.status_code < 300:
@@ -143,7 +143,7 @@ async def open_stream(
                 parsed = orjson.loads(content)
             except orjson.JSONDecodeError:
                 parsed = None
-            error = failure(
+            error = caller.failure(
                 api.provider,
                 f"status {upstream.status_code}",
                 status_code=upstream.status_code,
