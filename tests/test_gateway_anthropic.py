@@ -608,13 +608,14 @@ def test_openai_batch_statuses_run_in_openais_order_and_its_files_are_kept(
 @pytest.fixture
 def slow_anthropic() -> Iterator[tuple[str, threading.Event]]:
     """An Anthropic stand-in whose stream sends one event, then one every half second for a
-    minute; the event is set when its stream is closed from the other end."""
+    minute (the event is set when its stream is closed from the other end), and which is
+    overloaded (529) for the model `claude-busy`."""
     import socket
 
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     closed = threading.Event()
@@ -641,7 +642,14 @@ def slow_anthropic() -> Iterator[tuple[str, threading.Event]]:
         finally:
             closed.set()
 
-    async def messages(request: Request) -> StreamingResponse:
+    async def messages(request: Request) -> Response:
+        if (await request.json())["model"] == "claude-busy":
+            error = {"type": "overloaded_error", "message": "Overloaded"}
+            return JSONResponse(
+                {"type": "error", "error": error, "request_id": "req_busy"},
+                status_code=529,
+                headers={"request-id": "req_busy"},
+            )
         return StreamingResponse(events(), media_type="text/event-stream")
 
     app = Starlette(routes=[Route("/v1/messages", messages, methods=["POST"])])
@@ -782,3 +790,29 @@ def test_a_stream_cut_short_has_no_answer() -> None:
         for event in events[:-1]:
             found.add(event)
         assert found.body() is None
+
+
+def test_a_providers_5xx_reaches_the_caller_with_its_status_and_body(
+    home: Path, emulator: Emulator, slow_anthropic: tuple[str, threading.Event]
+) -> None:
+    url, _ = slow_anthropic
+    key = new_key("team-5")
+    args: dict[str, Any] = {"model": "claude-busy", "max_tokens": 5, "messages": question("x")}
+    with running_gateway(emulator, anthropic_base_url=url) as gateway, claude(gateway, key) as c:
+        for stream in (False, True):
+            with pytest.raises(anthropic.APIStatusError) as raised:
+                if stream:
+                    with c.messages.stream(**args) as events:
+                        list(events)
+                else:
+                    c.messages.create(**args)
+            assert raised.value.status_code == 529
+            assert raised.value.body == {
+                "type": "error",
+                "error": {"type": "overloaded_error", "message": "Overloaded"},
+                "request_id": "req_busy",
+            }
+            assert raised.value.request_id == "req_busy"
+    rows = request_rows(home)
+    assert [r.state for r in rows] == ["failed", "failed"]
+    assert all("Overloaded" in (r.error or "") for r in rows)
