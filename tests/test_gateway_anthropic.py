@@ -174,6 +174,12 @@ def test_message_batches_list_pages_both_ways_and_cancel_ends_them(
         assert [b.id for b in client.messages.batches.list(limit=1)] == newest_first
         with pytest.raises(anthropic.NotFoundError):
             client.messages.batches.retrieve("msgbatch_999")
+        # And an ended batch can be deleted, after which it is gone
+        deleted = client.messages.batches.delete(first.id)
+        assert (deleted.id, deleted.type) == (first.id, "message_batch_deleted")
+        with pytest.raises(anthropic.NotFoundError):
+            client.messages.batches.retrieve(first.id)
+        assert first.id not in [b.id for b in client.messages.batches.list()]
 
 
 def test_a_wrong_or_revoked_key_gets_a_401_in_anthropic_shape(home: Path, gateway_url: str) -> None:

@@ -1,6 +1,6 @@
 """Anthropic's Message Batches API: `POST /v1/messages/batches`, `GET /v1/messages/batches`
 (`limit`, `before_id`, `after_id`), `GET /v1/messages/batches/{id}`, `GET …/{id}/results`,
-`POST …/{id}/cancel`.
+`POST …/{id}/cancel`, `DELETE …/{id}` (once ended; its requests and their costs stay).
 
 A Message Batch is a submission like an OpenAI batch: its requests go through intake
 (`Client.enqueue_many`) into the common queue, all or none. Anthropic's create takes no
@@ -349,10 +349,30 @@ async def cancel_batch(gateway: Gateway, request: Request, key: KeyView) -> Resp
     )
 
 
+def _delete(gateway: Gateway, wanted: str) -> Response:
+    row = _find(gateway, wanted)
+    if row is None:
+        return _not_found(wanted)
+    view = get_submission(gateway.store, row.submission_id)
+    if view is None or not view.done:
+        return anthropic_error(
+            400,
+            f"Message batch {wanted} is still processing; cancel it and wait until it has "
+            "ended before deleting it.",
+        )
+    rows.delete_batch(gateway.store, row.id)
+    return json_response({"id": wanted, "type": "message_batch_deleted"})
+
+
+async def delete_batch(gateway: Gateway, request: Request, key: KeyView) -> Response:
+    return await run_in_threadpool(_delete, gateway, request.path_params["batch_id"])
+
+
 ROUTES = [
     ("/v1/messages/batches", create_batch, ["POST"]),
     ("/v1/messages/batches", list_batches, ["GET"]),
     ("/v1/messages/batches/{batch_id}", get_batch, ["GET"]),
+    ("/v1/messages/batches/{batch_id}", delete_batch, ["DELETE"]),
     ("/v1/messages/batches/{batch_id}/results", batch_results, ["GET"]),
     ("/v1/messages/batches/{batch_id}/cancel", cancel_batch, ["POST"]),
 ]

@@ -234,3 +234,11 @@ def failure_codes(store: Store, submission_id: int) -> dict[str, int]:
             .group_by(sa.func.coalesce(r.c.error_code, r.c.state))
         )
         return {str(code): int(count) for code, count in rows}
+
+
+def delete_batch(store: Store, batch_id: int) -> bool:
+    """Forget a batch row (its submission and requests stay, with their costs); False if there
+    was none."""
+    t = gateway_batches_t
+    with store.write() as conn:
+        return bool(conn.execute(sa.delete(t).where(t.c.id == batch_id)).rowcount)
