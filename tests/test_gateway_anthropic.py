@@ -822,3 +822,33 @@ def test_a_providers_5xx_reaches_the_caller_with_its_status_and_body(
     rows = request_rows(home)
     assert [r.state for r in rows] == ["failed", "failed"]
     assert all("Overloaded" in (r.error or "") for r in rows)
+
+
+def test_a_batch_row_that_cannot_be_stored_leaves_no_requests_running(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.testclient import TestClient
+
+    from batchwise.api import Client
+    from batchwise.errors import StoreError
+    from batchwise.gateway import message_batches
+    from batchwise.gateway.app import Gateway, create_app
+
+    key = new_key("team-z")
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("the disk is full")
+
+    monkeypatch.setattr(message_batches.rows, "insert_batch", broken)
+    with (
+        Client() as client,
+        TestClient(
+            create_app(Gateway(client, files_dir=home / "gateway" / "files")),
+            raise_server_exceptions=False,
+        ) as http,
+    ):
+        answer = http.post(
+            "/v1/messages/batches", json={"requests": items(2)}, headers={"x-api-key": key}
+        )
+        assert answer.status_code == 500
+    assert [r.state for r in request_rows(home)] == ["cancelled", "cancelled"]

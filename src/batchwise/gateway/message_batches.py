@@ -203,16 +203,21 @@ def _create(
         return anthropic_error(400, _intake_message(exc))
     except ToleranceError as exc:
         return anthropic_error(400, f"{TOLERANCE_HEADER}: {exc}")
-    row = rows.insert_batch(
-        gateway.store,
-        submission_id=submission.id,
-        input_file_id=NO_FILE,
-        endpoint=MESSAGES_ENDPOINT,
-        completion_window="24h",
-        metadata={},
-        key_name=key.name,
-        at=gateway.clock(),
-    )
+    try:
+        row = rows.insert_batch(
+            gateway.store,
+            submission_id=submission.id,
+            input_file_id=NO_FILE,
+            endpoint=MESSAGES_ENDPOINT,
+            completion_window="24h",
+            metadata={},
+            key_name=key.name,
+            at=gateway.clock(),
+        )
+    except BaseException:
+        # no batch to follow them by: its requests are cancelled rather than run unseen
+        gateway.client.cancel(*(handle.id for handle in submission))
+        raise
     return json_response(_read(gateway, row, base_url))
 
 
