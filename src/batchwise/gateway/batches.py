@@ -151,16 +151,21 @@ def _create(gateway: Gateway, key: KeyView, body: dict[str, Any]) -> Response:
         return openai_error(400, str(exc), code="invalid_file")
     except ToleranceError as exc:
         return openai_error(400, str(exc), code="completion_window")
-    row = rows.insert_batch(
-        gateway.store,
-        submission_id=submission.id,
-        input_file_id=file_row.id,
-        endpoint=str(endpoint),
-        completion_window=str(window),
-        metadata=metadata,
-        key_name=key.name,
-        at=gateway.clock(),
-    )
+    try:
+        row = rows.insert_batch(
+            gateway.store,
+            submission_id=submission.id,
+            input_file_id=file_row.id,
+            endpoint=str(endpoint),
+            completion_window=str(window),
+            metadata=metadata,
+            key_name=key.name,
+            at=gateway.clock(),
+        )
+    except BaseException:
+        # no batch to follow them by: its lines are cancelled rather than run unseen
+        gateway.client.cancel(*(handle.id for handle in submission))
+        raise
     return json_response(_read(gateway, row))
 
 
