@@ -83,16 +83,15 @@ def batch_object(
 ) -> dict[str, Any]:
     """The `message_batch` object of a stored batch."""
     ended = view.done
-    counts = {"processing": 0 if ended else view.total, **dict.fromkeys(_RESULT_TYPES, 0)}
+    counts = {"processing": view.total, **dict.fromkeys(_RESULT_TYPES, 0)}
+    ended_at: datetime | None = None
     if ended:
-        counts.update(result_counts(view, rows.failure_codes(gateway.store, row.submission_id)))
-    if ended:
+        failures = rows.failure_codes(gateway.store, row.submission_id)
+        counts = {"processing": 0, **result_counts(view, failures)}
         status = "ended"
-    elif row.cancelled_at is not None:
-        status = "canceling"
+        ended_at = view.finished_at or row.cancelled_at or row.created_at
     else:
-        status = "in_progress"
-    ended_at = view.finished_at or row.cancelled_at or row.created_at if ended else None
+        status = "in_progress" if row.cancelled_at is None else "canceling"
     return {
         "id": message_batch_id(row.id),
         "type": "message_batch",
