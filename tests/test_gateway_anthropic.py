@@ -220,7 +220,8 @@ def test_a_wrong_or_revoked_key_gets_a_401_in_anthropic_shape(home: Path, gatewa
                     "messages": [{"role": "user", "content": "x"}],
                 }
             },
-            "requests.1.params.model: 'gpt-4o-mini' is an OpenAI model",
+            "requests.1.params.model: 'gpt-4o-mini' is not an Anthropic model (its name says "
+            "openai)",
         ),
     ],
 )

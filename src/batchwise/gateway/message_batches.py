@@ -167,10 +167,11 @@ def check_items(requests: Any) -> list[dict[str, Any]]:
         if not isinstance(params, dict):
             raise _Bad(f"requests.{i}.params: Field required (the Messages API body)")
         model = params.get("model")
-        if isinstance(model, str) and infer_provider(model) not in (None, "anthropic"):
+        served_by = infer_provider(model) if isinstance(model, str) else None
+        if served_by not in (None, "anthropic"):
             raise _Bad(
-                f"requests.{i}.params.model: {model!r} is an OpenAI model, not one Anthropic "
-                "serves; send it to /v1/batches (OpenAI's Batch API) instead"
+                f"requests.{i}.params.model: {model!r} is not an Anthropic model (its name says "
+                f"{served_by}); this is Anthropic's Message Batches API"
             )
     return requests
 
