@@ -39,8 +39,10 @@ ANTHROPIC_ERROR_TYPES = frozenset({
     "not_found_error", "conflict_error", "request_too_large", "rate_limit_error", "api_error",
     "timeout_error", "overloaded_error",
 })  # fmt: skip
-#: the error codes of a line that ran out of time (an Anthropic `expired` result)
-EXPIRED_CODES = frozenset({"batch_expired", "expired"})
+_EXPIRED_CODES = frozenset({"batch_expired", "expired"})
+#: the error codes of a line that ran out of time (an Anthropic `expired` result), for the
+#: gateway's Message Batch counts
+EXPIRED_CODES = _EXPIRED_CODES
 
 
 def export(
@@ -162,7 +164,7 @@ def _anthropic_line(row: dict[str, Any], body: dict[str, Any] | None) -> dict[st
     if row["state"] == RequestState.CANCELLED.value:
         return {"custom_id": custom_id, "result": {"type": "canceled"}}
     code, message = _failure(row)
-    if code in EXPIRED_CODES:
+    if code in _EXPIRED_CODES:
         return {"custom_id": custom_id, "result": {"type": "expired"}}
     if code in ANTHROPIC_ERROR_TYPES:
         kind = code
