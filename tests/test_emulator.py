@@ -562,7 +562,19 @@ def test_embeddings_are_deterministic_and_honour_dimensions(rig: Rig) -> None:
     ("path", "body", "status", "code"),
     [
         ("/chat/completions", chat_body(model="gpt-nope"), 404, "model_not_found"),
-        ("/chat/completions", chat_body(stream=True), 400, "unsupported_value"),
+        ("/chat/completions", chat_body(stream="yes"), 400, "invalid_type"),
+        (
+            "/embeddings",
+            {"model": "text-embedding-3-small", "input": "x", "stream": True},
+            400,
+            "unsupported_value",
+        ),
+        (
+            "/chat/completions",
+            chat_body(stream_options={"include_usage": True}),
+            400,
+            "invalid_value",
+        ),
         ("/chat/completions", {"model": "gpt-4o"}, 400, "missing_required_parameter"),
         (
             "/chat/completions",
@@ -902,7 +914,7 @@ def test_anthropic_message_validation(rig: Rig) -> None:
     for bad in (
         {**item, "max_tokens": 0},
         {k: v for k, v in item.items() if k != "messages"},
-        {**item, "stream": True},
+        {**item, "stream": "yes"},
         {**item, "max_tokens": 10**6},
     ):
         response = rig.anthropic.post("/v1/messages", json=bad)

@@ -413,3 +413,23 @@ def test_an_older_store_is_still_upgraded_by_the_migrations(sqlite_url: str) -> 
         columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
     store.close()
     assert revision == dbapi.SCHEMA_REVISION and "loop_key" in columns
+
+
+def test_a_new_sqlite_connection_keeps_the_locks_of_the_others(tmp_path: Path) -> None:
+    """Opening a connection must not drop the POSIX locks of this process's other ones: if it
+    did, another process closing its last connection would delete the WAL under them, and they
+    would neither see its writes nor keep their own."""
+    path = str(tmp_path / "locks.db")
+    first = dbapi.connect_sqlite(path)
+    first.execute("CREATE TABLE t (v INTEGER)")
+    assert first.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    second = dbapi.connect_sqlite(path)  # a pool growing
+    writer = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        "c.execute('INSERT INTO t VALUES (1)'); c.commit(); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", writer, path], check=True)
+    assert first.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    assert Path(f"{path}-wal").exists()
+    first.close()
+    second.close()

@@ -1,7 +1,8 @@
 """The gateway's ASGI app: the routes of every API family behind the keys.
 
 Every route needs a live key (`keys.authenticate`); a missing, wrong or revoked one gets a
-401 in OpenAI's error shape. Handlers are plain functions run in Starlette's thread pool, so
+401 in its API's error shape (OpenAI's, or Anthropic's on `/v1/messages…`, where the key may
+also come as `x-api-key`). Handlers are plain functions run in Starlette's thread pool, so
 the store and provider calls they make block nothing else.
 """
 
@@ -15,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from batchwise.gateway import batches, files, realtime
-from batchwise.gateway.context import Gateway, openai_error
+from batchwise.gateway import batches, files, message_batches, realtime
+from batchwise.gateway.context import Gateway, anthropic_error, openai_error
 from batchwise.gateway.keys import authenticate, key_from_headers
 from batchwise.store.keys import KeyView
 
@@ -25,11 +26,17 @@ __all__ = ["Gateway", "create_app"]
 Handler = Callable[["Gateway", Request, KeyView], Awaitable[Response]]
 
 
-def _guarded(gateway: Gateway, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _guarded(
+    gateway: Gateway, handler: Handler, *, anthropic: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         key = await run_in_threadpool(
-            authenticate, gateway.store, key_from_headers(request.headers)
+            authenticate, gateway.store, key_from_headers(request.headers, anthropic=anthropic)
         )
+        if key is None and anthropic:
+            return anthropic_error(
+                401, "invalid x-api-key: use a key from `batchwise keys create`."
+            )
         if key is None:
             return openai_error(
                 401,
@@ -48,10 +55,16 @@ def create_app(gateway: Gateway) -> Starlette:
         *files.ROUTES,
         *batches.ROUTES,
         *realtime.ROUTES,
+        *message_batches.ROUTES,
+        *realtime.ANTHROPIC_ROUTES,
     ]
     return Starlette(
         routes=[
-            Route(path, _guarded(gateway, handler), methods=methods)
+            Route(
+                path,
+                _guarded(gateway, handler, anthropic=path.startswith("/v1/messages")),
+                methods=methods,
+            )
             for path, handler, methods in routes
         ]
     )

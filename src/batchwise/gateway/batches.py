@@ -10,16 +10,17 @@ the submission's requests:
 
 - `validating`: stored, nothing sent to a provider or answered yet;
 - `in_progress`: some lines on their way or answered, not all;
-- `completed`: every line terminal (answered or not); `cancelling` → `cancelled` after a
-  cancel.
+- `finalizing`: every line settled, its output and error files being written
+  (`gateway.outputs`);
+- `completed` once they are there; `cancelling` → `cancelled` after a cancel.
 
-(`finalizing` is not reported in this increment: results are read from the store when asked,
-so there is no output to assemble.)
+A batch of another API (an Anthropic Message Batch, `gateway.message_batches`) is not one of
+these: its id is unknown here.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +33,7 @@ from batchwise.gateway.files import parse_file_id
 from batchwise.gateway.outputs import batch_id, output_ids, parse_batch_id
 from batchwise.states import RequestState
 from batchwise.store import gateway as rows
-from batchwise.store.gateway import BatchRow
+from batchwise.store.gateway import MESSAGES_ENDPOINT, BatchRow
 from batchwise.store.keys import KeyView
 from batchwise.store.submissions import get_submission, request_states
 from batchwise.store.views import ANSWERED_STATES, SubmissionView
@@ -53,21 +54,31 @@ TAG_KEYS = ("use_case", "step", "business_unit", "task_id")
 _WINDOW = timedelta(hours=24)
 
 
-def _status(row: BatchRow, view: SubmissionView) -> str:
-    if row.cancelled_at is not None:
-        return "cancelled" if view.done else "cancelling"
+def batch_status(*, cancelled: bool, view: SubmissionView, written: bool) -> str:
+    """The status OpenAI would show: `cancelled` asks a cancel was made, `written` that the
+    output files are in place."""
+    if cancelled:
+        return "cancelled" if view.done and written else "cancelling"
     if view.done:
+        if not written:
+            return "finalizing"
         return "completed" if view.total else "failed"
     if set(view.counts) <= {RequestState.QUEUED.value}:
         return "validating"
     return "in_progress"
 
 
-def batch_object(row: BatchRow, view: SubmissionView) -> dict[str, Any]:
-    status = _status(row, view)
-    output_file_id, error_file_id = output_ids(row, view)
+def _unix(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp())
+
+
+def batch_object(
+    row: BatchRow, view: SubmissionView, written_at: datetime | None
+) -> dict[str, Any]:
+    written = written_at is not None
+    status = batch_status(cancelled=row.cancelled_at is not None, view=view, written=written)
+    output_file_id, error_file_id = output_ids(row, view, written=written)
     created = int(row.created_at.timestamp())
-    finished = int(view.finished_at.timestamp()) if view.finished_at is not None else None
     answered = sum(n for state, n in view.counts.items() if state in ANSWERED_STATES)
     return {
         "id": batch_id(row.id),
@@ -82,14 +93,12 @@ def batch_object(row: BatchRow, view: SubmissionView) -> dict[str, Any]:
         "created_at": created,
         "in_progress_at": None if status == "validating" else created,
         "expires_at": int((row.created_at + _WINDOW).timestamp()),
-        "finalizing_at": finished,
-        "completed_at": finished if status == "completed" else None,
-        "failed_at": finished if status == "failed" else None,
+        "finalizing_at": _unix(view.finished_at),
+        "completed_at": _unix(written_at) if status == "completed" else None,
+        "failed_at": _unix(written_at) if status == "failed" else None,
         "expired_at": None,
-        "cancelling_at": (
-            int(row.cancelled_at.timestamp()) if row.cancelled_at is not None else None
-        ),
-        "cancelled_at": finished if status == "cancelled" else None,
+        "cancelling_at": _unix(row.cancelled_at),
+        "cancelled_at": _unix(written_at) if status == "cancelled" else None,
         "request_counts": {"total": view.total, "completed": answered, "failed": view.failed},
         "metadata": row.metadata or None,
     }
@@ -98,7 +107,16 @@ def batch_object(row: BatchRow, view: SubmissionView) -> dict[str, Any]:
 def _read(gateway: Gateway, row: BatchRow) -> dict[str, Any]:
     view = get_submission(gateway.store, row.submission_id)
     assert view is not None, "a gateway batch always has its submission"
-    return batch_object(row, view)
+    written_at = gateway.outputs.written_at(row.id) if view.done else None
+    if view.done and written_at is None:
+        gateway.outputs.start(gateway.store, row)
+    return batch_object(row, view, written_at)
+
+
+def _find(gateway: Gateway, wanted: str) -> BatchRow | None:
+    row_id = parse_batch_id(wanted)
+    row = None if row_id is None else rows.get_batch(gateway.store, row_id)
+    return row if row is not None and row.endpoint != MESSAGES_ENDPOINT else None
 
 
 def _create(gateway: Gateway, key: KeyView, body: dict[str, Any]) -> Response:
@@ -133,16 +151,21 @@ def _create(gateway: Gateway, key: KeyView, body: dict[str, Any]) -> Response:
         return openai_error(400, str(exc), code="invalid_file")
     except ToleranceError as exc:
         return openai_error(400, str(exc), code="completion_window")
-    row = rows.insert_batch(
-        gateway.store,
-        submission_id=submission.id,
-        input_file_id=file_row.id,
-        endpoint=str(endpoint),
-        completion_window=str(window),
-        metadata=metadata,
-        key_name=key.name,
-        at=gateway.clock(),
-    )
+    try:
+        row = rows.insert_batch(
+            gateway.store,
+            submission_id=submission.id,
+            input_file_id=file_row.id,
+            endpoint=str(endpoint),
+            completion_window=str(window),
+            metadata=metadata,
+            key_name=key.name,
+            at=gateway.clock(),
+        )
+    except BaseException:
+        # no batch to follow them by: its lines are cancelled rather than run unseen
+        gateway.client.cancel(*(handle.id for handle in submission))
+        raise
     return json_response(_read(gateway, row))
 
 
@@ -157,8 +180,7 @@ async def create_batch(gateway: Gateway, request: Request, key: KeyView) -> Resp
 
 
 def _get(gateway: Gateway, wanted: str) -> Response:
-    row_id = parse_batch_id(wanted)
-    row = None if row_id is None else rows.get_batch(gateway.store, row_id)
+    row = _find(gateway, wanted)
     if row is None:
         return openai_error(404, f"No such Batch object: {wanted}", code="not_found")
     return json_response(_read(gateway, row))
@@ -194,13 +216,18 @@ async def list_batches(gateway: Gateway, request: Request, key: KeyView) -> Resp
 
 
 def _cancel(gateway: Gateway, wanted: str) -> Response:
-    row_id = parse_batch_id(wanted)
-    row = None if row_id is None else rows.get_batch(gateway.store, row_id)
-    if row is None or row_id is None:
+    row = _find(gateway, wanted)
+    if row is None:
         return openai_error(404, f"No such Batch object: {wanted}", code="not_found")
-    rows.mark_batch_cancelled(gateway.store, row_id, at=gateway.clock())
+    rows.mark_batch_cancelled(gateway.store, row.id, at=gateway.clock())
     ids = [rid for rid, _lane, _state in request_states(gateway.store, row.submission_id)]
     gateway.client.cancel(*ids)
+    view = get_submission(gateway.store, row.submission_id)
+    if view is not None and view.done and gateway.outputs.written_at(row.id) is None:
+        # every line ended with the cancel: its files are written before it answers
+        writer = gateway.outputs.start(gateway.store, row)
+        if writer is not None:
+            writer.join()
     return _get(gateway, wanted)
 
 

@@ -3,8 +3,8 @@
 
 An upload (multipart, purpose `batch`, any file name) is written under the home folder,
 readable by its owner only (0600), and recorded in the store (`store.gateway`). A batch's
-output and error files are not stored: their ids (`file-batch_N-output`, `file-batch_N-errors`)
-name the batch's submission, and their content is its results (`gateway.outputs`).
+output and error files (`file-batch_N-output`, `file-batch_N-errors`) are written beside them
+once its lines have settled (`gateway.outputs`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from batchwise.gateway.context import json_response, openai_error
-from batchwise.gateway.outputs import output_file_content, output_file_object
+from batchwise.gateway.outputs import output_file_object, output_file_path
 from batchwise.store import gateway as rows
 from batchwise.store.gateway import FileRow
 from batchwise.store.keys import KeyView
@@ -121,10 +121,10 @@ async def file_content(gateway: Gateway, request: Request, key: KeyView) -> Resp
     wanted = request.path_params["file_id"]
     row_id = parse_file_id(wanted)
     if row_id is None:
-        content = await run_in_threadpool(output_file_content, gateway, wanted)
-        if content is None:
+        path = await run_in_threadpool(output_file_path, gateway, wanted)
+        if path is None:
             return _not_found(wanted)
-        return Response(content, media_type="application/jsonl")
+        return FileResponse(path, media_type="application/jsonl")
     row = await run_in_threadpool(rows.get_file, gateway.store, row_id)
     if row is None:
         return _not_found(wanted)

@@ -1,22 +1,43 @@
-"""Realtime passthrough: `POST /v1/chat/completions` and `POST /v1/embeddings`.
+"""Realtime passthrough: `POST /v1/chat/completions`, `/v1/responses`, `/v1/embeddings` and
+Anthropic's `POST /v1/messages`, plain or streamed (`"stream": true`).
 
 The body is stored as a realtime request (tags: the key's, then `X-Batchwise-Tags:
-use_case=…,step=…,task_id=…`), with the cost guards applied at intake, then called at once
-(`Gateway.dispatch`, or by the workers when a broker is configured); the answer is the
-provider's body, priced and booked in the ledger like every other call. A guard's refusal is
-a 429 naming the limit. Streaming (`"stream": true`) is refused in this increment.
+use_case=…,step=…,task_id=…`), with the cost guards applied at intake; a guard's refusal is a
+429 naming the limit, in the API's own error shape. Then this process claims the request and
+makes the call itself (`calls.Caller`): the provider's answer goes back as it came, its status
+and body (an error included), a stream event by event as it arrives (`relay`), and is priced
+and booked in the ledger from its `usage` (a stream's from its final events, `stream_options.
+include_usage` being asked for upstream and held back if the caller did not ask). A caller
+that goes away mid-stream closes the provider's connection and ends the request failed.
+
+With a broker (no `Caller` here), or when another worker claimed the request first, or when an
+identical request's answer was reused, the gateway waits for the stored answer; a streaming
+caller then gets it as the stream that answer would have been (`streams.synthesize`).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import httpx
+import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from batchwise.api import Handle
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout
-from batchwise.gateway.context import json_response, openai_error
+from batchwise.gateway.calls import Caller
+from batchwise.gateway.context import Api, json_response
+from batchwise.gateway.relay import open_stream
+from batchwise.gateway.streams import STREAMING
+from batchwise.gateway.streams import synthesize as synthesize_stream
+from batchwise.gateway.upstream import request_id_header
+from batchwise.lifecycle.realtime import Claim
+from batchwise.states import RequestState
 from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
@@ -25,6 +46,9 @@ if TYPE_CHECKING:
 TAGS_HEADER = "x-batchwise-tags"
 #: how long a caller waits for its answer before a 504
 ANSWER_TIMEOUT_S = 600.0
+#: body fields about how the answer is sent, not what is asked: never stored
+_STREAM_KEYS = ("stream", "stream_options")
+_SSE = "text/event-stream"
 
 
 def header_tags(value: str | None) -> dict[str, str]:
@@ -40,52 +64,211 @@ def header_tags(value: str | None) -> dict[str, str]:
     return tags
 
 
-def _call(gateway: Gateway, endpoint: str, body: dict[str, Any], tags: dict[str, str]) -> Response:
+@dataclass(frozen=True)
+class Call:
+    """One caller's request: what is stored and what is sent."""
+
+    api: Api
+    body: dict[str, Any]
+    stream: bool
+    #: the caller asked for the final usage chunk (chat completions)
+    include_usage: bool
+    headers: dict[str, str]
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        """The body without the streaming fields: the same question, however it is answered."""
+        return {k: v for k, v in self.body.items() if k not in _STREAM_KEYS}
+
+    def sent(self, claim: Claim) -> dict[str, Any]:
+        """The body sent upstream: the stored one (the guards may have rewritten it: a routed
+        model, an output cap, a trimmed context) with the caller's streaming fields; a chat
+        stream always asks for its usage, to price it."""
+        body = orjson.loads(claim.request["body"])
+        if not self.stream:
+            return dict(body)
+        body.update({k: self.body[k] for k in _STREAM_KEYS if k in self.body})
+        if self.api.endpoint == "/v1/chat/completions":
+            options = dict(self.body.get("stream_options") or {})
+            body["stream_options"] = {**options, "include_usage": True}
+        return dict(body)
+
+
+def _enqueue(gateway: Gateway, call: Call, tags: dict[str, str]) -> Handle | Response:
+    api = call.api
     try:
-        handle = gateway.client.enqueue(
-            body=body,
-            provider="openai",
-            endpoint=endpoint,
+        return gateway.client.enqueue(
+            body=call.stored,
+            provider=api.provider,
+            endpoint=api.endpoint,
             tolerance="realtime",
             tags=tags,
-            submission_name=f"gateway {endpoint}",
+            submission_name=f"gateway {api.endpoint}",
         )
     except GuardRefused as exc:
-        return openai_error(429, str(exc), type_="rate_limit_error", code="batchwise_guard")
+        return api.error(429, str(exc), type_="rate_limit_error", code="batchwise_guard")
     except IntakeError as exc:
-        return openai_error(400, str(exc))
-    if gateway.dispatch is not None:
-        gateway.dispatch(handle.id)
+        return api.error(400, str(exc))
+
+
+def _enqueue_and_claim(
+    gateway: Gateway, caller: Caller, call: Call, tags: dict[str, str], owner: str
+) -> tuple[Handle | Response, Claim | None]:
+    """Store the request and claim it for `owner` under the claim lock, so the embedded
+    runner cannot take it in between."""
+    with caller.claim_lock:
+        enqueued = _enqueue(gateway, call, tags)
+        if isinstance(enqueued, Response) or enqueued.state != RequestState.DISPATCHING.value:
+            return enqueued, None
+        return enqueued, caller.claim(enqueued.id, owner)
+
+
+def _wait(handle: Handle) -> dict[str, Any] | tuple[int, str]:
+    """The stored answer, or the status and reason there is none (502, or 504 in time)."""
     try:
-        return json_response(handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05))
+        return handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05)
     except RequestFailed as exc:
-        return openai_error(502, f"the provider call failed: {exc}", type_="api_error")
+        return 502, f"the provider call failed: {exc}"
     except ResultTimeout as exc:
-        return openai_error(504, str(exc), type_="api_error", code="timeout")
+        return 504, str(exc)
 
 
-def _passthrough(endpoint: str) -> Any:
-    async def handler(gateway: Gateway, request: Request, key: KeyView) -> Response:
+async def _stored_answer(call: Call, handle: Handle) -> Response:
+    """Wait for the answer someone else is getting (or got), and send it as asked."""
+    found = await run_in_threadpool(_wait, handle)
+    api = call.api
+    if isinstance(found, tuple):
+        status, reason = found
+        if status == 504:
+            kind = "timeout_error" if api.provider == "anthropic" else "api_error"
+            return api.error(status, reason, type_=kind, code="timeout")
+        return api.error(status, reason, type_="api_error")
+    if call.stream:
+        events = synthesize_stream(api.endpoint, found, include_usage=call.include_usage)
+        return StreamingResponse(_iterate(events), media_type=_SSE)
+    return json_response(found)
+
+
+async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack) -> Response:
+    """Make the claimed call and answer with what the provider answered."""
+    api = call.api
+    if call.stream:
+        return await open_stream(
+            caller,
+            api,
+            claim,
+            holding,
+            body=call.sent(claim),
+            headers=call.headers,
+            include_usage=call.include_usage,
+        )
+    with holding:
         try:
-            body = await request.json()
-        except ValueError:
-            return openai_error(400, "the request body is not JSON")
-        if not isinstance(body, dict):
-            return openai_error(400, "the request body must be a JSON object")
-        if body.get("stream"):
-            return openai_error(
-                400, "streaming is not supported by this gateway yet: send stream=false"
+            answer = await caller.upstream.send(
+                api.provider, api.endpoint, call.sent(claim), call.headers
             )
+        except httpx.HTTPError as exc:
+            reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
+            await run_in_threadpool(
+                caller.failed, claim, caller.failure(api.provider, reason, code="connection_error")
+            )
+            return api.error(502, reason, type_="api_error")
+        parsed = answer.json()
+        if 200 <= answer.status_code < 300 and isinstance(parsed, dict):
+            await run_in_threadpool(
+                caller.answered,
+                claim,
+                parsed,
+                status_code=answer.status_code,
+                request_id=answer.request_id,
+            )
+        else:
+            error = caller.failure(
+                api.provider,
+                f"status {answer.status_code}",
+                status_code=answer.status_code,
+                body=parsed,
+                request_id=answer.request_id,
+            )
+            await run_in_threadpool(caller.failed, claim, error)
+    found = answer.request_id
+    return Response(
+        answer.body,
+        status_code=answer.status_code,
+        media_type=answer.content_type,
+        headers={} if found is None else {request_id_header(api.provider): found},
+    )
+
+
+async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView) -> Response:
+    """Store the caller's request, make the call (or wait for it), answer as the provider."""
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        return api.error(400, f"the request body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return api.error(400, "the request body must be a JSON object")
+    stream = body.get("stream") is True
+    if stream and api.endpoint not in STREAMING:
+        return api.error(400, f"{api.endpoint} does not stream: send stream=false")
+    options = body.get("stream_options")
+    try:
+        tags = {**key.tags, **header_tags(request.headers.get(TAGS_HEADER))}
+    except ValueError as exc:
+        return api.error(400, str(exc))
+    call = Call(
+        api,
+        body,
+        stream,
+        include_usage=stream and isinstance(options, dict) and bool(options.get("include_usage")),
+        headers=dict(request.headers),
+    )
+    caller = gateway.caller
+    if caller is None:
+        enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
+        if isinstance(enqueued, Response):
+            return enqueued
+        return await _stored_answer(call, enqueued)
+    holding = ExitStack()
+    owner = holding.enter_context(caller.holding())
+    try:
+        enqueued, claim = await run_in_threadpool(
+            _enqueue_and_claim, gateway, caller, call, tags, owner
+        )
+    except BaseException:
+        holding.close()
+        raise
+    if claim is not None:
         try:
-            tags = {**key.tags, **header_tags(request.headers.get(TAGS_HEADER))}
-        except ValueError as exc:
-            return openai_error(400, str(exc))
-        return await run_in_threadpool(_call, gateway, endpoint, body, tags)
+            return await _call_now(caller, call, claim, holding)
+        except BaseException:
+            holding.close()  # its claim lapses with its lease, and is called again then
+            raise
+    holding.close()
+    if isinstance(enqueued, Response):
+        return enqueued
+    return await _stored_answer(call, enqueued)
+
+
+def _route(provider: str, endpoint: str) -> Any:
+    api = Api(provider, endpoint)
+
+    async def handler(gateway: Gateway, request: Request, key: KeyView) -> Response:
+        return await serve_call(gateway, api, request, key)
 
     return handler
 
 
 ROUTES = [
-    ("/v1/chat/completions", _passthrough("/v1/chat/completions"), ["POST"]),
-    ("/v1/embeddings", _passthrough("/v1/embeddings"), ["POST"]),
+    ("/v1/chat/completions", _route("openai", "/v1/chat/completions"), ["POST"]),
+    ("/v1/responses", _route("openai", "/v1/responses"), ["POST"]),
+    ("/v1/embeddings", _route("openai", "/v1/embeddings"), ["POST"]),
+]
+ANTHROPIC_ROUTES = [
+    ("/v1/messages", _route("anthropic", "/v1/messages"), ["POST"]),
 ]

@@ -24,40 +24,6 @@ __all__ = ["run_gateway"]
 RUNNER_STOP_S = 5.0
 
 
-def _dispatcher(
-    settings: Settings, client: Client, clock: Clock
-) -> tuple[Callable[[int], str], Callable[[], None]]:
-    """A function that calls one realtime request now, in this thread, and its closer. The
-    call's claim is renewed by a heartbeat while it runs, so a call longer than `lease_s` is
-    never taken over and made twice."""
-    from batchwise.costs.pricing import PriceBook
-    from batchwise.lifecycle.holders import Heartbeat, new_owner
-    from batchwise.lifecycle.realtime import dispatch_one
-    from batchwise.lifecycle.scheduler import Providers
-
-    providers = Providers(settings)
-    book = PriceBook.from_settings(settings)
-    heartbeat = Heartbeat(client.store, lease_s=settings.lease_s, clock=clock)
-
-    def dispatch(request_id: int) -> str:
-        with heartbeat.holding(new_owner()) as owner:
-            return dispatch_one(
-                client.store,
-                providers,
-                book,
-                request_id,
-                settings=settings,
-                clock=clock,
-                worker=owner,
-            )
-
-    def close() -> None:
-        heartbeat.close()
-        providers.close()
-
-    return dispatch, close
-
-
 def run_gateway(
     settings: Settings,
     sock: socket.socket,
@@ -74,10 +40,12 @@ def run_gateway(
     runner: threading.Thread | None = None
     stop = StopFlag()
     closers: list[Callable[[], None]] = [client.close]
-    dispatch = None
+    caller = None
     if not settings.broker_url:
-        dispatch, close_providers = _dispatcher(settings, client, clock)
-        closers.append(close_providers)
+        from batchwise.gateway.calls import Caller
+
+        caller = Caller(client.store, settings, clock=clock)
+        closers.append(caller.close)
         runner = threading.Thread(
             target=run_embedded,
             args=(settings,),
@@ -86,13 +54,14 @@ def run_gateway(
                 "clock": clock,
                 "stop": stop,
                 "interval_s": runner_interval_s,
+                "realtime_claim_lock": caller.claim_lock,
             },
             name="batchwise-scheduler",
             daemon=True,
         )
         runner.start()
     gateway = Gateway(
-        client, files_dir=settings.home / "gateway" / "files", clock=clock, dispatch=dispatch
+        client, files_dir=settings.home / "gateway" / "files", clock=clock, caller=caller
     )
     try:
         serve(create_app(gateway), sock)

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -321,9 +322,13 @@ class Dispatcher:
         clock: Clock,
         worker: str,
         coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
+        claim_lock: threading.Lock | None = None,
     ) -> None:
         self.store = store
         self.coalesce = coalesce
+        #: held while claiming; the gateway holds it from storing a request to claiming it,
+        #: so the call it makes itself is never taken by this pool first
+        self.claim_lock = claim_lock
         self.provider_for = provider_for
         self.book = book
         self.settings = settings
@@ -346,14 +351,15 @@ class Dispatcher:
     def run_once(self) -> dict[str, int]:
         """Claim what is waiting (up to the concurrency × 4), call it all, apply outcomes."""
         counts: dict[str, int] = {}
-        claims = claim(
-            self.store,
-            now=self.clock(),
-            settings=self.settings,
-            worker=self.worker,
-            limit=self.settings.realtime_concurrency * 4,
-            skip_providers=self._paused_providers(),
-        )
+        with self.claim_lock or nullcontext():
+            claims = claim(
+                self.store,
+                now=self.clock(),
+                settings=self.settings,
+                worker=self.worker,
+                limit=self.settings.realtime_concurrency * 4,
+                skip_providers=self._paused_providers(),
+            )
         calls, riders = self._coalesced(claims)
         for result in self._pool.map(self._one, calls):
             counts[result] = counts.get(result, 0) + 1

@@ -115,6 +115,7 @@ def run_embedded(
     console: Console | None = None,
     on_tick: Callable[[TickReport], None] | None = None,
     stop: StopFlag | None = None,
+    realtime_claim_lock: threading.Lock | None = None,
 ) -> RunTotals:
     """Run the scheduler in this process until stopped; with `until_idle`, until every request
     is terminal or held for a known reason and time (`include_held`: until all are terminal).
@@ -122,8 +123,9 @@ def run_embedded(
 
     It starts by taking over the claims of dead processes of this host (a runner killed
     before it), and keeps its own claims alive with a heartbeat while it works. `stop` lets
-    another thread end it (`batchwise serve` runs it beside the gateway); off the main thread
-    it installs no signal handlers."""
+    another thread end it (`batchwise serve` runs it beside the gateway, sharing
+    `realtime_claim_lock` with it so the calls the gateway makes are not claimed here); off
+    the main thread it installs no signal handlers."""
     store = Store(settings.resolved_database_url)
     stop = stop or StopFlag()
     registry = Providers(settings, providers, stop=stop.event)
@@ -135,7 +137,12 @@ def run_embedded(
         with (
             Heartbeat(store, lease_s=settings.lease_s, clock=clock) as heartbeat,
             Scheduler(
-                store, registry, settings=settings, clock=clock, heartbeat=heartbeat
+                store,
+                registry,
+                settings=settings,
+                clock=clock,
+                heartbeat=heartbeat,
+                realtime_claim_lock=realtime_claim_lock,
             ) as scheduler,
             stop.installed(),
         ):

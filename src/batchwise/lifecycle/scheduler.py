@@ -138,6 +138,7 @@ class Scheduler:
         worker: str | None = None,
         realtime: bool = True,
         heartbeat: Heartbeat | None = None,
+        realtime_claim_lock: threading.Lock | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -158,6 +159,7 @@ class Scheduler:
                 clock=clock,
                 worker=self.worker,
                 coalesce=self.dedupes if self.guards.dedupe_anywhere else None,
+                claim_lock=realtime_claim_lock,
             )
             if realtime
             else None

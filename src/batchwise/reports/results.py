@@ -54,6 +54,9 @@ ANTHROPIC_ERROR_TYPES = frozenset({
     "timeout_error", "overloaded_error",
 })  # fmt: skip
 _EXPIRED_CODES = frozenset({"batch_expired", "expired"})
+#: the error codes of a line that ran out of time (an Anthropic `expired` result), for the
+#: gateway's Message Batch counts
+EXPIRED_CODES = _EXPIRED_CODES
 
 
 def export(

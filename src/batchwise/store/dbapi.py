@@ -109,14 +109,25 @@ def private_file(path: Path) -> None:
     A new database file is created 0600 before SQLite opens it (SQLite then gives its -wal
     and -shm files the database file's mode). Existing files that others can read are
     tightened to 0600 when we own them; files of another user are left alone.
+
+    An existing database file is never opened here: closing any descriptor of it drops every
+    POSIX lock this process holds on it, those of its open SQLite connections included, and
+    another process closing its last connection would then delete the WAL under them (their
+    later writes lost, keys made elsewhere never seen). Only a file this call creates (O_EXCL,
+    so no connection can hold it yet) is opened, to give it its mode.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE_MODE)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_IMODE(mode) & 0o077 and os.fstat(fd).st_uid == os.geteuid():
-            os.fchmod(fd, stat.S_IMODE(mode) & ~0o077 | 0o600)
-    finally:
-        os.close(fd)
+        info = path.stat()
+    except FileNotFoundError:
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+        except FileExistsError:  # another process made it first
+            info = path.stat()
+        else:
+            info = None
+    if info is not None and stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+        with contextlib.suppress(OSError):  # removed or handed over meanwhile
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o077 | 0o600)
     for suffix in ("-wal", "-shm", "-journal"):
         companion = Path(f"{path}{suffix}")
         try:

@@ -2,7 +2,9 @@
 
 A file row names the bytes kept under the home folder; a batch row ties an OpenAI-style batch
 to the submission its lines became (its counts and results are the submission's, read through
-`store.submissions`), with what the caller asked: endpoint, completion window, metadata.
+`store.submissions`), with what the caller asked: endpoint, completion window, metadata. An
+Anthropic Message Batch is a batch row too: its endpoint is `/v1/messages` (no OpenAI batch
+names it) and it has no input file (`NO_FILE`), its requests having come inline.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from batchwise.store.engine import Store
+from batchwise.states import RequestState
+from batchwise.store.engine import Store, requests_t, submissions_t
 from batchwise.store.schema import GatewayBatch, GatewayFile
+
+#: the endpoint of every Anthropic Message Batch; OpenAI batches name one of theirs
+MESSAGES_ENDPOINT = "/v1/messages"
+#: the input file id of a batch whose requests came inline (an Anthropic Message Batch)
+NO_FILE = 0
 
 files_t: sa.Table = GatewayFile.__table__  # type: ignore[attr-defined]
 gateway_batches_t: sa.Table = GatewayBatch.__table__  # type: ignore[attr-defined]
@@ -169,15 +177,29 @@ def get_batch(store: Store, batch_id: int) -> BatchRow | None:
     return None if row is None else _batch(row)
 
 
-def list_batches(store: Store, *, limit: int, after: int | None = None) -> list[BatchRow]:
-    """Batches newest first; `after` pages on from that id (older ones)."""
+def list_batches(
+    store: Store,
+    *,
+    limit: int,
+    after: int | None = None,
+    before: int | None = None,
+    anthropic: bool = False,
+) -> list[BatchRow]:
+    """One family's batches (OpenAI's, or Anthropic's Message Batches), newest first; `after`
+    pages on from that id to older ones, `before` back to the newer ones just before it."""
     t = gateway_batches_t
-    query = sa.select(t).order_by(t.c.id.desc()).limit(limit)
+    family = t.c.endpoint == MESSAGES_ENDPOINT
+    query = sa.select(t).where(family if anthropic else ~family).limit(limit)
+    if before is not None:
+        query = query.where(t.c.id > before).order_by(t.c.id.asc())
+    else:
+        query = query.order_by(t.c.id.desc())
     if after is not None:
         query = query.where(t.c.id < after)
     with store.read() as conn:
         rows = conn.execute(query).mappings().all()
-    return [_batch(row) for row in rows]
+    found = [_batch(row) for row in rows]
+    return found[::-1] if before is not None else found
 
 
 def mark_batch_cancelled(store: Store, batch_id: int, *, at: datetime) -> None:
@@ -189,3 +211,34 @@ def mark_batch_cancelled(store: Store, batch_id: int, *, at: datetime) -> None:
             .where(t.c.id == batch_id, t.c.cancelled_at.is_(None))
             .values(cancelled_at=at)
         )
+
+
+def failure_codes(store: Store, submission_id: int) -> dict[str, int]:
+    """A submission's requests that ended failed or rejected, counted by their error code (the
+    state when they have none): what an Anthropic batch's `errored` and `expired` counts read."""
+    r, s = requests_t, submissions_t
+    failed = (RequestState.FAILED.value, RequestState.REJECTED.value)
+    with store.read() as conn:
+        span = conn.execute(
+            sa.select(s.c.first_request_id, s.c.last_request_id).where(s.c.id == submission_id)
+        ).first()
+        if span is None or span[0] is None:
+            return {}
+        rows = conn.execute(
+            sa.select(sa.func.coalesce(r.c.error_code, r.c.state), sa.func.count())
+            .where(
+                r.c.id.between(span[0], span[1]),
+                r.c.submission_id == submission_id,
+                r.c.state.in_(failed),
+            )
+            .group_by(sa.func.coalesce(r.c.error_code, r.c.state))
+        )
+        return {str(code): int(count) for code, count in rows}
+
+
+def delete_batch(store: Store, batch_id: int) -> bool:
+    """Forget a batch row (its submission and requests stay, with their costs); False if there
+    was none."""
+    t = gateway_batches_t
+    with store.write() as conn:
+        return bool(conn.execute(sa.delete(t).where(t.c.id == batch_id)).rowcount)

@@ -16,6 +16,7 @@ import orjson
 from batchwise.emulator.anthropic.bodies import (
     BATCH_FORBIDDEN,
     count_tokens,
+    message_events,
     plan_message,
     render_message,
 )
@@ -111,12 +112,19 @@ class AnthropicApi:
     # -- messages ---------------------------------------------------------------------------
 
     def _message(self, req: Request) -> Response:
-        p = plan_message(req.json())
+        body = req.json()
+        stream = body.pop("stream", None)
+        if stream is not None and not isinstance(stream, bool):
+            raise ApiError(400, "stream: Input should be a valid boolean")
+        p = plan_message(body)  # the same answer, streamed or not
         self._env.realtime_gate()
         use = self._cache.use(p.prompt, self._env.now())
         self._env.state.bump("realtime.anthropic")
         message_id = f"msg_{uuid.uuid4().hex[:24]}"
-        return json_response(render_message(p, cache=use, message_id=message_id))
+        message = render_message(p, cache=use, message_id=message_id)
+        if stream:
+            return Response(200, message_events(message), content_type="text/event-stream")
+        return json_response(message)
 
     def _count_tokens(self, req: Request) -> Response:
         return json_response({"input_tokens": count_tokens(req.json())})

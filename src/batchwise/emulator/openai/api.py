@@ -21,8 +21,8 @@ from batchwise.emulator.http import (
     parse_multipart,
 )
 from batchwise.emulator.openai.batches import OpenAIBatches
-from batchwise.emulator.openai.bodies import RESPONSE_ID_PREFIX, plan
-from batchwise.emulator.openai.render import render
+from batchwise.emulator.openai.bodies import CHAT, RESPONSE_ID_PREFIX, RESPONSES, plan
+from batchwise.emulator.openai.render import chat_chunks, render, response_events
 from batchwise.emulator.prompts import PrefixCache
 from batchwise.emulator.state import BatchRow, FileRow
 
@@ -284,7 +284,10 @@ class OpenAIApi:
 
     def _realtime(self, req: Request) -> Response:
         body = req.json()
-        p = plan(req.path, body, self._env.config.models)
+        stream = body.pop("stream", None)
+        options = body.pop("stream_options", None)
+        self._check_stream(req.path, stream, options)
+        p = plan(req.path, body, self._env.config.models)  # the same answer, streamed or not
         self._env.realtime_gate()
         tier = body.get("service_tier")
         if tier == "flex":
@@ -301,7 +304,40 @@ class OpenAIApi:
         )
         if tier == "flex" and "service_tier" in answer:
             answer["service_tier"] = "flex"  # OpenAI echoes the tier that served the call
-        return json_response(answer)
+        if not stream:
+            return json_response(answer)
+        if req.path == CHAT:
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            events = chat_chunks(answer, include_usage=usage)
+        else:
+            events = response_events(answer)
+        return Response(200, events, content_type="text/event-stream")
+
+    @staticmethod
+    def _check_stream(path: str, stream: Any, options: Any) -> None:
+        """`stream` a boolean, only on the endpoints the emulator streams; `stream_options` an
+        object, only with `stream` (as OpenAI answers otherwise)."""
+        if stream is not None and not isinstance(stream, bool):
+            raise ApiError(
+                400,
+                f"Invalid type for 'stream': expected a boolean, but got {type(stream).__name__}.",
+                param="stream",
+                code="invalid_type",
+            )
+        if stream and path not in (CHAT, RESPONSES):
+            raise ApiError(
+                400,
+                f"The emulator does not stream {path}; send 'stream': false.",
+                param="stream",
+                code="unsupported_value",
+            )
+        if options is not None and not stream:
+            raise ApiError(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+                code="invalid_value",
+            )
 
 
 def _read_file(path: Path, chunk: int = 1 << 16) -> Iterator[bytes]:

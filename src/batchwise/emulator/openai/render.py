@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import orjson
 
 from batchwise.emulator.openai.bodies import (
     COMPLETIONS,
@@ -211,3 +213,89 @@ def _render_moderation(p: OpenAIPlan, body: Mapping[str, Any], response_id: str)
             }
         results.append(result)
     return {"id": response_id, "model": p.model.snapshot, "results": results}
+
+
+# --- streams (`"stream": true`) ------------------------------------------------------------
+
+
+def _sse(data: Any, kind: str | None = None) -> bytes:
+    head = b"event: " + kind.encode() + b"\n" if kind else b""
+    return head + b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
+
+
+def _pieces(text: str, size: int = 24) -> list[str]:
+    """`text` cut after a space about every `size` characters, as a model's deltas come."""
+    pieces, start = [], 0
+    while start < len(text):
+        cut = text.find(" ", start + size)
+        end = len(text) if cut < 0 else cut + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def chat_chunks(answer: Mapping[str, Any], *, include_usage: bool) -> Iterator[bytes]:
+    """A chat completion as chat completions stream it: per choice a first chunk with the
+    role, the content in pieces and a last chunk with the finish reason; then, if asked
+    (`stream_options.include_usage`), a chunk with no choices and the usage (every chunk before
+    it carrying `"usage": null`); then `data: [DONE]`."""
+    head: dict[str, Any] = {
+        "id": answer["id"],
+        "object": "chat.completion.chunk",
+        "created": answer["created"],
+        "model": answer["model"],
+        "service_tier": answer.get("service_tier"),
+        "system_fingerprint": answer.get("system_fingerprint"),
+    }
+    if include_usage:
+        head["usage"] = None
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        part = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**head, "choices": [part]})
+
+    for choice in answer["choices"]:
+        index, message = choice["index"], choice["message"]
+        yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
+        for piece in _pieces(message["content"] or ""):
+            yield chunk(index, {"content": piece})
+        yield chunk(index, {}, choice["finish_reason"])
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": answer["usage"]})
+    yield _sse(b"[DONE]")
+
+
+def response_events(answer: Mapping[str, Any]) -> Iterator[bytes]:
+    """A Responses API answer as it streams: `response.created`, `response.in_progress`, per
+    output item its `added`, content parts and text deltas, `done`; then `response.completed`
+    (or `response.incomplete`) with the whole response. Every event has a `sequence_number`."""
+    number = 0
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal number
+        number += 1
+        return _sse({"type": kind, "sequence_number": number - 1, **fields}, kind)
+
+    opening = {**answer, "status": "in_progress", "output": [], "usage": None}
+    yield event("response.created", response=opening)
+    yield event("response.in_progress", response=opening)
+    for index, item in enumerate(answer["output"]):
+        if item["type"] != "message":
+            yield event("response.output_item.added", output_index=index, item=item)
+            yield event("response.output_item.done", output_index=index, item=item)
+            continue
+        yield event(
+            "response.output_item.added",
+            output_index=index,
+            item={**item, "status": "in_progress", "content": []},
+        )
+        for at, part in enumerate(item["content"]):
+            where = {"item_id": item["id"], "output_index": index, "content_index": at}
+            yield event("response.content_part.added", **where, part={**part, "text": ""})
+            for piece in _pieces(part["text"]):
+                yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
+            yield event("response.output_text.done", **where, text=part["text"], logprobs=[])
+            yield event("response.content_part.done", **where, part=part)
+        yield event("response.output_item.done", output_index=index, item=item)
+    final = "response.incomplete" if answer["status"] == "incomplete" else "response.completed"
+    yield event(final, response=answer)
