@@ -17,8 +17,9 @@ from batchwise.emulator.prompts import CacheUse, PrefixCache, Prompt
 from batchwise.emulator.seeded import rng
 from batchwise.emulator.state import LineRow
 
-#: bytes per chunk when streaming a result file
-RESULT_CHUNK_BYTES = 1 << 16
+#: bytes per chunk when streaming a result file: the server hands each chunk of a streamed
+#: answer to a worker thread, so small chunks cost more in handoffs than in rendering
+RESULT_CHUNK_BYTES = 1 << 20
 
 
 @dataclass

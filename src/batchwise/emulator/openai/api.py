@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from batchwise.emulator.batches import RESULT_CHUNK_BYTES
 from batchwise.emulator.env import Env, retry_after_headers
 from batchwise.emulator.http import (
     ApiError,
@@ -340,7 +341,7 @@ class OpenAIApi:
             )
 
 
-def _read_file(path: Path, chunk: int = 1 << 16) -> Iterator[bytes]:
+def _read_file(path: Path, chunk: int = RESULT_CHUNK_BYTES) -> Iterator[bytes]:
     """Stream a file from disk in chunks."""
     with path.open("rb") as fh:
         while data := fh.read(chunk):
