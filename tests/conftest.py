@@ -49,6 +49,8 @@ def _no_jobs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     from the environment see an empty folder, and settings built in code find no ./jobs."""
     empty = tmp_path_factory.mktemp("no-jobs")
     monkeypatch.setenv("BATCHWISE_JOBS_DIR", str(empty))
+    # and the user's cache folder (what genai-prices is known to price) is each test's own
+    monkeypatch.setenv("BATCHWISE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.chdir(empty)
 
 

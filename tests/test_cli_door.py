@@ -5,6 +5,9 @@ where to look next."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,86 @@ def test_a_price_override_or_a_free_endpoint_is_no_warning(
     result = invoke("submit", write(tmp_path / "a.jsonl", *lines), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["warnings"] == []
+
+
+def _submit_in_a_new_process(path: str) -> tuple[dict[str, Any], bool]:
+    """`batchwise submit --json` in a fresh interpreter: its output, and whether it imported
+    genai-prices."""
+    script = (
+        "import sys\n"
+        "from batchwise.cli.main import cli\n"
+        "try:\n"
+        f"    cli(['submit', {path!r}, '--json'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('genai_prices' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    *out, imported = done.stdout.strip().splitlines()
+    return json.loads("\n".join(out)), imported == "True"
+
+
+def test_submit_asks_genai_prices_only_about_models_it_was_not_known_to_price(
+    home: Path, tmp_path: Path
+) -> None:
+    cache = Path(os.environ["BATCHWISE_CACHE_DIR"])
+    unknown = {"model": "gpt-nope-9", "provider": "openai", "prompt": "hi"}
+    known = write(tmp_path / "a.jsonl", LINE, LINE)
+    # The first submit asks genai-prices, and keeps what it prices (only that) for this user
+    first, imported = _submit_in_a_new_process(known)
+    assert first["warnings"] == [] and imported
+    kept = json.loads((cache / "known-models.json").read_text())
+    assert kept["models"] == ["openai/gpt-4o-mini"]
+    assert "genai-prices" in kept["versions"] and "batchwise" in kept["versions"]
+    assert (cache / "known-models.json").stat().st_mode & 0o777 == 0o600
+    assert cache.stat().st_mode & 0o777 == 0o700
+    # Then a submit of known models alone does not import it
+    second, imported = _submit_in_a_new_process(known)
+    assert second["warnings"] == [] and not imported
+    # And a model it cannot price is asked about, and warned about, every time
+    for _ in range(2):
+        out, imported = _submit_in_a_new_process(write(tmp_path / "b.jsonl", unknown, LINE))
+        assert imported and len(out["warnings"]) == 1 and "gpt-nope-9" in out["warnings"][0]
+    assert json.loads((cache / "known-models.json").read_text())["models"] == ["openai/gpt-4o-mini"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"versions": "batchwise 0.0.1, genai-prices 0.0.1", "models": ["openai/gpt-nope-9"]}',
+    ],
+)
+def test_a_broken_or_foreign_cache_is_no_answer(home: Path, tmp_path: Path, content: bytes) -> None:
+    # Given a cache file that is unreadable, or written under other versions (claiming a model
+    # genai-prices cannot price)
+    cache = Path(os.environ["BATCHWISE_CACHE_DIR"])
+    (cache / "known-models.json").write_bytes(content)
+    unknown = {"model": "gpt-nope-9", "provider": "openai", "prompt": "hi"}
+    # Then the warning is given all the same, and the file is written anew
+    result = invoke("submit", write(tmp_path / "a.jsonl", unknown, LINE), "--json")
+    assert result.exit_code == 0, result.output
+    assert "gpt-nope-9" in json.loads(result.stdout)["warnings"][0]
+    assert json.loads((cache / "known-models.json").read_text())["models"] == ["openai/gpt-4o-mini"]
+
+
+def test_an_override_is_never_remembered_as_known(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[prices."openai:gpt-nope-9"]\ninput_mtok = 1\noutput_mtok = 2\n')
+    monkeypatch.setenv("BATCHWISE_CONFIG", str(config))
+    line = {"model": "gpt-nope-9", "provider": "openai", "prompt": "hi"}
+    assert (
+        json.loads(invoke("submit", write(tmp_path / "a.jsonl", line), "--json").stdout)["warnings"]
+        == []
+    )
+    # Once the override is gone, the model is warned about again
+    monkeypatch.delenv("BATCHWISE_CONFIG")
+    again = invoke("submit", write(tmp_path / "b.jsonl", line), "--json")
+    assert "gpt-nope-9" in json.loads(again.stdout)["warnings"][0]
 
 
 # --- run and demo end with what happened ---------------------------------------------------------

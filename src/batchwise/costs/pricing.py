@@ -690,6 +690,13 @@ class PriceBook:
             quote = self._quote(key, at)
         return quote
 
+    def knows(self, provider: str, model: str) -> bool:
+        """Whether genai-prices itself prices `model` (overrides aside)."""
+        entry = self._models.get((provider, model))
+        if entry is None:
+            entry = self._models[(provider, model)] = self._resolve_model(provider, model)
+        return entry.info is not None
+
     def missing_price(self, provider: str, model: str) -> str | None:
         """Why `model` cannot be priced (neither genai-prices nor an override knows it), in a
         sentence naming it; None when it can be. Logs nothing: for warning at submit time."""

@@ -727,7 +727,18 @@ class Intake:
 
 def price_warnings(settings: Settings, models: Iterable[tuple[str, str]]) -> list[str]:
     """One warning per (provider, model) that cannot be priced: its savings cannot be
-    computed. Moderation models are free, so never warned about."""
+    computed. Moderation models are free, so never warned about. Models genai-prices is
+    already known to price are not asked about again (`costs/known_models`)."""
+    from batchwise.costs import known_models
+
+    known = known_models.load()
+    todo = [
+        (provider, model)
+        for provider, model in sorted(set(models))
+        if not moderation_model(model) and known_models.key(settings, provider, model) not in known
+    ]
+    if not todo:
+        return []
     from batchwise.costs.pricing import PriceBook
     from batchwise.errors import ConfigError
 
@@ -735,12 +746,13 @@ def price_warnings(settings: Settings, models: Iterable[tuple[str, str]]) -> lis
         book = PriceBook.from_settings(settings)
     except ConfigError as exc:  # the run will refuse it too; the submission stands
         return [f"prices cannot be checked: {exc}"]
-    found = (
-        book.missing_price(provider, model)
-        for provider, model in sorted(set(models))
-        if not moderation_model(model)
+    warnings = [book.missing_price(provider, model) for provider, model in todo]
+    known_models.remember(
+        known_models.key(settings, provider, model)
+        for provider, model in todo
+        if book.knows(provider, model)
     )
-    return [warning for warning in found if warning is not None]
+    return [warning for warning in warnings if warning is not None]
 
 
 def submit_lines(
