@@ -1,6 +1,7 @@
 """Providers added by configuration alone: a `[providers.NAME]` table makes an OpenAI-compatible
 service (Groq here) a provider of its own, end to end. A second emulator on a real socket plays
-Groq; each emulator's `/_emulator/stats` shows which lines reached it."""
+Groq; each emulator's `/_emulator/stats` shows which lines reached it. The first emulator plays
+Gemini too, so one file can mix a configured provider, Gemini batch mode and the flex lane."""
 
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ from invariants import check_all, rows
 GROQ_MODEL = "llama-3.1-8b-instant"
 GROQ_INPUT_NUSD, GROQ_OUTPUT_NUSD = 50, 80
 GROQ_KEY = "gsk-test-SECRET-4f4f4f"
+GEMINI_KEY = "AIza-test-SECRET-5e5e5e"
+#: a Gemini model genai-prices prices with a `processing: batch` variant from 2026-10-14 on
+GEMINI_MODEL = "gemini-2.5-flash"
 
 
 def groq_table(base_url: str, *extra: str) -> str:
@@ -91,8 +95,8 @@ def two_providers(
     table: tuple[str, ...] = (),
     **changes: Any,
 ) -> Iterator[TwoProviders]:
-    """The OpenAI emulator and a second one playing Groq, and batchwise configured for both by
-    its settings file and environment alone."""
+    """The OpenAI emulator (which plays Gemini too) and a second one playing Groq, and batchwise
+    configured for all three by its settings file and environment alone."""
     clock = ManualClock()
     main = Emulator(EmulatorConfig(turnaround_s=2.0), clock=clock)
     # the Groq emulator takes only the key in GROQ_API_KEY: every call proves it was sent
@@ -115,6 +119,8 @@ def two_providers(
             "BATCHWISE_TIMEZONE": "UTC",
             "OPENAI_BASE_URL": main.openai_base_url,
             "OPENAI_API_KEY": "test-key",
+            "GOOGLE_GEMINI_BASE_URL": main.gemini_base_url,
+            "GEMINI_API_KEY": GEMINI_KEY,
             "GROQ_API_KEY": GROQ_KEY,
         }
     )
@@ -467,6 +473,114 @@ def test_a_mixed_file_goes_through_the_configured_provider_and_the_flex_lane_at_
     assert 'data-figure="queue.requests.by_lane.flex" data-value="3"' in html["queue"]
     assert 'data-figure="queue.requests.by_provider.groq.by_lane.deferred"' in html["queue"]
     assert "<h3>By provider</h3>" in html["breakdowns"] and ">groq<" in html["breakdowns"]
+
+
+def gemini_line(i: int) -> dict[str, Any]:
+    """A Gemini simple line with a day to spare: its model alone names the provider."""
+    return {
+        "custom_id": f"gemini-{i}",
+        "model": GEMINI_MODEL,
+        "prompt": f"Summarise record {i} in one line.",
+        "max_tokens": 64,
+        "tolerance": "24h",
+    }
+
+
+def test_one_file_of_gemini_groq_by_config_and_20_minute_o4_mini_lines_runs_at_half_price(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #17's done-when in one file: Gemini lines through Gemini batch mode, Groq-by-config
+    lines through the configured provider's batch API, 20-minute o4-mini lines through OpenAI's
+    flex tier, each booked at about half its realtime price."""
+    with two_providers(tmp_path, db_url) as world:
+        home = world.settings.home
+        # Given one file of all three
+        path = tmp_path / "mixed.jsonl"
+        lines = [
+            *(gemini_line(i) for i in range(5)),
+            *(simple(i, provider="groq", model=GROQ_MODEL) for i in range(4)),
+            *(flex_line(i) for i in range(3)),
+        ]
+        path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        # When it is submitted through the command line (the wall clock dates it) ...
+        submitted = cli_json(home, db_url, monkeypatch, "submit", str(path), "--json")
+        assert (submitted["accepted"], submitted["deferred"]) == (12, 9)
+        lanes = sorted(
+            (r["provider"], r["model"], r["lane"]) for r in rows(world.store, requests_t)
+        )
+        assert lanes == sorted(
+            [("gemini", GEMINI_MODEL, "deferred")] * 5
+            + [("groq", GROQ_MODEL, "deferred")] * 4
+            + [("openai", "o4-mini", "flex")] * 3
+        )
+        # ... and the scheduler runs from then until idle
+        world.clock.set(datetime.now(UTC))
+        world.drain()
+        # Then every line is answered
+        assert {r["state"] for r in rows(world.store, requests_t)} == {"succeeded"}
+        # ... the Gemini lines by one batch on the emulator's Gemini API, the Groq lines by one
+        # batch on the Groq emulator, the o4-mini lines by flex calls, and nothing realtime
+        main, groq = world.stats(world.openai), world.stats(world.groq)
+        assert [(b["provider"], b["request_count"]) for b in main["batches"]] == [("gemini", 5)]
+        assert main["flex_calls"] == 3
+        assert [(b["provider"], b["model"], b["request_count"]) for b in groq["batches"]] == [
+            ("openai", GROQ_MODEL, 4)  # the Groq emulator speaks OpenAI's API
+        ]
+        assert groq["flex_calls"] == 0
+        # (flex calls are counted among OpenAI's realtime calls too)
+        assert main["realtime_calls"] == {"openai": 3, "anthropic": 0, "gemini": 0}
+        assert set(groq["realtime_calls"].values()) == {0}
+        assert sorted((b["provider"], b["state"]) for b in rows(world.store, batches_t)) == [
+            ("gemini", "reconciled"),
+            ("groq", "reconciled"),
+        ]
+        # ... booked as batch work for Gemini and Groq and flex work for o4-mini, each at
+        # about half its realtime counterfactual: Gemini's by genai-prices' batch prices (in force
+        # since 2026-10-14, before the wall clock that dated the run), Groq's by the configured
+        # `batch_discount = 0.5` (genai-prices has no Groq batch price), o4-mini's flex calls by
+        # OpenAI's Batch API prices. The configured discount is exactly half; genai-prices' batch
+        # prices are the providers' published ones, half today but set per model, so "about":
+        # within 1%, plus 1 nano-dollar a line for each line's rounding to whole nano-dollars.
+        entries = rows(world.store, ledger_t)
+        booked = sorted((e["provider"], e["lane"], e["kind"], e["price_source"]) for e in entries)
+        assert [b[:3] for b in booked] == sorted(
+            [("gemini", "deferred", "batch")] * 5
+            + [("groq", "deferred", "batch")] * 4
+            + [("openai", "flex", "flex")] * 3
+        )
+        sources = {provider: source for provider, _, _, source in booked}
+        assert sources["gemini"] == "genai-prices:batch"
+        assert sources["groq"] == "discount:0.5"
+        assert sources["openai"] == "genai-prices:batch"
+        for provider in ("gemini", "groq", "openai"):
+            group = [e for e in entries if e["provider"] == provider]
+            actual = sum(e["actual_nusd"] for e in group)
+            realtime = sum(e["realtime_nusd"] for e in group)
+            assert actual > 0 and realtime > 0
+            assert actual == pytest.approx(realtime / 2, rel=0.01, abs=len(group)), provider
+        check_all(world.store, main)
+
+    # The commands say the same: savings rows for gemini/batch, groq/batch and openai/flex ...
+    data = cli_json(home, db_url, monkeypatch, "savings", "--by", "lane,provider", "--json")
+    groups = {(g["lane"], g["provider"]): g for g in data["groups"]}
+    assert set(groups) == {("deferred", "gemini"), ("deferred", "groq"), ("flex", "openai")}
+    assert [groups[k]["requests"] for k in sorted(groups)] == [5, 4, 3]
+    for group in groups.values():
+        assert float(group["saving_pct"]) == pytest.approx(50, abs=1)
+    # ... and status lists the three lanes and the three providers with the API each speaks
+    status = cli_json(home, db_url, monkeypatch, "status", "--json")
+    assert status["by_lane"] == {"realtime": 0, "flex": 3, "deferred": 9}
+    assert status["by_provider"] == {
+        "gemini": {"api": "gemini", "total": 5,
+                   "by_lane": {"realtime": 0, "flex": 0, "deferred": 5}},
+        "groq": {"api": "openai", "total": 4,
+                 "by_lane": {"realtime": 0, "flex": 0, "deferred": 4}},
+        "openai": {"api": "openai", "total": 3,
+                   "by_lane": {"realtime": 0, "flex": 3, "deferred": 0}},
+    }  # fmt: skip
+    table = cli_run(home, db_url, monkeypatch, "status")
+    for text in ("by provider", "gemini", "groq", "flex", "deferred (batch)"):
+        assert text in table
 
 
 def test_the_emulator_answers_the_extra_models_it_is_given_and_no_others() -> None:
