@@ -8,20 +8,28 @@ rest.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from batchwise.api import Client
 from batchwise.clock import Clock, system_clock
 from batchwise.config import Settings
 from batchwise.dashboard.serve import serve
 from batchwise.gateway.app import Gateway, create_app
+from batchwise.lifecycle.runner import StopFlag
+from batchwise.store.dbapi import database_error
 
 __all__ = ["run_gateway"]
 
+log = logging.getLogger(__name__)
+
 #: how long the scheduler thread may take to finish its step once the server stopped
 RUNNER_STOP_S = 5.0
+#: how long the scheduler waits before starting again after an error escaped it
+RUNNER_RESTART_S = 2.0
 
 
 def _dispatcher(
@@ -58,6 +66,23 @@ def _dispatcher(
     return dispatch, close
 
 
+def _keep_scheduling(settings: Settings, stop: StopFlag, **kwargs: Any) -> None:
+    """The embedded scheduler until `stop`, started again after an error escapes it (a database
+    that went away, say): a gateway whose scheduler thread died would go on taking batches
+    that never run. The error is logged as one line, without the SQL or its parameters."""
+    from batchwise.lifecycle.runner import run_embedded
+
+    while not stop():
+        try:
+            run_embedded(settings, stop=stop, **kwargs)
+        except Exception as exc:
+            reason = database_error(exc) or type(exc).__name__
+            log.error(
+                "the scheduler stopped (%s); starting it again in %.0f s", reason, RUNNER_RESTART_S
+            )
+            stop.event.wait(RUNNER_RESTART_S)
+
+
 def run_gateway(
     settings: Settings,
     sock: socket.socket,
@@ -67,8 +92,6 @@ def run_gateway(
 ) -> None:
     """Serve the gateway on `sock` until SIGTERM or Ctrl-C; without a broker, run the
     embedded scheduler beside it for as long."""
-    from batchwise.lifecycle.runner import StopFlag, run_embedded
-
     client = Client(settings=settings, clock=clock)
     _ = client.store  # opened (and its schema made) before any request thread races for it
     runner: threading.Thread | None = None
@@ -79,12 +102,11 @@ def run_gateway(
         dispatch, close_providers = _dispatcher(settings, client, clock)
         closers.append(close_providers)
         runner = threading.Thread(
-            target=run_embedded,
-            args=(settings,),
+            target=_keep_scheduling,
+            args=(settings, stop),
             kwargs={
                 "show": False,
                 "clock": clock,
-                "stop": stop,
                 "interval_s": runner_interval_s,
             },
             name="batchwise-scheduler",

@@ -109,15 +109,15 @@ def private_file(path: Path) -> None:
     A new database file is created 0600 before SQLite opens it (SQLite then gives its -wal
     and -shm files the database file's mode). Existing files that others can read are
     tightened to 0600 when we own them; files of another user are left alone.
+
+    An existing file is never opened here, only stat'ed and chmod'ed by path: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, SQLite's included,
+    and a process closing its last connection elsewhere would then take this process's open
+    database for unused and delete its -wal and -shm under it ("disk I/O error").
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE_MODE)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_IMODE(mode) & 0o077 and os.fstat(fd).st_uid == os.geteuid():
-            os.fchmod(fd, stat.S_IMODE(mode) & ~0o077 | 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm", "-journal"):
+    with contextlib.suppress(FileExistsError):  # made by SQLite, another thread or process
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    for suffix in ("", "-wal", "-shm", "-journal"):
         companion = Path(f"{path}{suffix}")
         try:
             info = companion.stat()
