@@ -3,8 +3,9 @@ call a realtime request now) and the responses in OpenAI's shapes."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ class Gateway:
     clock: Clock = system_clock
     #: called with a realtime request's id to make the call now (None: leave it to workers)
     dispatch: Callable[[int], str] | None = None
+    #: set once the gateway is stopping: requests waiting for an answer give up at once
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def store(self) -> Store:

@@ -9,22 +9,26 @@ a 429 naming the limit. Streaming (`"stream": true`) is refused in this incremen
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout
+from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout, Stopped
 from batchwise.gateway.context import json_response, openai_error
 from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
+    from batchwise.api import Handle
     from batchwise.gateway.context import Gateway
 
 TAGS_HEADER = "x-batchwise-tags"
 #: how long a caller waits for its answer before a 504
 ANSWER_TIMEOUT_S = 600.0
+#: how often a caller waiting for its answer looks whether the gateway is stopping
+_WAIT_SLICE_S = 0.5
 
 
 def header_tags(value: str | None) -> dict[str, str]:
@@ -54,14 +58,38 @@ def _call(gateway: Gateway, endpoint: str, body: dict[str, Any], tags: dict[str,
         return openai_error(429, str(exc), type_="rate_limit_error", code="batchwise_guard")
     except IntakeError as exc:
         return openai_error(400, str(exc))
-    if gateway.dispatch is not None:
-        gateway.dispatch(handle.id)
     try:
-        return json_response(handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05))
+        if gateway.dispatch is not None:
+            gateway.dispatch(handle.id)
+        return json_response(_answer(gateway, handle))
     except RequestFailed as exc:
         return openai_error(502, f"the provider call failed: {exc}", type_="api_error")
     except ResultTimeout as exc:
         return openai_error(504, str(exc), type_="api_error", code="timeout")
+    except Stopped:
+        return openai_error(
+            503,
+            f"the gateway is stopping; request {handle.id} is stored and will still be called",
+            type_="api_error",
+            code="stopping",
+        )
+
+
+def _answer(gateway: Gateway, handle: Handle) -> dict[str, Any]:
+    """The request's answer, waited for in short slices so a stopping gateway lets go at once
+    (raises `Stopped`) instead of holding its connection, and its exit, for minutes."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    while True:
+        try:
+            return handle.result(timeout=_WAIT_SLICE_S, poll_s=0.05)
+        except ResultTimeout:
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(
+                    f"request {handle.id} has no answer after {ANSWER_TIMEOUT_S:.0f} s; it is "
+                    "stored and will still be called"
+                ) from None
+            if gateway.stopping.is_set():
+                raise Stopped(f"request {handle.id}: the gateway is stopping") from None
 
 
 def _passthrough(endpoint: str) -> Any:

@@ -2,8 +2,8 @@
 thread beside it, both stopped within seconds on SIGTERM or Ctrl-C.
 
 Binding and stopping are the dashboard's (`dashboard.serve`). With a broker configured the
-gateway only takes requests in: intake publishes realtime ids and the Celery workers do the
-rest.
+gateway only takes requests in: it stores them, publishes realtime ids to the workers' queue,
+and the Celery workers and beat do the rest (packing, submitting, polling, reconciling).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from batchwise.api import Client
@@ -22,7 +23,11 @@ from batchwise.gateway.app import Gateway, create_app
 from batchwise.lifecycle.runner import StopFlag
 from batchwise.store.dbapi import database_error
 
-__all__ = ["run_gateway"]
+__all__ = ["DEFAULT_QUEUE", "run_gateway"]
+
+#: the queue prefix `batchwise worker` and `beat` use unless told otherwise (the same value as
+#: `batchwise.worker.DEFAULT_QUEUE`, not imported: that module loads Celery)
+DEFAULT_QUEUE = "batchwise"
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +38,18 @@ RUNNER_RESTART_S = 2.0
 
 
 def _dispatcher(
-    settings: Settings, client: Client, clock: Clock
+    settings: Settings, client: Client, clock: Clock, stop: StopFlag
 ) -> tuple[Callable[[int], str], Callable[[], None]]:
     """A function that calls one realtime request now, in this thread, and its closer. The
     call's claim is renewed by a heartbeat while it runs, so a call longer than `lease_s` is
-    never taken over and made twice."""
+    never taken over and made twice; once `stop` is set, a call in flight is abandoned
+    (`Stopped`) and its request left for the next runner."""
     from batchwise.costs.pricing import PriceBook
     from batchwise.lifecycle.holders import Heartbeat, new_owner
     from batchwise.lifecycle.realtime import dispatch_one
     from batchwise.lifecycle.scheduler import Providers
 
-    providers = Providers(settings)
+    providers = Providers(settings, stop=stop.event)
     book = PriceBook.from_settings(settings)
     heartbeat = Heartbeat(client.store, lease_s=settings.lease_s, clock=clock)
 
@@ -83,41 +89,64 @@ def _keep_scheduling(settings: Settings, stop: StopFlag, **kwargs: Any) -> None:
             stop.event.wait(RUNNER_RESTART_S)
 
 
+def _publisher(settings: Settings, queue: str) -> Callable[[int], str]:
+    """Broker mode: a function that hands one realtime request to the workers on `queue`."""
+    from batchwise.worker import send_realtime
+
+    def publish(request_id: int) -> str:
+        # a broker outage is logged by send_realtime; the workers' sweep sends it later
+        return "sent" if send_realtime(settings, [request_id], queue=queue) else "stored"
+
+    return publish
+
+
 def run_gateway(
     settings: Settings,
     sock: socket.socket,
     *,
     clock: Clock = system_clock,
     runner_interval_s: float | None = None,
+    queue: str = DEFAULT_QUEUE,
 ) -> None:
-    """Serve the gateway on `sock` until SIGTERM or Ctrl-C; without a broker, run the
-    embedded scheduler beside it for as long."""
-    client = Client(settings=settings, clock=clock)
+    """Serve the gateway on `sock` until SIGTERM or Ctrl-C.
+
+    Without a broker, the embedded scheduler runs beside it for as long and realtime calls
+    are made in the request's thread. With one, the gateway only takes requests in: realtime
+    ids go to the workers on `queue` (the prefix `batchwise worker -Q` listens on), and the
+    workers and beat do the rest. The first signal sets the stop event at once, so calls in
+    flight are abandoned and waiting callers answered (503) within the shutdown bound.
+    """
+    stop = StopFlag()
+    # In broker mode the gateway publishes itself, to its queue (intake would use the default)
+    client = Client(
+        settings=replace(settings, broker_url=None) if settings.broker_url else settings,
+        clock=clock,
+    )
     _ = client.store  # opened (and its schema made) before any request thread races for it
     runner: threading.Thread | None = None
-    stop = StopFlag()
     closers: list[Callable[[], None]] = [client.close]
-    dispatch = None
-    if not settings.broker_url:
-        dispatch, close_providers = _dispatcher(settings, client, clock)
+    if settings.broker_url:
+        dispatch = _publisher(settings, queue)
+    else:
+        dispatch, close_providers = _dispatcher(settings, client, clock, stop)
         closers.append(close_providers)
         runner = threading.Thread(
             target=_keep_scheduling,
             args=(settings, stop),
-            kwargs={
-                "show": False,
-                "clock": clock,
-                "interval_s": runner_interval_s,
-            },
+            kwargs={"show": False, "clock": clock, "interval_s": runner_interval_s},
             name="batchwise-scheduler",
             daemon=True,
         )
         runner.start()
     gateway = Gateway(
-        client, files_dir=settings.home / "gateway" / "files", clock=clock, dispatch=dispatch
+        client,
+        files_dir=settings.home / "gateway" / "files",
+        clock=clock,
+        dispatch=dispatch,
+        stopping=stop.event,
     )
     try:
-        serve(create_app(gateway), sock)
+        serve(create_app(gateway), sock, on_stop=stop.event.set)
     finally:
         stop.event.set()
         if runner is not None:
