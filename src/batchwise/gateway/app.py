@@ -1,8 +1,10 @@
 """The gateway's ASGI app: the routes of every API family behind the keys.
 
 Every route needs a live key (`keys.authenticate`); a missing, wrong or revoked one gets a
-401 in OpenAI's error shape. Handlers are plain functions run in Starlette's thread pool, so
-the store and provider calls they make block nothing else.
+401 in OpenAI's error shape. The dashboard is mounted under `/dashboard`, behind the same keys
+(`gateway.dashboard`: a Bearer header, or a browser's login form and session cookie).
+Handlers are plain functions run in Starlette's thread pool, so the store and provider calls
+they make block nothing else.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from batchwise.gateway import batches, files, realtime
 from batchwise.gateway.context import Gateway, openai_error
+from batchwise.gateway.dashboard import create_gate
 from batchwise.gateway.keys import authenticate, key_from_headers
 from batchwise.store.keys import KeyView
 
@@ -51,7 +54,10 @@ def create_app(gateway: Gateway) -> Starlette:
     ]
     return Starlette(
         routes=[
-            Route(path, _guarded(gateway, handler), methods=methods)
-            for path, handler, methods in routes
+            *(
+                Route(path, _guarded(gateway, handler), methods=methods)
+                for path, handler, methods in routes
+            ),
+            Mount("/dashboard", app=create_gate(gateway)),
         ]
     )
