@@ -17,18 +17,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout, Stopped
-from batchwise.gateway.context import json_response, openai_error
+from batchwise.gateway.context import openai_error
+from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
+from batchwise.store import gateway as rows
 from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
-    from batchwise.api import Handle
     from batchwise.gateway.context import Gateway
 
 TAGS_HEADER = "x-batchwise-tags"
 #: how long a caller waits for its answer before a 504
 ANSWER_TIMEOUT_S = 600.0
-#: how often a caller waiting for its answer looks whether the gateway is stopping
-_WAIT_SLICE_S = 0.5
+#: a caller waiting for its answer reads the store after this long, then twice as long, …
+_POLL_MIN_S = 0.002
+#: … up to this long between reads
+_POLL_MAX_S = 0.05
 
 
 def header_tags(value: str | None) -> dict[str, str]:
@@ -61,7 +64,7 @@ def _call(gateway: Gateway, endpoint: str, body: dict[str, Any], tags: dict[str,
     try:
         if gateway.dispatch is not None:
             gateway.dispatch(handle.id)
-        return json_response(_answer(gateway, handle))
+        return Response(_answer(gateway, handle.id), media_type="application/json")
     except RequestFailed as exc:
         return openai_error(502, f"the provider call failed: {exc}", type_="api_error")
     except ResultTimeout as exc:
@@ -75,21 +78,29 @@ def _call(gateway: Gateway, endpoint: str, body: dict[str, Any], tags: dict[str,
         )
 
 
-def _answer(gateway: Gateway, handle: Handle) -> dict[str, Any]:
-    """The request's answer, waited for in short slices so a stopping gateway lets go at once
-    (raises `Stopped`) instead of holding its connection, and its exit, for minutes."""
+def _answer(gateway: Gateway, request_id: int) -> bytes:
+    """The request's stored answer, as the provider's JSON. Read at once (a call made in this
+    thread is recorded already), then at growing intervals up to `_POLL_MAX_S` (a worker's
+    call, or one the scheduler claimed first), so a quick answer waits milliseconds and a
+    slow one costs a read every 50 ms; a stopping gateway lets go at once (`Stopped`)."""
     deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    pause = _POLL_MIN_S
     while True:
-        try:
-            return handle.result(timeout=_WAIT_SLICE_S, poll_s=0.05)
-        except ResultTimeout:
-            if time.monotonic() >= deadline:
-                raise ResultTimeout(
-                    f"request {handle.id} has no answer after {ANSWER_TIMEOUT_S:.0f} s; it is "
-                    "stored and will still be called"
-                ) from None
-            if gateway.stopping.is_set():
-                raise Stopped(f"request {handle.id}: the gateway is stopping") from None
+        found = rows.answer(gateway.store, request_id)
+        if found is None:
+            raise RequestFailed(request_id, "missing", "the request is no longer stored")
+        if RequestState(found.state) in TERMINAL_REQUEST_STATES:
+            if found.body is None:
+                raise RequestFailed(request_id, found.state, found.error)
+            return found.body
+        if time.monotonic() >= deadline:
+            raise ResultTimeout(
+                f"request {request_id} has no answer after {ANSWER_TIMEOUT_S:.0f} s; it is "
+                "stored and will still be called"
+            )
+        if gateway.stopping.wait(pause):
+            raise Stopped(f"request {request_id}: the gateway is stopping")
+        pause = min(pause * 2, _POLL_MAX_S)
 
 
 def _passthrough(endpoint: str) -> Any:
