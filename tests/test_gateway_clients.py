@@ -238,3 +238,52 @@ def test_a_new_connection_keeps_the_locks_of_the_open_ones_in_its_process(tmp_pa
     first.execute("INSERT INTO t VALUES (2)")
     assert first.execute("SELECT count(*) FROM t").fetchone() == (2,)
     first.close()
+
+
+# --- the README's example -----------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readmes_gateway_example_runs_as_written(tmp_path: Path, emu: Emulator) -> None:
+    """The gateway section's shell block, pasted into a fresh shell that has the venv on its
+    PATH and the emulator as its provider (as "Try it by hand" leaves it); only the port moves,
+    so the test never collides with a gateway already running."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    section = README.read_text(encoding="utf-8").split("## The gateway: `batchwise serve`")[1]
+    found = re.search(r"```sh\n(.*?)```", section, flags=re.S)
+    assert found is not None and "8080" in found.group(1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = found.group(1).replace("8080", str(port))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BATCHWISE_", "OPENAI_", "ANTHROPIC_", "VIRTUAL_ENV"))
+    }
+    env.update(
+        {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            "BATCHWISE_HOME": str(tmp_path / "home"),
+            "BATCHWISE_JOBS_DIR": str(tmp_path),
+            "OPENAI_BASE_URL": emu.openai_base_url,
+            "OPENAI_API_KEY": "emulator",
+        }
+    )
+    done = subprocess.run(
+        ["bash", "-e", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the answer was printed, and `savings` shows it under the key's and the header's tags
+    assert "search" in done.stdout and "greeting" in done.stdout, done.stdout
+    assert (tmp_path / "gateway.key").read_text().startswith("bw-")
