@@ -97,8 +97,8 @@ def _env(home: Path, emulator_url: str, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def gateway(env: dict[str, str]) -> Iterator[tuple[str, str]]:
-    """A gateway on a free port and a key for it: (base URL, key)."""
+def gateway(env: dict[str, str]) -> Iterator[tuple[str, str, int]]:
+    """A gateway on a free port and a key for it: (base URL, key, pid)."""
     made = subprocess.run(
         [*BATCHWISE, "keys", "create", "bench", "--json"],
         env=env,
@@ -118,7 +118,7 @@ def gateway(env: dict[str, str]) -> Iterator[tuple[str, str]]:
             raise SystemExit(f"the gateway did not start: {first}{proc.stderr.read()}")
         # keep reading its stderr, so a chatty gateway never blocks on a full pipe
         threading.Thread(target=lambda: [*(proc.stderr or ())], daemon=True).start()
-        yield f"http://127.0.0.1:{found.group(1)}/v1", key
+        yield f"http://127.0.0.1:{found.group(1)}/v1", key, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -150,7 +150,7 @@ def bench_intake(
     runs = []
     for i in range(repeat):
         env = _env(workdir / f"gw-{i}", emulator_url, BATCHWISE_BROKER_URL=broker)
-        with gateway(env) as (url, key):
+        with gateway(env) as (url, key, _):
             through = intake_through_gateway(url, key, data)
         submit_env = _env(workdir / f"submit-{i}", emulator_url)
         direct = run_process([*BATCHWISE, "submit", str(data)], env=submit_env).seconds
@@ -181,13 +181,22 @@ def _calls(http: httpx.Client, start: int, n: int) -> list[float]:
     return out
 
 
-def bench_realtime(calls: int, workdir: Path, emulator_url: str) -> tuple[list[float], list[float]]:
-    """(gateway ms, direct ms) per call."""
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_realtime(
+    calls: int, workdir: Path, emulator_url: str
+) -> tuple[list[float], list[float], float]:
+    """(gateway ms, direct ms) per call, and the gateway's CPU ms per call: steadier than
+    wall time on a busy machine."""
     env = _env(workdir / "gw-realtime", emulator_url)
     through: list[float] = []
     direct: list[float] = []
     with (
-        gateway(env) as (url, key),
+        gateway(env) as (url, key, pid),
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as gw,
         httpx.Client(
             base_url=f"{emulator_url}/v1", headers={"Authorization": "Bearer emulator"}
@@ -195,11 +204,14 @@ def bench_realtime(calls: int, workdir: Path, emulator_url: str) -> tuple[list[f
     ):
         _calls(gw, 10**6, WARMUP)
         _calls(emu, 10**6, WARMUP)
+        used = 0.0
         for start in range(0, calls, BLOCK):
             n = min(BLOCK, calls - start)
+            before = cpu_s(pid)
             through += _calls(gw, start, n)
+            used += cpu_s(pid) - before
             direct += _calls(emu, start, n)
-    return through, direct
+    return through, direct, used * 1000 / calls
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -234,7 +246,7 @@ def main() -> None:
         verdict = "within" if ratio <= INTAKE_BOUND else "OVER"
         console.print(f"intake ratio {ratio:.2f}: {verdict} the bound of {INTAKE_BOUND:g}×")
 
-        through, direct = bench_realtime(args.calls, workdir, emu_url)
+        through, direct, cpu_ms = bench_realtime(args.calls, workdir, emu_url)
         table = Table(title=f"Realtime passthrough: {args.calls:,} calls each, one at a time")
         for column in ("path", "p50 ms", "p99 ms", "mean ms"):
             table.add_column(column, justify="right")
@@ -253,6 +265,7 @@ def main() -> None:
             "",
         )
         console.print(table)
+        console.print(f"gateway CPU per call: {cpu_ms:.2f} ms (user + system, its whole process)")
         verdict = "within" if added <= ADDED_P50_BOUND_MS else "OVER"
         console.print(
             f"median added {added:.2f} ms: {verdict} the bound of {ADDED_P50_BOUND_MS:g} ms"

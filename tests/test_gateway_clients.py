@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,8 +185,6 @@ def test_litellm_batch_functions_through_the_gateway_get_every_answer_under_thei
         done = litellm.retrieve_batch(batch_id=created.id, **kw)
         if done.status == "completed":
             break
-        import time
-
         time.sleep(0.1)
     assert done.status == "completed" and done.output_file_id, done
     assert done.request_counts is not None and done.request_counts.completed == 4
