@@ -261,3 +261,30 @@ def test_sigterm_stops_the_gateway_within_the_bound_with_a_keep_alive_and_a_call
         assert isinstance(answer, httpx.Response), answer
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "stopping"
         idle.close()
+
+
+def test_the_embedded_scheduler_starts_again_after_an_error_escapes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway whose scheduler thread died would go on taking batches that never run."""
+    from batchwise.config import Settings
+    from batchwise.gateway import serve as gateway_serve
+    from batchwise.lifecycle import runner
+
+    # Given a scheduler that fails once (an error whose text holds a request's body), then runs
+    runs: list[int] = []
+
+    def run_embedded(settings: Settings, *, stop: runner.StopFlag, **_: Any) -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("INSERT … ('the body of a request')")
+        stop.event.set()
+
+    monkeypatch.setattr(runner, "run_embedded", run_embedded)
+    monkeypatch.setattr(gateway_serve, "RUNNER_RESTART_S", 0.01)
+    # When the gateway's scheduler thread runs it
+    gateway_serve._keep_scheduling(Settings(home=tmp_path), runner.StopFlag())
+    # Then it ran again after the error, which was logged by its kind, not its text
+    assert len(runs) == 2
+    assert "the scheduler stopped (RuntimeError)" in caplog.text
+    assert "body of a request" not in caplog.text
