@@ -201,17 +201,19 @@ class Answer:
     body: bytes | None
 
 
+#: built once: a caller waiting on a realtime call runs it at least once per call
+_ANSWER = (
+    sa.select(requests_t.c.state, requests_t.c.error, responses_t.c.body)
+    .select_from(requests_t.outerjoin(responses_t, responses_t.c.id == requests_t.c.response_id))
+    .where(requests_t.c.id == sa.bindparam("request_id"))
+)
+
+
 def answer(store: Store, request_id: int) -> Answer | None:
     """A request's state and stored answer, in one read (a caller waiting on a realtime call
     asks this until it is terminal); None if there is no such request."""
-    r, resp = requests_t, responses_t
-    query = (
-        sa.select(r.c.state, r.c.error, resp.c.body)
-        .select_from(r.outerjoin(resp, resp.c.id == r.c.response_id))
-        .where(r.c.id == request_id)
-    )
     with store.read() as conn:
-        row = conn.execute(query).first()
+        row = conn.execute(_ANSWER, {"request_id": request_id}).first()
     if row is None:
         return None
     body = row.body.encode() if isinstance(row.body, str) else row.body

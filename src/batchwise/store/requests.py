@@ -98,7 +98,8 @@ def claim_realtime(
     lock on SQLite). Taking over a row whose lease lapsed is recorded as an event: the call the
     other worker made may have been billed without being recorded.
     """
-    query = sa.select(_t.c.id).where(_CLAIMABLE, _free(now))
+    # the holder read with the id: a lapsed lease is known without a second query
+    query = sa.select(_t.c.id, _t.c.lease_owner).where(_CLAIMABLE, _free(now))
     if request_id is not None:
         query = query.where(_t.c.id == request_id)
     if skip_providers:
@@ -107,14 +108,11 @@ def claim_realtime(
     if store.is_postgres:
         query = query.with_for_update(skip_locked=True)
     with store.write() as conn:
-        ids = list(conn.execute(query).scalars())
-        if not ids:
+        found = conn.execute(query).all()
+        if not found:
             return []
-        orphaned = list(
-            conn.execute(
-                sa.select(_t.c.id).where(_t.c.id.in_(ids), _t.c.lease_owner.is_not(None))
-            ).scalars()
-        )
+        ids = [rid for rid, _ in found]
+        orphaned = [rid for rid, owner in found if owner is not None]
         if orphaned:
             record_event(
                 conn,
