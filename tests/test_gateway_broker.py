@@ -28,7 +28,7 @@ import openai
 import pytest
 
 from batchwise.emulator.app import Emulator, EmulatorConfig
-from gateway_helpers import STOP_BOUND_S, make_key, running_gateway, savings_groups
+from serve_helpers import STOP_BOUND_S, make_key, running_gateway, savings_groups
 
 pytestmark = pytest.mark.timeout(180)
 

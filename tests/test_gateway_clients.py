@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from compat_helpers import NetworkGuard, go_offline
-from gateway_helpers import Served, make_key, running_gateway, savings_groups
+from serve_helpers import Served, make_key, running_gateway, savings_groups
 
 go_offline()  # before Curator (and LiteLLM, which it imports) read their switches
 

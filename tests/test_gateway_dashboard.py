@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from batchwise.cli.main import cli
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.gateway.dashboard import COOKIE, Sessions
-from gateway_helpers import Served, make_key, running_gateway
+from serve_helpers import Served, make_key, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
 

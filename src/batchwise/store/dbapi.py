@@ -110,14 +110,25 @@ def private_file(path: Path) -> None:
     and -shm files the database file's mode). Existing files that others can read are
     tightened to 0600 when we own them; files of another user are left alone.
 
-    An existing file is never opened here, only stat'ed and chmod'ed by path: closing any
-    descriptor of a file drops every POSIX lock this process holds on it, SQLite's included,
-    and a process closing its last connection elsewhere would then take this process's open
-    database for unused and delete its -wal and -shm under it ("disk I/O error").
+    An existing database file is never opened here: closing any descriptor of it drops every
+    POSIX lock this process holds on it, those of its open SQLite connections included, and
+    another process closing its last connection would then delete the WAL under them (their
+    later writes lost, keys made elsewhere never seen). Only a file this call creates (O_EXCL,
+    so no connection can hold it yet) is opened, to give it its mode.
     """
-    with contextlib.suppress(FileExistsError):  # made by SQLite, another thread or process
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+        except FileExistsError:  # another process made it first
+            info = path.stat()
+        else:
+            info = None
+    if info is not None and stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+        with contextlib.suppress(OSError):  # removed or handed over meanwhile
+            os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o077 | 0o600)
+    for suffix in ("-wal", "-shm", "-journal"):
         companion = Path(f"{path}{suffix}")
         try:
             info = companion.stat()

@@ -1,4 +1,4 @@
-"""What the gateway's client tests share: `batchwise serve` as a subprocess, and its keys.
+"""What the tests of `batchwise serve` share: the gateway as a subprocess, and its keys.
 
 `running_gateway(env)` starts `python -m batchwise serve --port 0` with `env`, reads the URL it
 prints, drains the rest of its stderr (a chatty server never blocks on a full pipe) and, on
