@@ -1,10 +1,8 @@
 """The gateway's ASGI app: the routes of every API family behind the keys.
 
 Every route needs a live key (`keys.authenticate`); a missing, wrong or revoked one gets a
-401 in OpenAI's error shape. The dashboard is mounted under `/dashboard`, behind the same keys
-(`gateway.dashboard`: a Bearer header, or a browser's login form and session cookie).
-Handlers are plain functions run in Starlette's thread pool, so the store and provider calls
-they make block nothing else.
+401 in OpenAI's error shape. Handlers are plain functions run in Starlette's thread pool, so
+the store and provider calls they make block nothing else.
 """
 
 from __future__ import annotations
@@ -52,12 +50,12 @@ def create_app(gateway: Gateway) -> Starlette:
         *batches.ROUTES,
         *realtime.ROUTES,
     ]
-    return Starlette(
+    app = Starlette(
         routes=[
-            *(
-                Route(path, _guarded(gateway, handler), methods=methods)
-                for path, handler, methods in routes
-            ),
-            Mount("/dashboard", app=create_gate(gateway)),
+            Route(path, _guarded(gateway, handler), methods=methods)
+            for path, handler, methods in routes
         ]
     )
+    # the dashboard, behind the same keys (a Bearer header, or a browser's session cookie)
+    app.router.routes.append(Mount("/dashboard", app=create_gate(gateway)))
+    return app

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout, Stopped
 from batchwise.gateway.context import openai_error
 from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
-from batchwise.store import gateway as rows
+from batchwise.store import queries
 from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def _answer(gateway: Gateway, request_id: int) -> bytes:
     deadline = time.monotonic() + ANSWER_TIMEOUT_S
     pause = _POLL_MIN_S
     while True:
-        found = rows.answer(gateway.store, request_id)
+        found = queries.answer(gateway.store, request_id)
         if found is None:
             raise RequestFailed(request_id, "missing", "the request is no longer stored")
         if RequestState(found.state) in TERMINAL_REQUEST_STATES:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from batchwise.store.engine import Store, requests_t, responses_t
+from batchwise.store.engine import Store
 from batchwise.store.schema import GatewayBatch, GatewayFile
 
 files_t: sa.Table = GatewayFile.__table__  # type: ignore[attr-defined]
@@ -189,32 +189,3 @@ def mark_batch_cancelled(store: Store, batch_id: int, *, at: datetime) -> None:
             .where(t.c.id == batch_id, t.c.cancelled_at.is_(None))
             .values(cancelled_at=at)
         )
-
-
-@dataclass(frozen=True)
-class Answer:
-    """Where a realtime request stands, as the gateway answers its caller."""
-
-    state: str
-    error: str | None
-    #: the provider's response body as stored (JSON), once there is one
-    body: bytes | None
-
-
-#: built once: a caller waiting on a realtime call runs it at least once per call
-_ANSWER = (
-    sa.select(requests_t.c.state, requests_t.c.error, responses_t.c.body)
-    .select_from(requests_t.outerjoin(responses_t, responses_t.c.id == requests_t.c.response_id))
-    .where(requests_t.c.id == sa.bindparam("request_id"))
-)
-
-
-def answer(store: Store, request_id: int) -> Answer | None:
-    """A request's state and stored answer, in one read (a caller waiting on a realtime call
-    asks this until it is terminal); None if there is no such request."""
-    with store.read() as conn:
-        row = conn.execute(_ANSWER, {"request_id": request_id}).first()
-    if row is None:
-        return None
-    body = row.body.encode() if isinstance(row.body, str) else row.body
-    return Answer(row.state, row.error, body or None)
