@@ -29,13 +29,23 @@ __all__ = ["keys", "serve"]
     show_default=True,
     help="Port to bind (0 picks a free one).",
 )
+@click.option(
+    "--queue",
+    "-Q",
+    envvar="BATCHWISE_QUEUE",
+    default="batchwise",
+    show_default=True,
+    metavar="NAME",
+    help="With a broker: the queue-name prefix the workers listen on (as `worker -Q`).",
+)
 @click.pass_obj
-def serve(obj: Context, host: str, port: int) -> None:
+def serve(obj: Context, host: str, port: int, queue: str) -> None:
     """Serve the OpenAI-compatible gateway (Files, Batches, chat completions, embeddings).
 
     Every call needs a key from `batchwise keys create`. Without a broker the scheduler runs
-    in this process too; with one (BATCHWISE_BROKER_URL) the workers do the work. Stops on
-    Ctrl-C or SIGTERM within a few seconds.
+    in this process too; with one (BATCHWISE_BROKER_URL) this process only takes requests in
+    and `batchwise worker` and `batchwise beat` do the work. Stops on Ctrl-C or SIGTERM
+    within a few seconds.
     """
     from batchwise.dashboard.serve import bind, is_loopback
 
@@ -54,7 +64,7 @@ def serve(obj: Context, host: str, port: int) -> None:
     click.echo(f"gateway on http://{shown}:{bound_port}/v1 ({mode}; Ctrl-C to stop)", err=True)
     if not is_loopback(host):
         click.echo("note: reachable beyond this machine; every call still needs a key", err=True)
-    run_gateway(settings, sock)
+    run_gateway(settings, sock, queue=queue)
 
 
 @click.group()

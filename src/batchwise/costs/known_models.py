@@ -15,6 +15,7 @@ to write it changes nothing but the next submit's speed.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterable
@@ -41,7 +42,11 @@ def versions() -> str:
     return f"batchwise {_version('batchwise')}, genai-prices {_version('genai-prices')}"
 
 
+@functools.cache
 def _version(distribution: str) -> str:
+    """The installed version, read once a process: the code it runs does not change under it,
+    and parsing a distribution's metadata cost ~0.4 ms on every `Client.enqueue` (a gateway's
+    realtime call pays it)."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -1,7 +1,7 @@
 """The live dashboard: an ASGI app (Starlette) over a store, read-only.
 
 `create_app(store)` builds it; `batchwise dashboard` serves it alone on uvicorn, and the
-gateway (`batchwise serve`) can mount the same app at `/` behind its keys. The figures come
+gateway (`batchwise serve`) mounts the same app at `/dashboard` behind its keys. The figures come
 from `reports.overview`, the panels from `reports.sections` (shared with `savings --html`).
 """
 

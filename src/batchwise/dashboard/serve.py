@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -50,10 +50,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: Any, sock: socket.socket, *, shutdown_s: int = SHUTDOWN_S) -> None:
+def serve(
+    app: Any,
+    sock: socket.socket,
+    *,
+    shutdown_s: int = SHUTDOWN_S,
+    on_stop: Callable[[], None] | None = None,
+) -> None:
     """Run `app` on `sock` until SIGTERM or Ctrl-C, then return normally (exit status 0): the
     first signal stops taking connections and lets open ones finish for `shutdown_s`, a
-    second one closes them at once."""
+    second one closes them at once. `on_stop` is called at the first signal, so work that
+    requests wait on (a gateway's provider calls) can end before the connections must."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -64,6 +71,8 @@ def serve(app: Any, sock: socket.socket, *, shutdown_s: int = SHUTDOWN_S) -> Non
             def stop(signum: int, frame: FrameType | None) -> None:
                 if self.should_exit:
                     self.force_exit = True
+                elif on_stop is not None:
+                    on_stop()
                 self.should_exit = True
 
             previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}

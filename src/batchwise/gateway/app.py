@@ -14,10 +14,11 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from batchwise.gateway import batches, files, message_batches, realtime
 from batchwise.gateway.context import Gateway, anthropic_error, openai_error
+from batchwise.gateway.dashboard import create_gate
 from batchwise.gateway.keys import authenticate, key_from_headers
 from batchwise.store.keys import KeyView
 
@@ -58,7 +59,7 @@ def create_app(gateway: Gateway) -> Starlette:
         *message_batches.ROUTES,
         *realtime.ANTHROPIC_ROUTES,
     ]
-    return Starlette(
+    app = Starlette(
         routes=[
             Route(
                 path,
@@ -68,3 +69,6 @@ def create_app(gateway: Gateway) -> Starlette:
             for path, handler, methods in routes
         ]
     )
+    # the dashboard, behind the same keys (a Bearer header, or a browser's session cookie)
+    app.router.routes.append(Mount("/dashboard", app=create_gate(gateway)))
+    return app

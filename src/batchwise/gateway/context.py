@@ -3,6 +3,8 @@ call a realtime request now) and the responses in OpenAI's and Anthropic's shape
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,10 @@ class Gateway:
     clock: Clock = system_clock
     #: makes realtime calls in this process (None: the workers make them, with a broker)
     caller: Caller | None = None
+    #: with a broker: hands a newly stored realtime request's id to the workers' queue
+    publish: Callable[[int], object] | None = None
+    #: set once the gateway is stopping: requests waiting for an answer give up at once
+    stopping: threading.Event = field(default_factory=threading.Event)
     #: batches' output files, under `files_dir`'s sibling `outputs`
     outputs: Outputs = field(init=False)
 

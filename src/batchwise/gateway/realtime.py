@@ -10,17 +10,23 @@ and booked in the ledger from its `usage` (a stream's from its final events, `st
 include_usage` being asked for upstream and held back if the caller did not ask). A caller
 that goes away mid-stream closes the provider's connection and ends the request failed.
 
-With a broker (no `Caller` here), or when another worker claimed the request first, or when an
-identical request's answer was reused, the gateway waits for the stored answer; a streaming
-caller then gets it as the stream that answer would have been (`streams.synthesize`).
+With a broker (no `Caller` here: the request's id is published to the workers' queue), or
+when another worker claimed the request first, or when an identical request's answer was
+reused, the gateway waits for the stored answer, reading it at growing intervals (`_answer`);
+a streaming caller then gets it as the stream that answer would have been
+(`streams.synthesize`). A gateway that is stopping answers such waiting callers at once with a
+503 (the request stays stored and is still called).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import orjson
@@ -29,15 +35,16 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from batchwise.api import Handle
-from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout
+from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout, Stopped
 from batchwise.gateway.calls import Caller
-from batchwise.gateway.context import Api, json_response
+from batchwise.gateway.context import Api
 from batchwise.gateway.relay import open_stream
 from batchwise.gateway.streams import STREAMING
 from batchwise.gateway.streams import synthesize as synthesize_stream
 from batchwise.gateway.upstream import request_id_header
 from batchwise.lifecycle.realtime import Claim
-from batchwise.states import RequestState
+from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
+from batchwise.store import queries
 from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
@@ -49,6 +56,14 @@ ANSWER_TIMEOUT_S = 600.0
 #: body fields about how the answer is sent, not what is asked: never stored
 _STREAM_KEYS = ("stream", "stream_options")
 _SSE = "text/event-stream"
+#: a caller waiting for its answer reads the store after this long, then twice as long, …
+_POLL_MIN_S = 0.002
+#: … up to this long between reads
+_POLL_MAX_S = 0.05
+#: how often a call in flight looks whether the gateway is stopping
+_STOP_CHECK_S = 0.1
+
+T = TypeVar("T")
 
 
 def header_tags(value: str | None) -> dict[str, str]:
@@ -123,30 +138,62 @@ def _enqueue_and_claim(
         return enqueued, caller.claim(enqueued.id, owner)
 
 
-def _wait(handle: Handle) -> dict[str, Any] | tuple[int, str]:
-    """The stored answer, or the status and reason there is none (502, or 504 in time)."""
+def _answer(gateway: Gateway, request_id: int) -> bytes:
+    """The request's stored answer, as the provider's JSON. Read at once (an identical
+    request's answer reused is there already), then at growing intervals up to `_POLL_MAX_S`
+    (a worker's call, or one the scheduler claimed first), so a quick answer waits
+    milliseconds and a slow one costs a read every 50 ms; a stopping gateway lets go at once
+    (`Stopped`) rather than holding its shutdown for up to `ANSWER_TIMEOUT_S`."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    pause = _POLL_MIN_S
+    while True:
+        found = queries.answer(gateway.store, request_id)
+        if found is None:
+            raise RequestFailed(request_id, "missing", "the request is no longer stored")
+        if RequestState(found.state) in TERMINAL_REQUEST_STATES:
+            if found.body is None:
+                raise RequestFailed(request_id, found.state, found.error)
+            return found.body
+        if time.monotonic() >= deadline:
+            raise ResultTimeout(
+                f"request {request_id} has no answer after {ANSWER_TIMEOUT_S:.0f} s; it is "
+                "stored and will still be called"
+            )
+        if gateway.stopping.wait(pause):
+            raise Stopped(f"request {request_id}: the gateway is stopping")
+        pause = min(pause * 2, _POLL_MAX_S)
+
+
+def _wait(gateway: Gateway, request_id: int) -> bytes | tuple[int, str]:
+    """The stored answer, or the status and reason there is none (502; 504 in time; 503 once
+    the gateway is stopping, the request still stored and called later)."""
     try:
-        return handle.result(timeout=ANSWER_TIMEOUT_S, poll_s=0.05)
+        return _answer(gateway, request_id)
     except RequestFailed as exc:
         return 502, f"the provider call failed: {exc}"
     except ResultTimeout as exc:
         return 504, str(exc)
+    except Stopped:
+        return 503, "stopping"
 
 
-async def _stored_answer(call: Call, handle: Handle) -> Response:
+async def _stored_answer(gateway: Gateway, call: Call, handle: Handle) -> Response:
     """Wait for the answer someone else is getting (or got), and send it as asked."""
-    found = await run_in_threadpool(_wait, handle)
+    found = await run_in_threadpool(_wait, gateway, handle.id)
     api = call.api
     if isinstance(found, tuple):
         status, reason = found
         if status == 504:
             kind = "timeout_error" if api.provider == "anthropic" else "api_error"
             return api.error(status, reason, type_=kind, code="timeout")
+        if status == 503:
+            return _stopping(api, handle.id)
         return api.error(status, reason, type_="api_error")
     if call.stream:
-        events = synthesize_stream(api.endpoint, found, include_usage=call.include_usage)
+        answer = orjson.loads(found)
+        events = synthesize_stream(api.endpoint, answer, include_usage=call.include_usage)
         return StreamingResponse(_iterate(events), media_type=_SSE)
-    return json_response(found)
+    return Response(found, media_type="application/json")
 
 
 async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -154,8 +201,33 @@ async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield event
 
 
-async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack) -> Response:
-    """Make the claimed call and answer with what the provider answered."""
+async def _unless_stopping(stopping: threading.Event, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None if the gateway began stopping first (`work` is then cancelled):
+    a provider call in flight must not hold up the shutdown, and its caller is better told so
+    at once than cut off by the server's grace period ending (a 500)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not stopping.is_set():
+            done, _ = await asyncio.wait({task}, timeout=_STOP_CHECK_S)
+            if done:
+                return task.result()
+        return None
+    finally:
+        task.cancel()
+
+
+def _stopping(api: Api, request_id: int) -> Response:
+    message = f"the gateway is stopping; request {request_id} is stored and will still be called"
+    return api.error(503, message, type_="api_error", code="stopping")
+
+
+async def _call_now(
+    caller: Caller, call: Call, claim: Claim, holding: ExitStack, stopping: threading.Event
+) -> Response:
+    """Make the claimed call and answer with what the provider answered. A plain call still in
+    flight when the gateway begins stopping is abandoned with a 503: its claim is let go and
+    lapses, and the next runner calls it (a stream already started ends with the server's
+    grace period, recorded failed as a stream cut short)."""
     api = call.api
     if call.stream:
         return await open_stream(
@@ -169,15 +241,16 @@ async def _call_now(caller: Caller, call: Call, claim: Claim, holding: ExitStack
         )
     with holding:
         try:
-            answer = await caller.upstream.send(
-                api.provider, api.endpoint, call.sent(claim), call.headers
-            )
+            sent = caller.upstream.send(api.provider, api.endpoint, call.sent(claim), call.headers)
+            answer = await _unless_stopping(stopping, sent)
         except httpx.HTTPError as exc:
             reason = f"no answer from {api.provider}: {type(exc).__name__}: {exc}"
             await run_in_threadpool(
                 caller.failed, claim, caller.failure(api.provider, reason, code="connection_error")
             )
             return api.error(502, reason, type_="api_error")
+        if answer is None:
+            return _stopping(api, claim.id)
         parsed = answer.json()
         if 200 <= answer.status_code < 300 and isinstance(parsed, dict):
             await run_in_threadpool(
@@ -233,7 +306,10 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
         if isinstance(enqueued, Response):
             return enqueued
-        return await _stored_answer(call, enqueued)
+        if gateway.publish is not None and enqueued.state == RequestState.DISPATCHING.value:
+            # broker mode: to the workers' queue now, not at their next sweep
+            await run_in_threadpool(gateway.publish, enqueued.id)
+        return await _stored_answer(gateway, call, enqueued)
     holding = ExitStack()
     owner = holding.enter_context(caller.holding())
     try:
@@ -245,14 +321,14 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         raise
     if claim is not None:
         try:
-            return await _call_now(caller, call, claim, holding)
+            return await _call_now(caller, call, claim, holding, gateway.stopping)
         except BaseException:
             holding.close()  # its claim lapses with its lease, and is called again then
             raise
     holding.close()
     if isinstance(enqueued, Response):
         return enqueued
-    return await _stored_answer(call, enqueued)
+    return await _stored_answer(gateway, call, enqueued)
 
 
 def _route(provider: str, endpoint: str) -> Any:

@@ -88,13 +88,14 @@ def revoke_key(store: Store, name: str, *, at: datetime) -> KeyView:
     return _view(row)
 
 
+#: built once: every gateway call runs it, and building a statement costs as much as the query
+_ACTIVE = sa.select(keys_t).where(
+    keys_t.c.key_hash == sa.bindparam("key_hash"), keys_t.c.revoked_at.is_(None)
+)
+
+
 def active_key(store: Store, key_hash: str) -> KeyView | None:
     """The live (not revoked) key with this hash, or None."""
-    t = keys_t
     with store.read() as conn:
-        row = (
-            conn.execute(sa.select(t).where(t.c.key_hash == key_hash, t.c.revoked_at.is_(None)))
-            .mappings()
-            .first()
-        )
+        row = conn.execute(_ACTIVE, {"key_hash": key_hash}).mappings().first()
     return None if row is None else _view(row)

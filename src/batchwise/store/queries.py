@@ -1,8 +1,10 @@
 """Read-side queries for the API and the CLI: status counts, what a run finished, request
-views, a batch's provider, and the check that a database opens."""
+views, a realtime request's stored answer (the gateway's), a batch's provider, and the check that
+a database opens."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -169,3 +171,32 @@ def check_database(url: str) -> None:
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(str(exc)) from exc
     store.close()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Where a realtime request stands, as the gateway answers its caller."""
+
+    state: str
+    error: str | None
+    #: the provider's response body as stored (JSON), once there is one
+    body: bytes | None
+
+
+#: built once: a caller waiting on a realtime call runs it at least once per call
+_ANSWER = (
+    sa.select(requests_t.c.state, requests_t.c.error, responses_t.c.body)
+    .select_from(requests_t.outerjoin(responses_t, responses_t.c.id == requests_t.c.response_id))
+    .where(requests_t.c.id == sa.bindparam("request_id"))
+)
+
+
+def answer(store: Store, request_id: int) -> Answer | None:
+    """A request's state and stored answer, in one read (a caller waiting on a realtime call
+    asks this until it is terminal); None if there is no such request."""
+    with store.read() as conn:
+        row = conn.execute(_ANSWER, {"request_id": request_id}).first()
+    if row is None:
+        return None
+    body = row.body.encode() if isinstance(row.body, str) else row.body
+    return Answer(row.state, row.error, body or None)

@@ -72,8 +72,26 @@ _IN_BATCH = (_S.PACKED.value, _S.SUBMITTED.value)
 # --- the realtime lane: claim, answer, retry, fail, share an answer ----------------------------
 
 
-def _free(now: datetime) -> sa.ColumnElement[bool]:
+def _free(now: datetime | sa.BindParameter[datetime]) -> sa.ColumnElement[bool]:
     return sa.or_(_t.c.lease_expires_at.is_(None), _t.c.lease_expires_at < now)
+
+
+#: claiming one request by id (the gateway's call, a worker's task), built once: building the
+#: statements cost as much as running them
+_ONE: sa.BindParameter[int] = sa.bindparam("request_id", type_=_t.c.id.type)
+_NOW: sa.BindParameter[datetime] = sa.bindparam("now", type_=_t.c.lease_expires_at.type)
+_FIND_ONE = sa.select(_t.c.id, _t.c.lease_owner).where(_CLAIMABLE, _free(_NOW), _t.c.id == _ONE)
+_FIND_ONE_PG = _FIND_ONE.with_for_update(skip_locked=True)
+_CLAIM_ONE = (
+    sa.update(_t)
+    .where(_t.c.id == _ONE, _CLAIMABLE, _free(_NOW))
+    .values(
+        lease_owner=sa.bindparam("worker"),
+        lease_expires_at=sa.bindparam("until", type_=_t.c.lease_expires_at.type),
+    )
+    .returning(*_CALL_COLUMNS)
+)
+_BODY_ONE = sa.select(bodies_t.c.body).where(bodies_t.c.id == _ONE)
 
 
 def _held(request_id: int, state: RequestState, worker: str) -> sa.ColumnElement[bool]:
@@ -98,7 +116,10 @@ def claim_realtime(
     lock on SQLite). Taking over a row whose lease lapsed is recorded as an event: the call the
     other worker made may have been billed without being recorded.
     """
-    query = sa.select(_t.c.id).where(_CLAIMABLE, _free(now))
+    if request_id is not None and not skip_providers:
+        return _claim_one(store, request_id, now=now, worker=worker, lease_s=lease_s)
+    # the holder read with the id: a lapsed lease is known without a second query
+    query = sa.select(_t.c.id, _t.c.lease_owner).where(_CLAIMABLE, _free(now))
     if request_id is not None:
         query = query.where(_t.c.id == request_id)
     if skip_providers:
@@ -107,14 +128,11 @@ def claim_realtime(
     if store.is_postgres:
         query = query.with_for_update(skip_locked=True)
     with store.write() as conn:
-        ids = list(conn.execute(query).scalars())
-        if not ids:
+        found = conn.execute(query).all()
+        if not found:
             return []
-        orphaned = list(
-            conn.execute(
-                sa.select(_t.c.id).where(_t.c.id.in_(ids), _t.c.lease_owner.is_not(None))
-            ).scalars()
-        )
+        ids = [rid for rid, _ in found]
+        orphaned = [rid for rid, owner in found if owner is not None]
         if orphaned:
             record_event(
                 conn,
@@ -146,6 +164,36 @@ def claim_realtime(
         }
     for request in claimed:
         request["body"] = bodies[request["id"]]
+    return claimed
+
+
+def _claim_one(
+    store: Store, request_id: int, *, now: datetime, worker: str, lease_s: float
+) -> list[dict[str, Any]]:
+    """`claim_realtime` of exactly `request_id`, through the statements built once."""
+    params = {"request_id": request_id, "now": now}
+    with store.write() as conn:
+        found = conn.execute(_FIND_ONE_PG if store.is_postgres else _FIND_ONE, params).first()
+        if found is None:
+            return []
+        if found.lease_owner is not None:
+            record_event(
+                conn,
+                at=now,
+                kind="lease_takeover",
+                severity="warning",
+                message="1 realtime request(s) taken over from a worker whose lease expired; "
+                "a call it made may have been billed without being recorded",
+                data={"request_ids": [request_id]},
+            )
+        claimed = [
+            dict(row)
+            for row in conn.execute(
+                _CLAIM_ONE, {**params, "worker": worker, "until": lease_until(now, lease_s)}
+            ).mappings()
+        ]
+        for request in claimed:
+            request["body"] = conn.execute(_BODY_ONE, params).scalar_one()
     return claimed
 
 
