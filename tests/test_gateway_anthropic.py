@@ -855,3 +855,71 @@ def test_a_batch_row_that_cannot_be_stored_leaves_no_requests_running(
         )
         assert answer.status_code == 500
     assert [r.state for r in request_rows(home)] == ["cancelled", "cancelled"]
+
+
+class _RecordingCaller:
+    """Stands in for `calls.Caller` (whose recording the socket tests above exercise): keeps
+    what the relay asks it to record."""
+
+    def __init__(self) -> None:
+        self.answers: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+
+    def answered(self, claim: Any, body: dict[str, Any], **_: Any) -> str:
+        self.answers.append(body)
+        return "succeeded"
+
+    def failed(self, claim: Any, error: Exception) -> str:
+        self.failures.append(str(error))
+        return "failed"
+
+    def failure(self, provider: str, message: str, **_: Any) -> Exception:
+        return RuntimeError(message)
+
+
+@pytest.mark.parametrize("final_seen", [True, False])
+def test_a_stream_whose_last_event_was_relayed_is_answered_even_if_the_caller_then_hangs_up(
+    final_seen: bool,
+) -> None:
+    import contextlib
+
+    import anyio
+    import httpx
+
+    from batchwise.gateway.context import Api
+    from batchwise.gateway.relay import Relay
+    from batchwise.gateway.streams import frame, parse_event
+    from batchwise.lifecycle.realtime import Claim
+
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}],
+    }
+    events = [frame(chunk), frame({"id": "c1", "choices": [], "usage": {"total_tokens": 3}})]
+    if final_seen:
+        events.append(frame(b"[DONE]"))
+    caller = _RecordingCaller()
+
+    async def relay_then_hang_up() -> None:
+        relay = Relay(
+            caller,  # type: ignore[arg-type]
+            Api("openai", "/v1/chat/completions"),
+            Claim({"id": 1}, "w"),
+            httpx.Response(200, headers={"content-type": "text/event-stream"}),
+            contextlib.AsyncExitStack(),
+            contextlib.ExitStack(),
+            include_usage=True,
+        )
+        for raw in events:  # as `Relay.events` feeds them, before the caller goes away
+            relay.collector.add(parse_event(raw))
+        await relay.close()  # the response ends with `cut` still "the caller went away"
+
+    anyio.run(relay_then_hang_up)
+    if final_seen:
+        # Given the caller hung up only after the final event: the call was answered whole
+        assert caller.failures == [] and caller.answers[0]["choices"][0]["message"]["content"]
+        assert caller.answers[0]["usage"] == {"total_tokens": 3}
+    else:
+        assert caller.answers == [] and "went away" in caller.failures[0]

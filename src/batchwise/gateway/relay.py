@@ -79,7 +79,9 @@ class Relay:
         with anyio.CancelScope(shield=True), self.holding:
             await self.resources.aclose()
             api = self.api
-            body = self.collector.body() if self.cut is None else None
+            # the final event seen means the provider answered (and billed) the whole call,
+            # even if the caller hung up or the connection broke just after it
+            body = self.collector.body()
             if body is not None:
                 await run_in_threadpool(
                     self.caller.answered,
