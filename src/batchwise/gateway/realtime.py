@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,7 +37,8 @@ from starlette.responses import Response, StreamingResponse
 from batchwise.api import Handle
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout, Stopped
 from batchwise.gateway.calls import Caller
-from batchwise.gateway.context import Api
+from batchwise.gateway.context import Api, unauthorized
+from batchwise.gateway.keys import authenticate
 from batchwise.gateway.relay import open_stream
 from batchwise.gateway.streams import STREAMING
 from batchwise.gateway.streams import synthesize as synthesize_stream
@@ -45,7 +46,6 @@ from batchwise.gateway.upstream import request_id_header
 from batchwise.lifecycle.realtime import Claim
 from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
 from batchwise.store import queries
-from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
     from batchwise.gateway.context import Gateway
@@ -278,10 +278,10 @@ async def _call_now(
     )
 
 
-async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView) -> Response:
-    """Store the caller's request, make the call (or wait for it), answer as the provider."""
+def _read(api: Api, request: Request, raw: bytes) -> tuple[Call, dict[str, str]] | Response:
+    """The caller's call and its header tags, or the 400 saying what is wrong with them."""
     try:
-        body = orjson.loads(await request.body())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return api.error(400, f"the request body is not JSON: {exc}")
     if not isinstance(body, dict):
@@ -291,7 +291,7 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         return api.error(400, f"{api.endpoint} does not stream: send stream=false")
     options = body.get("stream_options")
     try:
-        tags = {**key.tags, **header_tags(request.headers.get(TAGS_HEADER))}
+        tags = header_tags(request.headers.get(TAGS_HEADER))
     except ValueError as exc:
         return api.error(400, str(exc))
     call = Call(
@@ -301,24 +301,61 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         include_usage=stream and isinstance(options, dict) and bool(options.get("include_usage")),
         headers=dict(request.headers),
     )
+    return call, tags
+
+
+def _admit(
+    gateway: Gateway,
+    api: Api,
+    key: str | None,
+    read: tuple[Call, dict[str, str]] | Response,
+    owner: str | None,
+) -> tuple[Handle | Response, Claim | None]:
+    """In one trip to a worker thread: check the key (a 401 comes before any 400), store the
+    request (tags: the key's, then the header's), and claim it for `owner` (embedded mode) or
+    publish it to the workers (broker mode)."""
+    found = authenticate(gateway.store, key)
+    if found is None:
+        return unauthorized(anthropic=api.provider == "anthropic"), None
+    if isinstance(read, Response):
+        return read, None
+    call, header = read
+    tags = {**found.tags, **header}
+    caller = gateway.caller
+    if caller is not None and owner is not None:
+        return _enqueue_and_claim(gateway, caller, call, tags, owner)
+    enqueued = _enqueue(gateway, call, tags)
+    if isinstance(enqueued, Response):
+        return enqueued, None
+    if gateway.publish is not None and enqueued.state == RequestState.DISPATCHING.value:
+        # broker mode: to the workers' queue now, not at their next sweep
+        gateway.publish(enqueued.id)
+    return enqueued, None
+
+
+async def serve_call(gateway: Gateway, api: Api, request: Request, key: str | None) -> Response:
+    """Check the caller's key, store its request, make the call (or wait for it), answer as
+    the provider."""
+    read = _read(api, request, await request.body())
     caller = gateway.caller
     if caller is None:
-        enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
+        enqueued, _ = await run_in_threadpool(_admit, gateway, api, key, read, None)
         if isinstance(enqueued, Response):
             return enqueued
-        if gateway.publish is not None and enqueued.state == RequestState.DISPATCHING.value:
-            # broker mode: to the workers' queue now, not at their next sweep
-            await run_in_threadpool(gateway.publish, enqueued.id)
-        return await _stored_answer(gateway, call, enqueued)
+        assert not isinstance(read, Response)  # a bad call got its 400 from `_admit`
+        return await _stored_answer(gateway, read[0], enqueued)
     holding = ExitStack()
     owner = holding.enter_context(caller.holding())
     try:
-        enqueued, claim = await run_in_threadpool(
-            _enqueue_and_claim, gateway, caller, call, tags, owner
-        )
+        enqueued, claim = await run_in_threadpool(_admit, gateway, api, key, read, owner)
     except BaseException:
         holding.close()
         raise
+    if isinstance(enqueued, Response):
+        holding.close()
+        return enqueued
+    assert not isinstance(read, Response)
+    call = read[0]
     if claim is not None:
         try:
             return await _call_now(caller, call, claim, holding, gateway.stopping)
@@ -326,15 +363,16 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
             holding.close()  # its claim lapses with its lease, and is called again then
             raise
     holding.close()
-    if isinstance(enqueued, Response):
-        return enqueued
     return await _stored_answer(gateway, call, enqueued)
 
 
-def _route(provider: str, endpoint: str) -> Any:
+KeyedHandler = Callable[["Gateway", Request, "str | None"], Awaitable[Response]]
+
+
+def _route(provider: str, endpoint: str) -> KeyedHandler:
     api = Api(provider, endpoint)
 
-    async def handler(gateway: Gateway, request: Request, key: KeyView) -> Response:
+    async def handler(gateway: Gateway, request: Request, key: str | None) -> Response:
         return await serve_call(gateway, api, request, key)
 
     return handler
