@@ -66,18 +66,19 @@ def this_holder(*, proc: Path = PROC) -> Holder:
     return Holder(hostname(), pid, stat[1] if stat else 0)
 
 
-#: this process as a holder, kept with its pid: a forked child sees another pid and reads its
+#: this process's start time, kept with its pid: a forked child sees another pid and reads its
 #: own (a gateway names an owner per call, and reading /proc each time cost ~0.1 ms of it)
-_THIS: tuple[int, Holder] | None = None
+_STARTED: tuple[int, int] | None = None
 
 
 def _this_holder_cached() -> Holder:
-    global _THIS
-    found = _THIS
-    if found is None or found[0] != os.getpid():
-        holder = this_holder()
-        found = _THIS = (holder.pid, holder)
-    return found[1]
+    global _STARTED
+    pid = os.getpid()
+    found = _STARTED
+    if found is None or found[0] != pid:
+        stat = proc_stat(pid)
+        found = _STARTED = (pid, stat[1] if stat else 0)
+    return Holder(hostname(), pid, found[1])
 
 
 def new_owner() -> str:
