@@ -317,65 +317,72 @@ def _read(api: Api, request: Request, raw: bytes) -> tuple[Call, dict[str, str]]
     return call, tags
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """What `_admit` found: the call (None when refused) and the stored request or the
+    refusal, and the claim on it when this process makes the call."""
+
+    call: Call | None
+    enqueued: Handle | Response
+    claim: Claim | None = None
+
+
 def _admit(
-    gateway: Gateway,
-    api: Api,
-    key: str | None,
-    read: tuple[Call, dict[str, str]] | Response,
-    owner: str | None,
-) -> tuple[Handle | Response, Claim | None]:
-    """In one trip to a worker thread: check the key (a 401 comes before any 400), store the
-    request (tags: the key's, then the header's), and claim it for `owner` (embedded mode) or
-    publish it to the workers (broker mode)."""
+    gateway: Gateway, api: Api, key: str | None, request: Request, raw: bytes, owner: str | None
+) -> _Admitted:
+    """In one trip to a worker thread: check the key (a 401 comes before anything is read of
+    the call), read the call (a 400 if it is wrong), store it (tags: the key's, then the
+    header's), and claim it for `owner` (embedded mode) or publish it to the workers (broker
+    mode)."""
     found = authenticate(gateway.store, key)
     if found is None:
-        return unauthorized(anthropic=api.provider == "anthropic"), None
+        return _Admitted(None, unauthorized(anthropic=api.provider == "anthropic"))
+    read = _read(api, request, raw)
     if isinstance(read, Response):
-        return read, None
+        return _Admitted(None, read)
     call, header = read
     tags = {**found.tags, **header}
     caller = gateway.caller
     if caller is not None and owner is not None:
-        return _enqueue_and_claim(gateway, caller, call, tags, owner)
+        return _Admitted(call, *_enqueue_and_claim(gateway, caller, call, tags, owner))
     enqueued = _enqueue(gateway, call, tags)
     if isinstance(enqueued, Response):
-        return enqueued, None
+        return _Admitted(None, enqueued)
     if gateway.publish is not None and enqueued.state == RequestState.DISPATCHING.value:
         # broker mode: to the workers' queue now, not at their next sweep
         gateway.publish(enqueued.id)
-    return enqueued, None
+    return _Admitted(call, enqueued)
 
 
 async def serve_call(gateway: Gateway, api: Api, request: Request, key: str | None) -> Response:
     """Check the caller's key, store its request, make the call (or wait for it), answer as
     the provider."""
-    read = _read(api, request, await request.body())
+    raw = await request.body()
     caller = gateway.caller
     if caller is None:
-        enqueued, _ = await run_in_threadpool(_admit, gateway, api, key, read, None)
-        if isinstance(enqueued, Response):
-            return enqueued
-        assert not isinstance(read, Response)  # a bad call got its 400 from `_admit`
-        return await _stored_answer(gateway, read[0], enqueued)
+        admitted = await run_in_threadpool(_admit, gateway, api, key, request, raw, None)
+        if isinstance(admitted.enqueued, Response):
+            return admitted.enqueued
+        assert admitted.call is not None  # a stored request has its call
+        return await _stored_answer(gateway, admitted.call, admitted.enqueued)
     holding = ExitStack()
     owner = holding.enter_context(caller.holding())
     try:
-        enqueued, claim = await run_in_threadpool(_admit, gateway, api, key, read, owner)
+        admitted = await run_in_threadpool(_admit, gateway, api, key, request, raw, owner)
     except BaseException:
         holding.close()
         raise
-    if isinstance(enqueued, Response):
-        holding.close()
-        return enqueued
-    assert not isinstance(read, Response)
-    call = read[0]
-    if claim is not None:
+    call, enqueued, claim = admitted.call, admitted.enqueued, admitted.claim
+    if call is not None and claim is not None:
         try:
             return await _call_now(caller, call, claim, holding, gateway.stopping)
         except BaseException:
             holding.close()  # its claim lapses with its lease, and is called again then
             raise
     holding.close()
+    if isinstance(enqueued, Response):
+        return enqueued
+    assert call is not None  # a stored request has its call
     return await _stored_answer(gateway, call, enqueued)
 
 
