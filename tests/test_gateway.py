@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from click.testing import CliRunner
@@ -213,6 +214,40 @@ def test_a_wrong_or_revoked_key_gets_a_401_in_openai_shape(home: Path, gateway_u
         pytest.raises(openai.AuthenticationError),
     ):
         oa.batches.list()
+
+
+def test_a_realtime_call_with_a_wrong_or_revoked_key_gets_a_401_before_its_body_is_judged(
+    home: Path, gateway_url: str
+) -> None:
+    """The realtime routes check the key in the same trip as storing the call: a 401 still
+    comes before any 400, and nothing is stored for a caller without a live key."""
+    key = json.loads(keys("create", "team-r", "--json"))["key"]
+    good = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=gateway_url, timeout=30) as http:
+        wrong = {"Authorization": "Bearer bw-wrong"}
+        for content in (b"not json", b"[1]", json.dumps(good).encode()):
+            refused = http.post("/chat/completions", content=content, headers=wrong)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+        bad_tags = {"Authorization": "Bearer bw-wrong", "X-Batchwise-Tags": "no-equals"}
+        assert http.post("/chat/completions", json=good, headers=bad_tags).status_code == 401
+        # with the live key, the same bad body is a 400, and a good one is answered
+        live = {"Authorization": f"Bearer {key}"}
+        bad = http.post("/chat/completions", content=b"not json", headers=live)
+        assert bad.status_code == 400 and "not JSON" in bad.json()["error"]["message"]
+        assert http.post("/chat/completions", json=good, headers=live).status_code == 200
+        keys("revoke", "team-r")
+        assert http.post("/chat/completions", json=good, headers=live).status_code == 401
+    # only the one call made with the live key was stored
+    from batchwise.store import queries
+    from batchwise.store.engine import Store
+
+    store = Store(f"sqlite:///{home / 'batchwise.db'}")
+    try:
+        assert queries.request_view(store, 1) is not None
+        assert queries.request_view(store, 2) is None
+    finally:
+        store.close()
 
 
 def test_bad_input_and_cancel_answer_in_openai_shape(home: Path, gateway_url: str) -> None:

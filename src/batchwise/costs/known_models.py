@@ -61,12 +61,34 @@ def key(settings: Settings, provider: str, model: str) -> str:
     return f"{priced_as}/{model}"
 
 
+#: the file as last read: (path, inode, mtime, size) and what it held. A gateway reads it on
+#: every realtime call; a file rewritten since (`remember` renames a new one in) is read again.
+_READ: tuple[tuple[Path, int, int, int], frozenset[str]] | None = None
+
+
 def load() -> frozenset[str]:
     """The keys genai-prices is known to price, under the installed versions."""
+    global _READ
+    path = cache_dir() / _FILE
     try:
-        data = orjson.loads((cache_dir() / _FILE).read_bytes())
+        st = path.stat()
+    except OSError:
+        return frozenset()
+    stamp = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+    found = _READ
+    if found is not None and found[0] == stamp:
+        return found[1]
+    try:
+        data = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return frozenset()
+    known = _known(data)
+    _READ = (stamp, known)
+    return known
+
+
+def _known(data: object) -> frozenset[str]:
+    """The keys a read file holds, if it was written under the installed versions."""
     if not isinstance(data, dict) or data.get("versions") != versions():
         return frozenset()
     models = data.get("models")

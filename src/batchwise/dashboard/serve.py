@@ -85,6 +85,8 @@ def serve(
     config = uvicorn.Config(
         app,
         log_level="warning",
+        # its lines are INFO, never shown at "warning"; off, a request no longer formats one
+        access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=shutdown_s,
         server_header=False,

@@ -20,7 +20,7 @@ from batchwise.store.engine import Store
 if TYPE_CHECKING:
     from batchwise.gateway.calls import Caller
 
-__all__ = ["Api", "Gateway", "anthropic_error", "json_response", "openai_error"]
+__all__ = ["Api", "Gateway", "anthropic_error", "json_response", "openai_error", "unauthorized"]
 
 
 @dataclass
@@ -108,3 +108,15 @@ class Api:
         if self.provider == "anthropic":
             return anthropic_error(status_code, message, type_=type_)
         return openai_error(status_code, message, type_=type_ or "invalid_request_error", code=code)
+
+
+def unauthorized(*, anthropic: bool) -> Response:
+    """The 401 for a missing, wrong or revoked key, in the API's shape."""
+    if anthropic:
+        return anthropic_error(401, "invalid x-api-key: use a key from `batchwise keys create`.")
+    return openai_error(
+        401,
+        "Incorrect API key provided: use a key from `batchwise keys create`.",
+        type_="invalid_request_error",
+        code="invalid_api_key",
+    )

@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import httpx
 import orjson
 from starlette.concurrency import run_in_threadpool
@@ -37,7 +38,8 @@ from starlette.responses import Response, StreamingResponse
 from batchwise.api import Handle
 from batchwise.errors import GuardRefused, IntakeError, RequestFailed, ResultTimeout, Stopped
 from batchwise.gateway.calls import Caller
-from batchwise.gateway.context import Api
+from batchwise.gateway.context import Api, unauthorized
+from batchwise.gateway.keys import authenticate
 from batchwise.gateway.relay import open_stream
 from batchwise.gateway.streams import STREAMING
 from batchwise.gateway.streams import synthesize as synthesize_stream
@@ -45,7 +47,6 @@ from batchwise.gateway.upstream import request_id_header
 from batchwise.lifecycle.realtime import Claim
 from batchwise.states import TERMINAL_REQUEST_STATES, RequestState
 from batchwise.store import queries
-from batchwise.store.keys import KeyView
 
 if TYPE_CHECKING:
     from batchwise.gateway.context import Gateway
@@ -201,19 +202,31 @@ async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield event
 
 
-async def _unless_stopping(stopping: threading.Event, work: Awaitable[T]) -> T | None:
+async def _unless_stopping(stopping: threading.Event, work: Coroutine[Any, Any, T]) -> T | None:
     """`work`'s result, or None if the gateway began stopping first (`work` is then cancelled):
     a provider call in flight must not hold up the shutdown, and its caller is better told so
-    at once than cut off by the server's grace period ending (a 500)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while not stopping.is_set():
-            done, _ = await asyncio.wait({task}, timeout=_STOP_CHECK_S)
-            if done:
-                return task.result()
+    at once than cut off by the server's grace period ending (a 500). `work` runs in this task,
+    under a cancel scope a timer cancels once the gateway is stopping (a task of its own and
+    `asyncio.wait` each time cost a tenth of a millisecond a call)."""
+    if stopping.is_set():
+        work.close()
         return None
-    finally:
-        task.cancel()
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
+    with anyio.CancelScope() as scope:
+
+        def check() -> None:
+            if stopping.is_set():
+                scope.cancel()
+            else:
+                timer[:] = [loop.call_later(_STOP_CHECK_S, check)]
+
+        timer.append(loop.call_later(_STOP_CHECK_S, check))
+        try:
+            return await work
+        finally:
+            timer[0].cancel()
+    return None
 
 
 def _stopping(api: Api, request_id: int) -> Response:
@@ -278,10 +291,10 @@ async def _call_now(
     )
 
 
-async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView) -> Response:
-    """Store the caller's request, make the call (or wait for it), answer as the provider."""
+def _read(api: Api, request: Request, raw: bytes) -> tuple[Call, dict[str, str]] | Response:
+    """The caller's call and its header tags, or the 400 saying what is wrong with them."""
     try:
-        body = orjson.loads(await request.body())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return api.error(400, f"the request body is not JSON: {exc}")
     if not isinstance(body, dict):
@@ -291,7 +304,7 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         return api.error(400, f"{api.endpoint} does not stream: send stream=false")
     options = body.get("stream_options")
     try:
-        tags = {**key.tags, **header_tags(request.headers.get(TAGS_HEADER))}
+        tags = header_tags(request.headers.get(TAGS_HEADER))
     except ValueError as exc:
         return api.error(400, str(exc))
     call = Call(
@@ -301,25 +314,66 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
         include_usage=stream and isinstance(options, dict) and bool(options.get("include_usage")),
         headers=dict(request.headers),
     )
+    return call, tags
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """What `_admit` found: the call (None when refused) and the stored request or the
+    refusal, and the claim on it when this process makes the call."""
+
+    call: Call | None
+    enqueued: Handle | Response
+    claim: Claim | None = None
+
+
+def _admit(
+    gateway: Gateway, api: Api, key: str | None, request: Request, raw: bytes, owner: str | None
+) -> _Admitted:
+    """In one trip to a worker thread: check the key (a 401 comes before anything is read of
+    the call), read the call (a 400 if it is wrong), store it (tags: the key's, then the
+    header's), and claim it for `owner` (embedded mode) or publish it to the workers (broker
+    mode)."""
+    found = authenticate(gateway.store, key)
+    if found is None:
+        return _Admitted(None, unauthorized(anthropic=api.provider == "anthropic"))
+    read = _read(api, request, raw)
+    if isinstance(read, Response):
+        return _Admitted(None, read)
+    call, header = read
+    tags = {**found.tags, **header}
+    caller = gateway.caller
+    if caller is not None and owner is not None:
+        return _Admitted(call, *_enqueue_and_claim(gateway, caller, call, tags, owner))
+    enqueued = _enqueue(gateway, call, tags)
+    if isinstance(enqueued, Response):
+        return _Admitted(None, enqueued)
+    if gateway.publish is not None and enqueued.state == RequestState.DISPATCHING.value:
+        # broker mode: to the workers' queue now, not at their next sweep
+        gateway.publish(enqueued.id)
+    return _Admitted(call, enqueued)
+
+
+async def serve_call(gateway: Gateway, api: Api, request: Request, key: str | None) -> Response:
+    """Check the caller's key, store its request, make the call (or wait for it), answer as
+    the provider."""
+    raw = await request.body()
     caller = gateway.caller
     if caller is None:
-        enqueued = await run_in_threadpool(_enqueue, gateway, call, tags)
-        if isinstance(enqueued, Response):
-            return enqueued
-        if gateway.publish is not None and enqueued.state == RequestState.DISPATCHING.value:
-            # broker mode: to the workers' queue now, not at their next sweep
-            await run_in_threadpool(gateway.publish, enqueued.id)
-        return await _stored_answer(gateway, call, enqueued)
+        admitted = await run_in_threadpool(_admit, gateway, api, key, request, raw, None)
+        if isinstance(admitted.enqueued, Response):
+            return admitted.enqueued
+        assert admitted.call is not None  # a stored request has its call
+        return await _stored_answer(gateway, admitted.call, admitted.enqueued)
     holding = ExitStack()
     owner = holding.enter_context(caller.holding())
     try:
-        enqueued, claim = await run_in_threadpool(
-            _enqueue_and_claim, gateway, caller, call, tags, owner
-        )
+        admitted = await run_in_threadpool(_admit, gateway, api, key, request, raw, owner)
     except BaseException:
         holding.close()
         raise
-    if claim is not None:
+    call, enqueued, claim = admitted.call, admitted.enqueued, admitted.claim
+    if call is not None and claim is not None:
         try:
             return await _call_now(caller, call, claim, holding, gateway.stopping)
         except BaseException:
@@ -328,13 +382,17 @@ async def serve_call(gateway: Gateway, api: Api, request: Request, key: KeyView)
     holding.close()
     if isinstance(enqueued, Response):
         return enqueued
+    assert call is not None  # a stored request has its call
     return await _stored_answer(gateway, call, enqueued)
 
 
-def _route(provider: str, endpoint: str) -> Any:
+KeyedHandler = Callable[["Gateway", Request, "str | None"], Awaitable[Response]]
+
+
+def _route(provider: str, endpoint: str) -> KeyedHandler:
     api = Api(provider, endpoint)
 
-    async def handler(gateway: Gateway, request: Request, key: KeyView) -> Response:
+    async def handler(gateway: Gateway, request: Request, key: str | None) -> Response:
         return await serve_call(gateway, api, request, key)
 
     return handler

@@ -87,6 +87,8 @@ _ANTHROPIC_KEYS = frozenset({"custom_id", "params"}) | _LINE_KEYS
 _GEMINI_KEYS = gemini.LINE_KEYS | _LINE_KEYS
 _SIMPLE_META = frozenset({"custom_id", "provider", "tolerance", "tags", "endpoint", "prompt"})
 _SORT = orjson.OPT_SORT_KEYS
+#: what `classify` is given for a realtime request, which it does not read
+_UNUSED = Turnaround(0.0, "not used: a realtime request")
 
 _ID, _CUSTOM_ID, _LANE = ROW["id"], ROW["custom_id"], ROW["lane"]
 
@@ -485,6 +487,8 @@ class Intake:
         self._default_tags = split_tags(defaults.tags, "--tag")
         self._lanes: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._turnarounds: dict[tuple[str, str], Turnaround] = {}
+        #: every (provider, model) the lines name, for the price warnings
+        self._models: set[tuple[str, str]] = set()
         self._chunk: list[tuple[Any, ...]] = []
         self._lines: list[int] = []
         self._ids: Iterator[int] = iter(())
@@ -502,8 +506,13 @@ class Intake:
             parsed = parse_tolerance(tolerance, now=self.now, zone=self.zone)
         except ToleranceError as exc:
             raise Invalid(str(exc), "tolerance") from None
+        self._models.add((provider, model))
         turnaround = self._turnarounds.get((provider, model))
-        if turnaround is None:
+        if parsed.realtime:
+            # called now whatever a batch would take: no batch history read for it (a query
+            # on every gateway call)
+            turnaround = _UNUSED
+        elif turnaround is None:
             history = self.sink.turnarounds(provider, model)
             turnaround = expected_turnaround(provider, self.settings, history)
             self._turnarounds[(provider, model)] = turnaround
@@ -721,7 +730,7 @@ class Intake:
         )
         self.sink.commit()
         if self.result.accepted:
-            self.result.warnings = price_warnings(self.settings, self._turnarounds)
+            self.result.warnings = price_warnings(self.settings, self._models)
         return self.result
 
 

@@ -7,6 +7,7 @@ failing on a lock upgrade; on PostgreSQL work is claimed with FOR UPDATE SKIP LO
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -212,8 +213,15 @@ def reserve_ids(conn: Connection, table: sa.Table, count: int) -> list[int]:
             {"n": count},
         )
         return sorted(int(r[0]) for r in rows)
-    top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0))).scalar_one()
+    top = conn.execute(_top_id(table)).scalar_one()
     return list(range(int(top) + 1, int(top) + 1 + count))
+
+
+@functools.cache
+def _top_id(table: sa.Table) -> sa.Select[tuple[Any]]:
+    """`SELECT coalesce(max(id), 0)` of `table`, built once per table (a realtime call reserves
+    an id for its answer; building the statement cost as much as running it)."""
+    return sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0))
 
 
 # --- bulk writes on the driver, for the hot paths --------------------------------------------

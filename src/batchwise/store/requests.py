@@ -94,6 +94,28 @@ _CLAIM_ONE = (
 _BODY_ONE = sa.select(bodies_t.c.body).where(bodies_t.c.id == _ONE)
 
 
+#: recording a realtime call's answer, built once like the claim above
+_STORE_RESPONSE = sa.insert(responses_t)
+_HELD_ONE = sa.and_(
+    _t.c.id == _ONE,
+    _t.c.state == sa.bindparam("held_state"),
+    _t.c.lease_owner == sa.bindparam("held_worker"),
+)
+_SUCCEED = (
+    sa.update(_t)
+    .where(_HELD_ONE)
+    .values(
+        state=_S.SUCCEEDED.value,
+        response_id=sa.bindparam("response_id", type_=_t.c.response_id.type),
+        finished_at=_NOW,
+        updated_at=_NOW,
+        lease_owner=None,
+        lease_expires_at=None,
+        deadline_miss=sa.bindparam("deadline_miss", type_=_t.c.deadline_miss.type),
+    )
+)
+
+
 def _held(request_id: int, state: RequestState, worker: str) -> sa.ColumnElement[bool]:
     """The row is still in the state it was claimed in, and still ours."""
     return sa.and_(_t.c.id == request_id, _t.c.state == state.value, _t.c.lease_owner == worker)
@@ -212,19 +234,20 @@ def store_call_response(
     """Store a realtime (or rescue) call's answer, whether or not it wins; its response id."""
     response_id = reserve_ids(conn, responses_t, 1)[0]
     conn.execute(
-        sa.insert(responses_t).values(
-            id=response_id,
-            request_id=request_id,
-            batch_id=None,
-            kind=kind,
-            outcome="succeeded",
-            status_code=status_code,
-            body=body,
-            provider_request_id=provider_request_id,
-            created_at=now,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
+        _STORE_RESPONSE,
+        {
+            "id": response_id,
+            "request_id": request_id,
+            "batch_id": None,
+            "kind": kind,
+            "outcome": "succeeded",
+            "status_code": status_code,
+            "body": body,
+            "provider_request_id": provider_request_id,
+            "created_at": now,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        },
     )
     return response_id
 
@@ -242,22 +265,15 @@ def succeed_call(
     """Answer a claimed request with `response_id`; False if it was no longer ours (someone
     else answered first)."""
     check_transition(state, _S.SUCCEEDED)
-    return (
-        conn.execute(
-            sa.update(_t)
-            .where(_held(request_id, state, worker))
-            .values(
-                state=_S.SUCCEEDED.value,
-                response_id=response_id,
-                finished_at=now,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                deadline_miss=deadline_miss,
-            )
-        ).rowcount
-        == 1
-    )
+    params = {
+        "request_id": request_id,
+        "held_state": state.value,
+        "held_worker": worker,
+        "response_id": response_id,
+        "now": now,
+        "deadline_miss": deadline_miss,
+    }
+    return conn.execute(_SUCCEED, params).rowcount == 1
 
 
 def retry_call(
