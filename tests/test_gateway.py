@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +20,7 @@ from click.testing import CliRunner
 from batchwise.cli.main import cli
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.gateway.realtime import header_tags
+from gateway_helpers import gateway_over
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,39 +52,8 @@ def emulator() -> Iterator[Emulator]:
 
 @pytest.fixture
 def gateway_url(home: Path, emulator: Emulator) -> Iterator[str]:
-    env = {
-        **os.environ,
-        "OPENAI_BASE_URL": emulator.openai_base_url,
-        "OPENAI_API_KEY": "emulator",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchwise", "serve", "--port", "0"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert found, line
-        # the rest of its stderr is read meanwhile, so a chatty server never blocks on a pipe
-        rest: list[str] = []
-        drain = threading.Thread(target=lambda: rest.extend(proc.stderr or ()), daemon=True)
-        drain.start()
-        yield f"http://127.0.0.1:{found.group(1)}/v1"
-        # stops within seconds on SIGTERM, with exit status 0
-        proc.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        assert proc.wait(timeout=15) == 0, "".join(rest)
-        assert time.monotonic() - started < 10
-        drain.join(5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+    with gateway_over(emulator) as url:
+        yield url
 
 
 def chat_lines(n: int) -> bytes:

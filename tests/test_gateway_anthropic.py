@@ -25,7 +25,7 @@ from batchwise.gateway.streams import CHAT, MESSAGES, RESPONSES, SseReader, coll
 from batchwise.store import queries
 from batchwise.store.engine import Store
 from batchwise.store.views import SubmissionView
-from gateway_helpers import new_key, running_gateway, write_home
+from gateway_helpers import gateway_over, new_key, write_home
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,7 +50,7 @@ def emulator() -> Iterator[Emulator]:
 
 @pytest.fixture
 def gateway_url(home: Path, emulator: Emulator) -> Iterator[str]:
-    with running_gateway(emulator) as url:
+    with gateway_over(emulator) as url:
         yield url
 
 
@@ -381,7 +381,7 @@ def test_a_runaway_loop_is_refused_with_a_429_in_each_apis_shape(
         monkeypatch.delenv(name, raising=False)
     key = new_key("agent")
     loop = {"X-Batchwise-Tags": "use_case=agent,task_id=loop-7"}
-    with running_gateway(emulator) as url, claude(url, key) as client:
+    with gateway_over(emulator) as url, claude(url, key) as client:
         for i in range(2):
             client.messages.create(
                 model=MODEL,
@@ -500,7 +500,7 @@ def test_an_answer_reused_from_the_store_streams_like_the_providers_would(
     for name in ("BATCHWISE_DATABASE_URL", "BATCHWISE_CONFIG", "BATCHWISE_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
     key = new_key("faq-bot", "use_case=faq")
-    with running_gateway(emulator) as url:
+    with gateway_over(emulator) as url:
         with openai.OpenAI(base_url=url, api_key=key, max_retries=0) as oa:
             chat: dict[str, Any] = {"model": "gpt-4o-mini", "messages": question("hours?")}
             plain = oa.chat.completions.create(**chat)
@@ -683,7 +683,7 @@ def test_a_caller_hanging_up_mid_stream_closes_the_providers_stream_and_ends_the
     url, closed = slow_anthropic
     key = new_key("team-h")
     body = {"model": MODEL, "max_tokens": 50, "messages": question("tell me"), "stream": True}
-    with running_gateway(emulator, anthropic_base_url=url) as gateway:
+    with gateway_over(emulator, anthropic_base_url=url) as gateway:
         with (
             httpx.Client(timeout=30) as http,
             http.stream(
@@ -807,7 +807,7 @@ def test_a_providers_5xx_reaches_the_caller_with_its_status_and_body(
     url, _ = slow_anthropic
     key = new_key("team-5")
     args: dict[str, Any] = {"model": "claude-busy", "max_tokens": 5, "messages": question("x")}
-    with running_gateway(emulator, anthropic_base_url=url) as gateway, claude(gateway, key) as c:
+    with gateway_over(emulator, anthropic_base_url=url) as gateway, claude(gateway, key) as c:
         for stream in (False, True):
             with pytest.raises(anthropic.APIStatusError) as raised:
                 if stream:

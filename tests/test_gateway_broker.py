@@ -28,7 +28,7 @@ import openai
 import pytest
 
 from batchwise.emulator.app import Emulator, EmulatorConfig
-from serve_helpers import STOP_BOUND_S, make_key, running_gateway, savings_groups
+from gateway_helpers import STOP_BOUND_S, new_key, running_gateway, savings_groups
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -149,7 +149,7 @@ def broker_env(
 def test_with_a_broker_the_gateway_takes_requests_in_and_the_workers_do_the_rest(
     tmp_path: Path, broker_env: dict[str, str]
 ) -> None:
-    key = make_key("team-w", "business_unit=ops")
+    key = new_key("team-w", "business_unit=ops")
     workers = Workers(tmp_path, broker_env)
     try:
         with running_gateway(broker_env) as gateway:
@@ -231,7 +231,7 @@ def embedded_env(
 def test_sigterm_stops_the_gateway_within_the_bound_with_a_keep_alive_and_a_call_in_flight(
     embedded_env: dict[str, str],
 ) -> None:
-    key = make_key("team-s")
+    key = new_key("team-s")
     headers = {"Authorization": f"Bearer {key}"}
     with running_gateway(embedded_env) as gateway:
         # Given a keep-alive connection, idle after its first answer

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from compat_helpers import NetworkGuard, go_offline
-from serve_helpers import Served, make_key, running_gateway, savings_groups
+from gateway_helpers import Served, new_key, running_gateway, savings_groups
 
 go_offline()  # before Curator (and LiteLLM, which it imports) read their switches
 
@@ -111,7 +111,7 @@ def test_curator_batch_mode_through_the_gateway_gets_every_answer_booked_under_i
     gateway: Served, offline: list[str]
 ) -> None:
     # Given a gateway key whose tags say who is calling
-    key = make_key("curator", "business_unit=research", "use_case=haiku")
+    key = new_key("curator", "business_unit=research", "use_case=haiku")
     params = {"base_url": gateway.url, "api_key": key, "batch_check_interval": 1}
     # When Curator's batch mode runs a small batch through the gateway
     llm = curator.LLM(model_name="gpt-4o-mini", batch=True, backend="openai", backend_params=params)
@@ -162,7 +162,7 @@ def write_batch_file(path: Path, custom_ids: list[str]) -> Path:
 def test_litellm_batch_functions_through_the_gateway_get_every_answer_under_their_tags(
     gateway: Served, offline: list[str], tmp_path: Path
 ) -> None:
-    key = make_key("litellm", "business_unit=support")
+    key = new_key("litellm", "business_unit=support")
     kw: dict[str, Any] = {"custom_llm_provider": "openai", "api_base": gateway.url, "api_key": key}
     # Given the guide's batch file, uploaded with LiteLLM
     custom_ids = [f"request-{i}" for i in range(4)]

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from batchwise.cli.main import cli
 from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.gateway.dashboard import COOKIE, Sessions
-from serve_helpers import Served, make_key, running_gateway
+from gateway_helpers import Served, new_key, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]
 def test_a_script_reads_the_dashboard_with_a_bearer_key_and_nothing_without(
     gateway: Served,
 ) -> None:
-    key = make_key("ops")
+    key = new_key("ops")
     with httpx.Client(base_url=gateway.root) as http:
         # Without a key, or with a wrong one: a 401, for the page and its JSON alike
         assert http.get("/dashboard/api/overview").status_code == 401
@@ -59,7 +59,7 @@ def test_a_script_reads_the_dashboard_with_a_bearer_key_and_nothing_without(
 def test_a_browser_signs_in_with_the_form_and_keeps_a_session_until_the_key_is_revoked(
     gateway: Served,
 ) -> None:
-    key = make_key("browser")
+    key = new_key("browser")
     with httpx.Client(base_url=gateway.root) as browser:
         # Given the login form, a wrong key is refused with the form again and no cookie
         assert browser.get("/dashboard/login").status_code == 200
