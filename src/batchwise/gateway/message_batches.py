@@ -250,17 +250,25 @@ async def get_batch(gateway: Gateway, request: Request, key: KeyView) -> Respons
     )
 
 
-def _results(gateway: Gateway, wanted: str) -> Response:
+def _ended(gateway: Gateway, wanted: str, not_yet: str) -> BatchRow | Response:
+    """Batch `wanted` if it has ended, else the 404, or a 400 saying `not_yet`."""
     row = _find(gateway, wanted)
     if row is None:
         return _not_found(wanted)
     view = get_submission(gateway.store, row.submission_id)
     if view is None or not view.done:
-        return anthropic_error(
-            400,
-            f"Message batch {wanted} has not ended yet; results are available once "
-            "processing_status is 'ended'.",
-        )
+        return anthropic_error(400, f"Message batch {wanted} {not_yet}")
+    return row
+
+
+def _results(gateway: Gateway, wanted: str) -> Response:
+    row = _ended(
+        gateway,
+        wanted,
+        "has not ended yet; results are available once processing_status is 'ended'.",
+    )
+    if isinstance(row, Response):
+        return row
     return StreamingResponse(_jsonl(gateway, row), media_type="application/binary")
 
 
@@ -355,16 +363,13 @@ async def cancel_batch(gateway: Gateway, request: Request, key: KeyView) -> Resp
 
 
 def _delete(gateway: Gateway, wanted: str) -> Response:
-    row = _find(gateway, wanted)
-    if row is None:
-        return _not_found(wanted)
-    view = get_submission(gateway.store, row.submission_id)
-    if view is None or not view.done:
-        return anthropic_error(
-            400,
-            f"Message batch {wanted} is still processing; cancel it and wait until it has "
-            "ended before deleting it.",
-        )
+    row = _ended(
+        gateway,
+        wanted,
+        "is still processing; cancel it and wait until it has ended before deleting it.",
+    )
+    if isinstance(row, Response):
+        return row
     rows.delete_batch(gateway.store, row.id)
     return json_response({"id": wanted, "type": "message_batch_deleted"})
 
