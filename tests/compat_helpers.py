@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -92,3 +94,29 @@ class NetworkGuard:
             yield self._attempts
         finally:
             self._attempts = None
+
+
+def write_batch_file(path: Path, custom_ids: list[str], model: str = "gpt-3.5-turbo-0125") -> Path:
+    """The OpenAI Batch guide's input file: one chat request per line."""
+    path.write_bytes(
+        b"".join(
+            orjson.dumps(
+                {
+                    "custom_id": c,
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "model": model,
+                        "messages": [
+                            {"role": "system", "content": "You are a helpful assistant."},
+                            {"role": "user", "content": f"Hello world! ({c})"},
+                        ],
+                        "max_tokens": 1000,
+                    },
+                }
+            )
+            + b"\n"
+            for c in custom_ids
+        )
+    )
+    return path

@@ -20,7 +20,7 @@ import pytest
 
 from batchwise.clock import ManualClock
 from batchwise.emulator.app import Emulator, EmulatorConfig
-from compat_helpers import NetworkGuard, go_offline
+from compat_helpers import NetworkGuard, go_offline, write_batch_file
 
 go_offline()  # before LiteLLM reads its switches: it fetches its price map at import otherwise
 
@@ -48,32 +48,6 @@ def openai_kw(emu: Emulator) -> Iterator[dict[str, Any]]:
     with NetworkGuard.get().armed() as attempts:
         yield {"custom_llm_provider": "openai", "api_base": emu.openai_base_url, "api_key": KEY}
     assert attempts == [], "LiteLLM tried to reach the network"
-
-
-def write_batch_file(path: Path, custom_ids: list[str], model: str = "gpt-3.5-turbo-0125") -> Path:
-    """The OpenAI Batch guide's input file: one chat request per line."""
-    path.write_bytes(
-        b"".join(
-            orjson.dumps(
-                {
-                    "custom_id": c,
-                    "method": "POST",
-                    "url": CHAT,
-                    "body": {
-                        "model": model,
-                        "messages": [
-                            {"role": "system", "content": "You are a helpful assistant."},
-                            {"role": "user", "content": f"Hello world! ({c})"},
-                        ],
-                        "max_tokens": 1000,
-                    },
-                }
-            )
-            + b"\n"
-            for c in custom_ids
-        )
-    )
-    return path
 
 
 def test_importing_litellm_and_curator_stays_offline_and_quiet() -> None:

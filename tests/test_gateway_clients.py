@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 
 from batchwise.emulator.app import Emulator, EmulatorConfig
-from compat_helpers import NetworkGuard, go_offline
+from compat_helpers import NetworkGuard, go_offline, write_batch_file
 from gateway_helpers import Served, new_key, running_gateway, savings_groups
 
 go_offline()  # before Curator (and LiteLLM, which it imports) read their switches
@@ -131,32 +131,6 @@ def test_curator_batch_mode_through_the_gateway_gets_every_answer_booked_under_i
 
 
 # --- LiteLLM ----------------------------------------------------------------------------------
-
-
-def write_batch_file(path: Path, custom_ids: list[str]) -> Path:
-    """The OpenAI Batch guide's input file: one chat request per line."""
-    path.write_bytes(
-        b"".join(
-            orjson.dumps(
-                {
-                    "custom_id": c,
-                    "method": "POST",
-                    "url": CHAT,
-                    "body": {
-                        "model": "gpt-3.5-turbo-0125",
-                        "messages": [
-                            {"role": "system", "content": "You are a helpful assistant."},
-                            {"role": "user", "content": f"Hello world! ({c})"},
-                        ],
-                        "max_tokens": 1000,
-                    },
-                }
-            )
-            + b"\n"
-            for c in custom_ids
-        )
-    )
-    return path
 
 
 def test_litellm_batch_functions_through_the_gateway_get_every_answer_under_their_tags(
