@@ -20,7 +20,7 @@ import batchwise.store.schema
 from batchwise.api import Client
 from batchwise.clock import ManualClock
 from batchwise.config import Settings
-from batchwise.costs.guards import loop_key, loose_key
+from batchwise.costs.guards import UNKEYED, loop_key, loose_key
 from batchwise.store.engine import Store, requests_t
 from invariants import rows
 
@@ -74,6 +74,28 @@ def test_refused_requests_do_not_count_toward_the_task(
         assert [r["loop_key"] is None for r in stored] == [False] * 4 + [True]
         # the refused one left no trace in the counts: still exactly at the limit
         assert client.enqueue_many([item("w")])[0].state == "rejected"
+
+
+def test_a_task_gets_loop_keys_only_once_it_could_repeat_past_a_limit(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 2)
+    # Given a task with 4 requests (under the repeat limit of 5) and another with 1
+    client.enqueue_many([item(f"step {i}", task="a") for i in range(4)] + [item("b", "b")])
+    # Then no key was worked out: they count, but could not repeat anything past a limit
+    stored = rows(client.store, requests_t)
+    assert [r["loop_key"] for r in stored] == [UNKEYED] * 5
+    # When task a sends two more, one the same as its first modulo whitespace
+    handles = client.enqueue_many([item("step  0", task="a"), item("step 4", task="a")])
+    assert [h.state for h in handles] == ["queued", "queued"]
+    # Then every request of task a has its key, worked out from its stored body; b has none
+    stored = rows(client.store, requests_t)
+    with client.store.read() as conn:
+        bodies = dict(conn.execute(sa.text("SELECT id, body FROM request_bodies")).all())
+    keys = {r["id"]: r["loop_key"] for r in stored if r["task_id"] == "a"}
+    assert keys == {rid: loop_key(bodies[rid].encode()) for rid in keys}
+    assert UNKEYED not in keys.values() and len(set(keys.values())) == 5
+    assert [r["loop_key"] for r in stored if r["task_id"] == "b"] == [UNKEYED]
 
 
 def test_upgrade_from_0003_gives_task_requests_their_loop_keys(db_url: str) -> None:

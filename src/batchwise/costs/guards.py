@@ -382,9 +382,15 @@ def loose_key(canonical_body: str) -> str:
     return _WHITESPACE.sub("", canonical_body)
 
 
+#: `requests.loop_key` of a task's request whose key is not worked out yet: it counts toward
+#: its task's requests, and gets its key the first time its task could pass a repeat limit
+#: (`intake.guarding`). No key is ever UNKEYED: `loop_key` never returns it.
+UNKEYED = 0
+
+
 def loop_key(canonical_body: bytes) -> int:
     """64 bits standing for `loose_key` of a canonical (orjson, sorted keys) body, as stored in
-    `requests.loop_key`: two bodies the same modulo whitespace share it.
+    `requests.loop_key`: two bodies the same modulo whitespace share it. Never `UNKEYED`.
 
     Canonical JSON escapes every control character, so an ASCII body's only whitespace is the
     space: removing it is `loose_key` at a fraction of a regular expression's cost.
@@ -394,7 +400,7 @@ def loop_key(canonical_body: bytes) -> int:
         if canonical_body.isascii()
         else loose_key(canonical_body.decode()).encode()
     )
-    return int.from_bytes(blake2b(loose, digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(blake2b(loose, digest_size=8).digest(), "big", signed=True) or 1
 
 
 @dataclass

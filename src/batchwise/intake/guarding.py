@@ -21,8 +21,10 @@ import orjson
 
 from batchwise.config import Settings
 from batchwise.costs.guards import (
+    UNKEYED,
     Guards,
     Policy,
+    loop_key,
     loop_refusal,
     near_repeat_refusal,
     period_starts,
@@ -116,23 +118,27 @@ class Keeper:
         """The per-task limits, counted in the store per chunk (`task_counts`, from an index)
         and in this chunk as it goes: nothing is kept from one chunk to the next. Exact
         repeats count over the task's whole history; near repeats over its latest
-        `RECENT_PER_TASK` requests, whose bodies are read once per chunk (`costs.repeats`)."""
-        task_at, key_at, use_case, task_end = (
+        `RECENT_PER_TASK` requests, whose bodies are read once per chunk (`costs.repeats`).
+
+        Only a task that may pass a limit on repeats is "watched": a task can repeat at most
+        as often as it has requests. Rows are stored `UNKEYED`, and a watched task's requests
+        get their loop keys here, stored ones and this chunk's alike (in place in `rows`):
+        most tasks never come near a repeat limit, and never pay for a key."""
+        task_at, key_at, use_case, body_at = (
             ROW["task_id"],
             ROW["loop_key"],
             ROW["use_case"],
-            ROW["task_id"],
+            ROW["body"],
         )
+        policy_of = self.guards.policy
         checked = [
-            (position, row, self.policy(row[use_case:task_end]))
+            (position, row, policy_of(row[use_case], row[use_case + 1], row[use_case + 2]))
             for position, row in enumerate(rows)
             if row[task_at] is not None and not self._refused(position)
         ]
         if not checked:
             return
         requests = self.sink.task_counts(list({row[task_at] for _, row, _ in checked}))
-        # Only a task that may pass a limit on repeats needs its counts per body and its
-        # recent bodies: a task can repeat at most as often as it has requests.
         totals = dict(requests)
         strictest: dict[str, int] = {}
         for _, row, policy in checked:
@@ -145,6 +151,7 @@ class Keeper:
         identical: dict[tuple[str, int], tuple[int, int]] = {}
         recent: dict[str, list[tuple[int, Fingerprint]]] = defaultdict(list)
         if watched:
+            checked = self._key_watched(rows, checked, watched)
             keys = list({row[key_at] for _, row, _ in checked if row[task_at] in watched})
             identical = self.sink.task_key_counts(list(watched), keys)
             for task_id, rid, body in self.sink.recent_task_bodies(
@@ -153,12 +160,20 @@ class Keeper:
                 recent[task_id].append((rid, fingerprint(body)))
         for position, row, policy in checked:
             task_id = row[task_at]
+            count = requests.get(task_id, 0)
+            if task_id not in watched:  # only the count limit can apply
+                if count < policy.max_requests_per_task:
+                    requests[task_id] = count + 1
+                else:
+                    reason = loop_refusal(policy, task_id, count, 0)
+                    self._outcome(position).refused = ("runaway_loop", str(reason))
+                continue
             pair = (task_id, row[key_at])
             same, latest = identical.get(pair, (0, None))
-            reason = loop_refusal(policy, task_id, requests.get(task_id, 0), same, earlier=latest)
+            reason = loop_refusal(policy, task_id, count, same, earlier=latest)
             mark: Fingerprint | None = None
-            if reason is None and task_id in watched:
-                mark = fingerprint(row[ROW["body"]])
+            if reason is None:
+                mark = fingerprint(row[body_at])
                 normalised, similar = near_repeats(
                     mark, recent[task_id], threshold=policy.similarity_threshold
                 )
@@ -166,12 +181,37 @@ class Keeper:
             if reason is not None:
                 self._outcome(position).refused = ("runaway_loop", reason)
                 continue
-            requests[task_id] = requests.get(task_id, 0) + 1
+            requests[task_id] = count + 1
             if mark is not None:
                 identical[pair] = (same + 1, row[ROW["id"]])
                 window = recent[task_id]
                 window.insert(0, (row[ROW["id"]], mark))
                 del window[RECENT_PER_TASK:]
+
+    def _key_watched(
+        self,
+        rows: list[tuple[Any, ...]],
+        checked: list[tuple[int, tuple[Any, ...], Policy]],
+        watched: set[str],
+    ) -> list[tuple[int, tuple[Any, ...], Policy]]:
+        """Work out the loop keys of the watched tasks' requests: the stored ones still
+        `UNKEYED` (in the store), and this chunk's (in `rows`, before they are inserted);
+        returns `checked` with the keyed rows."""
+        self.sink.set_loop_keys(
+            [
+                (loop_key(body.encode()), rid)
+                for rid, body in self.sink.unkeyed_task_bodies(list(watched))
+                if body is not None  # purged: it still counts, but repeats nothing
+            ]
+        )
+        task_at, key_at, body_at = ROW["task_id"], ROW["loop_key"], ROW["body"]
+        keyed = []
+        for position, row, policy in checked:
+            if row[task_at] in watched and row[key_at] == UNKEYED:
+                row = (*row[:key_at], loop_key(row[body_at].encode()), *row[key_at + 1 :])
+                rows[position] = row
+            keyed.append((position, row, policy))
+        return keyed
 
     def _dedupe(self, rows: list[tuple[Any, ...]]) -> None:
         wanted: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))

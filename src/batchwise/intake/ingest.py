@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.config import Settings
-from batchwise.costs.guards import loop_key
+from batchwise.costs.guards import UNKEYED
 from batchwise.errors import IntakeError, LineError, ToleranceError
 from batchwise.intake import gemini
 from batchwise.intake.classify import Turnaround, classify, expected_turnaround
@@ -631,7 +631,7 @@ class Intake:
                 rid, custom_id or f"bw-{rid}", provider, endpoint, model, canonical.decode(),
                 digest.hex(), from_bytes(digest[:8], "big", signed=True), tolerance, *lane,
                 *tagged, size, size >> 2, fmt, *tail,
-                None if tagged[3] is None else loop_key(canonical),
+                None if tagged[3] is None else UNKEYED,
             ))  # fmt: skip
             add_format(fmt)
             line_numbers.append(lineno)

@@ -104,6 +104,19 @@ class GuardQueries:
             )
         ]
 
+    def unkeyed_task_bodies(self, task_ids: Sequence[str]) -> list[tuple[int, str | None]]:
+        # loop_key = 0 (`costs.guards.UNKEYED`): counted, key not worked out yet; the
+        # (task_id, loop_key) index finds them.
+        marks = ", ".join("?" for _ in task_ids)
+        return [
+            (int(rid), body)
+            for rid, body in self._query(
+                "SELECT r.id, b.body FROM requests r LEFT JOIN request_bodies b ON b.id = r.id "
+                f"WHERE r.task_id IS NOT NULL AND r.task_id IN ({marks}) AND r.loop_key = 0",
+                task_ids,
+            )
+        ]
+
     def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:
         marks = ", ".join("?" for _ in body_hashes)
         found = self._query(
@@ -146,6 +159,13 @@ class GuardQueries:
     def set_original_models(self, rows: Sequence[tuple[str, int]]) -> None:
         if rows:
             self._execute_many("UPDATE requests SET original_model = ? WHERE id = ?", rows)
+
+    def set_loop_keys(self, rows: Sequence[tuple[int, int]]) -> None:
+        if rows:
+            # `AND loop_key = 0`: a request refused meanwhile keeps its NULL
+            self._execute_many(
+                "UPDATE requests SET loop_key = ? WHERE id = ? AND loop_key = 0", rows
+            )
 
     def reject(self, rows: Sequence[tuple[int, str, str, str]], *, at: datetime) -> None:
         if not rows:

@@ -118,6 +118,11 @@ class RequestSink(Protocol):
         refused, body not purged), latest first per task."""
         ...
 
+    def unkeyed_task_bodies(self, task_ids: Sequence[str]) -> list[tuple[int, str | None]]:
+        """(request id, body) of these tasks' stored requests whose loop_key is not worked
+        out yet (`costs.guards.UNKEYED`); the body is None once purged."""
+        ...
+
     def answers(self, provider: str, endpoint: str, body_hashes: Sequence[str]) -> list[Answer]:
         """Succeeded requests with one of these bodies whose answer is still stored, newest
         first."""
@@ -134,6 +139,10 @@ class RequestSink(Protocol):
 
     def set_original_models(self, rows: Sequence[tuple[str, int]]) -> None:
         """Record (original model, request id) for requests a routing rule sent elsewhere."""
+        ...
+
+    def set_loop_keys(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Record (loop_key, request id) for stored requests that were `UNKEYED`."""
         ...
 
     def reject(self, rows: Sequence[tuple[int, str, str, str]], *, at: datetime) -> None:
