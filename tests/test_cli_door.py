@@ -174,6 +174,19 @@ def test_submit_asks_genai_prices_only_about_models_it_was_not_known_to_price(
     assert json.loads((cache / "known-models.json").read_text())["models"] == ["openai/gpt-4o-mini"]
 
 
+def test_the_cache_is_kept_under_the_installed_versions() -> None:
+    # The versions are read from the dist-info folders' names, as importlib.metadata finds them
+    from importlib import metadata
+
+    from batchwise.costs import known_models
+
+    assert known_models.versions() == (
+        f"batchwise {metadata.version('batchwise')}, "
+        f"genai-prices {metadata.version('genai-prices')}"
+    )
+    assert known_models._version("no-such-distribution-here") == "?"
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
-from importlib import metadata
 from pathlib import Path
 
 import orjson
@@ -44,13 +44,20 @@ def versions() -> str:
 
 @functools.cache
 def _version(distribution: str) -> str:
-    """The installed version, read once a process: the code it runs does not change under it,
-    and parsing a distribution's metadata cost ~0.4 ms on every `Client.enqueue` (a gateway's
-    realtime call pays it)."""
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "?"
+    """The installed version, read once a process (a gateway's realtime call asks on every
+    call), from the name of the distribution's `NAME-VERSION.dist-info` folder on `sys.path`:
+    what `importlib.metadata.version` finds, without importing it (and the email parser it
+    reads METADATA with), 30-40 ms of every `submit`'s start."""
+    prefix = distribution.replace("-", "_").lower() + "-"
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:  # not a folder (a zip, a missing path)
+            continue
+        for name in names:
+            if name.endswith(".dist-info") and name.lower().startswith(prefix):
+                return name[len(prefix) : -len(".dist-info")]
+    return "?"
 
 
 def key(settings: Settings, provider: str, model: str) -> str:

@@ -130,11 +130,11 @@ class Keeper:
             ROW["use_case"],
             ROW["body"],
         )
-        policy_of = self.guards.policy
+        policy_of, refused = self.guards.policy, self._refused if self.outcomes else None
         checked = [
             (position, row, policy_of(row[use_case], row[use_case + 1], row[use_case + 2]))
             for position, row in enumerate(rows)
-            if row[task_at] is not None and not self._refused(position)
+            if row[task_at] is not None and (refused is None or not refused(position))
         ]
         if not checked:
             return
