@@ -192,6 +192,11 @@ def task_runs(logs: Iterable[str]) -> tuple[list[TaskRun], int]:
     return sorted(runs, key=lambda r: r.start), raised
 
 
+def _did_nothing(result: str) -> bool:
+    """Whether a task's logged result counts nothing ({'packed': 0, 'submitted': 0}, 0, None)."""
+    return all(n == "0" for n in re.findall(r"\d+", result))
+
+
 def busy_s(runs: Iterable[TaskRun], start: float, end: float) -> float:
     """Seconds of [start, end] during which at least one task ran on some worker."""
     total, reach = 0.0, start
@@ -368,16 +373,21 @@ PATH = (
 
 
 def chain(batches: list[BatchTimes]) -> list[BatchTimes]:
-    """The batches the run waited on, last first: the batch reconciled last, then the batch
-    whose end let it be packed (the latest to end before its flush began), and so on: the
-    packer holds a model's next batch until its enqueued tokens have room."""
+    """The batches the run waited on: the batch reconciled last, then the batch whose end let
+    it be packed, and so on back, in run order. The packer holds a model's next batch until
+    its enqueued tokens have room; the room is read some way into the flush (after the plan,
+    in the packers' turn), so the one before is the latest of an earlier flush to end before
+    this one was claimed."""
     done = [b for b in batches if b.reconcile_ended is not None]
     if not done:
         return []
     path = [max(done, key=lambda b: b.reconcile_ended or 0.0)]
     while True:
-        packed = path[-1].packed
-        before = [b for b in batches if b.ended is not None and b.packed < b.ended <= packed]
+        cur = path[-1]
+        until = cur.claimed if cur.claimed is not None else cur.packed
+        before = [
+            b for b in batches if b.packed < cur.packed and b.ended is not None and b.ended <= until
+        ]
         if not before:
             return path[::-1]
         path.append(max(before, key=lambda b: b.ended or 0.0))
@@ -424,6 +434,17 @@ def report(split: Split) -> str:
         + ", ".join(f"{state} {n}" for state, n in sorted(split.states.items()))
         + ("; events: " + ", ".join(f"{k} {n}" for k, n in sorted(split.events.items())))
         * bool(split.events)
+    )
+
+    def first_last(attr: str) -> str:
+        times = [getattr(b, attr) for b in split.batches if getattr(b, attr) is not None]
+        return f"{_rel(split, min(times))}/{_rel(split, max(times))}" if times else "—"
+
+    out.append(
+        f"  first/last batch (s from the start of submit): submit ended "
+        f"{_rel(split, split.submit_ended)}; packed {first_last('packed')}, at the provider "
+        f"{first_last('submitted')}, ended {first_last('ended')}, reconciled "
+        f"{first_last('reconcile_ended')}; all done seen {_rel(split, split.done)}"
     )
     seconds, path = critical_path(split)
     out.append(
@@ -481,13 +502,17 @@ def report(split: Split) -> str:
     busy = busy_s(after, split.submit_ended, split.done)
     spent = {name: sum(r.end - r.start for r in runs) for name, runs in by_name.items()}
     out.append(
-        f"  worker tasks after submit ended ({span:.1f} s; run time summed, from the logs): "
-        + ", ".join(
-            f"{name} {seconds:.1f} s/{len(by_name[name])}"
-            for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1])
-        )
-        + (f"; {split.raised} raised" if split.raised else "")
+        f"  worker tasks after submit ended ({span:.1f} s; run time summed / tasks, from the "
+        "logs; of which ran finding nothing to do):"
     )
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+        idle = [r for r in by_name[name] if _did_nothing(r.result)]
+        out.append(
+            f"    {name:<13} {seconds:6.1f} s / {len(by_name[name]):>4}   nothing to do: "
+            f"{sum(r.end - r.start for r in idle):5.1f} s / {len(idle):>4}"
+        )
+    if split.raised:
+        out.append(f"    {split.raised} task(s) raised")
     out.append(
         f"  idle (no task running on any worker) {span - busy:.1f} s of those {span:.1f} s; "
         f"tasks running on average {sum(r.end - r.start for r in after) / max(span, 1e-9):.2f}"
