@@ -108,12 +108,16 @@ class BackendCpu:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> BackendCpu:
+        import psycopg
+
+        self._conn = psycopg.connect(self.pg, autocommit=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._conn.close()
 
     def mark(self) -> None:
         """From now on: what backends used so far is not counted."""
@@ -132,19 +136,12 @@ class BackendCpu:
             return dict(used)
 
     def _run(self) -> None:
-        import psycopg
-
-        with psycopg.connect(self.pg, autocommit=True) as conn:
-            self._conn = conn
-            while not self._stop.wait(0.25):
-                self._find()
-                self._read()
+        while not self._stop.wait(0.25):
+            self._find()
+            self._read()
 
     def _find(self) -> None:
-        conn = getattr(self, "_conn", None)
-        if conn is None:
-            return
-        rows = conn.execute(
+        rows = self._conn.execute(
             "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE %s",
             (self.prefix + "%",),
         ).fetchall()

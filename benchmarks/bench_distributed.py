@@ -9,9 +9,10 @@
    answered and every batch reconciled (emulator turnaround zero; two workers and beat): wall
    time, and the peak memory of the submit process and of each worker process. Then where the
    time went (`_deferred_split`, read after the run from the batches' timestamps, the workers'
-   logs and /proc, so nothing in the workers is timed): the wall time cut along the batch
-   reconciled last, each batch's stages, the workers' task time and idle time, and the CPU
-   time of every process and of the PostgreSQL backends serving each. `--deferred 0` skips it.
+   logs and /proc, so nothing in the workers is timed): the wall time cut along the batches
+   the run waited on (one after another, for the model's enqueued-token room), each batch's
+   stages, the workers' task time and idle time, and the CPU time of every process and of the
+   PostgreSQL backends serving each. `--deferred 0` skips it.
    Waiting for the end reads only the batches table (a handful of rows), and counts the
    requests once the batches say they are all done, so polling costs the run nothing.
 
