@@ -229,6 +229,8 @@ class BatchTimes:
     #: how many batches that task applied (their ends are not told apart)
     reconcile_shared: int = 1
     attempts: int = 0
+    #: polls that asked the provider about it
+    polls: int = 0
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -241,7 +243,9 @@ def batch_times(store: Store) -> list[BatchTimes]:
     stamps = [c.created_at, c.upload_started_at, c.create_started_at, c.submitted_at, c.ended_at]
     with store.read() as conn:
         rows = conn.execute(
-            sa.select(*columns, *stamps, c.reconciled_at, c.submit_attempts).order_by(c.id)
+            sa.select(*columns, *stamps, c.reconciled_at, c.submit_attempts, c.poll_count).order_by(
+                c.id
+            )
         ).all()
     return [
         BatchTimes(
@@ -254,6 +258,7 @@ def batch_times(store: Store) -> list[BatchTimes]:
             r[6].timestamp(),
             *(_epoch(v) for v in r[7:12]),
             attempts=int(r[12]),
+            polls=int(r[13]),
         )
         for r in rows
     ]
@@ -452,8 +457,8 @@ def report(split: Split) -> str:
         out.append(f"    {seconds[key]:7.2f}  {label}")
     out.append(
         "  per batch (s; 'at': from the start of submit): requests, est. tokens, packed at, "
-        "packing, file, upload, provider, → reconcile, reconcile [×N: one task for N batches], "
-        "reconciled at"
+        "packing, file, upload, provider/polls, → reconcile, reconcile [×N: one task for N "
+        "batches], reconciled at"
     )
     for b in split.batches:
         shared = f" ×{b.reconcile_shared}" if b.reconcile_shared > 1 else ""
@@ -461,7 +466,8 @@ def report(split: Split) -> str:
             f"    batch {b.id:>3} {b.requests:>6} {b.est_tokens / 1e6:5.2f}M "
             f"{_rel(split, b.packed):>6} "
             f"{_fmt(_gap(b.packed, b.claimed))} {_fmt(_gap(b.claimed, b.create_started))} "
-            f"{_fmt(_gap(b.create_started, b.submitted))} {_fmt(_gap(b.submitted, b.ended))} "
+            f"{_fmt(_gap(b.create_started, b.submitted))} {_fmt(_gap(b.submitted, b.ended))}"
+            f"/{b.polls} "
             f"{_fmt(_to_reconcile(b))} "
             f"{_fmt(_gap(b.reconcile_started, b.reconcile_ended))}{shared:<3} "
             f"{_rel(split, b.reconcile_ended):>6}"
@@ -486,8 +492,8 @@ def report(split: Split) -> str:
     out.append(
         f"    {'summed':>9} {sum(b.requests for b in split.batches):>6} "
         f"{sum(b.est_tokens for b in split.batches) / 1e6:5.1f}M {'':>6} "
-        + " ".join(_fmt(t) for t in totals)
-        + f" {_fmt(sum(reconciles.values()))}"
+        + " ".join(_fmt(t) for t in totals[:4])
+        + f"   {_fmt(totals[4])} {_fmt(sum(reconciles.values()))}"
     )
     if split.capacity:
         out.append("  " + "; ".join(split.capacity))
