@@ -4,9 +4,17 @@
 
 1. Realtime lane: N realtime requests through Celery + Redis, emulator latency zero, with one
    and then two worker processes (`batchwise worker -c 1` each): requests/s and the ratio.
+   `--realtime 0` skips it.
 2. Deferred lane: N deferred requests on PostgreSQL, from `batchwise submit` to every request
    answered and every batch reconciled (emulator turnaround zero; two workers and beat): wall
-   time, and the peak memory of the submit process and of each worker process.
+   time, and the peak memory of the submit process and of each worker process. Then where the
+   time went (`_deferred_split`, read after the run from the batches' timestamps, the workers'
+   logs and /proc, so nothing in the workers is timed): the wall time cut along the batches
+   the run waited on (one after another, for the model's enqueued-token room), each batch's
+   stages, the workers' task time and idle time, and the CPU time of every process and of the
+   PostgreSQL backends serving each. `--deferred 0` skips it.
+   Waiting for the end reads only the batches table (a handful of rows), and counts the
+   requests once the batches say they are all done, so polling costs the run nothing.
 
 Needs PostgreSQL (BENCH_PG, default postgresql://127.0.0.1:5432/test; a schema is created and
 dropped) and Redis (BENCH_REDIS, default redis://127.0.0.1:6379/12; a fresh queue per run).
@@ -19,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -35,6 +44,19 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from _common import openai_line, run_process
+from _deferred_split import (
+    BackendCpu,
+    Split,
+    batch_times,
+    capacity_lines,
+    group_cpu_s,
+    machine_cpu_s,
+    match_reconciles,
+    postgres_cpu_s,
+    report,
+    store_tallies,
+    task_runs,
+)
 
 from batchwise.api import Client
 from batchwise.config import Settings
@@ -60,19 +82,31 @@ OPEN = [s.value for s in BatchState if s is not BatchState.RECONCILED]
 
 
 class Processes:
-    """Background processes, each its own process group; logs in a work directory."""
+    """Background processes, each its own process group; logs in a work directory. Each
+    names its PostgreSQL connections `app_prefix` + its name (`PGAPPNAME`)."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env = workdir, env
+    def __init__(self, workdir: Path, env: dict[str, str], app_prefix: str) -> None:
+        self.workdir, self.env, self.app_prefix = workdir, env, app_prefix
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env_for(self, name: str) -> dict[str, str]:
+        return {**self.env, "PGAPPNAME": self.app_prefix + name}
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with open(self.workdir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                args,
+                env=self.env_for(name),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.procs[name] = proc
         return proc
+
+    def cpu_s(self, name: str) -> float:
+        """CPU seconds used so far by the process group (pool children included)."""
+        return group_cpu_s(self.procs[name].pid)
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
@@ -126,7 +160,7 @@ def deployment(
         "OPENAI_API_KEY": "sk-bench",
         "ANTHROPIC_API_KEY": "sk-bench",
     }
-    procs = Processes(workdir, env)
+    procs = Processes(workdir, env, app_prefix=f"{schema}-")
     procs.start("emulator", [PYTHON, "-c", EMULATOR, json.dumps(emulator)])
     url = wait_for(lambda: _listening(procs.log("emulator")), 20, "the emulator")
     env.update(OPENAI_BASE_URL=f"{url}/v1", ANTHROPIC_BASE_URL=url)
@@ -192,6 +226,36 @@ def counts(store: Store) -> tuple[int, int]:
     return int(done), int(open_)
 
 
+class Completion:
+    """Whether all `n` requests are answered and every batch reconciled, read cheaply: the
+    batches table (a handful of rows) says when every batch is reconciled and together they
+    held `n` requests; only then are the requests counted, at most every `recount_s`."""
+
+    def __init__(self, store: Store, n: int, *, recount_s: float = 5.0) -> None:
+        self.store, self.n, self.recount_s = store, n, recount_s
+        self._counted_at = -recount_s
+
+    def __call__(self) -> bool:
+        state = batches_t.c.state
+        with self.store.read() as conn:
+            open_, applied = conn.execute(
+                sa.select(
+                    sa.func.count().filter(state.in_(OPEN)),
+                    sa.func.coalesce(
+                        sa.func.sum(batches_t.c.request_count).filter(
+                            state == BatchState.RECONCILED.value
+                        ),
+                        0,
+                    ),
+                )
+            ).one()
+        now = time.monotonic()
+        if open_ or applied < self.n or now - self._counted_at < self.recount_s:
+            return False
+        self._counted_at = now
+        return counts(self.store) == (self.n, 0)
+
+
 # --- 1. realtime throughput -------------------------------------------------------------------
 
 
@@ -222,7 +286,8 @@ def realtime_run(workdir: Path, pg: str, redis: str, *, n: int, workers: int) ->
 # --- 2. deferred end to end -------------------------------------------------------------------
 
 
-def deferred_run(workdir: Path, pg: str, redis: str, *, n: int) -> dict[str, float]:
+def deferred_run(workdir: Path, pg: str, redis: str, *, n: int) -> tuple[dict[str, float], str]:
+    """The run's figures, and its time split as printable lines."""
     data = workdir / f"deferred-{n}.jsonl"
     rnd = random.Random(7)
     with open(data, "wb") as out:
@@ -231,27 +296,63 @@ def deferred_run(workdir: Path, pg: str, redis: str, *, n: int) -> dict[str, flo
             line["tolerance"] = "24h"
             out.write(orjson.dumps(line) + b"\n")
     config = "[scheduler]\ntick_interval_s = 1\nmax_wait_s = 1\n"
-    with deployment(workdir, pg, redis, emulator={"turnaround_s": 0.0}, config=config) as (
-        procs,
-        _settings,
-        store,
+    with (
+        deployment(workdir, pg, redis, emulator={"turnaround_s": 0.0}, config=config) as (
+            procs,
+            settings,
+            store,
+        ),
+        BackendCpu(pg, procs.app_prefix) as backends,
     ):
         names = start_workers(procs, 2, concurrency=2)
         procs.start("beat", [PYTHON, "-c", CLI, "beat"])
-        started = time.perf_counter()
-        submit = run_process([PYTHON, "-c", CLI, "submit", "--json", str(data)], env=procs.env)
-        wait_for(lambda: counts(store) == (n, 0), 1800, "every request", 0.25)
+        groups = [*names, "beat", "emulator"]
+        backends.mark()
+        cpu0 = {name: procs.cpu_s(name) for name in groups}
+        machine0, postgres0 = machine_cpu_s(), postgres_cpu_s()
+        started_at, started = time.time(), time.perf_counter()
+        submit = run_process(
+            [PYTHON, "-c", CLI, "submit", "--json", str(data)], env=procs.env_for("submit")
+        )
+        wait_for(Completion(store, n), 3600, "every request", 0.25)
         wall = time.perf_counter() - started
-        worker_peaks = [peak for name in names for peak in procs.peak_rss_mb(name)]
-        with store.read() as conn:
-            batches = conn.execute(sa.select(sa.func.count()).select_from(batches_t)).scalar_one()
-    return {
+        machine1, postgres1 = machine_cpu_s(), postgres_cpu_s()
+        cpu = {"submit": submit.cpu_s} | {name: procs.cpu_s(name) - cpu0[name] for name in groups}
+        backend_cpu = backends.by_name()
+        peaks = {"submit": submit.peak_rss_mb} | {
+            name: max(procs.peak_rss_mb(name), default=0.0) for name in groups
+        }
+        batches = batch_times(store)
+        states, events = store_tallies(store)
+        limits = capacity_lines(store, settings)
+    # the workers are stopped: their logs are complete
+    runs, raised = task_runs(procs.log(name) for name in names)
+    match_reconciles(batches, runs)
+    peaks["benchmark"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    split = Split(
+        started=started_at,
+        submit_ended=started_at + submit.seconds,
+        done=started_at + wall,
+        batches=batches,
+        runs=runs,
+        raised=raised,
+        states=states,
+        events=events,
+        cpu=cpu,
+        backend_cpu=backend_cpu,
+        machine=(machine1[0] - machine0[0], machine1[1] - machine0[1]),
+        peak_mb=peaks,
+        postgres_cpu=postgres1 - postgres0,
+        capacity=limits,
+    )
+    figures = {
         "wall_s": wall,
         "submit_s": submit.seconds,
         "submit_peak_mb": submit.peak_rss_mb,
-        "worker_peak_mb": max(worker_peaks),
-        "batches": float(batches),
+        "worker_peak_mb": max(peaks[name] for name in names),
+        "batches": float(len(batches)),
     }
+    return figures, report(split)
 
 
 def _spin(seconds: float) -> int:
@@ -296,13 +397,14 @@ def main() -> None:
             print(f"realtime, 2 vs 1 worker processes: ×{rates[2] / rates[1]:.2f}")
         if args.deferred:
             (root / "deferred").mkdir()
-            r = deferred_run(root / "deferred", pg, redis, n=args.deferred)
+            r, split = deferred_run(root / "deferred", pg, redis, n=args.deferred)
             print(
                 f"deferred, {args.deferred} requests on PostgreSQL: submit → all reconciled "
                 f"{r['wall_s']:.1f} s ({int(r['batches'])} batches; submit itself "
                 f"{r['submit_s']:.1f} s, peak {r['submit_peak_mb']:.0f} MB); "
                 f"peak worker process {r['worker_peak_mb']:.0f} MB"
             )
+            print(split)
 
 
 if __name__ == "__main__":

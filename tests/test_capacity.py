@@ -255,6 +255,37 @@ def test_3000_requests_fit_the_learned_limit_with_few_creations(
         check_ledger(world.store)
 
 
+@pytest.mark.postgres
+def test_a_packer_that_waited_its_turn_sees_the_room_the_one_before_took(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchwise.store import packing
+
+    limit = 400
+    with make_world(tmp_path, postgres_url, inflight_token_budget={MODEL: limit}) as world:
+        # Given more queued requests than the model's estimate holds at once …
+        world.enqueue(items(200))
+        # … and two packers (two workers' flush steps) that both read the model's room while
+        # nothing was open: the second reaches its turn once the first has committed a batch
+        # that fills the estimate …
+        real_take_turn = packing.take_turn
+        first: list[int] = []
+
+        def take_turn(conn: Any) -> None:
+            if not first:
+                first.append(0)
+                first.extend(world.scheduler.flush(drain=True))
+            real_take_turn(conn)
+
+        monkeypatch.setattr(packing, "take_turn", take_turn)
+        second = world.scheduler.flush(drain=True)
+        # … then the second packs nothing more of it: open batches stay within the estimate.
+        assert first[1:] and second == []
+        with world.store.read() as conn:
+            room_now = capacity.rooms(conn, world.settings, now=world.clock())["openai", MODEL]
+        assert 0 < room_now.open_tokens <= limit
+
+
 @pytest.mark.slow
 def test_a_limit_below_one_request_is_no_resubmit_storm(tmp_path: Path, db_url: str) -> None:
     # Given a provider that holds fewer tokens than one request needs, and no budget …

@@ -146,7 +146,6 @@ def pack(
         created += _pack_flush(
             store,
             flush,
-            rooms,
             now=now,
             settings=settings,
             limits=limits,
@@ -159,7 +158,6 @@ def pack(
 def _pack_flush(
     store: Store,
     flush: Flush,
-    rooms: Mapping[tuple[str, str], Room],
     *,
     now: datetime,
     settings: Settings,
@@ -174,7 +172,6 @@ def _pack_flush(
         now=now,
         settings=settings,
         limit=limits[group.provider],
-        room=rooms[group.provider, group.model],
         coalesce=coalesce,
         provider=None if provider_for is None else provider_for(group.provider),
     )
@@ -260,7 +257,6 @@ def _pack_group(
     now: datetime,
     settings: Settings,
     limit: BatchLimits,
-    room: Room | None,
     coalesce: Callable[[str | None, str | None, str | None], bool] | None = None,
     provider: Provider | None = None,
 ) -> list[int]:
@@ -270,23 +266,26 @@ def _pack_group(
     the token budget say; a batch that is not full is written only if the whole group is due.
     With a `provider`, each batch's file is written from the same read, under a temporary
     name until the transaction commits. On PostgreSQL packers take turns (an advisory lock),
-    so the requests other batches hold (`held_ids`) are known for certain meanwhile.
+    so the requests other batches hold (`held_ids`) and the model's room under its
+    enqueued-token estimate are known for certain meanwhile.
 
     The hot loop: each row is only what the loop needs (every column read costs a Python
     object per row), so a batch's earliest deadline is taken from its first member in SQL.
     """
     group = flush.group
-    # Never over the estimate: the line that would cross it waits (alone, a request bigger
-    # than the whole limit goes only when nothing of its model is open).
-    free = None if room is None else room.free_tokens
-    budget = free if free is not None else 1 << 62
-    alone = room is not None and room.alone
     created: list[_Cut] = []
     lines = None if provider is None else LineFormat(provider, group.endpoint, store.store_id)
     cut: _Cut | None = None
     try:
         with store.write() as conn:
             packing.take_turn(conn)
+            # The model's room is read again in this turn: the plan's reading is from before
+            # it, and a packer that went first (another worker's flush) may have filled it.
+            # Never over the estimate: the line that would cross it waits (alone, a request
+            # bigger than the whole limit goes only when nothing of its model is open).
+            room = capacity.rooms(conn, settings, now=now)[group.provider, group.model]
+            budget = room.free_tokens if room.free_tokens is not None else 1 << 62
+            alone = room.alone
             held = batches.held_ids(conn)
             #: identical requests ride on the first of them (coalesced): (follower, leader)
             followers: list[tuple[int, int]] = []
