@@ -5,6 +5,7 @@ decisions first, then the lifecycle against the emulator on a real socket."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ from batchwise.emulator.app import Emulator, EmulatorConfig
 from batchwise.errors import ProviderError
 from batchwise.lifecycle import capacity
 from batchwise.lifecycle.capacity import Estimate
+from batchwise.lifecycle.packer import plan
+from batchwise.providers.base import BatchLimits
 from batchwise.store.engine import batches_t, events_t, requests_t
+from batchwise.store.packing import Group
 from invariants import check_batches_created_once, check_ledger, check_no_overlapping_batches, rows
 from lifecycle_world import make_world
 
@@ -79,6 +83,25 @@ def test_room_is_what_is_free_under_the_estimate() -> None:
         None, Settings(), provider="anthropic", model="x", open_tokens=10**9, now=NOW
     )
     assert unknown.limit_tokens is None and unknown.free_tokens is None
+
+
+def test_a_model_whose_room_fits_none_of_its_queue_is_not_flushed() -> None:
+    # Given a group due now whose smallest request estimates 500 tokens
+    group = Group("openai", "/v1/chat/completions", MODEL, 1000, 10**6, 900_000,
+                  NOW - timedelta(hours=1), NOW, smallest_tokens=500)  # fmt: skip
+    settings, limits = Settings(), {"openai": BatchLimits(50_000, 200 * 2**20, True, frozenset())}
+
+    def flushed(r: capacity.Room) -> bool:
+        return bool(plan([group], now=NOW, settings=settings, limits=limits,
+                         turnaround_s=lambda p, m: 0.0, rooms={("openai", MODEL): r}))  # fmt: skip
+
+    # Then 499 free tokens (another batch nearly fills the limit) take nothing: no flush
+    assert not flushed(room(None, 2_000_000 - 499))
+    # And 500 free tokens take the smallest request
+    assert flushed(room(None, 2_000_000 - 500))
+    # And with nothing of the model open, a request bigger than the whole limit goes alone
+    alone = replace(room(None, 0), free_tokens=400, alone=True)
+    assert flushed(alone)
 
 
 def test_a_refused_batch_alone_over_the_named_limit_is_split_at_once() -> None:

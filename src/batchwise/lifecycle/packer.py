@@ -79,8 +79,10 @@ def plan(
     flushes = []
     for group in groups:
         limit = limits[group.provider]
-        if not has_room(rooms[group.provider, group.model]):
-            continue  # the provider would refuse it (token_limit_exceeded); wait for capacity
+        if not has_room(rooms[group.provider, group.model], group.smallest_tokens):
+            # the provider would refuse it (token_limit_exceeded), or not one request fits
+            # what is left: wait for capacity, without reading the group's rows for nothing
+            continue
         due = None
         if drain:
             due = "explicit"
@@ -99,9 +101,14 @@ def plan(
     return flushes
 
 
-def has_room(room: Room | None) -> bool:
-    """Whether a batch of the model may be packed now (None: nothing known, no limit)."""
-    return room is None or room.free_tokens is None or room.free_tokens > 0
+def has_room(room: Room | None, smallest_tokens: int = 0) -> bool:
+    """Whether a batch of the model may be packed now (None: nothing known, no limit): some
+    room is free, enough for the group's smallest request (`smallest_tokens`) unless nothing
+    of the model is open (then a request bigger than the whole limit may go alone)."""
+    if room is None or room.free_tokens is None:
+        return True
+    free = room.free_tokens
+    return free > 0 and (free >= smallest_tokens or room.alone)
 
 
 def pack(

@@ -40,6 +40,9 @@ class Group:
     est_tokens: int
     oldest_queued_at: datetime
     earliest_deadline: datetime
+    #: the smallest request's estimated tokens (held ones included, so never more than the
+    #: true smallest): a model whose room is below it can take none of them
+    smallest_tokens: int = 0
 
 
 def queued_groups(
@@ -66,6 +69,7 @@ def queued_groups(
             sa.func.sum(t.c.est_input_tokens),
             sa.func.min(t.c.updated_at),
             sa.func.min(t.c.deadline),
+            sa.func.min(t.c.est_input_tokens),
         )
         .where(
             t.c.state == RequestState.QUEUED.value,
@@ -84,7 +88,9 @@ def queued_groups(
             counts[1] += int(size or 0)
             counts[2] += int(tokens or 0)
     groups = []
-    for provider, endpoint, model, count, size, tokens, oldest, earliest in conn.execute(query):
+    for provider, endpoint, model, count, size, tokens, oldest, earliest, smallest in conn.execute(
+        query
+    ):
         minus = taken.get((provider, endpoint, model), (0, 0, 0))
         if count > minus[0]:
             groups.append(
@@ -97,6 +103,7 @@ def queued_groups(
                     int(tokens or 0) - minus[2],
                     oldest,
                     earliest,
+                    int(smallest or 0),
                 )
             )
     return groups
