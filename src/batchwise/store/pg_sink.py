@@ -93,10 +93,14 @@ class PostgresSink(SubmissionWrites, GuardQueries):
         self._sequence: str | None = None
         self._copy_types: list[str] | None = None
         self._open = True
-        # The guards query rows this transaction is still adding, which the table's
-        # statistics (taken before) do not count: a planner believing `requests` tiny scans
-        # it whole for every chunk, quadratic in the file. The indexes serve them.
-        conn.execute("SET LOCAL enable_seqscan = off")
+        try:
+            # The guards query rows this transaction is still adding, which the table's
+            # statistics (taken before) do not count: a planner believing `requests` tiny
+            # scans it whole for every chunk, quadratic in the file. The indexes serve them.
+            conn.execute("SET LOCAL enable_seqscan = off")
+        except BaseException:
+            self.rollback()
+            raise
 
     def time_value(self, moment: datetime) -> Any:
         return moment
