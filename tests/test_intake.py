@@ -3,6 +3,7 @@ both databases."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from batchwise.intake.ingest import Defaults, parse_line, submit_lines
 from batchwise.intake.lines import Invalid
 from batchwise.intake.tolerance import resolve_zone
 from batchwise.store.engine import Store, bodies_t, requests_t
-from batchwise.store.intake_rows import REQUEST_COLUMNS, body_key
+from batchwise.store.intake_rows import REQUEST_COLUMNS, RequestSink, body_key
+from batchwise.store.pg_sink import PostgresSink
 from batchwise.store.sinks import STORED_COLUMNS, EngineSink, SQLiteSink, open_sink
 from invariants import request_rows
 
@@ -43,9 +45,21 @@ def jsonl(*objs: Any) -> list[bytes]:
     return [orjson.dumps(o) if not isinstance(o, bytes) else o for o in objs]
 
 
-@pytest.fixture
-def client(db_url: str, settings: Settings, clock: ManualClock) -> Iterator[Client]:
+@pytest.fixture(params=["plain", "engine"])
+def client(
+    request: pytest.FixtureRequest,
+    db_url: str,
+    settings: Settings,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Client]:
+    """A client whose every `_submit` goes through one sink: the driver's own (`plain`:
+    `SQLiteSink`, `PostgresSink`), or `EngineSink` on the client's open store (`engine`)."""
     with Client(db_url, settings=settings, clock=clock) as c:
+        if request.param == "plain":
+            monkeypatch.setattr(c, "_submit", functools.partial(c._submit, bulk=True))
+        else:
+            assert c.store is not None  # open: a few lines go through the store's engine
         yield c
 
 
@@ -287,6 +301,41 @@ def test_sinks_write_identical_rows(tmp_path: Path, clock: ManualClock) -> None:
     assert stored[0][0]["deadline"].tzinfo is not None
 
 
+@pytest.mark.postgres
+def test_postgres_sinks_write_identical_rows(postgres_url: str, clock: ManualClock) -> None:
+    """psycopg's sink and the SQLAlchemy one store the same thing on PostgreSQL."""
+    lines = jsonl(
+        *(openai_line(i, tolerance=t) for i, t in enumerate(["4h", "realtime", "by 07:00"])),
+        {"model": "gpt-4o-mini", "prompt": "x", "tags": {"task_id": "t", "team": "a"}},
+    )
+    Store(postgres_url).close()
+    made = []
+    for make in (PostgresSink, lambda url: EngineSink(Store(url), owns_store=True)):
+        made.append(
+            submit_lines(
+                lines,
+                make(postgres_url),
+                settings=Settings(),
+                now=clock(),
+                zone=resolve_zone("UTC"),
+            ).submission_id
+        )
+    store = Store(postgres_url)
+    with store.read() as conn:
+        stored = [dict(r) for r in conn.execute(sa.select(requests_t)).mappings()]
+    store.close()
+    by = [[r for r in stored if r["submission_id"] == sid] for sid in made]
+    assert len(by[0]) == len(by[1]) == 4
+    for plain, engine in zip(*by, strict=True):
+        for row in (plain, engine):
+            row.pop("submission_id")
+            row.pop("id")
+            if row["custom_id"].startswith("bw-"):
+                row.pop("custom_id")  # named for its id
+        assert plain == engine
+    assert by[0][0]["deadline"].tzinfo is not None
+
+
 def test_open_sink_uses_the_fast_path_for_sqlite_files(tmp_path: Path) -> None:
     sink = open_sink(f"sqlite:///{tmp_path / 'x.db'}")
     try:
@@ -295,14 +344,36 @@ def test_open_sink_uses_the_fast_path_for_sqlite_files(tmp_path: Path) -> None:
         sink.rollback()
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["sqlite3", "engine"])
+@pytest.mark.postgres
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg", "postgres"])
+def test_open_sink_uses_psycopg_for_postgres(postgres_url: str, scheme: str) -> None:
+    Store(postgres_url).close()
+    sink = open_sink(scheme + "://" + postgres_url.split("://", 1)[1])
+    try:
+        assert isinstance(sink, PostgresSink)
+        # the URL's options reach the server: this schema, not the default one
+        ((path,),) = sink._query("SELECT current_schema()", [])
+        assert path in postgres_url
+    finally:
+        sink.rollback()
+
+
+@pytest.mark.parametrize(
+    "kind", ["sqlite3", "engine", pytest.param("psycopg", marks=pytest.mark.postgres)]
+)
 def test_sinks_check_guard_moves_against_the_transition_table(
-    tmp_path: Path, clock: ManualClock, fast: bool
+    request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock, kind: str
 ) -> None:
     """A guard's refusal or dedupe hit is a state change like any other: a move that
     `states.TRANSITIONS` does not allow is refused before any row is touched."""
     url = f"sqlite:///{tmp_path / 'x.db'}"
-    sink = SQLiteSink(url) if fast else EngineSink(Store(url), owns_store=True)
+    sink: RequestSink
+    if kind == "sqlite3":
+        sink = SQLiteSink(url)
+    elif kind == "engine":
+        sink = EngineSink(Store(url), owns_store=True)
+    else:
+        sink = PostgresSink(request.getfixturevalue("postgres_url"))
     try:
         with pytest.raises(TransitionError, match="from succeeded to rejected"):
             sink.reject([(1, "succeeded", "budget", "over budget")], at=clock())

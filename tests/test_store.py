@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
+import json
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
@@ -413,6 +416,75 @@ def test_an_older_store_is_still_upgraded_by_the_migrations(sqlite_url: str) -> 
         columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
     store.close()
     assert revision == dbapi.SCHEMA_REVISION and "loop_key" in columns
+
+
+@pytest.mark.postgres
+def test_submit_into_postgres_does_not_import_sqlalchemy(postgres_url: str, tmp_path: Path) -> None:
+    """`batchwise submit` into a PostgreSQL store at this revision talks psycopg only: the
+    SQLAlchemy stack is most of a small file's time."""
+    Store(postgres_url).close()
+    data = tmp_path / "one.jsonl"
+    data.write_text(
+        '{"model": "gpt-4o-mini", "prompt": "hi"}\n{"model": "gpt-4o-mini", "prompt": "yo"}\n'
+    )
+    code = (
+        "import sys\n"
+        "from batchwise.cli.main import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(sorted({'alembic', 'sqlalchemy', 'sqlmodel'} & set(sys.modules)))\n"
+    )
+    args = ["--db", postgres_url, "submit", "--json", str(data)]
+    env = {**os.environ, "BATCHWISE_HOME": str(tmp_path / "home")}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env
+    )
+    result, modules = out.stdout.strip().splitlines()
+    assert json.loads(result)["accepted"] == 2 and modules == "[]"
+    store = Store(postgres_url)
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(requests_t)).scalar() == 2
+    store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("start", [None, "0003"], ids=["empty", "older"])
+def test_the_postgres_sink_creates_or_upgrades_the_schema(
+    postgres_url: str, settings: Settings, start: str | None
+) -> None:
+    """A schema with no tables gets them, an older one is upgraded by the migrations, and the
+    submission then goes in (through psycopg, on the same connection settings)."""
+    if start is not None:
+        config = Config()
+        config.set_main_option(
+            "script_location", str(Path(batchwise.store.schema.__file__).parent / "migrations")
+        )
+        engine = sa.create_engine(postgres_url)
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, start)
+        engine.dispose()
+    with Client(postgres_url, settings=settings) as client:
+        made = client.submit_file(io.BytesIO(b'{"model": "gpt-4o-mini", "prompt": "hi"}\n'))
+        assert made.intake.accepted == 1
+    store = Store(postgres_url, create_schema=False)
+    with store.read() as conn:
+        revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
+        count = conn.execute(sa.select(sa.func.count()).select_from(requests_t)).scalar()
+    store.close()
+    assert revision == dbapi.SCHEMA_REVISION and "loop_key" in columns and count == 1
+
+
+@pytest.mark.postgres
+def test_a_postgres_sink_error_does_not_show_the_password(postgres_url: str) -> None:
+    secret = "s3cr3t-pass"
+    url = f"postgresql://nobody:{secret}@" + postgres_url.split("://", 1)[1]  # no such role
+    with pytest.raises(Exception) as info:
+        open_sink(url)
+    assert secret not in str(info.value) and secret not in repr(info.value)
 
 
 def test_a_new_sqlite_connection_keeps_the_locks_of_the_others(tmp_path: Path) -> None:

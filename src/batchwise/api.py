@@ -397,20 +397,19 @@ class Client:
         on_line: Callable[[int], None] | None = None,
         bulk: bool = False,
     ) -> SubmitResult:
-        """Intake `lines` through a sink on this client's database. A `bulk` one (a file) on
-        a SQLite file goes through the plain-sqlite3 sink even with the store open: through
-        the engine's, a 50,000-line file took twice as long (the gateway's batches)."""
-        from batchwise.store import dbapi
-        from batchwise.store.sinks import EngineSink, SQLiteSink, open_sink
+        """Intake `lines` through a sink on this client's database. A `bulk` one (a file)
+        goes through the driver's own sink (`plain_sink`) even with the store open: on SQLite,
+        through the engine's, a 50,000-line file took twice as long (the gateway's batches)."""
+        from batchwise.store.sinks import EngineSink, open_sink, plain_sink
 
         url = self.database_url
-        sink: RequestSink
+        sink: RequestSink | None
         if self._store is None:
             sink = open_sink(url)
-        elif bulk and dbapi.is_sqlite(url) and dbapi.sqlite_path(url) != ":memory:":
-            sink = SQLiteSink(url)
         else:
-            sink = EngineSink(self._store)
+            sink = plain_sink(url) if bulk else None
+            if sink is None:  # a few lines: the store's pooled connection is already open
+                sink = EngineSink(self._store)
         result = submit_lines(
             lines,
             sink,

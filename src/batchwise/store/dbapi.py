@@ -46,6 +46,11 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def is_postgres(url: str) -> bool:
+    """`postgresql://`, `postgres://`, or either with a SQLAlchemy `+driver`."""
+    return url.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
 def sqlite_path(url: str) -> str:
     """The file of a `sqlite:///relative`, `sqlite:////absolute` or `sqlite://` (memory) URL."""
     if not url.startswith("sqlite://"):

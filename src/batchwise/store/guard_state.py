@@ -2,10 +2,10 @@
 money spent and in flight) and what they write (refusals, dedupe hits, holds, events, ledger
 entries), inside the intake's own transaction.
 
-Both sinks run these statements through their own raw driver (`sqlite3` for `SQLiteSink`,
-the SQLAlchemy connection's DBAPI cursor for `EngineSink`), written once here with `?`
-placeholders; so the guards cost a few set-based statements per chunk and the SQLite path
-still never imports SQLAlchemy.
+Every sink runs these statements through its own raw driver (`sqlite3` for `SQLiteSink`,
+psycopg for `PostgresSink`, the SQLAlchemy connection's DBAPI cursor for `EngineSink`),
+written once here with `?` placeholders; so the guards cost a few set-based statements per
+chunk and `batchwise submit` never imports SQLAlchemy.
 """
 
 from __future__ import annotations

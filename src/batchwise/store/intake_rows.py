@@ -45,6 +45,11 @@ REQUEST_COLUMNS = (
 
 #: position of each column in a row tuple
 ROW = {name: i for i, name in enumerate(REQUEST_COLUMNS)}
+_BODY = ROW["body"]
+#: the `requests` columns of an intake row: all but the body, which has its own table
+STORED_COLUMNS = REQUEST_COLUMNS[:_BODY] + REQUEST_COLUMNS[_BODY + 1 :]
+#: how many of a (provider, model)'s latest batch turnarounds a sink reads for its forecast
+TURNAROUND_HISTORY = 500
 
 #: the tag columns a budget can be kept for (`spent_nusd`, `unfinished_estimates`)
 BUDGET_TAGS = frozenset({"use_case", "step", "business_unit", "task_id"})
@@ -59,6 +64,28 @@ def body_key(body_hash: str) -> int:
     an index on it is a fraction of the size of one on the hash, and the full hash is compared
     after the lookup."""
     return int.from_bytes(bytes.fromhex(body_hash[:16]), "big", signed=True)
+
+
+def stored_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Intake rows as `requests` rows (without the body)."""
+    b = _BODY
+    return [row[:b] + row[b + 1 :] for row in rows]
+
+
+def body_rows(rows: Sequence[tuple[Any, ...]], refused: Sequence[int]) -> list[tuple[Any, Any]]:
+    """(id, body) of the rows that were stored, for `request_bodies`."""
+    b = _BODY
+    if not refused:
+        return [(row[0], row[b]) for row in rows]
+    skip = set(refused)
+    return [(row[0], row[b]) for i, row in enumerate(rows) if i not in skip]
+
+
+def is_custom_id_conflict(exc: BaseException) -> bool:
+    """Whether a driver's integrity error is the live custom_id index refusing a row (the
+    PostgreSQL index's name, or the SQLite columns it lists)."""
+    text = str(exc)
+    return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
 
 
 class RequestSink(Protocol):

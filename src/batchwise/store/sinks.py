@@ -1,9 +1,11 @@
 """Bulk request writers ("sinks") for intake: one open write transaction each.
 
-Two interchangeable backends pass the same tests: `SQLiteSink` on the plain `sqlite3` module
-(the embedded default; no SQLAlchemy import, so `batchwise submit` starts fast) and
-`EngineSink` on a SQLAlchemy connection (PostgreSQL, or SQLite in tests). Both answer the
-cost guards through `GuardQueries` (store.guard_state), on their own raw driver.
+Three interchangeable backends pass the same tests: `SQLiteSink` on the plain `sqlite3` module
+(the embedded default) and `PostgresSink` (store.pg_sink) on plain psycopg, neither importing
+SQLAlchemy, so `batchwise submit` starts fast; and `EngineSink` on a SQLAlchemy connection,
+for writing inside a caller's open transaction (a cron job run's) or on an in-memory SQLite
+store. All answer the cost guards through `GuardQueries` (store.guard_state), on their own
+raw driver.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from batchwise.errors import StoreError
 from batchwise.store import dbapi
 from batchwise.store.guard_state import GuardQueries
-from batchwise.store.intake_rows import REQUEST_COLUMNS, ROW, RequestSink
+from batchwise.store.intake_rows import (
+    ROW,
+    STORED_COLUMNS,
+    TURNAROUND_HISTORY,
+    RequestSink,
+    body_rows,
+    is_custom_id_conflict,
+    stored_rows,
+)
 from batchwise.store.submissions import SubmissionWrites
 
 if TYPE_CHECKING:
@@ -24,11 +34,8 @@ if TYPE_CHECKING:
 
     from batchwise.store.engine import Store
 
-_TURNAROUND_HISTORY = 500
 _BODY = ROW["body"]
 _SUBMISSION = ROW["submission_id"]
-#: the `requests` columns of an intake row: all but the body, which has its own table
-STORED_COLUMNS = REQUEST_COLUMNS[:_BODY] + REQUEST_COLUMNS[_BODY + 1 :]
 # SQLite statements take whole intake rows as they are, with no per-row copy: numbered
 # parameters (?N) pick each column's place in the row, and the ones a statement leaves out
 # are bound and ignored.
@@ -38,37 +45,29 @@ _INSERT_SQL = (
     + f") /* ?{_BODY + 1} is the body: request_bodies */"
 )
 _BODY_SQL = "INSERT INTO request_bodies (id, body) VALUES (?, ?)"
-_COPY_REQUESTS_SQL = f"COPY requests ({', '.join(STORED_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-_COPY_BODIES_SQL = "COPY request_bodies (id, body) FROM STDIN (FORMAT BINARY)"
 
 
-def stored_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Intake rows as `requests` rows (without the body)."""
-    b = _BODY
-    return [row[:b] + row[b + 1 :] for row in rows]
+def plain_sink(url: str) -> RequestSink | None:
+    """A sink on the database's own driver (no SQLAlchemy import): a SQLite file through
+    `sqlite3`, PostgreSQL through psycopg; None for other URLs (an in-memory SQLite database
+    lives in its engine's connection, so only `EngineSink` on that store can reach it)."""
+    if dbapi.is_sqlite(url):
+        return SQLiteSink(url) if dbapi.sqlite_path(url) != ":memory:" else None
+    if dbapi.is_postgres(url):
+        from batchwise.store.pg_sink import PostgresSink
 
-
-def body_rows(rows: Sequence[tuple[Any, ...]], refused: Sequence[int]) -> list[tuple[Any, Any]]:
-    """(id, body) of the rows that were stored, for `request_bodies`."""
-    b = _BODY
-    if not refused:
-        return [(row[0], row[b]) for row in rows]
-    skip = set(refused)
-    return [(row[0], row[b]) for i, row in enumerate(rows) if i not in skip]
+        return PostgresSink(url)
+    return None
 
 
 def open_sink(url: str) -> RequestSink:
     """The fastest sink for this database URL."""
-    if dbapi.is_sqlite(url) and dbapi.sqlite_path(url) != ":memory:":
-        return SQLiteSink(url)
+    sink = plain_sink(url)
+    if sink is not None:
+        return sink
     from batchwise.store.engine import Store
 
     return EngineSink(Store(url), owns_store=True)
-
-
-def _is_custom_id_conflict(exc: BaseException) -> bool:
-    text = str(exc)
-    return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
 
 
 class SQLiteSink(SubmissionWrites, GuardQueries):
@@ -113,7 +112,7 @@ class SQLiteSink(SubmissionWrites, GuardQueries):
                 self.conn.executemany(_INSERT_SQL, part)
                 break
             except sqlite3.IntegrityError as exc:
-                if not _is_custom_id_conflict(exc):
+                if not is_custom_id_conflict(exc):
                     raise
                 (done,) = self.conn.execute(
                     "SELECT count(*) FROM requests WHERE id BETWEEN ? AND ?",
@@ -134,7 +133,7 @@ class SQLiteSink(SubmissionWrites, GuardQueries):
         rows = self.conn.execute(
             "SELECT turnaround_s FROM batches WHERE provider = ? AND model = ? "
             "AND turnaround_s IS NOT NULL ORDER BY id DESC LIMIT ?",
-            (provider, model, _TURNAROUND_HISTORY),
+            (provider, model, TURNAROUND_HISTORY),
         )
         return [float(r[0]) for r in rows]
 
@@ -215,41 +214,20 @@ class EngineSink(SubmissionWrites, GuardQueries):
                     self._copy(rows)
                 return []
             except psycopg.errors.UniqueViolation as exc:
-                if not _is_custom_id_conflict(exc):
+                if not is_custom_id_conflict(exc):
                     raise
             # The savepoint undid the chunk: find the refused rows the slow way.
         return self._insert_checked(rows)
 
     def _copy(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """PostgreSQL's bulk path: COPY the chunk's requests, then their bodies."""
+        from batchwise.store.pg_sink import column_types, copy_chunk
+
         driver = self.conn.connection.driver_connection
         assert driver is not None, "an open connection"
-        b = _BODY
         with driver.cursor() as cursor:
             if self._copy_types is None:
-                self._copy_types = self._column_types(cursor)
-            with cursor.copy(_COPY_REQUESTS_SQL) as copy:
-                copy.set_types(self._copy_types)
-                write = copy.write_row
-                for row in rows:
-                    write(row[:b] + row[b + 1 :])
-            with cursor.copy(_COPY_BODIES_SQL) as copy:
-                copy.set_types(["int4", "text"])
-                write = copy.write_row
-                for row in rows:
-                    write((row[0], row[b]))
-
-    @staticmethod
-    def _column_types(cursor: Any) -> list[str]:
-        """The PostgreSQL type of each stored column, for a binary COPY (no text parsing of
-        numbers and timestamps on either side)."""
-        found = dict(
-            cursor.execute(
-                "SELECT column_name, udt_name FROM information_schema.columns "
-                "WHERE table_name = 'requests' AND table_schema = current_schema()"
-            ).fetchall()
-        )
-        return [found[column] for column in STORED_COLUMNS]
+                self._copy_types = column_types(cursor)
+            copy_chunk(cursor, rows, self._copy_types)
 
     def _insert_checked(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         """Insert a chunk, setting aside the rows whose custom_id is taken."""
@@ -266,7 +244,7 @@ class EngineSink(SubmissionWrites, GuardQueries):
                     )
                 break
             except sa.exc.IntegrityError as exc:
-                if not _is_custom_id_conflict(exc):
+                if not is_custom_id_conflict(exc):
                     raise
             # The savepoint undid the chunk: set aside rows whose custom_id is held by a live
             # request or by an earlier row of the chunk, and insert the rest.
@@ -319,7 +297,7 @@ class EngineSink(SubmissionWrites, GuardQueries):
                 "SELECT turnaround_s FROM batches WHERE provider = :p AND model = :m "
                 "AND turnaround_s IS NOT NULL ORDER BY id DESC LIMIT :n"
             ),
-            {"p": provider, "m": model, "n": _TURNAROUND_HISTORY},
+            {"p": provider, "m": model, "n": TURNAROUND_HISTORY},
         )
         return [float(r[0]) for r in rows]
 

@@ -2,8 +2,8 @@
 job run), and their requests read back by submission.
 
 Intake writes a submission row in its own transaction through the sink (`SubmissionWrites`,
-statements with `?` placeholders that both sinks run on their raw driver, so the SQLite path
-still never imports SQLAlchemy). The reads below are for the API, the CLI and the exports;
+statements with `?` placeholders that every sink runs on its raw driver, so `batchwise submit`
+never imports SQLAlchemy). The reads below are for the API, the CLI and the exports;
 they import SQLAlchemy when called. Counts by state and the finish time are derived from
 `requests`, never stored. A submission's requests all have ids between its
 `first_request_id` and `last_request_id`, so a read scans that range of the primary key.
