@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError, anthropic_error_type
-from batchwise.emulator.prompts import CacheUse, PrefixCache, Prompt
+from batchwise.emulator.prompts import NO_CACHE_USE, PrefixCache, Prompt
 from batchwise.emulator.seeded import rng
 from batchwise.emulator.state import LineRow
 
@@ -89,7 +89,7 @@ def settle_lines(
                 )
             )
             continue
-        use = cache.use(d.prompt, now) if d.prompt is not None else CacheUse()
+        use = cache.use(d.prompt, now) if d.prompt is not None else NO_CACHE_USE
         rows.append(
             LineRow(
                 pos,

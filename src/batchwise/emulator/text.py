@@ -40,6 +40,9 @@ def estimate_tokens(text: str) -> int:
 
 #: a word per byte value, so a run of random bytes maps straight to words
 _WORD_OF_BYTE = tuple(_WORDS[i % len(_WORDS)] for i in range(256))
+#: the same words capitalized (a sentence's first), and after a space (the others)
+_FIRST_OF_BYTE = tuple(w.capitalize() for w in _WORD_OF_BYTE)
+_NEXT_OF_BYTE = tuple(" " + w for w in _WORD_OF_BYTE)
 
 
 class Generation:
@@ -91,9 +94,8 @@ def words(r: random.Random, count: int) -> str:
 def _sentence(picks: bytes) -> str:
     """A sentence of one word per byte of `picks`: three letters and a space each, so k words
     are exactly k tokens."""
-    chosen = list(map(_WORD_OF_BYTE.__getitem__, picks))
-    chosen[0] = chosen[0].capitalize()
-    return " ".join(chosen) + "."
+    following = _NEXT_OF_BYTE
+    return _FIRST_OF_BYTE[picks[0]] + "".join([following[b] for b in picks[1:]]) + "."
 
 
 def generate(

@@ -4,13 +4,15 @@ the output / error files, rendered from the input file whenever they are downloa
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from batchwise.emulator.batches import chunked, read_at, settle_lines
+from batchwise.emulator.batches import chunked, settle_lines
 from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.lifecycle import Phase, Timeline
@@ -20,12 +22,12 @@ from batchwise.emulator.openai.bodies import (
     CHAT,
     EMULATED,
     RESPONSE_ID_PREFIX,
-    plan,
+    replan,
 )
 from batchwise.emulator.openai.input import InputScan, check_metadata, scan_input
 from batchwise.emulator.openai.render import render
 from batchwise.emulator.prompts import PrefixCache
-from batchwise.emulator.seeded import hex_id
+from batchwise.emulator.seeded import hex_id, hex_ids
 from batchwise.emulator.state import BatchRow, FileRow, LineSummary
 
 _DAY_S = 86_400
@@ -329,41 +331,50 @@ class OpenAIBatches:
     def _output_lines(self, b: BatchRow, tl: Timeline, done: int) -> Iterator[bytes]:
         endpoint = b.endpoint or CHAT
         prefix = RESPONSE_ID_PREFIX[endpoint]
+        models = self._env.config.models
+        request_id = hex_ids(b.id)
         with open(b.input_path, "rb") as fh:
-            for line in self._env.state.iter_lines(b.id, 0, done):
-                if not line.ok:
-                    continue
-                body = orjson.loads(read_at(fh, line.offset, line.length))["body"]
-                rid = hex_id(b.id, line.custom_id)
-                answer = render(
-                    plan(endpoint, body, self._env.config.models),
-                    body,
-                    cached_tokens=line.cached_tokens,
-                    response_id=prefix + rid,
-                    created=tl.line_done_at(line.pos),
-                )
-                yield (
-                    orjson.dumps(
-                        {
-                            "id": f"batch_req_{rid}",
-                            "custom_id": line.custom_id,
-                            "response": {
-                                "status_code": 200,
-                                "request_id": f"req_{rid}",
-                                "body": answer,
-                            },
-                            "error": None,
-                        }
+            if os.fstat(fh.fileno()).st_size == 0:
+                return  # no line (a batch of an empty file fails)
+            # lines come in processing order, a shuffle of the file's: a map reads each
+            # without a seek and a read call
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for line in self._env.state.iter_lines(b.id, 0, done):
+                    if not line.ok:
+                        continue
+                    start = line.offset
+                    body = orjson.loads(data[start : start + line.length])["body"]
+                    rid = request_id(line.custom_id)
+                    answer = render(
+                        replan(endpoint, body, models, line.input_tokens),
+                        body,
+                        cached_tokens=line.cached_tokens,
+                        response_id=prefix + rid,
+                        created=tl.line_done_at(line.pos),
                     )
-                    + b"\n"
-                )
+                    yield (
+                        orjson.dumps(
+                            {
+                                "id": f"batch_req_{rid}",
+                                "custom_id": line.custom_id,
+                                "response": {
+                                    "status_code": 200,
+                                    "request_id": f"req_{rid}",
+                                    "body": answer,
+                                },
+                                "error": None,
+                            }
+                        )
+                        + b"\n"
+                    )
 
     def _error_lines(self, b: BatchRow, done: int, code: str, message: str) -> Iterator[bytes]:
         state = self._env.state
+        request_id = hex_ids(b.id)
         for line in state.iter_lines(b.id, 0, done):
             if line.ok:
                 continue
-            rid = hex_id(b.id, line.custom_id)
+            rid = request_id(line.custom_id)
             yield (
                 orjson.dumps(
                     {
@@ -390,7 +401,7 @@ class OpenAIBatches:
             yield (
                 orjson.dumps(
                     {
-                        "id": f"batch_req_{hex_id(b.id, line.custom_id)}",
+                        "id": f"batch_req_{request_id(line.custom_id)}",
                         "custom_id": line.custom_id,
                         "response": None,
                         "error": {"code": code, "message": message},

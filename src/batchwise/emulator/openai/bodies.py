@@ -17,9 +17,11 @@ import orjson
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.models import TEXT_KINDS, ModelInfo, resolve
 from batchwise.emulator.prompts import (
+    OPENAI_CACHE_TTL_S,
     Prompt,
     content_text,
     joined,
+    message_text,
     openai_auto_prompt,
 )
 from batchwise.emulator.seeded import digest
@@ -186,7 +188,7 @@ def _key(endpoint: str, body: Mapping[str, Any], *extra: object) -> bytes:
 
 def _schema(fmt: Any) -> Mapping[str, Any] | None:
     """The JSON schema a `response_format` / `text.format` asks for, if any."""
-    if not isinstance(fmt, Mapping):
+    if fmt is None or not isinstance(fmt, Mapping):  # None (the usual) skips the ABC check
         return None
     if fmt.get("type") == "json_object":
         return default_json_schema()
@@ -197,9 +199,9 @@ def _schema(fmt: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _ttl(body: Mapping[str, Any]) -> dict[str, float]:
-    ttl = _RETENTION_TTL_S.get(str(body.get("prompt_cache_retention")))
-    return {} if ttl is None else {"ttl_s": ttl}
+def _ttl_s(body: Mapping[str, Any]) -> float:
+    """How long the prompt's cached prefixes stay (`prompt_cache_retention`)."""
+    return _RETENTION_TTL_S.get(str(body.get("prompt_cache_retention")), OPENAI_CACHE_TTL_S)
 
 
 def _hidden(key: bytes, model: ModelInfo, effort: Any) -> int:
@@ -220,7 +222,8 @@ def plan_chat(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> 
             code="missing_required_parameter" if messages is None else "invalid_value",
         )
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or message.get("role") not in _CHAT_ROLES:
+        # `dict` first: parsed JSON is dicts, and the ABC check costs more than the exact type's
+        if not isinstance(message, (dict, Mapping)) or message.get("role") not in _CHAT_ROLES:
             raise bad(
                 f"Invalid 'messages[{i}]': expected an object with a valid 'role'.",
                 param=f"messages[{i}]",
@@ -238,26 +241,35 @@ def plan_chat(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> 
     if cap is None:
         cap = _int(body, "max_tokens", low=1, high=high)
     n = _int(body, "n", low=1, high=128) or 1
-    text = joined(
-        (
-            str(m["role"]),
-            content_text(m.get("content"))
-            + (orjson.dumps(m["tool_calls"]).decode() if m.get("tool_calls") else ""),
-        )
-        for m in messages
-    )
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        text = content if type(content) is str else content_text(content)
+        if m.get("tool_calls"):
+            text += orjson.dumps(m["tool_calls"]).decode()
+        parts.append(message_text(str(m["role"]), text))
+    text = "".join(parts)
     if body.get("tools"):
         text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
-    prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
-    _fits(model, prompt.tokens, param="messages")
+    prompt = openai_auto_prompt(model.cache_scope, text, ttl_s=_ttl_s(body))
+    tokens = prompt.tokens
+    _fits(model, tokens, param="messages")
+    return OpenAIPlan(CHAT, model, prompt, tokens, _chat_answers(body, model, cap, n))
+
+
+def _chat_answers(
+    body: Mapping[str, Any], model: ModelInfo, cap: int | None, n: int
+) -> tuple[Generation, ...]:
+    """The `n` answers of a chat body, within `cap` output tokens each."""
     effort = body.get("reasoning_effort")
     schema = _schema(body.get("response_format"))
+    request = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     gens = []
     for i in range(n):
-        key = _key(CHAT, body, i)
+        key = digest(CHAT, request, i)
         hidden = _hidden(key, model, effort)
         gens.append(generate(key, cap=cap, reasoning_tokens=hidden, schema=schema))
-    return OpenAIPlan(CHAT, model, prompt, prompt.tokens, tuple(gens))
+    return tuple(gens)
 
 
 def _input_text(items: Any) -> list[tuple[str, str]]:
@@ -297,16 +309,21 @@ def plan_responses(body: Mapping[str, Any], models: frozenset[str] = frozenset()
     text = joined(messages)
     if body.get("tools"):
         text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
-    prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
+    prompt = openai_auto_prompt(model.cache_scope, text, ttl_s=_ttl_s(body))
     _fits(model, prompt.tokens, param="input")
+    answer = _response_answer(body, model, cap)
+    return OpenAIPlan(RESPONSES, model, prompt, prompt.tokens, (answer,))
+
+
+def _response_answer(body: Mapping[str, Any], model: ModelInfo, cap: int | None) -> Generation:
+    """The answer of a Responses API body, within `cap` output tokens."""
     reasoning = body.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, Mapping) else None
     text_cfg = body.get("text")
     schema = _schema(text_cfg.get("format") if isinstance(text_cfg, Mapping) else None)
     key = _key(RESPONSES, body)
     hidden = _hidden(key, model, effort)
-    gen = generate(key, cap=cap, reasoning_tokens=hidden, schema=schema)
-    return OpenAIPlan(RESPONSES, model, prompt, prompt.tokens, (gen,))
+    return generate(key, cap=cap, reasoning_tokens=hidden, schema=schema)
 
 
 def embedding_inputs(value: Any) -> list[tuple[str, int]]:
@@ -459,3 +476,30 @@ def plan(
     """Validate `body` for `endpoint` (raises `ApiError`) and decide the answer. `models`:
     names answered beyond OpenAI's own (`EmulatorConfig.models`)."""
     return _PLANNERS[endpoint](body, models)
+
+
+#: the prompt of a plan made again to render an answer, which reads no prompt
+_PROMPT_NOT_BUILT = Prompt("", "auto")
+
+
+def replan(
+    endpoint: str,
+    body: Mapping[str, Any],
+    models: frozenset[str],
+    input_tokens: int,
+) -> OpenAIPlan:
+    """The plan of a batch line `plan` accepted when its batch was created, made again to
+    render its answer on download: the same answers, without checking the body again or
+    building its prompt (`input_tokens` is what `plan` counted). The prompt is left out, so
+    the plan is for rendering only."""
+    model = resolve("openai", body.get("model") or "", models)
+    if endpoint == CHAT and model is not None:
+        cap = body.get("max_completion_tokens")
+        if cap is None:
+            cap = body.get("max_tokens")
+        answers = _chat_answers(body, model, cap, body.get("n") or 1)
+        return OpenAIPlan(CHAT, model, _PROMPT_NOT_BUILT, input_tokens, answers)
+    if endpoint == RESPONSES and model is not None:
+        answer = _response_answer(body, model, body.get("max_output_tokens"))
+        return OpenAIPlan(RESPONSES, model, _PROMPT_NOT_BUILT, input_tokens, (answer,))
+    return plan(endpoint, body, models)

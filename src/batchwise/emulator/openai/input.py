@@ -167,14 +167,20 @@ def _scan_line(
             scan.model = model
         if scan.errors:
             return  # the batch fails anyway: keep scanning for errors, skip the work
-        draft = LineDraft(line_no, custom_id, offset, length)
         try:
             p = plan(endpoint, body, models)
         except ApiError as exc:
-            draft.error = exc
+            draft = LineDraft(line_no, custom_id, offset, length, exc)
         else:
-            draft.prompt = p.prompt
-            draft.input_tokens = p.input_tokens
-            draft.output_tokens = p.output_tokens
-            draft.reasoning_tokens = p.reasoning_tokens
+            draft = LineDraft(
+                line_no,
+                custom_id,
+                offset,
+                length,
+                None,
+                p.prompt,
+                p.input_tokens,
+                p.output_tokens,
+                p.reasoning_tokens,
+            )
         scan.drafts.append(draft)
