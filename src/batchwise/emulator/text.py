@@ -11,6 +11,7 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -98,6 +99,11 @@ def _sentence(picks: bytes) -> str:
     return _FIRST_OF_BYTE[picks[0]] + "".join([following[b] for b in picks[1:]]) + "."
 
 
+def _hashed_sentence(seed: bytes, count: int) -> str:
+    """A sentence of `count` words drawn by an extendable hash of `seed`."""
+    return _sentence(hashlib.shake_128(seed).digest(count))
+
+
 def generate(
     key: bytes,
     *,
@@ -120,7 +126,7 @@ def generate(
         natural = _MIN_ANSWER_TOKENS + int.from_bytes(seed[:8], "big") % span
         count = natural if budget is None else min(natural, budget)
         return Generation(
-            lambda: _sentence(hashlib.shake_128(seed).digest(count)),
+            partial(_hashed_sentence, seed, count),
             hidden,
             natural > count,
             text_tokens=count,

@@ -24,7 +24,7 @@ from batchwise.emulator.prompts import (
     message_text,
     openai_auto_prompt,
 )
-from batchwise.emulator.seeded import digest
+from batchwise.emulator.seeded import digest, hasher
 from batchwise.emulator.text import (
     Generation,
     default_json_schema,
@@ -74,13 +74,21 @@ class OpenAIPlan:
     input_tokens: int
     generations: tuple[Generation, ...] = ()
 
+    # loops, not `sum` over a generator: read for every line of a batch, twice
+
     @property
     def output_tokens(self) -> int:
-        return sum(g.output_tokens for g in self.generations)
+        total = 0
+        for g in self.generations:
+            total += g.output_tokens
+        return total
 
     @property
     def reasoning_tokens(self) -> int:
-        return sum(g.reasoning_tokens for g in self.generations)
+        total = 0
+        for g in self.generations:
+            total += g.reasoning_tokens
+        return total
 
 
 def bad(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
@@ -257,16 +265,22 @@ def plan_chat(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> 
     return OpenAIPlan(CHAT, model, prompt, tokens, _chat_answers(body, model, cap, n))
 
 
+_CHAT_KEY = hasher(CHAT)
+
+
 def _chat_answers(
     body: Mapping[str, Any], model: ModelInfo, cap: int | None, n: int
 ) -> tuple[Generation, ...]:
     """The `n` answers of a chat body, within `cap` output tokens each."""
     effort = body.get("reasoning_effort")
     schema = _schema(body.get("response_format"))
-    request = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    head = _CHAT_KEY.copy()  # `digest(CHAT, request, i)`, the common parts hashed once
+    head.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"\x1f")
     gens = []
     for i in range(n):
-        key = digest(CHAT, request, i)
+        h = head.copy()
+        h.update(b"%d\x1f" % i)
+        key = h.digest()
         hidden = _hidden(key, model, effort)
         gens.append(generate(key, cap=cap, reasoning_tokens=hidden, schema=schema))
     return tuple(gens)
