@@ -7,8 +7,12 @@ they "run"; results are rendered from the input again whenever they are download
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from batchwise.emulator.env import Env
@@ -133,3 +137,18 @@ def read_at(handle: BinaryIO, offset: int, length: int) -> bytes:
     """`length` bytes at `offset` of an open binary file."""
     handle.seek(offset)
     return handle.read(length)
+
+
+@contextmanager
+def mapped(path: str | Path) -> Iterator[mmap.mmap | bytes]:
+    """The bytes of a batch's input blob, sliced as `data[offset : offset + length]`.
+
+    A result file reads its lines in processing order, a shuffle of the file's: a map gives
+    each without a seek and a read call. An empty file (which cannot be mapped) is `b""`.
+    """
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data

@@ -120,8 +120,9 @@ def generate(
     budget = None if cap is None else cap - hidden
     if schema is None and thinking_tokens == 0 and (budget is None or budget > 0):
         # the common case, without a seeded `random.Random`: the length from a hash of the
-        # key, the words from an extendable hash of it, made when first read
-        seed = digest(key, "answer", size=32)
+        # key, the words from an extendable hash of it, made when first read. The hash is
+        # `digest(key, "answer", size=32)`, spelled out: it runs twice for every batch line
+        seed = hashlib.blake2b(key + b"\x1fanswer\x1f", digest_size=32).digest()
         span = _MAX_ANSWER_TOKENS - _MIN_ANSWER_TOKENS + 1
         natural = _MIN_ANSWER_TOKENS + int.from_bytes(seed[:8], "big") % span
         count = natural if budget is None else min(natural, budget)

@@ -4,15 +4,13 @@ the output / error files, rendered from the input file whenever they are downloa
 
 from __future__ import annotations
 
-import mmap
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from batchwise.emulator.batches import chunked, settle_lines
+from batchwise.emulator.batches import chunked, mapped, settle_lines
 from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.lifecycle import Phase, Timeline
@@ -333,40 +331,35 @@ class OpenAIBatches:
         prefix = RESPONSE_ID_PREFIX[endpoint]
         models = self._env.config.models
         request_id = hex_ids(b.id)
-        with open(b.input_path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                return  # no line (a batch of an empty file fails)
-            # lines come in processing order, a shuffle of the file's: a map reads each
-            # without a seek and a read call
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                for line in self._env.state.iter_lines(b.id, 0, done):
-                    if not line.ok:
-                        continue
-                    start = line.offset
-                    body = orjson.loads(data[start : start + line.length])["body"]
-                    rid = request_id(line.custom_id)
-                    answer = render(
-                        replan(endpoint, body, models, line.input_tokens),
-                        body,
-                        cached_tokens=line.cached_tokens,
-                        response_id=prefix + rid,
-                        created=tl.line_done_at(line.pos),
+        with mapped(b.input_path) as data:
+            for line in self._env.state.iter_lines(b.id, 0, done):
+                if not line.ok:
+                    continue
+                start = line.offset
+                body = orjson.loads(data[start : start + line.length])["body"]
+                rid = request_id(line.custom_id)
+                answer = render(
+                    replan(endpoint, body, models, line.input_tokens),
+                    body,
+                    cached_tokens=line.cached_tokens,
+                    response_id=prefix + rid,
+                    created=tl.line_done_at(line.pos),
+                )
+                yield (
+                    orjson.dumps(
+                        {
+                            "id": f"batch_req_{rid}",
+                            "custom_id": line.custom_id,
+                            "response": {
+                                "status_code": 200,
+                                "request_id": f"req_{rid}",
+                                "body": answer,
+                            },
+                            "error": None,
+                        }
                     )
-                    yield (
-                        orjson.dumps(
-                            {
-                                "id": f"batch_req_{rid}",
-                                "custom_id": line.custom_id,
-                                "response": {
-                                    "status_code": 200,
-                                    "request_id": f"req_{rid}",
-                                    "body": answer,
-                                },
-                                "error": None,
-                            }
-                        )
-                        + b"\n"
-                    )
+                    + b"\n"
+                )
 
     def _error_lines(self, b: BatchRow, done: int, code: str, message: str) -> Iterator[bytes]:
         state = self._env.state
