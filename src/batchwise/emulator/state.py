@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -299,7 +300,8 @@ class State:
         """Store a batch with its lines and result-file rows in one transaction."""
         with self._lock, self._db:
             self._db.execute(_INSERT_BATCH, _batch_to_row(batch))
-            self._db.executemany(_INSERT_LINE, ((batch.id, *line) for line in lines))
+            # (batch id, *line) for each line, without a Python step per line
+            self._db.executemany(_INSERT_LINE, map(tuple.__add__, repeat((batch.id,)), lines))
             self._db.executemany(_INSERT_FILE, (_values(row) for row in result_files))
 
     def get_batch(self, batch_id: str, *, provider: str) -> BatchRow | None:

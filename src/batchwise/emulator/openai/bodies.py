@@ -3,7 +3,8 @@
 `plan()` checks a chat / responses / completions / embeddings / moderations body and decides
 everything that does not depend on the prompt cache (tokens, answers); `render.render()`
 builds the response object from it. A batch stores the plan's usage at create time and
-renders lines again on download.
+renders lines again on download, from `replan()`: the same answers, without the checks and
+the prompt that `plan()` already made of the line.
 """
 
 from __future__ import annotations
