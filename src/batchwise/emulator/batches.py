@@ -7,12 +7,9 @@ they "run"; results are rendered from the input again whenever they are download
 
 from __future__ import annotations
 
-import mmap
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from batchwise.emulator.env import Env
@@ -37,6 +34,7 @@ class LineDraft:
     length: int
     #: the error this line will answer with (invalid params), if any
     error: ApiError | None = None
+    #: the prompt, for the cache to read and fill (None: nothing it would cache)
     prompt: Prompt | None = None
     input_tokens: int = 0
     output_tokens: int = 0
@@ -133,22 +131,17 @@ def chunked(lines: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(buf)
 
 
+#: `os.pread(fd, length, offset)` where the OS has it
+_pread: Callable[[int, int, int], bytes] | None = getattr(os, "pread", None)
+
+
 def read_at(handle: BinaryIO, offset: int, length: int) -> bytes:
-    """`length` bytes at `offset` of an open binary file."""
-    handle.seek(offset)
-    return handle.read(length)
+    """`length` bytes at `offset` of an open binary file.
 
-
-@contextmanager
-def mapped(path: str | Path) -> Iterator[mmap.mmap | bytes]:
-    """The bytes of a batch's input blob, sliced as `data[offset : offset + length]`.
-
-    A result file reads its lines in processing order, a shuffle of the file's: a map gives
-    each without a seek and a read call. An empty file (which cannot be mapped) is `b""`.
+    Result files read their lines in processing order, a shuffle of the file's: one `pread`
+    reads just the line, where a seek and a buffered read fill a whole buffer for each.
     """
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            yield b""
-            return
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            yield data
+    if _pread is None:  # no pread on this OS
+        handle.seek(offset)
+        return handle.read(length)
+    return _pread(handle.fileno(), length, offset)

@@ -20,7 +20,7 @@ from batchwise.emulator.anthropic.bodies import (
     plan_message,
     render_message,
 )
-from batchwise.emulator.batches import LineDraft, chunked, mapped, settle_lines
+from batchwise.emulator.batches import LineDraft, chunked, read_at, settle_lines
 from batchwise.emulator.env import Env, retry_after_headers
 from batchwise.emulator.http import (
     ApiError,
@@ -385,13 +385,13 @@ class AnthropicApi:
         done = self.timeline(b).done(now)
         rest = {"type": "canceled" if b.cancel_at is not None else "expired"}
         line_id = hex_ids(b.id)
-        with mapped(b.input_path) as data:
+        with open(b.input_path, "rb") as fh:
             for line in self._env.state.iter_lines(b.id, 0, b.request_count):
                 result: dict[str, Any]
                 if line.pos >= done:
                     result = rest
                 elif line.ok:
-                    params = orjson.loads(data[line.offset : line.offset + line.length])
+                    params = orjson.loads(read_at(fh, line.offset, line.length))
                     cache = CacheUse(
                         line.cached_tokens, line.cache_write_5m_tokens, line.cache_write_1h_tokens
                     )

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from batchwise.emulator.batches import chunked, mapped, settle_lines
+from batchwise.emulator.batches import chunked, read_at, settle_lines
 from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.lifecycle import Phase, Timeline
@@ -331,12 +331,11 @@ class OpenAIBatches:
         prefix = RESPONSE_ID_PREFIX[endpoint]
         models = self._env.config.models
         request_id = hex_ids(b.id)
-        with mapped(b.input_path) as data:
+        with open(b.input_path, "rb") as fh:
             for line in self._env.state.iter_lines(b.id, 0, done):
                 if not line.ok:
                     continue
-                start = line.offset
-                body = orjson.loads(data[start : start + line.length])["body"]
+                body = orjson.loads(read_at(fh, line.offset, line.length))["body"]
                 rid = request_id(line.custom_id)
                 answer = render(
                     replan(endpoint, body, models, line.input_tokens),

@@ -178,7 +178,9 @@ def _scan_line(
                 offset,
                 length,
                 None,
-                p.prompt,
+                # only a prompt with cacheable prefixes is read again (by the cache, when
+                # the batch settles): a batch's other prompts need not stay in memory
+                p.prompt if p.prompt.keys else None,
                 p.input_tokens,
                 p.output_tokens,
                 p.reasoning_tokens,
