@@ -4,8 +4,10 @@
 
 1. start + stop of an in-process emulator, `--starts` times (tests start many of them); then
    one stop with an idle keep-alive connection and a dripping answer open;
-2. a batch of `--lines` chat lines through the OpenAI adapter against `batchwise emulator`
-   (turnaround 0) in its own process: upload + create, then download of the results;
+2. a batch of `--lines` chat lines (~550 bytes, as batchwise sends them) against
+   `batchwise emulator` (turnaround 0) in its own process: upload, create (the emulator checks
+   and plans every line), download of the results (rendered line by line), each step's wall
+   time and emulator CPU;
 3. a raw multipart upload of `--upload-mb` MB, with the emulator process's peak RSS (an
    upload must stream to disk, not sit in memory).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import statistics
 import sys
 import tempfile
@@ -27,10 +30,10 @@ import orjson
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import openai_line  # noqa: E402
 from bench_lifecycle import proc_cpu_s, proc_peak_mb, start_emulator  # noqa: E402
 
 from batchwise.emulator.app import Emulator, EmulatorConfig  # noqa: E402
-from batchwise.providers.openai import OpenAIProvider  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -73,32 +76,55 @@ def stop_with_open_connections() -> None:
 
 
 def batch_round_trip(workdir: Path, lines: int) -> None:
+    """A batch of `lines` chat requests like `_common.openai_line`'s (the batchwise-only
+    `tolerance` dropped): the emulator's CPU seconds for each step, read from /proc."""
     proc, url = start_emulator(workdir)
     try:
-        openai = OpenAIProvider("k", url + "/v1", timeout_s=600)
+        client = httpx.Client(
+            base_url=url + "/v1", headers={"authorization": "Bearer k"}, timeout=600
+        )
         path = workdir / "in.jsonl"
+        rnd = random.Random(7)
         with path.open("wb") as out:
             for i in range(lines):
-                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}]}
-                out.write(openai.batch_line(f"c{i}", CHAT, orjson.dumps(body)) + b"\n")
-        cpu0 = proc_cpu_s(proc.pid)
-        started = time.perf_counter()
-        info = openai.submit_batch(path, endpoint=CHAT, metadata={})
-        submitted = time.perf_counter()
-        while info.provider_status != "completed":
-            info = openai.get_batch(info.id)
-        polled = time.perf_counter()
-        got = sum(1 for _ in openai.fetch_results(info))
-        done = time.perf_counter()
+                obj = orjson.loads(openai_line(i, rnd))
+                del obj["tolerance"]
+                out.write(orjson.dumps(obj) + b"\n")
+        steps: list[tuple[str, float, float]] = []
+        cpu, wall = proc_cpu_s(proc.pid), time.perf_counter()
+
+        def step(name: str) -> None:
+            nonlocal cpu, wall
+            now_cpu, now_wall = proc_cpu_s(proc.pid), time.perf_counter()
+            steps.append((name, now_wall - wall, now_cpu - cpu))
+            cpu, wall = now_cpu, now_wall
+
+        with path.open("rb") as fh:
+            up = client.post("/files", files={"file": ("in.jsonl", fh)}, data={"purpose": "batch"})
+        up.raise_for_status()
+        step("upload")
+        created = client.post(
+            "/batches",
+            json={"input_file_id": up.json()["id"], "endpoint": CHAT, "completion_window": "24h"},
+        )
+        created.raise_for_status()
+        step("create")
+        batch = created.json()
+        while batch["status"] != "completed":
+            batch = client.get(f"/batches/{batch['id']}").json()
+        step("to completed")
+        got = 0
+        with client.stream("GET", f"/files/{batch['output_file_id']}/content") as down:
+            for chunk in down.iter_bytes():
+                got += chunk.count(b"\n")
+        step("download")
         assert got == lines, got
         mb = path.stat().st_size / 1e6
-        print(
-            f"  {lines} lines ({mb:.1f} MB): upload+create {submitted - started:.2f} s, "
-            f"to completed {polled - submitted:.2f} s, download {done - polled:.2f} s; "
-            f"emulator CPU {proc_cpu_s(proc.pid) - cpu0:.2f} s, peak RSS "
-            f"{proc_peak_mb(proc.pid):.0f} MB"
-        )
-        openai.close()
+        peak = proc_peak_mb(proc.pid)
+        print(f"  {lines} lines ({mb:.1f} MB), emulator process, peak RSS {peak:.0f} MB:")
+        for name, seconds, cpu_s in steps:
+            print(f"    {name:13} {seconds:5.2f} s, emulator CPU {cpu_s:5.2f} s")
+        client.close()
     finally:
         proc.terminate()
         proc.wait()
@@ -179,11 +205,12 @@ def main() -> None:
         stop_with_open_connections()
     if args.lines:
         with tempfile.TemporaryDirectory() as tmp:
-            print("batch round trip (OpenAI adapter, emulator process):")
+            print("batch round trip (chat, emulator process):")
             batch_round_trip(Path(tmp) / "a", args.lines)
-    with tempfile.TemporaryDirectory() as tmp:
-        print("raw multipart upload and download:")
-        raw_upload(Path(tmp), args.upload_mb)
+    if args.upload_mb:
+        with tempfile.TemporaryDirectory() as tmp:
+            print("raw multipart upload and download:")
+            raw_upload(Path(tmp), args.upload_mb)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,82 @@ def test_a_batch_line_answers_like_the_same_realtime_call(make_rig: Callable[...
     assert in_batch["choices"] == realtime["choices"]
 
 
+def _without_ids(value: Any) -> Any:
+    """`value` without what differs between two calls of one request: ids and times."""
+    if isinstance(value, dict):
+        return {
+            k: _without_ids(v) for k, v in value.items() if k not in ("id", "created", "created_at")
+        }
+    if isinstance(value, list):
+        return [_without_ids(v) for v in value]
+    return value
+
+
+_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        (CHAT, chat_body("several", n=3, max_tokens=30)),
+        (CHAT, chat_body("capped", max_completion_tokens=3)),
+        (
+            CHAT,
+            chat_body("think", model="o3-mini", max_completion_tokens=400, reasoning_effort="high"),
+        ),
+        (
+            CHAT,
+            chat_body(
+                "shape",
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": _SCHEMA},
+                },
+                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            ),
+        ),
+        (
+            "/v1/responses",
+            {
+                "model": "gpt-5-mini",
+                "input": "why",
+                "reasoning": {"effort": "low"},
+                "max_output_tokens": 100,
+            },
+        ),
+        (
+            "/v1/responses",
+            {
+                "model": "gpt-4.1-mini",
+                "input": "json",
+                "text": {"format": {"type": "json_object"}},
+                "max_output_tokens": 16,
+            },
+        ),
+        ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b"], "n": 2}),
+    ],
+)
+def test_batch_lines_of_every_kind_answer_like_realtime_calls(
+    make_rig: Callable[..., Rig], endpoint: str, body: dict[str, Any]
+) -> None:
+    """A batch renders its lines again on download, without checking them again: the
+    answers and usage are still those of a realtime call of the same body."""
+    rig = make_rig(turnaround_s=0.0)
+    line = orjson.dumps({"custom_id": "x", "method": "POST", "url": endpoint, "body": body})
+    created = create_batch(rig, [line], endpoint=endpoint)
+    in_batch = jsonl(rig, get_batch(rig, created["id"])["output_file_id"])[0]["response"]["body"]
+    realtime = rig.openai.post(endpoint.removeprefix("/v1"), json=body)
+    assert realtime.status_code == 200, realtime.text
+    assert _without_ids(in_batch) == _without_ids(realtime.json())
+    assert in_batch["usage"] == realtime.json()["usage"]
+
+
 def test_failed_lines_go_to_the_error_file_with_a_mix_of_error_kinds(
     make_rig: Callable[..., Rig],
 ) -> None:

@@ -7,13 +7,14 @@ they "run"; results are rendered from the input again whenever they are download
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from batchwise.emulator.env import Env
 from batchwise.emulator.http import ApiError, anthropic_error_type
-from batchwise.emulator.prompts import CacheUse, PrefixCache, Prompt
+from batchwise.emulator.prompts import NO_CACHE_USE, PrefixCache, Prompt
 from batchwise.emulator.seeded import rng
 from batchwise.emulator.state import LineRow
 
@@ -33,6 +34,7 @@ class LineDraft:
     length: int
     #: the error this line will answer with (invalid params), if any
     error: ApiError | None = None
+    #: the prompt, for the cache to read and fill (None: nothing it would cache)
     prompt: Prompt | None = None
     input_tokens: int = 0
     output_tokens: int = 0
@@ -89,7 +91,7 @@ def settle_lines(
                 )
             )
             continue
-        use = cache.use(d.prompt, now) if d.prompt is not None else CacheUse()
+        use = cache.use(d.prompt, now) if d.prompt is not None else NO_CACHE_USE
         rows.append(
             LineRow(
                 pos,
@@ -129,7 +131,17 @@ def chunked(lines: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(buf)
 
 
+#: `os.pread(fd, length, offset)` where the OS has it
+_pread: Callable[[int, int, int], bytes] | None = getattr(os, "pread", None)
+
+
 def read_at(handle: BinaryIO, offset: int, length: int) -> bytes:
-    """`length` bytes at `offset` of an open binary file."""
-    handle.seek(offset)
-    return handle.read(length)
+    """`length` bytes at `offset` of an open binary file.
+
+    Result files read their lines in processing order, a shuffle of the file's: one `pread`
+    reads just the line, where a seek and a buffered read fill a whole buffer for each.
+    """
+    if _pread is None:  # no pread on this OS
+        handle.seek(offset)
+        return handle.read(length)
+    return _pread(handle.fileno(), length, offset)

@@ -47,6 +47,10 @@ class CacheUse:
         return self.write_5m + self.write_1h
 
 
+#: what a prompt too short to cache reads and writes (shared: a batch has many)
+NO_CACHE_USE = CacheUse()
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A canonical prompt and its cacheable prefixes (shortest first)."""
@@ -166,7 +170,7 @@ class PrefixCache:
         """What `prompt` reads from and writes to the cache at `now`; remembers its prefixes."""
         keys = prompt.keys
         if not keys:
-            return CacheUse()
+            return NO_CACHE_USE
         hits = self._state.cache_hits([k.key for k in keys], now)
         read = max((k.tokens for k in keys if k.key in hits), default=0)
         self._state.cache_put((k.key, k.tokens, now + k.ttl_s) for k in keys)

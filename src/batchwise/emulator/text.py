@@ -11,6 +11,7 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -40,6 +41,9 @@ def estimate_tokens(text: str) -> int:
 
 #: a word per byte value, so a run of random bytes maps straight to words
 _WORD_OF_BYTE = tuple(_WORDS[i % len(_WORDS)] for i in range(256))
+#: the same words capitalized (a sentence's first), and after a space (the others)
+_FIRST_OF_BYTE = tuple(w.capitalize() for w in _WORD_OF_BYTE)
+_NEXT_OF_BYTE = tuple(" " + w for w in _WORD_OF_BYTE)
 
 
 class Generation:
@@ -91,9 +95,13 @@ def words(r: random.Random, count: int) -> str:
 def _sentence(picks: bytes) -> str:
     """A sentence of one word per byte of `picks`: three letters and a space each, so k words
     are exactly k tokens."""
-    chosen = list(map(_WORD_OF_BYTE.__getitem__, picks))
-    chosen[0] = chosen[0].capitalize()
-    return " ".join(chosen) + "."
+    following = _NEXT_OF_BYTE
+    return _FIRST_OF_BYTE[picks[0]] + "".join([following[b] for b in picks[1:]]) + "."
+
+
+def _hashed_sentence(seed: bytes, count: int) -> str:
+    """A sentence of `count` words drawn by an extendable hash of `seed`."""
+    return _sentence(hashlib.shake_128(seed).digest(count))
 
 
 def generate(
@@ -112,13 +120,14 @@ def generate(
     budget = None if cap is None else cap - hidden
     if schema is None and thinking_tokens == 0 and (budget is None or budget > 0):
         # the common case, without a seeded `random.Random`: the length from a hash of the
-        # key, the words from an extendable hash of it, made when first read
-        seed = digest(key, "answer", size=32)
+        # key, the words from an extendable hash of it, made when first read. The hash is
+        # `digest(key, "answer", size=32)`, spelled out: it runs twice for every batch line
+        seed = hashlib.blake2b(key + b"\x1fanswer\x1f", digest_size=32).digest()
         span = _MAX_ANSWER_TOKENS - _MIN_ANSWER_TOKENS + 1
         natural = _MIN_ANSWER_TOKENS + int.from_bytes(seed[:8], "big") % span
         count = natural if budget is None else min(natural, budget)
         return Generation(
-            lambda: _sentence(hashlib.shake_128(seed).digest(count)),
+            partial(_hashed_sentence, seed, count),
             hidden,
             natural > count,
             text_tokens=count,

@@ -32,7 +32,7 @@ from batchwise.emulator.http import (
 )
 from batchwise.emulator.lifecycle import Phase, Timeline
 from batchwise.emulator.prompts import CacheUse, PrefixCache
-from batchwise.emulator.seeded import hex_id
+from batchwise.emulator.seeded import hex_ids
 from batchwise.emulator.state import BatchRow, LineSummary
 
 log = logging.getLogger("batchwise.emulator")
@@ -384,6 +384,7 @@ class AnthropicApi:
     def _result_lines(self, b: BatchRow, now: float) -> Iterator[bytes]:
         done = self.timeline(b).done(now)
         rest = {"type": "canceled" if b.cancel_at is not None else "expired"}
+        line_id = hex_ids(b.id)
         with open(b.input_path, "rb") as fh:
             for line in self._env.state.iter_lines(b.id, 0, b.request_count):
                 result: dict[str, Any]
@@ -397,7 +398,7 @@ class AnthropicApi:
                     message = render_message(
                         plan_message(params),
                         cache=cache,
-                        message_id=f"msg_{hex_id(b.id, line.custom_id)}",
+                        message_id=f"msg_{line_id(line.custom_id)}",
                         service_tier="batch",
                     )
                     result = {"type": "succeeded", "message": message}
@@ -407,7 +408,7 @@ class AnthropicApi:
                         "error": {
                             "type": "error",
                             "error": {"type": line.err_type, "message": line.err_message},
-                            "request_id": f"req_{hex_id(b.id, line.custom_id)}",
+                            "request_id": f"req_{line_id(line.custom_id)}",
                         },
                     }
                 yield orjson.dumps({"custom_id": line.custom_id, "result": result}) + b"\n"

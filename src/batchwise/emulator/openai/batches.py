@@ -20,12 +20,12 @@ from batchwise.emulator.openai.bodies import (
     CHAT,
     EMULATED,
     RESPONSE_ID_PREFIX,
-    plan,
+    replan,
 )
 from batchwise.emulator.openai.input import InputScan, check_metadata, scan_input
 from batchwise.emulator.openai.render import render
 from batchwise.emulator.prompts import PrefixCache
-from batchwise.emulator.seeded import hex_id
+from batchwise.emulator.seeded import hex_id, hex_ids
 from batchwise.emulator.state import BatchRow, FileRow, LineSummary
 
 _DAY_S = 86_400
@@ -329,14 +329,16 @@ class OpenAIBatches:
     def _output_lines(self, b: BatchRow, tl: Timeline, done: int) -> Iterator[bytes]:
         endpoint = b.endpoint or CHAT
         prefix = RESPONSE_ID_PREFIX[endpoint]
+        models = self._env.config.models
+        request_id = hex_ids(b.id)
         with open(b.input_path, "rb") as fh:
             for line in self._env.state.iter_lines(b.id, 0, done):
                 if not line.ok:
                     continue
                 body = orjson.loads(read_at(fh, line.offset, line.length))["body"]
-                rid = hex_id(b.id, line.custom_id)
+                rid = request_id(line.custom_id)
                 answer = render(
-                    plan(endpoint, body, self._env.config.models),
+                    replan(endpoint, body, models, line.input_tokens),
                     body,
                     cached_tokens=line.cached_tokens,
                     response_id=prefix + rid,
@@ -360,10 +362,11 @@ class OpenAIBatches:
 
     def _error_lines(self, b: BatchRow, done: int, code: str, message: str) -> Iterator[bytes]:
         state = self._env.state
+        request_id = hex_ids(b.id)
         for line in state.iter_lines(b.id, 0, done):
             if line.ok:
                 continue
-            rid = hex_id(b.id, line.custom_id)
+            rid = request_id(line.custom_id)
             yield (
                 orjson.dumps(
                     {
@@ -390,7 +393,7 @@ class OpenAIBatches:
             yield (
                 orjson.dumps(
                     {
-                        "id": f"batch_req_{hex_id(b.id, line.custom_id)}",
+                        "id": f"batch_req_{request_id(line.custom_id)}",
                         "custom_id": line.custom_id,
                         "response": None,
                         "error": {"code": code, "message": message},

@@ -3,7 +3,8 @@
 `plan()` checks a chat / responses / completions / embeddings / moderations body and decides
 everything that does not depend on the prompt cache (tokens, answers); `render.render()`
 builds the response object from it. A batch stores the plan's usage at create time and
-renders lines again on download.
+renders lines again on download, from `replan()`: the same answers, without the checks and
+the prompt that `plan()` already made of the line.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import orjson
 from batchwise.emulator.http import ApiError
 from batchwise.emulator.models import TEXT_KINDS, ModelInfo, resolve
 from batchwise.emulator.prompts import (
+    OPENAI_CACHE_TTL_S,
     Prompt,
     content_text,
     joined,
+    message_text,
     openai_auto_prompt,
 )
-from batchwise.emulator.seeded import digest
+from batchwise.emulator.seeded import digest, hasher
 from batchwise.emulator.text import (
     Generation,
     default_json_schema,
@@ -72,13 +75,21 @@ class OpenAIPlan:
     input_tokens: int
     generations: tuple[Generation, ...] = ()
 
+    # loops, not `sum` over a generator: read for every line of a batch, twice
+
     @property
     def output_tokens(self) -> int:
-        return sum(g.output_tokens for g in self.generations)
+        total = 0
+        for g in self.generations:
+            total += g.output_tokens
+        return total
 
     @property
     def reasoning_tokens(self) -> int:
-        return sum(g.reasoning_tokens for g in self.generations)
+        total = 0
+        for g in self.generations:
+            total += g.reasoning_tokens
+        return total
 
 
 def bad(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
@@ -186,7 +197,7 @@ def _key(endpoint: str, body: Mapping[str, Any], *extra: object) -> bytes:
 
 def _schema(fmt: Any) -> Mapping[str, Any] | None:
     """The JSON schema a `response_format` / `text.format` asks for, if any."""
-    if not isinstance(fmt, Mapping):
+    if fmt is None or not isinstance(fmt, Mapping):  # None (the usual) skips the ABC check
         return None
     if fmt.get("type") == "json_object":
         return default_json_schema()
@@ -197,9 +208,9 @@ def _schema(fmt: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _ttl(body: Mapping[str, Any]) -> dict[str, float]:
-    ttl = _RETENTION_TTL_S.get(str(body.get("prompt_cache_retention")))
-    return {} if ttl is None else {"ttl_s": ttl}
+def _ttl_s(body: Mapping[str, Any]) -> float:
+    """How long the prompt's cached prefixes stay (`prompt_cache_retention`)."""
+    return _RETENTION_TTL_S.get(str(body.get("prompt_cache_retention")), OPENAI_CACHE_TTL_S)
 
 
 def _hidden(key: bytes, model: ModelInfo, effort: Any) -> int:
@@ -220,7 +231,8 @@ def plan_chat(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> 
             code="missing_required_parameter" if messages is None else "invalid_value",
         )
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or message.get("role") not in _CHAT_ROLES:
+        # `dict` first: parsed JSON is dicts, and the ABC check costs more than the exact type's
+        if not isinstance(message, (dict, Mapping)) or message.get("role") not in _CHAT_ROLES:
             raise bad(
                 f"Invalid 'messages[{i}]': expected an object with a valid 'role'.",
                 param=f"messages[{i}]",
@@ -238,26 +250,41 @@ def plan_chat(body: Mapping[str, Any], models: frozenset[str] = frozenset()) -> 
     if cap is None:
         cap = _int(body, "max_tokens", low=1, high=high)
     n = _int(body, "n", low=1, high=128) or 1
-    text = joined(
-        (
-            str(m["role"]),
-            content_text(m.get("content"))
-            + (orjson.dumps(m["tool_calls"]).decode() if m.get("tool_calls") else ""),
-        )
-        for m in messages
-    )
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        text = content if type(content) is str else content_text(content)
+        if m.get("tool_calls"):
+            text += orjson.dumps(m["tool_calls"]).decode()
+        parts.append(message_text(str(m["role"]), text))
+    text = "".join(parts)
     if body.get("tools"):
         text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
-    prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
-    _fits(model, prompt.tokens, param="messages")
+    prompt = openai_auto_prompt(model.cache_scope, text, ttl_s=_ttl_s(body))
+    tokens = prompt.tokens
+    _fits(model, tokens, param="messages")
+    return OpenAIPlan(CHAT, model, prompt, tokens, _chat_answers(body, model, cap, n))
+
+
+_CHAT_KEY = hasher(CHAT)
+
+
+def _chat_answers(
+    body: Mapping[str, Any], model: ModelInfo, cap: int | None, n: int
+) -> tuple[Generation, ...]:
+    """The `n` answers of a chat body, within `cap` output tokens each."""
     effort = body.get("reasoning_effort")
     schema = _schema(body.get("response_format"))
+    head = _CHAT_KEY.copy()  # `digest(CHAT, request, i)`, the common parts hashed once
+    head.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"\x1f")
     gens = []
     for i in range(n):
-        key = _key(CHAT, body, i)
+        h = head.copy()
+        h.update(b"%d\x1f" % i)
+        key = h.digest()
         hidden = _hidden(key, model, effort)
         gens.append(generate(key, cap=cap, reasoning_tokens=hidden, schema=schema))
-    return OpenAIPlan(CHAT, model, prompt, prompt.tokens, tuple(gens))
+    return tuple(gens)
 
 
 def _input_text(items: Any) -> list[tuple[str, str]]:
@@ -297,16 +324,21 @@ def plan_responses(body: Mapping[str, Any], models: frozenset[str] = frozenset()
     text = joined(messages)
     if body.get("tools"):
         text = "<|tools|>" + orjson.dumps(body["tools"]).decode() + text
-    prompt = openai_auto_prompt(model.cache_scope, text, **_ttl(body))
+    prompt = openai_auto_prompt(model.cache_scope, text, ttl_s=_ttl_s(body))
     _fits(model, prompt.tokens, param="input")
+    answer = _response_answer(body, model, cap)
+    return OpenAIPlan(RESPONSES, model, prompt, prompt.tokens, (answer,))
+
+
+def _response_answer(body: Mapping[str, Any], model: ModelInfo, cap: int | None) -> Generation:
+    """The answer of a Responses API body, within `cap` output tokens."""
     reasoning = body.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, Mapping) else None
     text_cfg = body.get("text")
     schema = _schema(text_cfg.get("format") if isinstance(text_cfg, Mapping) else None)
     key = _key(RESPONSES, body)
     hidden = _hidden(key, model, effort)
-    gen = generate(key, cap=cap, reasoning_tokens=hidden, schema=schema)
-    return OpenAIPlan(RESPONSES, model, prompt, prompt.tokens, (gen,))
+    return generate(key, cap=cap, reasoning_tokens=hidden, schema=schema)
 
 
 def embedding_inputs(value: Any) -> list[tuple[str, int]]:
@@ -459,3 +491,30 @@ def plan(
     """Validate `body` for `endpoint` (raises `ApiError`) and decide the answer. `models`:
     names answered beyond OpenAI's own (`EmulatorConfig.models`)."""
     return _PLANNERS[endpoint](body, models)
+
+
+#: the prompt of a plan made again to render an answer, which reads no prompt
+_PROMPT_NOT_BUILT = Prompt("", "auto")
+
+
+def replan(
+    endpoint: str,
+    body: Mapping[str, Any],
+    models: frozenset[str],
+    input_tokens: int,
+) -> OpenAIPlan:
+    """The plan of a batch line `plan` accepted when its batch was created, made again to
+    render its answer on download: the same answers, without checking the body again or
+    building its prompt (`input_tokens` is what `plan` counted). The prompt is left out, so
+    the plan is for rendering only."""
+    model = resolve("openai", body.get("model") or "", models)
+    if endpoint == CHAT and model is not None:
+        cap = body.get("max_completion_tokens")
+        if cap is None:
+            cap = body.get("max_tokens")
+        answers = _chat_answers(body, model, cap, body.get("n") or 1)
+        return OpenAIPlan(CHAT, model, _PROMPT_NOT_BUILT, input_tokens, answers)
+    if endpoint == RESPONSES and model is not None:
+        answer = _response_answer(body, model, body.get("max_output_tokens"))
+        return OpenAIPlan(RESPONSES, model, _PROMPT_NOT_BUILT, input_tokens, (answer,))
+    return plan(endpoint, body, models)

@@ -167,14 +167,22 @@ def _scan_line(
             scan.model = model
         if scan.errors:
             return  # the batch fails anyway: keep scanning for errors, skip the work
-        draft = LineDraft(line_no, custom_id, offset, length)
         try:
             p = plan(endpoint, body, models)
         except ApiError as exc:
-            draft.error = exc
+            draft = LineDraft(line_no, custom_id, offset, length, exc)
         else:
-            draft.prompt = p.prompt
-            draft.input_tokens = p.input_tokens
-            draft.output_tokens = p.output_tokens
-            draft.reasoning_tokens = p.reasoning_tokens
+            draft = LineDraft(
+                line_no,
+                custom_id,
+                offset,
+                length,
+                None,
+                # only a prompt with cacheable prefixes is read again (by the cache, when
+                # the batch settles): a batch's other prompts need not stay in memory
+                p.prompt if p.prompt.keys else None,
+                p.input_tokens,
+                p.output_tokens,
+                p.reasoning_tokens,
+            )
         scan.drafts.append(draft)

@@ -58,6 +58,7 @@ def _render_chat(p: OpenAIPlan, cached: int, response_id: str, created: float) -
         }
         for i, g in enumerate(p.generations)
     ]
+    output_tokens = p.output_tokens
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -66,8 +67,8 @@ def _render_chat(p: OpenAIPlan, cached: int, response_id: str, created: float) -
         "choices": choices,
         "usage": {
             "prompt_tokens": p.input_tokens,
-            "completion_tokens": p.output_tokens,
-            "total_tokens": p.input_tokens + p.output_tokens,
+            "completion_tokens": output_tokens,
+            "total_tokens": p.input_tokens + output_tokens,
             "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": p.reasoning_tokens,
