@@ -34,7 +34,7 @@ from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
 from batchwise.lifecycle import capacity
-from batchwise.lifecycle.packer import parse_custom_id
+from batchwise.lifecycle.packer import batch_request_ids, parse_custom_id
 from batchwise.providers.base import (
     BatchInfo,
     BatchStatus,
@@ -293,19 +293,20 @@ def _apply_chunk(
     lines: list[tuple[int, LineOutcome]] = []
     unknown: list[LineOutcome] = []
     bad: list[LineOutcome] = []
-    store_id, batch_id = store.store_id, batch.id
+    store_id = store.store_id
+    request_of = batch_request_ids(store_id, batch.id)
     for outcome in chunk:
         if outcome.kind is _UNREADABLE:
             bad.append(outcome)
             continue
-        ids = parse_custom_id(outcome.custom_id, store_id)
-        if ids is None or ids[0] != batch_id:
+        request_id = request_of(outcome.custom_id)
+        if request_id is None:
             unknown.append(outcome)
-        elif ids[1] in answered:
+        elif request_id in answered:
             report.duplicates += 1
         else:
-            answered.add(ids[1])
-            lines.append((ids[1], outcome))
+            answered.add(request_id)
+            lines.append((request_id, outcome))
     # Providers return lines in any order. Applied in request order, the rows written (request
     # updates, responses, ledger entries and their indexes) land in neighbouring pages: in line
     # order every chunk would touch, and write back, pages all over the tables.
