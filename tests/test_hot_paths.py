@@ -1,8 +1,9 @@
 """The reconciler's per-line fast paths answer exactly what the general code answers.
 
-Each fast path (a quote kept per pricer, the usual chat usage shape read in one go, lines split
-per chunk) is checked against the slower code it stands in for, including on malformed input,
-and each cache against a case where a wrong key would give a wrong price.
+Each fast path (a quote kept per pricer, the usual chat usage shape read in one go, a usage
+reader per batch, custom ids read per batch, succeeded lines built in one go, lines split per
+chunk) is checked against the slower code it stands in for, including on malformed input, and
+each cache against a case where a wrong key would give a wrong price.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from batchwise.config import Settings
+from batchwise.config import ProviderConfig, Settings
 from batchwise.costs import ledger
 from batchwise.costs.pricing import PriceBook, TokenUsage, normalise_usage
 from batchwise.errors import ProviderDataError
+from batchwise.lifecycle.packer import batch_request_ids, line_custom_id, parse_custom_id
 from batchwise.lifecycle.reconcile import ReconcileReport, _Batch, _Step, answer_row, update_row
 from batchwise.providers.base import LineOutcome, OutcomeKind
 from batchwise.providers.http import _split_lines
@@ -196,6 +199,89 @@ def test_the_chat_fast_path_equals_the_general_path() -> None:
         checked += 1
         fast += isinstance(got, TokenUsage)
     assert checked == 5_000 and fast > 500  # enough lines took the fast path
+
+
+def _outcome_of(read: Any, usage: Any) -> Any:
+    """What reading `usage` gives: the usage, or the error's type and message."""
+    try:
+        return read(usage)
+    except (ProviderDataError, ValueError) as exc:
+        return type(exc), str(exc)
+
+
+def test_a_usage_reader_reads_and_raises_as_the_price_book_does() -> None:
+    configured = ProviderConfig(
+        name="acme",
+        api="openai",
+        base_url="https://acme.example/v1",
+        key_env="ACME_API_KEY",
+        prices_provider="acme",
+    )
+    book = PriceBook(batch_discount={"openai": 0.5}, configured=[configured])
+    rng = random.Random(5)
+    values: list[Any] = [0, 7, 3_000, -2, None, True, 1.5, "4", [1], {}]
+    keys = [
+        "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+        "cache_read_input_tokens", "promptTokenCount", "candidatesTokenCount",
+    ]  # fmt: skip
+    pairs = [
+        ("openai", CHAT), ("openai", "/v1/responses"), ("openai", "/v1/embeddings"),
+        ("openai", "/v1/moderations"), ("anthropic", "/v1/messages"), ("acme", CHAT),
+        ("openai", "/v1/no-such-endpoint"), ("nobody", CHAT),
+    ]  # fmt: skip
+    for provider, endpoint in pairs:
+        read = book.usage_reader(provider, endpoint)
+        for _ in range(400):
+            usage: Any = {key: rng.choice(values) for key in keys if rng.random() < 0.6}
+            if rng.random() < 0.3:
+                usage["prompt_tokens_details"] = {"cached_tokens": rng.choice(values)}
+                usage["completion_tokens_details"] = {"reasoning_tokens": rng.choice(values)}
+            usage = rng.choice([usage, usage, usage, None, [], MappingProxyType(usage)])
+            expected = _outcome_of(partial(book.usage, provider, endpoint), usage)
+            assert _outcome_of(read, usage) == expected, (provider, endpoint, usage)
+
+
+def test_the_usual_custom_id_is_read_as_the_pattern_reads_it() -> None:
+    rng = random.Random(9)
+    store, other = "0a1b2c3d", "ffffffff"
+    read = batch_request_ids(store, 12)
+    spellings = [
+        line_custom_id(store, 12, 345), line_custom_id(store, 12, 0), line_custom_id(other, 12, 3),
+        line_custom_id(store, 13, 3), "b012-r5-0a1b2c3d", "b12-r05-0a1b2c3d", "b12-r-0a1b2c3d",
+        "b12-r\u0665-0a1b2c3d", "b12-r\u00b2-0a1b2c3d", "b12-r5-0a1b2c3dd", "b12-r5-0A1B2C3D",
+        "b12-r 5-0a1b2c3d", "b12-r5--0a1b2c3d", "b12-r1-2-0a1b2c3d", "", "b12-r", "req-1",
+    ]  # fmt: skip
+    alphabet = "b12-r0a1b2c3d5\u0665"
+    spellings += [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))) for _ in range(3000)
+    ]
+    spellings += [
+        f"b12-r{rng.choice(['', '0', '-'])}{rng.randint(0, 10**6)}-{store}" for _ in range(500)
+    ]
+    for custom_id in spellings:
+        ids = parse_custom_id(custom_id, store)
+        expected = ids[1] if ids is not None and ids[0] == 12 else None
+        assert read(custom_id) == expected, custom_id
+    assert read(line_custom_id(store, 12, 345)) == 345
+
+
+def test_an_answered_line_is_the_outcome_the_constructor_builds() -> None:
+    body = {"usage": {"prompt_tokens": 1}}
+    fast = LineOutcome.answered("b1-r2-00000000", body, 201, "req_9", 14, "output")
+    slow = LineOutcome(
+        custom_id="b1-r2-00000000",
+        kind=OutcomeKind.SUCCEEDED,
+        body=body,
+        status_code=201,
+        provider_request_id="req_9",
+        line=14,
+        source="output",
+    )
+    assert fast == slow and repr(fast) == repr(slow)
+    assert vars(fast) == vars(slow)  # every field, none more
+    assert fast.usage == slow.usage == {"prompt_tokens": 1}
+    with pytest.raises(AttributeError):
+        fast.line = 3  # type: ignore[misc]  # still frozen
 
 
 # --- splitting a byte stream into lines -------------------------------------------------------

@@ -31,7 +31,7 @@ from batchwise.config import Settings
 from batchwise.errors import SchemaError, TransitionError
 from batchwise.states import TERMINAL_REQUEST_STATES, TRANSITIONS, RequestState
 from batchwise.store import dbapi, sqlite_schema
-from batchwise.store.engine import Store, ensure_schema, requests_t
+from batchwise.store.engine import BULK_CACHE_KIB, Store, bulk_cache, ensure_schema, requests_t
 from batchwise.store.intake_rows import body_key
 from batchwise.store.sinks import open_sink
 from batchwise.store.transitions import transition_requests
@@ -79,6 +79,23 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(sqlite_url: str) -> None:
     with store.read() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == dbapi.SQLITE_BUSY_TIMEOUT_MS
+    store.close()
+
+
+def test_a_bulk_chunk_widens_the_page_cache_of_its_connection_only(db_url: str) -> None:
+    store = Store(db_url)
+    sqlite = db_url.startswith("sqlite")
+    with store.write() as conn:
+        before = conn.exec_driver_sql("PRAGMA cache_size").scalar() if sqlite else None
+        bulk_cache(conn)
+        bulk_cache(conn)  # once is enough; again changes nothing
+        if sqlite:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -BULK_CACHE_KIB
+    if sqlite:  # a connection that ran no bulk chunk keeps SQLite's default
+        assert before == -2000
+        raw = dbapi.connect_sqlite(db_url.removeprefix("sqlite:///"))
+        assert raw.execute("PRAGMA cache_size").fetchone()[0] == -2000
+        raw.close()
     store.close()
 
 

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from decimal import Context, Decimal, localcontext
-from functools import cache
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 from genai_prices import data_snapshot
@@ -53,6 +53,7 @@ __all__ = [
     "PriceBook",
     "Quote",
     "TokenUsage",
+    "UsageReader",
     "format_usd",
     "normalise_usage",
     "nusd_to_decimal",
@@ -121,6 +122,32 @@ class TokenUsage:
         return f"reasoning tokens ({self.reasoning_tokens}) exceed output ({self.output_tokens})"
 
 
+_new = object.__new__
+#: the slots' own setters: a frozen dataclass's `__init__` goes through `object.__setattr__`
+#: once per field and then `__post_init__`, which costs more than reading a chat line's usage
+_SET_USAGE = tuple(
+    getattr(TokenUsage, f.name).__set__ for f in fields(TokenUsage)
+)  # input, cache read, cache write, 1 h write, output, reasoning, web searches
+
+
+def _valid_usage(
+    input_tokens: int, cache_read: int, cache_write: int, output_tokens: int, reasoning: int
+) -> TokenUsage:
+    """`TokenUsage(input_tokens, cache_read, cache_write, 0, output_tokens, reasoning)`, built
+    without its checks: for a caller that has made them (none negative, the subsets within
+    their totals)."""
+    usage = _new(TokenUsage)
+    s_in, s_read, s_write, s_1h, s_out, s_reason, s_web = _SET_USAGE
+    s_in(usage, input_tokens)
+    s_read(usage, cache_read)
+    s_write(usage, cache_write)
+    s_1h(usage, 0)
+    s_out(usage, output_tokens)
+    s_reason(usage, reasoning)
+    s_web(usage, 0)
+    return usage
+
+
 def _count(usage: Mapping[str, Any], key: str, *, required: bool = False) -> int:
     value = usage.get(key)
     if value is None:
@@ -160,8 +187,10 @@ def _openai_chat(usage: Mapping[str, Any]) -> TokenUsage:
             and type(reasoning) is int
             and (total_in | total_out | cached | written | reasoning) >= 0  # none negative
         ):
+            if cached + written <= total_in and reasoning <= total_out:
+                return _valid_usage(total_in, cached, written, total_out, reasoning)
             # positional, in field order: input, cache read, cache write, 1 h write, output,
-            # reasoning
+            # reasoning (raises, naming what is inconsistent)
             return TokenUsage(total_in, cached, written, 0, total_out, reasoning)
     prompt = _part(usage, "prompt_tokens_details")
     return TokenUsage(
@@ -219,6 +248,10 @@ def _gemini(usage: Mapping[str, Any]) -> TokenUsage:
         output_tokens=_count(usage, "candidatesTokenCount") + thoughts,
         reasoning_tokens=thoughts,
     )
+
+
+#: reads one line's raw usage object: see `PriceBook.usage_reader`
+UsageReader = Callable[[Mapping[str, Any] | None], TokenUsage | None]
 
 
 def usage_of(body: Mapping[str, Any]) -> Any:
@@ -659,6 +692,26 @@ class PriceBook:
     ) -> TokenUsage | None:
         """`normalise_usage` for `provider`, a configured one read as the API it speaks."""
         return normalise_usage(self._apis.get(provider, provider), endpoint, usage)
+
+    def usage_reader(self, provider: str, endpoint: str) -> UsageReader:
+        """`usage` for one (provider, endpoint), its shape looked up once: for reading the
+        many lines of one batch. Reads and raises exactly as `usage` does."""
+        api = self._apis.get(provider, provider)
+        shape = _USAGE_SHAPES.get((api, endpoint))
+        if shape is None:  # raises on each line, naming the known shapes, as `usage` does
+            return partial(normalise_usage, api, endpoint)
+
+        def read(usage: Mapping[str, Any] | None) -> TokenUsage | None:
+            if type(usage) is dict:  # what JSON gives: the rest is `normalise_usage`'s
+                try:
+                    return shape(usage)
+                except ValueError as exc:
+                    raise ProviderDataError(
+                        f"unreadable usage for {endpoint}: {exc}", provider=api
+                    ) from exc
+            return normalise_usage(api, endpoint, usage)
+
+        return read
 
     def free_endpoint(self, provider: str, endpoint: str) -> str | None:
         """The ledger source of an endpoint `provider` does not bill (`FREE_ENDPOINTS`)."""

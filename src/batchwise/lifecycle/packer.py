@@ -54,6 +54,27 @@ def parse_custom_id(custom_id: str, store_id: str) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
+def batch_request_ids(store_id: str, batch_id: int) -> Callable[[str], int | None]:
+    """`parse_custom_id` for the many lines of one batch: the request a line custom_id names
+    if it is one of this store's for batch `batch_id`, else None. The usual custom_id, as
+    `line_custom_id` writes it, is read without the regular expression."""
+    prefix, suffix = f"b{batch_id}-r", f"-{store_id}"
+    start, end, shortest = len(prefix), -len(suffix), len(prefix) + len(suffix) + 1
+
+    def request_id(custom_id: str) -> int | None:
+        if (
+            len(custom_id) >= shortest
+            and custom_id.startswith(prefix)
+            and custom_id.endswith(suffix)
+            and custom_id[start:end].isdecimal()  # what the pattern's \d+ matches
+        ):
+            return int(custom_id[start:end])
+        ids = parse_custom_id(custom_id, store_id)  # any other spelling, or not ours
+        return ids[1] if ids is not None and ids[0] == batch_id else None
+
+    return request_id
+
+
 @dataclass(frozen=True)
 class Flush:
     group: Group

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchwise.costs import ledger
-from batchwise.costs.pricing import PriceBook, TokenUsage, usage_of
+from batchwise.costs.pricing import PriceBook, TokenUsage, UsageReader, usage_of
 from batchwise.errors import ProviderError
 from batchwise.faults import crashpoint
 from batchwise.intake.classify import human_s
 from batchwise.lifecycle import capacity
-from batchwise.lifecycle.packer import parse_custom_id
+from batchwise.lifecycle.packer import batch_request_ids, parse_custom_id
 from batchwise.providers.base import (
     BatchInfo,
     BatchStatus,
@@ -48,7 +48,7 @@ from batchwise.states import BatchState, RequestState
 from batchwise.store import batches, responses
 from batchwise.store import ledger as ledger_table
 from batchwise.store.dbapi import as_datetime
-from batchwise.store.engine import db_time
+from batchwise.store.engine import bulk_cache, db_time
 from batchwise.store.events import batch_event_data, record_event
 
 if TYPE_CHECKING:
@@ -245,9 +245,9 @@ def _chunks(items: Iterable[LineOutcome], size: int) -> Iterator[list[LineOutcom
         yield chunk
 
 
-def _usage(
-    book: PriceBook, provider: str, endpoint: str, outcome: LineOutcome
-) -> TokenUsage | None:
+def _usage(read: UsageReader, outcome: LineOutcome) -> TokenUsage | None:
+    """The line's usage, read by `read` (`PriceBook.usage_reader` of the batch's provider and
+    endpoint); None if it has none, or none that can be read (with a warning)."""
     if outcome.kind is _SUCCEEDED:
         body = outcome.body  # as `LineOutcome.usage` reads it, without the property call
         raw = usage_of(body) if body is not None else None
@@ -258,7 +258,7 @@ def _usage(
         if raw is None:
             return None
     try:
-        return book.usage(provider, endpoint, raw)
+        return read(raw)
     except (ProviderError, ValueError) as exc:
         log.warning("unreadable usage on line %s: %s", outcome.line, exc)
         return None
@@ -293,24 +293,26 @@ def _apply_chunk(
     lines: list[tuple[int, LineOutcome]] = []
     unknown: list[LineOutcome] = []
     bad: list[LineOutcome] = []
-    store_id, batch_id = store.store_id, batch.id
+    store_id = store.store_id
+    request_of = batch_request_ids(store_id, batch.id)
     for outcome in chunk:
         if outcome.kind is _UNREADABLE:
             bad.append(outcome)
             continue
-        ids = parse_custom_id(outcome.custom_id, store_id)
-        if ids is None or ids[0] != batch_id:
+        request_id = request_of(outcome.custom_id)
+        if request_id is None:
             unknown.append(outcome)
-        elif ids[1] in answered:
+        elif request_id in answered:
             report.duplicates += 1
         else:
-            answered.add(ids[1])
-            lines.append((ids[1], outcome))
+            answered.add(request_id)
+            lines.append((request_id, outcome))
     # Providers return lines in any order. Applied in request order, the rows written (request
     # updates, responses, ledger entries and their indexes) land in neighbouring pages: in line
     # order every chunk would touch, and write back, pages all over the tables.
     lines.sort(key=_REQUEST_ID)
     with store.write() as conn:
+        bulk_cache(conn)
         requests = responses.read_requests(conn, [rid for rid, _ in lines])
         unknown.extend(o for rid, o in lines if rid not in requests)
         lines = [(rid, o) for rid, o in lines if rid in requests]
@@ -349,6 +351,7 @@ class _Step:
         self.book, self.batch, self.report, self.settings = book, batch, report, settings
         self.now, self.stored_now = now, stored_now
         self.pricer = ledger.Pricer(book, at=now, stored_at=stored_now, batch_id=batch.id)
+        self.read_usage = book.usage_reader(batch.provider, batch.endpoint)
         self.responses: list[tuple[Any, ...]] = []
         self.entries: list[tuple[Any, ...]] = []
         self.updates: list[tuple[Any, ...]] = []
@@ -358,7 +361,7 @@ class _Step:
     def apply(self, request: dict[str, Any], outcome: LineOutcome, response_id: int) -> None:
         batch, report, now, stored_now = self.batch, self.report, self.now, self.stored_now
         batch_id, kind, body = batch.id, outcome.kind, outcome.body
-        usage = _usage(self.book, batch.provider, batch.endpoint, outcome)
+        usage = _usage(self.read_usage, outcome)
         self.responses.append((
             response_id, request["id"], batch_id, "batch", _OUTCOME_VALUES[kind],
             outcome.status_code, orjson.dumps(body).decode() if body is not None else None,

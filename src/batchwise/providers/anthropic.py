@@ -47,7 +47,7 @@ API_VERSION = "2023-06-01"
 MESSAGES = "/v1/messages"
 _CHUNK_BYTES = 64 * 1024
 _COUNT_KEYS = ("processing", "succeeded", "errored", "canceled", "expired")
-_SUCCEEDED = OutcomeKind.SUCCEEDED
+_answered = LineOutcome.answered
 
 
 def _spend_cap(error: WireError) -> bool:
@@ -292,14 +292,13 @@ class AnthropicProvider(HttpProvider):
                     batch_id, "results", line, "succeeded without message", raw=obj
                 )
             message_id = message.get("id")
-            return LineOutcome(
-                custom_id=custom_id,
-                kind=_SUCCEEDED,
-                body=message,
-                status_code=200,
-                provider_request_id=message_id if isinstance(message_id, str) else None,
-                line=line,
-                source="results",
+            return _answered(
+                custom_id,
+                message,
+                200,
+                message_id if isinstance(message_id, str) else None,
+                line,
+                "results",
             )
         where: dict[str, Any] = {"custom_id": custom_id, "line": line, "source": "results"}
         if kind == "errored":

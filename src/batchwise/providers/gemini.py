@@ -434,17 +434,18 @@ class GeminiProvider(HttpProvider):
     ) -> LineOutcome:
         if not isinstance(key, str) or not key:
             return self._http.bad_line(batch.id, source, line, "no key", raw=obj, custom_id="")
-        where: dict[str, Any] = {"custom_id": key, "line": line, "source": source}
         response = obj.get("response")
         if isinstance(response, dict):
             response_id = response.get("responseId")
-            return LineOutcome(
-                kind=OutcomeKind.SUCCEEDED,
-                body=response,
-                status_code=200,
-                provider_request_id=response_id if isinstance(response_id, str) else None,
-                **where,
+            return LineOutcome.answered(
+                key,
+                response,
+                200,
+                response_id if isinstance(response_id, str) else None,
+                line,
+                source,
             )
+        where: dict[str, Any] = {"custom_id": key, "line": line, "source": source}
         error = obj.get("error")
         if isinstance(error, dict):
             code = error.get("code")

@@ -60,7 +60,7 @@ _STATUS = {
 #: the stamp of whichever terminal state the batch reached
 _ENDED_STAMPS = ("completed_at", "failed_at", "expired_at", "cancelled_at")
 _NOT_RUN = {"batch_expired": OutcomeKind.EXPIRED, "batch_cancelled": OutcomeKind.CANCELLED}
-_SUCCEEDED = OutcomeKind.SUCCEEDED
+_answered = LineOutcome.answered
 
 
 def _quota_exhausted(error: WireError) -> bool:
@@ -318,15 +318,7 @@ class OpenAIProvider(HttpProvider):
             if not isinstance(request_id, str):
                 request_id = None
             if 200 <= status < 300:
-                return LineOutcome(
-                    custom_id=custom_id,
-                    kind=_SUCCEEDED,
-                    body=body,
-                    status_code=status,
-                    provider_request_id=request_id,
-                    line=line,
-                    source=source,
-                )
+                return _answered(custom_id, body, status, request_id, line, source)
             detail = body.get("error")
             detail = detail if isinstance(detail, dict) else {}
             code, type_ = _str(detail.get("code")), _str(detail.get("type"))

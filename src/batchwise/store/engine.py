@@ -229,6 +229,31 @@ def _top_id(table: sa.Table) -> sa.Select[tuple[Any]]:
 # holds thousands of rows; these helpers hand tuples straight to the driver's executemany.
 
 
+#: the page cache, in KiB, of a SQLite connection that has run a bulk chunk (`bulk_cache`)
+BULK_CACHE_KIB = 16 * 1024
+
+
+def bulk_cache(conn: Connection) -> None:
+    """Let this connection's page cache hold a bulk chunk's working set (on SQLite; elsewhere
+    nothing).
+
+    SQLite's default cache is 2 MB, less than the pages one reconcile chunk of 5,000 lines
+    reads and writes: the request rows read were gone from it by the time they were updated,
+    and dirty pages spilled to the WAL mid-transaction (a reconcile spent 10% more CPU in
+    SQLite). Raised once per connection, and only on those that run bulk chunks, so a short
+    process such as `batchwise submit` keeps the small default.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    info = conn.connection.info
+    if info.get(_BULK_CACHE) != BULK_CACHE_KIB:
+        conn.exec_driver_sql(f"PRAGMA cache_size = -{BULK_CACHE_KIB}")
+        info[_BULK_CACHE] = BULK_CACHE_KIB
+
+
+_BULK_CACHE = "batchwise_bulk_cache_kib"
+
+
 def db_time(conn: Connection, moment: datetime) -> Any:
     """The value the database stores for an aware datetime (text on SQLite)."""
     return dbapi.sqlite_time(moment) if conn.dialect.name == "sqlite" else moment

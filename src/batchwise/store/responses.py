@@ -24,6 +24,7 @@ REQUEST_FIELDS = (
     "id", "state", "batch_id", "attempts", "lane", "provider", "model", "endpoint", "use_case",
     "step", "business_unit", "task_id", "deadline", "dedupe_of",
 )  # fmt: skip
+_FIELDS = ", ".join(REQUEST_FIELDS)
 #: the columns of a response row, in the order `insert` takes them
 RESPONSE_COLUMNS = (
     "id", "request_id", "batch_id", "kind", "outcome", "status_code", "body", "error_code",
@@ -65,13 +66,18 @@ def read_requests(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]
     holds the write lock already)."""
     if not ids:
         return {}
-    lock = conn.dialect.name == "postgresql"
     where, params = in_ids(conn, ids)
-    sql = f"SELECT {', '.join(REQUEST_FIELDS)} FROM requests WHERE id {where}" + (
-        " FOR UPDATE" if lock else ""
-    )
-    rows = conn.exec_driver_sql(driver_sql(conn, sql), params).fetchall()
-    return {row[0]: dict(zip(REQUEST_FIELDS, row, strict=True)) for row in rows}
+    sql = f"SELECT {_FIELDS} FROM requests WHERE id {where}"
+    if conn.dialect.name == "sqlite":
+        # straight from a cursor of the same connection (the read is in the writer's
+        # transaction): SQLAlchemy's result rows cost a third of the read
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        rows = driver.execute(sql, params).fetchall()
+    else:
+        rows = conn.exec_driver_sql(driver_sql(conn, sql + " FOR UPDATE"), params).fetchall()
+    fields = REQUEST_FIELDS
+    return {row[0]: dict(zip(fields, row, strict=True)) for row in rows}
 
 
 def unanswered(conn: Connection, batch_id: int) -> list[dict[str, Any]]:
