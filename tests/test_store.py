@@ -522,3 +522,17 @@ def test_a_new_sqlite_connection_keeps_the_locks_of_the_others(tmp_path: Path) -
     assert Path(f"{path}-wal").exists()
     first.close()
     second.close()
+
+
+def test_the_requests_riding_on_a_batch_are_found_by_the_batch_index(tmp_path: Path) -> None:
+    # SQLite uses a partial index only for a query that implies its WHERE clause
+    from batchwise.store.batches import riding_query
+
+    store = Store(f"sqlite:///{tmp_path / 'plan.db'}")
+    try:
+        with store.read() as conn:
+            sql = riding_query(7).compile(conn, compile_kwargs={"literal_binds": True})
+            plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+    finally:
+        store.close()
+    assert "ix_requests_batch" in plan, plan

@@ -125,18 +125,22 @@ def move_members(conn: Connection, batch_id: int, dst: RequestState, *, now: dat
     return moved
 
 
+def riding_query(batch_id: int) -> sa.Select[Any]:
+    """The requests riding on a batch (`packed` in it). `finished_at IS NULL` is implied by
+    `packed`, and is what lets SQLite use the partial batch index (`ix_requests_batch`): without
+    it, every batch's submission scanned every request (73 ms a batch at 400,000 requests)."""
+    return sa.select(requests_t.c.id).where(
+        requests_t.c.batch_id == batch_id,
+        requests_t.c.state == RequestState.PACKED.value,
+        requests_t.c.finished_at.is_(None),
+    )
+
+
 def link_members(conn: Connection, batch_id: int, *, now: datetime) -> int:
     """The provider has the batch: its listed members become `submitted` in it, and so do the
     requests riding on it as `packed`. Returns how many moved."""
     moved = move_members(conn, batch_id, RequestState.SUBMITTED, now=now)
-    riding = list(
-        conn.execute(
-            sa.select(requests_t.c.id).where(
-                requests_t.c.batch_id == batch_id,
-                requests_t.c.state == RequestState.PACKED.value,
-            )
-        ).scalars()
-    )
+    riding = list(conn.execute(riding_query(batch_id)).scalars())
     moved += len(
         transition_requests(
             conn, riding, src=RequestState.PACKED, dst=RequestState.SUBMITTED, now=now
