@@ -233,11 +233,34 @@ def test_duplicate_custom_id_within_a_submission(client: Client) -> None:
 
 def test_duplicate_custom_id_across_chunks(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 3)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 3)
     lines = jsonl(*(openai_line(i) for i in range(7)), openai_line(2))
     result = client._submit(lines, Defaults(), skip_invalid=True)
     assert result.accepted == 7
     (error,) = result.rejected
     assert error.line == 8 and "used twice in this submission" in error.error
+
+
+def test_a_failure_while_a_chunk_is_still_being_stored_leaves_nothing(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given chunks of 2 (on PostgreSQL a chunk's COPY is still open while the next is read)
+    monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 2)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 2)
+
+    def lines() -> Iterator[bytes]:
+        yield from jsonl(*(openai_line(i) for i in range(5)))
+        raise RuntimeError("the producer died")
+
+    # When the input fails after two chunks and a half
+    with pytest.raises(RuntimeError, match="the producer died"):
+        client._submit(lines(), Defaults(), skip_invalid=True)
+    # Then nothing was stored, and the store takes the next submission as usual
+    assert rows(client) == []
+    again = client._submit(
+        jsonl(*(openai_line(i) for i in range(5))), Defaults(), skip_invalid=False
+    )
+    assert again.accepted == 5 and len(rows(client)) == 5
 
 
 def test_two_live_submissions_may_use_the_same_custom_ids(client: Client) -> None:
@@ -410,6 +433,12 @@ class _MemorySink:
     def insert(self, rows: Any) -> list[int]:
         self.rows.extend(rows)
         return []
+
+    defers_inserts = False
+
+    def start_insert(self, rows: Any) -> Any:
+        refused = self.insert(rows)
+        return lambda: refused
 
     def live_custom_ids(self, submission_id: int, custom_ids: Any) -> dict[str, int]:
         return {}

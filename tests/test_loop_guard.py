@@ -52,6 +52,7 @@ def test_limits_hold_across_chunks_and_submissions(
 ) -> None:
     # Given chunks of 3 rows, so the counts come from the store, not from this chunk
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 3)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 3)
     # When a task sends 7 identical requests in one submission and 2 more in another
     first = client.enqueue_many([item("again") for _ in range(7)])
     second = client.enqueue_many([item("again ") for _ in range(2)] + [item("new")])
@@ -64,6 +65,7 @@ def test_refused_requests_do_not_count_toward_the_task(
     db_url: str, settings: Settings, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 2)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 2)
     tight = replace(settings, extra={**settings.extra, "guards": {"max_requests_per_task": 4}})
     with Client(db_url, settings=tight, clock=clock) as client:
         # 3 identical (limit 5, fine) + 1 different: 4 requests, the limit
@@ -80,6 +82,7 @@ def test_a_task_gets_loop_keys_only_once_it_could_repeat_past_a_limit(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 2)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 2)
     # Given a task with 4 requests (under the repeat limit of 5) and another with 1
     client.enqueue_many([item(f"step {i}", task="a") for i in range(4)] + [item("b", "b")])
     # Then no key was worked out: they count, but could not repeat anything past a limit
@@ -247,6 +250,7 @@ def test_two_states_alternating_with_timestamps_are_stopped(
     # Given an agent bouncing between a search and the FAQ page, every tool output stamped
     # with its time, in one submission of chunks of 4
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 4)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 4)
     trace = []
     for i in range(7):
         at = f"2026-12-05T08:{10 + i:02d}:{7 * i + 3:02d}.{i}41Z"
@@ -284,6 +288,7 @@ def test_two_reworded_states_alternating_are_stopped_as_similar(
 ) -> None:
     # Given an agent that rephrases its two steps a little each time, no counter or time in them
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 5)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 5)
     words = ["again", "once more", "now", "one more time", "still", "then", "anew", "afresh"]
     words += ["yet again", "over"]
     listing = (
@@ -319,6 +324,7 @@ def test_a_react_conversation_making_progress_is_not_refused(
     # Given a ReAct agent walking through a report section by section: each step's call has a
     # fresh id, and each result is new content appended to the growing conversation
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 7)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 7)
     sections = [
         ("the revenue table for the third quarter", "Revenue rose 12% to $4.1M, led by EMEA"),
         ("the churn analysis", "Churn fell from 3.2% to 2.7% after the onboarding change"),
@@ -366,6 +372,7 @@ def test_a_batch_through_records_passes(
 ) -> None:
     # Given one task summarising records 1..N, in chunks of 8 and in two submissions
     monkeypatch.setattr("batchwise.intake.ingest.CHUNK_ROWS", 8)
+    monkeypatch.setattr("batchwise.intake.ingest.DEFERRED_CHUNK_ROWS", 8)
     first = client.enqueue_many([summarise(n, "records") for n in range(1, last // 2 + 1)])
     second = client.enqueue_many([summarise(n, "records") for n in range(last // 2 + 1, last + 1)])
     # Then every record is stored: a new id is new work, not a repeat

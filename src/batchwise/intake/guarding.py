@@ -345,18 +345,25 @@ class Keeper:
 
     # --- after the insert ------------------------------------------------------------------
 
+    def take_outcomes(self) -> dict[int, Outcome]:
+        """The reviewed chunk's outcomes, handed over for `apply` once it is stored; the
+        next chunk's shaping fills a fresh dict meanwhile."""
+        outcomes, self.outcomes = self.outcomes, {}
+        return outcomes
+
     def apply(
-        self, rows: list[tuple[Any, ...]], stored: set[int]
+        self, rows: list[tuple[Any, ...]], stored: set[int], outcomes: dict[int, Outcome]
     ) -> dict[int, tuple[str, str | None]]:
-        """Write the chunk's decisions for the rows that were stored; returns, by position,
-        the state and refusal reason of each row a guard finished."""
+        """Write a chunk's decisions (`outcomes`, from `take_outcomes`) for the rows that were
+        stored; returns, by position, the state and refusal reason of each row a guard
+        finished."""
         finished: dict[int, tuple[str, str | None]] = {}
         rejected: list[tuple[int, str, str, str]] = []
         deduped: list[tuple[int, str, int]] = []
         held: list[tuple[int, datetime]] = []
         routed: list[tuple[str, int]] = []
         events: list[tuple[str, str, str, int, str | None, str]] = []
-        for position, outcome in sorted(self.outcomes.items()):
+        for position, outcome in sorted(outcomes.items()):
             if position not in stored:
                 continue
             row = rows[position]
@@ -392,7 +399,6 @@ class Keeper:
             self._write_dedupe_ledger()
         self.sink.hold(held)
         self.sink.record_events(events, at=self.now)
-        self.outcomes.clear()
         return finished
 
     def _write_dedupe_ledger(self) -> None:

@@ -34,7 +34,7 @@ from batchwise.store.intake_rows import ROW, RequestSink
 
 if TYPE_CHECKING:
     from batchwise.costs.guards import Guards
-    from batchwise.intake.guarding import Keeper
+    from batchwise.intake.guarding import Keeper, Outcome
 
 #: the longest custom_id a line may carry. Providers are sent batchwise's own ids (see
 #: `lifecycle.packer.line_custom_id`), so the caller's id only has to be unique within its
@@ -80,6 +80,11 @@ _NAMED_TAG_SET = frozenset(NAMED_TAGS)
 #: Anthropic requires max_tokens; simple lines that omit it get this
 DEFAULT_ANTHROPIC_MAX_TOKENS = 1024
 CHUNK_ROWS = 2000
+#: a sink that stores a chunk while the next is read (PostgreSQL: `defers_inserts`) takes
+#: bigger ones: each chunk costs it a few round trips and a wait for the server, which 5,000
+#: rows amortise (100,000 agentic lines 0.18 s sooner); SQLite, storing at once, is fastest
+#: and smallest at 2,000
+DEFERRED_CHUNK_ROWS = 5000
 
 _LINE_KEYS = frozenset({"tolerance", "provider", "tags"})
 _OPENAI_KEYS = frozenset({"custom_id", "method", "url", "body"}) | _LINE_KEYS
@@ -484,6 +489,7 @@ class Intake:
         #: the shapes the lines came in (openai, anthropic, simple)
         self._formats: set[str] = set()
         self._last_id: int | None = None
+        self._chunk_rows = DEFERRED_CHUNK_ROWS if sink.defers_inserts else CHUNK_ROWS
         self._default_tags = split_tags(defaults.tags, "--tag")
         self._lanes: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._turnarounds: dict[tuple[str, str], Turnaround] = {}
@@ -493,6 +499,17 @@ class Intake:
         self._lines: list[int] = []
         self._ids: Iterator[int] = iter(())
         self._first_id: int | None = None
+        #: the chunk being stored: rows, line numbers, the guards' outcomes for it, and the
+        #: call that waits for the insert and returns the refused positions
+        self._pending: (
+            tuple[
+                list[tuple[Any, ...]],
+                list[int],
+                dict[int, Outcome] | None,
+                Callable[[], Sequence[int]],
+            ]
+            | None
+        ) = None
         self.keeper: Keeper | None = None
         if guards is not None:
             from batchwise.intake.guarding import Keeper
@@ -563,6 +580,7 @@ class Intake:
         keeper = self.keeper
         shaper = keeper.shape if keeper is not None and keeper.guards.shaping_anywhere else None
         add_format = self._formats.add
+        chunk_rows = self._chunk_rows
         rid = None
         for lineno, raw in numbered:
             if type(raw) is bytes or type(raw) is str:
@@ -635,7 +653,7 @@ class Intake:
             ))  # fmt: skip
             add_format(fmt)
             line_numbers.append(lineno)
-            if len(chunk) >= CHUNK_ROWS:
+            if len(chunk) >= chunk_rows:
                 self.flush()
                 chunk, line_numbers = self._chunk, self._lines
             if on_line is not None:
@@ -644,28 +662,48 @@ class Intake:
             self._last_id = rid
 
     def _refill_ids(self) -> int:
-        ids = self.sink.reserve_ids(CHUNK_ROWS)
+        ids = self.sink.reserve_ids(self._chunk_rows)
         if self._first_id is None:
             self._first_id = ids[0]
         self._ids = iter(ids)
         return next(self._ids)
 
     def flush(self) -> None:
+        """Review the chunk and start storing it; the chunk before is settled first.
+
+        A sink may still be storing a chunk while the next one is read (PostgreSQL's server
+        works on a COPY for about as long as parsing the next chunk takes), so what follows
+        the insert (refusals explained, guard decisions written, counts) waits until the next
+        chunk is flushed or the intake finishes: `_settle`."""
+        self._settle()
         rows, lines = self._chunk, self._lines
         self._chunk, self._lines = [], []
         if not rows:
             return
         keeper = self.keeper
+        outcomes = None
         if keeper is not None:
             keeper.review(rows)
-        refused = self.sink.insert(rows)
+            outcomes = keeper.take_outcomes()  # the next chunk's shaping starts afresh
+        self._pending = (rows, lines, outcomes, self.sink.start_insert(rows))
+        if not self.sink.defers_inserts:
+            self._settle()  # stored already: no need to hold the chunk's rows
+
+    def _settle(self) -> None:
+        """Finish the chunk being stored: explain refused rows, write the guards' decisions
+        for the stored ones, count them."""
+        if self._pending is None:
+            return
+        rows, lines, outcomes, stored_now = self._pending
+        self._pending = None
+        refused = stored_now()
         skip = set(refused)
         if refused:
             self._reject(rows, lines, refused)
         finals: dict[int, str] = {}
-        if keeper is not None and keeper.outcomes:
+        if self.keeper is not None and outcomes:
             stored = {i for i in range(len(rows)) if i not in skip}
-            for position, (state, reason) in keeper.apply(rows, stored).items():
+            for position, (state, reason) in self.keeper.apply(rows, stored, outcomes).items():
                 finals[rows[position][_ID]] = state
                 if reason is not None:
                     self.result.refused.append(LineError(lines[position], reason, "guard"))
@@ -717,6 +755,7 @@ class Intake:
     def finish(self) -> SubmitResult:
         """Commit, or roll everything back if any line was invalid and skipping is off."""
         self.flush()
+        self._settle()
         self.result.rejected.sort(key=lambda e: e.line)
         if self.result.rejected and not self.skip_invalid:
             self.sink.rollback()

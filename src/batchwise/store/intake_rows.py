@@ -8,7 +8,7 @@ Both sides import this module, so it imports nothing heavy (no SQLAlchemy, no sq
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -95,6 +95,10 @@ class RequestSink(Protocol):
     decisions (the methods after `turnarounds`), inside the same transaction.
     """
 
+    #: whether `start_insert` returns before the chunk is stored (intake then reads the next
+    #: chunk meanwhile, and keeps the chunk's rows until it is); False: stored at once
+    defers_inserts: bool
+
     def time_value(self, moment: datetime) -> Any:
         """The value this database stores for an aware datetime."""
         ...
@@ -105,6 +109,12 @@ class RequestSink(Protocol):
         """Insert the rows; return the positions of those refused because their custom_id is
         held by a live request of the same submission (or an earlier row); every other row is
         inserted."""
+        ...
+
+    def start_insert(self, rows: Sequence[tuple[Any, ...]]) -> Callable[[], Sequence[int]]:
+        """Begin `insert`: the call returned waits until the rows are stored and returns the
+        refused positions. A sink may store them meanwhile (the caller reads its next chunk);
+        any other use of the sink waits for them first."""
         ...
 
     def live_custom_ids(self, submission_id: int, custom_ids: Sequence[str]) -> dict[str, int]:

@@ -11,7 +11,7 @@ raw driver.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,12 @@ class SQLiteSink(SubmissionWrites, GuardQueries):
         first = self._next_id
         self._next_id += count
         return range(first, first + count)
+
+    defers_inserts = False
+
+    def start_insert(self, rows: Sequence[tuple[Any, ...]]) -> Callable[[], Sequence[int]]:
+        refused = self.insert(rows)  # stored now
+        return lambda: refused
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         # No savepoint: in SQLite it journals every page the chunk touches, which costs more
@@ -204,6 +210,12 @@ class EngineSink(SubmissionWrites, GuardQueries):
         first = self._next_id
         self._next_id += count
         return range(first, first + count)
+
+    defers_inserts = False
+
+    def start_insert(self, rows: Sequence[tuple[Any, ...]]) -> Callable[[], Sequence[int]]:
+        refused = self.insert(rows)  # stored now
+        return lambda: refused
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         if self.store.is_postgres and rows:
