@@ -11,6 +11,7 @@ from batchwise.intake.classify import (
     expected_turnaround,
     flex_supported,
     human_s,
+    longest_expected_turnaround_s,
     percentile,
 )
 from batchwise.intake.tolerance import parse_tolerance
@@ -145,3 +146,21 @@ def test_the_flex_reason_names_why() -> None:
         model="o4-mini",
     )
     assert "too close for flex too" in near.reason
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize(
+    "histories",
+    [{}, {"m1": [60.0] * 30, "m2": [30_000.0, 50.0] * 20}, {"m1": [1.0, 2.0]}],
+)
+def test_no_expected_turnaround_is_longer_than_the_rescues_bound(
+    strict: bool, histories: dict[str, list[float]]
+) -> None:
+    # The rescue looks only at requests due within this bound: it must hold for every
+    # provider and model, whatever their history and priors
+    settings = Settings(strict=strict, turnaround_prior_s={"anthropic": 9000.0})
+    longest = max((max(h) for h in histories.values()), default=None)
+    bound = longest_expected_turnaround_s(settings, longest)
+    for provider in ("openai", "anthropic", "gemini", "my-vllm"):
+        for history in [[], *histories.values()]:
+            assert expected_turnaround(provider, settings, history).seconds <= bound

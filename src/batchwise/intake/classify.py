@@ -34,6 +34,10 @@ class Decision:
     reason: str
 
 
+#: the turnaround prior of a provider `turnaround_prior_s` does not name
+_DEFAULT_PRIOR_S = 7200.0
+
+
 def expected_turnaround(
     provider: str, settings: Settings, history_s: Sequence[float] = ()
 ) -> Turnaround:
@@ -45,8 +49,17 @@ def expected_turnaround(
         value = percentile(history_s, settings.turnaround_percentile)
         pct = round(settings.turnaround_percentile * 100)
         return Turnaround(value, f"p{pct} of {len(history_s)} observed batches")
-    prior = settings.turnaround_prior_s.get(provider, 7200.0)
+    prior = settings.turnaround_prior_s.get(provider, _DEFAULT_PRIOR_S)
     return Turnaround(prior, f"prior for {provider}")
+
+
+def longest_expected_turnaround_s(settings: Settings, longest_observed_s: float | None) -> float:
+    """No `expected_turnaround` is longer, for any provider and model, given the longest
+    turnaround ever observed: what lets the rescue look only at requests due that soon."""
+    if settings.strict:
+        return settings.completion_window_s
+    priors = [*settings.turnaround_prior_s.values(), _DEFAULT_PRIOR_S]
+    return max(*priors, longest_observed_s or 0.0)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

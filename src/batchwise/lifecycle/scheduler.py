@@ -18,7 +18,7 @@ from batchwise.config import Settings
 from batchwise.costs import alerts
 from batchwise.costs.guards import Guards
 from batchwise.costs.pricing import PriceBook
-from batchwise.intake.classify import expected_turnaround
+from batchwise.intake.classify import expected_turnaround, longest_expected_turnaround_s
 from batchwise.jobs import runs as jobs
 from batchwise.jobs.runs import JobsReport
 from batchwise.lifecycle import drain
@@ -242,8 +242,15 @@ class Scheduler:
         )
 
     def rescue(self) -> tuple[int, int]:
+        longest = longest_expected_turnaround_s(
+            self.settings, requests.longest_turnaround_s(self.store)
+        )
         rescued = rescue_due(
-            self.store, now=self.clock(), settings=self.settings, turnaround_s=self.turnaround_s
+            self.store,
+            now=self.clock(),
+            settings=self.settings,
+            turnaround_s=self.turnaround_s,
+            longest_turnaround_s=longest,
         )
         return rescued, record_missed_deadlines(self.store, now=self.clock())
 

@@ -466,12 +466,22 @@ def rescued_at(store: Store, moment: datetime) -> list[int]:
 # --- deadline rescue and missed deadlines -----------------------------------------------------
 
 
-def queued_groups(conn: Connection) -> list[tuple[str, str, str]]:
-    """The (provider, endpoint, model) groups that have queued requests."""
-    rows = conn.execute(
-        sa.select(_t.c.provider, _t.c.endpoint, _t.c.model).where(_QUEUED).distinct()
-    ).all()
+def queued_groups(conn: Connection, due_by: datetime | None = None) -> list[tuple[str, str, str]]:
+    """The (provider, endpoint, model) groups that have queued requests (with `due_by`, only
+    requests whose deadline is no later: the queue index reads just those, not the queue)."""
+    query = sa.select(_t.c.provider, _t.c.endpoint, _t.c.model).where(_QUEUED)
+    if due_by is not None:
+        query = query.where(_t.c.deadline <= due_by)
+    rows = conn.execute(query.distinct()).all()
     return [(provider, endpoint, model) for provider, endpoint, model in rows]
+
+
+def longest_turnaround_s(store: Store) -> float | None:
+    """The longest turnaround any batch has had (seconds), None before the first: no
+    percentile of a model's recent batches is longer."""
+    with store.read() as conn:
+        value = conn.execute(sa.select(sa.func.max(_b.c.turnaround_s))).scalar()
+    return None if value is None else float(value)
 
 
 def queued_due(
