@@ -263,6 +263,15 @@ def test_a_failure_while_a_chunk_is_still_being_stored_leaves_nothing(
     assert again.accepted == 5 and len(rows(client)) == 5
 
 
+def test_a_small_submission_takes_few_ids(client: Client) -> None:
+    # PostgreSQL's sequence never gives unused ids back: a one-line submission must not take
+    # a whole chunk's worth (ids are 32-bit)
+    for i in range(2):
+        client._submit(jsonl(openai_line(i)), Defaults(), skip_invalid=False)
+    first, second = (r["id"] for r in rows(client))
+    assert 0 < second - first <= 256
+
+
 def test_two_live_submissions_may_use_the_same_custom_ids(client: Client) -> None:
     """Two cookbook files both numbered task-0 … live side by side (issue #13): a custom_id
     is unique within its submission only."""

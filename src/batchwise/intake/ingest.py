@@ -490,6 +490,7 @@ class Intake:
         self._formats: set[str] = set()
         self._last_id: int | None = None
         self._chunk_rows = DEFERRED_CHUNK_ROWS if sink.defers_inserts else CHUNK_ROWS
+        self._id_block = 256
         self._default_tags = split_tags(defaults.tags, "--tag")
         self._lanes: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._turnarounds: dict[tuple[str, str], Turnaround] = {}
@@ -662,7 +663,10 @@ class Intake:
             self._last_id = rid
 
     def _refill_ids(self) -> int:
-        ids = self.sink.reserve_ids(self._chunk_rows)
+        # Blocks grow from 256 to a chunk: a one-line submission takes 256 ids of a sequence,
+        # not a chunk's worth (PostgreSQL's sequence never gives unused ones back).
+        ids = self.sink.reserve_ids(min(self._chunk_rows, self._id_block))
+        self._id_block *= 4
         if self._first_id is None:
             self._first_id = ids[0]
         self._ids = iter(ids)

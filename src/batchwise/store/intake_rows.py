@@ -103,7 +103,10 @@ class RequestSink(Protocol):
         """The value this database stores for an aware datetime."""
         ...
 
-    def reserve_ids(self, count: int) -> Sequence[int]: ...
+    def reserve_ids(self, count: int) -> Sequence[int]:
+        """A block of increasing ids for about `count` more rows (at least one; intake asks
+        again when they run out, so a sink may hand out a block it fetched ahead)."""
+        ...
 
     def insert(self, rows: Sequence[tuple[Any, ...]]) -> Sequence[int]:
         """Insert the rows; return the positions of those refused because their custom_id is

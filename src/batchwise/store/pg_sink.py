@@ -123,7 +123,7 @@ class PostgresSink(SubmissionWrites, GuardQueries):
         return moment
 
     def reserve_ids(self, count: int) -> Sequence[int]:
-        if self._spare_ids and len(self._spare_ids[0]) == count:
+        if self._spare_ids:
             return self._spare_ids.pop(0)  # fetched before the chunk being stored opened
         self._wait()
         self._block = count
@@ -143,7 +143,9 @@ class PostgresSink(SubmissionWrites, GuardQueries):
         self._wait()
         if not rows:
             return lambda: []
-        if self._block and not self._spare_ids:  # the next chunk's ids, while the line is free
+        if len(rows) >= self._block and not self._spare_ids:
+            # a full chunk: more lines are likely, whose ids are fetched now, while the
+            # connection is free (a partial chunk is the last: no ids are taken for nothing)
             self._spare_ids.append(self._fetch_ids(self._block))
         if self._copy_types is None:
             with self.conn.cursor() as cursor:
