@@ -8,7 +8,7 @@ Both sides import this module, so it imports nothing heavy (no SQLAlchemy, no sq
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -86,6 +86,29 @@ def is_custom_id_conflict(exc: BaseException) -> bool:
     PostgreSQL index's name, or the SQLite columns it lists)."""
     text = str(exc)
     return "uq_requests_live_custom_id" in text or "requests.custom_id" in text
+
+
+def set_aside(
+    rows: Sequence[tuple[Any, ...]], pending: Sequence[int], taken: Container[str]
+) -> tuple[list[int], list[int]]:
+    """After a chunk was refused for a custom_id: the positions among `pending` to set aside
+    (their custom_id is `taken` by a live request, or by an earlier row of the chunk) and
+    those to insert again. A conflict that no row explains is an error, never a loop."""
+    refused: list[int] = []
+    keep: list[int] = []
+    seen: set[str] = set()
+    for i in pending:
+        custom_id = rows[i][1]
+        if custom_id in taken or custom_id in seen:
+            refused.append(i)
+        else:
+            seen.add(custom_id)
+            keep.append(i)
+    if not refused:
+        from batchwise.errors import StoreError
+
+        raise StoreError("custom_id conflict that no row of the chunk explains")
+    return refused, keep
 
 
 class RequestSink(Protocol):

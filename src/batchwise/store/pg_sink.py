@@ -23,7 +23,6 @@ from typing import Any
 
 import psycopg
 
-from batchwise.errors import StoreError
 from batchwise.store import dbapi
 from batchwise.store.guard_state import GuardQueries
 from batchwise.store.intake_rows import (
@@ -31,6 +30,7 @@ from batchwise.store.intake_rows import (
     STORED_COLUMNS,
     TURNAROUND_HISTORY,
     is_custom_id_conflict,
+    set_aside,
 )
 from batchwise.store.submissions import SubmissionWrites
 
@@ -63,12 +63,23 @@ def column_types(cursor: Any) -> list[str]:
 
 def copy_chunk(cursor: Any, rows: Sequence[tuple[Any, ...]], types: Sequence[str]) -> None:
     """PostgreSQL's bulk path: COPY a chunk's requests, then their bodies."""
-    b = _BODY
     with cursor.copy(_COPY_REQUESTS_SQL) as copy:
-        copy.set_types(types)
-        write = copy.write_row
-        for row in rows:
-            write(row[:b] + row[b + 1 :])
+        write_requests(copy, rows, types)
+    copy_bodies(cursor, rows)
+
+
+def write_requests(copy: Any, rows: Sequence[tuple[Any, ...]], types: Sequence[str]) -> None:
+    """Write a chunk's `requests` rows (all but the body) into an open binary COPY."""
+    b = _BODY
+    copy.set_types(types)
+    write = copy.write_row
+    for row in rows:
+        write(row[:b] + row[b + 1 :])
+
+
+def copy_bodies(cursor: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """COPY a chunk's bodies into `request_bodies`."""
+    b = _BODY
     with cursor.copy(_COPY_BODIES_SQL) as copy:
         copy.set_types(["int4", "text"])
         write = copy.write_row
@@ -196,18 +207,8 @@ class PostgresSink(SubmissionWrites, GuardQueries):
             taken = self.live_custom_ids(
                 rows[pending[0]][_SUBMISSION], [rows[i][1] for i in pending]
             )
-            seen: set[str] = set()
-            keep = []
-            for i in pending:
-                custom_id = rows[i][1]
-                if custom_id in taken or custom_id in seen:
-                    refused.append(i)
-                else:
-                    seen.add(custom_id)
-                    keep.append(i)
-            if len(keep) == len(pending):
-                raise StoreError("custom_id conflict that no row of the chunk explains")
-            pending = keep
+            aside, pending = set_aside(rows, pending, taken)
+            refused += aside
             if not pending:
                 break
             try:
@@ -292,22 +293,13 @@ class _OpenCopy:
         self._savepoint.__enter__()
         self._cursor = sink.conn.cursor()
         try:
-            b = _BODY
             # the bodies first: nothing can refuse them (no key but the id), so their COPY
             # ends here, and the requests' COPY, which a taken custom_id can fail, stays open
-            with self._cursor.copy(_COPY_BODIES_SQL) as copy:
-                copy.set_types(["int4", "text"])
-                write = copy.write_row
-                for row in rows:
-                    write((row[0], row[b]))
+            copy_bodies(self._cursor, rows)
             # rows are sent as they are written (psycopg's writer flushes every 32 KB), so
             # the server works on them while intake parses the next chunk
             self._open = self._cursor.copy(_COPY_REQUESTS_SQL)
-            copy = self._open.__enter__()
-            copy.set_types(types)
-            write = copy.write_row
-            for row in rows:
-                write(row[:b] + row[b + 1 :])
+            write_requests(self._open.__enter__(), rows, types)
         except BaseException as exc:
             self._close(exc)
             raise

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from batchwise.errors import StoreError
 from batchwise.store import dbapi
 from batchwise.store.guard_state import GuardQueries
 from batchwise.store.intake_rows import (
@@ -25,6 +24,7 @@ from batchwise.store.intake_rows import (
     RequestSink,
     body_rows,
     is_custom_id_conflict,
+    set_aside,
     stored_rows,
 )
 from batchwise.store.submissions import SubmissionWrites
@@ -263,18 +263,8 @@ class EngineSink(SubmissionWrites, GuardQueries):
             taken = self.live_custom_ids(
                 rows[pending[0]][_SUBMISSION], [rows[i][1] for i in pending]
             )
-            seen: set[str] = set()
-            keep = []
-            for i in pending:
-                custom_id = rows[i][1]
-                if custom_id in taken or custom_id in seen:
-                    refused.append(i)
-                else:
-                    seen.add(custom_id)
-                    keep.append(i)
-            if len(keep) == len(pending):
-                raise StoreError("custom_id conflict that no row of the chunk explains")
-            pending = keep
+            aside, pending = set_aside(rows, pending, taken)
+            refused += aside
         refused.sort()
         bodies = body_rows(rows, refused)
         if bodies:
